@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic file writes, image I/O with geometry, seeding, metrics."""
