@@ -1,0 +1,319 @@
+"""Aggregate test runs into the paper table: per-organ Dice, mean +- std, as CSV and Markdown.
+
+Usage::
+
+    python -m utils.summarize RUN [RUN ...] [--out DIR] [--std auto|runs|scans] [--overwrite]
+
+Each ``RUN`` is ``[NAME=]PATH`` where PATH is a test-run folder written by ``test.py``, a folder
+holding several of them, or a per-scan CSV. Every CSV found under PATH whose header holds the
+per-scan columns (``fold, supp_idx, seed, scan, class, dice``) is read. Rows are grouped into one
+table row per method: NAME when given, else the ``model`` key of the run's Sacred ``config.json``,
+else the folder name. Runs of one method (several folds, support indices, seeds) are pooled.
+
+Formula (the convention of SSL-ALPNet / ADNet / Q-Net / QAMP, which report per organ the mean over
+the cross-validation folds of each fold's Dice):
+
+* a *run* is one ``(fold, supp_idx, seed)``; its Dice for class ``c`` is the mean over its query
+  scans of the per-scan 3D Dice: ``D[r, c] = mean_s dice[r, s, c]``;
+* table entry ``mean = mean_r D[r, c]`` (every run weighs the same, whatever its number of queries);
+  the ``Mean`` column is the same over ``M[r] = mean_c D[r, c]``;
+* ``std`` is the sample standard deviation (ddof = 1) over runs of ``D[r, c]`` (``--std runs``),
+  or over all per-scan Dice values of the class (``--std scans``). ``auto`` (default) uses runs when
+  a method has at least two runs and scans otherwise; the Markdown footnote says which was used.
+
+Values are printed in percent. Outputs (refused if they exist, unless ``--overwrite``):
+``summary.csv`` (one row per method and class, plus ``mean``), ``per_run.csv`` (``D[r, c]``) and
+``summary.md`` (the table, also printed).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from utils.io import write_text
+
+REQUIRED_COLUMNS = ("fold", "supp_idx", "seed", "scan", "class", "dice")
+OUTPUT_NAMES = ("summary.csv", "per_run.csv", "summary.md")
+STD_MODES = ("auto", "runs", "scans")
+
+RunKey = tuple[int, int, int]  # (fold, supp_idx, seed)
+
+
+@dataclass
+class Method:
+    """Per-scan Dice rows of one method, pooled over its runs."""
+
+    name: str
+    # (fold, supp_idx, seed) -> class id -> scan id -> dice
+    dice: dict[RunKey, dict[int, dict[int, float]]] = field(default_factory=lambda: defaultdict(dict))
+    class_names: dict[int, str] = field(default_factory=dict)
+    sources: list[Path] = field(default_factory=list)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _sample_std(values: Sequence[float]) -> float:
+    """Sample standard deviation (ddof = 1); NaN for fewer than two values."""
+    if len(values) < 2:
+        return math.nan
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def find_csvs(path: Path) -> list[Path]:
+    """Per-scan CSVs at ``path``: the file itself, or every CSV below a folder with the columns.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or holds no per-scan CSV.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass test-run folders (written by test.py) "
+                                f"or their per-scan CSV files")
+    candidates = [path] if path.is_file() else sorted(path.rglob("*.csv"))
+    found = [p for p in candidates if p.name not in OUTPUT_NAMES and _has_columns(p)]
+    if not found:
+        raise FileNotFoundError(
+            f"no per-scan CSV (columns {', '.join(REQUIRED_COLUMNS)}) found at {path}: pass the folder "
+            f"of a finished test run (test.py writes one per run)")
+    return found
+
+
+def _has_columns(path: Path) -> bool:
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    return all(c in header for c in REQUIRED_COLUMNS)
+
+
+def _run_config(csv_path: Path, stop: Path) -> dict | None:
+    """The Sacred ``config.json`` in the CSV's folder or a parent up to ``stop``."""
+    folder = csv_path.parent
+    stop = stop if stop.is_dir() else stop.parent
+    while True:
+        config = folder / "config.json"
+        if config.is_file():
+            with open(config) as f:
+                return json.load(f)
+        if folder == stop or folder.parent == folder:
+            return None
+        folder = folder.parent
+
+
+def dataset_label_names(config: Mapping | None) -> dict[int, str]:
+    """Class names from the dataset definition named in a run's config ({} when unavailable)."""
+    if not config or "dataset" not in config:
+        return {}
+    try:
+        from dataloaders.datasets import get_dataset
+        spec = get_dataset(config["dataset"], config.get("data_dir"))
+    except Exception:  # the data folder may have moved since the run; fall back to class ids
+        return {}
+    return {int(k): str(v) for k, v in spec.label_names.items()}
+
+
+def load_methods(runs: Iterable[str]) -> dict[str, Method]:
+    """Read every RUN spec (``[NAME=]PATH``) into methods keyed by name, in first-seen order.
+
+    Raises:
+        ValueError: a row repeats (same method, fold, supp_idx, seed, scan and class) or a value
+            cannot be parsed.
+    """
+    methods: dict[str, Method] = {}
+    for spec in runs:
+        name, sep, raw = spec.partition("=")
+        if not sep:
+            name, raw = "", spec
+        root = Path(raw)
+        for csv_path in find_csvs(root):
+            config = _run_config(csv_path, root)
+            method_name = name or (config or {}).get("model") or csv_path.parent.name
+            method = methods.setdefault(method_name, Method(method_name))
+            method.sources.append(csv_path)
+            names = dataset_label_names(config)
+            for class_id, class_name in names.items():
+                method.class_names.setdefault(class_id, class_name)
+            _read_rows(csv_path, method)
+    return methods
+
+
+def _read_rows(csv_path: Path, method: Method) -> None:
+    with open(csv_path, newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                key = (int(row["fold"]), int(row["supp_idx"]), int(row["seed"]))
+                class_id, scan, dice = int(row["class"]), int(row["scan"]), float(row["dice"])
+            except ValueError as err:
+                raise ValueError(f"{csv_path}:{line}: cannot parse the row ({err}); expected integer "
+                                 f"fold/supp_idx/seed/scan/class and a float dice") from None
+            per_scan = method.dice[key].setdefault(class_id, {})
+            if scan in per_scan:
+                raise ValueError(
+                    f"{csv_path}:{line}: method {method.name!r} already has fold {key[0]}, supp_idx "
+                    f"{key[1]}, seed {key[2]}, scan {scan}, class {class_id} (sources: "
+                    f"{', '.join(map(str, method.sources))}): the same run was given twice; pass each "
+                    f"run once, or give different methods different NAME= prefixes")
+            per_scan[scan] = dice
+            if row.get("class_name"):
+                method.class_names.setdefault(class_id, row["class_name"])
+
+
+@dataclass(frozen=True)
+class Entry:
+    mean: float
+    std: float
+    n_runs: int
+    n_scans: int
+
+
+def summarize_method(method: Method, std_mode: str = "auto") -> tuple[dict[int | str, Entry], str]:
+    """Per-class (and ``'mean'``) entries of one method, following the module docstring formula.
+
+    Returns:
+        ``(entries, used)``: class id or ``'mean'`` -> Entry (Dice in [0, 1]); ``used`` is 'runs'
+        or 'scans', the population of the std.
+    """
+    if std_mode not in STD_MODES:
+        raise ValueError(f"std mode {std_mode!r} is unknown: expected one of {list(STD_MODES)}")
+    used = std_mode if std_mode != "auto" else ("runs" if len(method.dice) >= 2 else "scans")
+    classes = sorted({c for per_class in method.dice.values() for c in per_class})
+    entries: dict[int | str, Entry] = {}
+    for c in classes:
+        run_means = [_mean(list(pc[c].values())) for pc in method.dice.values() if c in pc]
+        scans = [d for pc in method.dice.values() if c in pc for d in pc[c].values()]
+        std = _sample_std(run_means) if used == "runs" else _sample_std(scans)
+        entries[c] = Entry(_mean(run_means), std, len(run_means), len(scans))
+    # Mean over classes: per run, then over runs; per scan (scans that have every class), then over scans.
+    run_class_means = [_mean([_mean(list(v.values())) for v in pc.values()]) for pc in method.dice.values()]
+    scan_class_means = []
+    for pc in method.dice.values():
+        common = set.intersection(*(set(v) for v in pc.values()))
+        scan_class_means += [_mean([pc[c][s] for c in pc]) for s in sorted(common)]
+    std = _sample_std(run_class_means) if used == "runs" else _sample_std(scan_class_means)
+    entries["mean"] = Entry(_mean(run_class_means), std, len(run_class_means), len(scan_class_means))
+    return entries, used
+
+
+def _fmt(entry: Entry | None) -> str:
+    if entry is None:
+        return "-"
+    if math.isnan(entry.std):
+        return f"{100 * entry.mean:.2f}"
+    return f"{100 * entry.mean:.2f} ± {100 * entry.std:.2f}"
+
+
+def render(methods: Mapping[str, Method], std_mode: str = "auto") -> tuple[str, list[dict], list[dict]]:
+    """Build the Markdown table, the summary rows and the per-run rows.
+
+    Returns:
+        ``(markdown, summary_rows, per_run_rows)``.
+    """
+    results = {name: summarize_method(m, std_mode) for name, m in methods.items()}
+    class_ids = sorted({c for entries, _ in results.values() for c in entries if c != "mean"})
+    names: dict[int, str] = {}
+    for m in methods.values():
+        for c, n in m.class_names.items():
+            names.setdefault(c, n)
+    header = ["Method"] + [names.get(c, f"class {c}") for c in class_ids] + ["Mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
+    notes, summary_rows, per_run_rows = [], [], []
+    for name, (entries, used) in results.items():
+        cells = [_fmt(entries.get(c)) for c in class_ids] + [_fmt(entries["mean"])]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+        mean_entry = entries["mean"]
+        n_scans = sum(len(set().union(*pc.values())) for pc in methods[name].dice.values())
+        notes.append(f"{name}: {mean_entry.n_runs} run(s) (fold, supp_idx, seed), {n_scans} query "
+                     f"scan evaluations; std over {used}")
+        for c in class_ids + ["mean"]:
+            e = entries.get(c)
+            if e is None:
+                continue
+            summary_rows.append({"method": name, "class": c, "class_name": names.get(c, "mean") if c != "mean"
+                                 else "mean", "mean": e.mean, "std": e.std, "std_over": used,
+                                 "n_runs": e.n_runs, "n_scans": e.n_scans})
+        for (fold, supp, seed), pc in sorted(methods[name].dice.items()):
+            for c, per_scan in sorted(pc.items()):
+                per_run_rows.append({"method": name, "fold": fold, "supp_idx": supp, "seed": seed,
+                                     "class": c, "class_name": names.get(c, ""),
+                                     "dice": _mean(list(per_scan.values())), "n_scans": len(per_scan)})
+    markdown = "\n".join(
+        ["Dice (%) per class, mean ± std.", ""] + lines + [""]
+        + ["Mean = per run the mean over classes of the per-class Dice (itself the mean over query "
+           "scans of the 3D Dice), then the mean over runs; std = sample std (ddof 1) over runs or "
+           "over per-scan values, as noted:"]
+        + [f"- {n}" for n in notes]) + "\n"
+    return markdown, summary_rows, per_run_rows
+
+
+def _csv_text(rows: list[dict]) -> str:
+    import io
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def default_out_dir(runs: Sequence[str]) -> Path:
+    """``<common parent of the run paths>/summary``."""
+    paths = [Path(r.partition("=")[2] if "=" in r else r).resolve() for r in runs]
+    parents = [p.parent if p.is_file() or len(paths) > 1 else p for p in paths]
+    return Path(os.path.commonpath([str(p) for p in parents])) / "summary"
+
+
+def write_outputs(out_dir: Path, markdown: str, summary_rows: list[dict], per_run_rows: list[dict],
+                  overwrite: bool = False) -> list[Path]:
+    """Write summary.csv, per_run.csv and summary.md atomically into ``out_dir``.
+
+    Raises:
+        FileExistsError: an output exists and ``overwrite`` is False.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / n for n in OUTPUT_NAMES]
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists: pass --overwrite to replace it, or "
+                              f"choose another --out")
+    write_text(paths[0], _csv_text(summary_rows))
+    write_text(paths[1], _csv_text(per_run_rows))
+    write_text(paths[2], markdown)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="See the module docstring (python -m pydoc utils.summarize) "
+                                            "for the aggregation formula.")
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="[NAME=]PATH: a test-run folder, a folder of them, or a per-scan CSV")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: <common parent of the runs>/summary)")
+    parser.add_argument("--std", choices=STD_MODES, default="auto",
+                        help="population of the std: runs, scans, or auto (runs when >= 2 runs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing summary files")
+    args = parser.parse_args(argv)
+    try:
+        methods = load_methods(args.runs)
+        markdown, summary_rows, per_run_rows = render(methods, args.std)
+        out_dir = args.out if args.out is not None else default_out_dir(args.runs)
+        paths = write_outputs(out_dir, markdown, summary_rows, per_run_rows, args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(markdown)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
