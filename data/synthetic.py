@@ -298,16 +298,25 @@ def classmap(labels: dict[int, np.ndarray], min_tp: int) -> dict[str, dict[str, 
     return out
 
 
-def dataset_definition(name: str = "synthetic_abdomen_MR") -> dict:
-    """The ``dataset.json`` the custom-dataset loader reads."""
+def dataset_definition(size: int, name: str = "synthetic_abdomen_MR") -> dict:
+    """The ``dataset.json`` the custom-dataset loader reads (``dataloaders.datasets.load_custom_spec``).
+
+    ``n_sv`` (the supervoxel ``min_size`` in voxels, 5000 for CHAOST2 at 256 x 256) scales with the
+    in-plane pixel count, so that smaller phantoms get about as many supervoxels per scan.
+    """
     return {
         "name": name,
         "modality": "MR",
         "labels": {str(k): v for k, v in LABEL_NAMES.items()},
         "test_labels": sorted(LABEL_NAMES),
-        "description": "Deterministic synthetic abdominal MR phantoms written by data/synthetic.py "
-                       "(CHAOS label convention).",
+        "n_sv": supervoxel_min_size(size),
+        "image_size": size,
     }
+
+
+def supervoxel_min_size(size: int, reference_n_sv: int = 5000) -> int:
+    """Supervoxel ``min_size`` for ``size x size`` phantoms: ``reference_n_sv`` scaled by pixel count."""
+    return max(1, round(reference_n_sv * (size / REFERENCE_SIZE) ** 2))
 
 
 def output_paths(out_dir: Path, n_scans: int, classmap_min_tps: Sequence[int]) -> list[Path]:
@@ -350,7 +359,7 @@ def generate(out_dir: str | Path, n_scans: int = 10, seed: int = 0, size: int = 
         labels[scan_id] = label
     for min_tp in classmap_min_tps:
         write_json(out_dir / f"classmap_{min_tp}.json", classmap(labels, min_tp))
-    write_json(out_dir / "dataset.json", dataset_definition())
+    write_json(out_dir / "dataset.json", dataset_definition(size))
     return paths
 
 
