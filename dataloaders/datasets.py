@@ -1,0 +1,604 @@
+"""Dataset definitions, scan discovery, folds and volume loading.
+
+Every dataset this project knows is one :class:`DatasetSpec` in :data:`DATASETS` (data, not code
+branches). A researcher's own data is a folder of ``image_<id>.nii.gz`` / ``label_<id>.nii.gz``
+files plus a ``dataset.json`` (see :func:`load_custom_spec`), used with ``dataset='custom'``.
+
+Folds follow the protocol of the field (QAMP_REFERENCE section 5): scans are sorted by their
+numeric id and fold ``k`` holds the positions ``k*s .. (k+1)*s`` (``s = n_scans // 5``, so adjacent
+folds share one scan); the last fold holds ``4*s .. n_scans-1`` plus position 0.
+
+Print the folds of a dataset::
+
+    python -m dataloaders.datasets --dataset CHAOST2 --data-dir ../shared/data --folds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from utils.io import read_volume
+
+N_FOLDS = 5
+SUPERVOXEL_COMMAND = "python data/supervoxels/generate_supervoxels.py --data-dir {image_dir}"
+_IMAGE_RE = re.compile(r"^image_(?P<id>[^.]+)\.nii(\.gz)?$")
+_LABEL_RE = re.compile(r"^label_(?P<id>[^.]+)\.nii(\.gz)?$")
+_SUPERVOXEL_RE = re.compile(r"^superpix-MIDDLE_(?P<id>[^.]+)\.nii(\.gz)?$")
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset definitions
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the loaders need to know about one dataset.
+
+    Attributes:
+        name: dataset key (``'CHAOST2'``, ``'SABS'``, ``'Prostate_MRI'``, ``'CMR'`` or ``'custom'``).
+        folder: name of the image folder (``<root>/<name>/<folder>``); ``''`` for custom data.
+        label_names: foreground label id -> name (background 0 is implicit and not listed).
+        test_labels: default classes evaluated (``test_label`` config key).
+        n_sv: default supervoxel ``min_size`` (picks the folder ``supervoxels_<n_sv>``).
+        image_size: in-plane size H = W every slice must have (the model's MLP width depends on it).
+        modality: ``'MR'`` or ``'CT'``.
+        folds: ``N_FOLDS`` tuples of positions in the numerically sorted scan list.
+        n_scans: the number of scans the fold table was made for.
+        label_remap: stored label value -> label id (e.g. CMR 200/500/600 -> 1/2/3); empty when
+            the stored values already are the label ids.
+    """
+
+    name: str
+    folder: str
+    label_names: Mapping[int, str]
+    test_labels: tuple[int, ...]
+    n_sv: int
+    image_size: int
+    modality: str
+    folds: tuple[tuple[int, ...], ...]
+    n_scans: int
+    label_remap: Mapping[int, int] = field(default_factory=dict)
+
+    @property
+    def stored_label_values(self) -> list[int]:
+        """Values a label file of this dataset may hold (0 is background)."""
+        return sorted({0, *(self.label_remap or self.label_names)})
+
+    def check_labels(self, key: str, labels: Sequence[int] | None) -> list[int]:
+        """Validate a list of label ids given under config key ``key``; returns it as ``list[int]``."""
+        if labels is None:
+            return []
+        if isinstance(labels, (int, np.integer)):
+            labels = [int(labels)]
+        unknown = [int(lab) for lab in labels if int(lab) not in self.label_names]
+        if unknown:
+            known = ", ".join(f"{k} {v}" for k, v in sorted(self.label_names.items()))
+            raise ValueError(
+                f"{key}: label ids {unknown} are not in dataset {self.name} (labels: {known}); "
+                f"set {key} to a subset of {sorted(self.label_names)}"
+            )
+        return [int(lab) for lab in labels]
+
+    def check_fold(self, eval_fold: int) -> int:
+        """Validate the ``eval_fold`` config key."""
+        if not isinstance(eval_fold, (int, np.integer)) or not 0 <= eval_fold < len(self.folds):
+            raise ValueError(
+                f"eval_fold: expected an integer in 0..{len(self.folds) - 1}, got {eval_fold!r}; "
+                f"set eval_fold=<0..{len(self.folds) - 1}>"
+            )
+        return int(eval_fold)
+
+
+def make_folds(n_scans: int, n_folds: int = N_FOLDS) -> tuple[tuple[int, ...], ...]:
+    """The field's fold rule: fold k = positions ``k*s .. (k+1)*s`` with ``s = n_scans // n_folds``,
+    the last fold = positions ``(n_folds-1)*s .. n_scans-1`` plus position 0.
+
+    Reproduces the published tables (CHAOST2 20 scans, SABS 30, Prostate 40, CMR 35).
+    """
+    if n_scans < n_folds:
+        raise ValueError(
+            f"expected at least {n_folds} scans to make {n_folds} folds, got {n_scans}; add scans "
+            "or give explicit 'folds' in dataset.json"
+        )
+    step = n_scans // n_folds
+    folds = [tuple(range(k * step, (k + 1) * step + 1)) for k in range(n_folds - 1)]
+    folds.append(tuple(sorted({0, *range((n_folds - 1) * step, n_scans)})))
+    return tuple(folds)
+
+
+def _fold_table(*ranges: tuple[int, int]) -> tuple[tuple[int, ...], ...]:
+    """Fold table from inclusive position ranges; the last fold also holds position 0."""
+    folds = [tuple(range(lo, hi + 1)) for lo, hi in ranges]
+    folds[-1] = tuple(sorted({0, *folds[-1]}))
+    return tuple(folds)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "CHAOST2": DatasetSpec(
+        name="CHAOST2",
+        folder="chaos_MR_T2_normalized",
+        label_names={1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"},
+        test_labels=(1, 2, 3, 4),
+        n_sv=5000,
+        image_size=256,
+        modality="MR",
+        folds=_fold_table((0, 4), (4, 8), (8, 12), (12, 16), (16, 19)),
+        n_scans=20,
+    ),
+    "SABS": DatasetSpec(
+        name="SABS",
+        folder="sabs_CT_normalized",
+        label_names={
+            1: "SPLEEN", 2: "RK", 3: "LK", 4: "GALLBLADDER", 5: "ESOPHAGUS", 6: "LIVER",
+            7: "STOMACH", 8: "AORTA", 9: "IVC", 10: "PS_VEIN", 11: "PANCREAS", 12: "AG_R",
+            13: "AG_L",
+        },
+        test_labels=(1, 2, 3, 6),
+        n_sv=5000,
+        image_size=257,
+        modality="CT",
+        folds=_fold_table((0, 6), (6, 12), (12, 18), (18, 24), (24, 29)),
+        n_scans=30,
+    ),
+    "Prostate_MRI": DatasetSpec(
+        name="Prostate_MRI",
+        folder="prostate_MR_normalized",
+        label_names={
+            1: "BLADDER", 2: "BONE", 3: "OBTURATOR_INTERNUS", 4: "TRANSITION_ZONE",
+            5: "CENTRAL_GLAND", 6: "RECTUM", 7: "SEMINAL_VESICLE", 8: "NEUROVASCULAR_BUNDLE",
+        },
+        test_labels=(1, 2, 4, 7),
+        n_sv=5000,
+        image_size=256,
+        modality="MR",
+        folds=_fold_table((0, 8), (8, 16), (16, 24), (24, 32), (32, 39)),
+        n_scans=40,
+    ),
+    "CMR": DatasetSpec(
+        name="CMR",
+        folder="cmr_MR_normalized",
+        label_names={1: "LV-MYO", 2: "LV-BP", 3: "RV"},
+        test_labels=(1, 2, 3),
+        n_sv=1000,
+        image_size=256,
+        modality="MR",
+        folds=_fold_table((0, 7), (7, 14), (14, 21), (21, 28), (28, 34)),
+        n_scans=35,
+        label_remap={200: 1, 500: 2, 600: 3},
+    ),
+}
+CUSTOM = "custom"
+CUSTOM_SPEC_FILE = "dataset.json"
+
+
+def _unknown_dataset(name: str) -> ValueError:
+    known = ", ".join([*DATASETS, CUSTOM])
+    return ValueError(
+        f"dataset: unknown dataset {name!r}; known datasets: {known} ('custom' reads "
+        f"{CUSTOM_SPEC_FILE} from data_dir)"
+    )
+
+
+def get_dataset(name: str, data_dir: str | Path | None = None) -> DatasetSpec:
+    """The :class:`DatasetSpec` for ``name``.
+
+    Args:
+        name: a key of :data:`DATASETS` or ``'custom'``.
+        data_dir: needed for ``'custom'`` only: the folder with the scans and ``dataset.json``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones), or a bad ``dataset.json``.
+    """
+    if name in DATASETS:
+        return DATASETS[name]
+    if name == CUSTOM:
+        if data_dir is None:
+            raise ValueError(
+                "data_dir: dataset='custom' needs data_dir, the folder holding image_<id>.nii.gz, "
+                f"label_<id>.nii.gz and {CUSTOM_SPEC_FILE}"
+            )
+        return load_custom_spec(data_dir)
+    raise _unknown_dataset(name)
+
+
+def load_custom_spec(image_dir: str | Path) -> DatasetSpec:
+    """Read ``<image_dir>/dataset.json`` into a :class:`DatasetSpec`.
+
+    Format (only ``labels`` is required)::
+
+        {
+          "name": "my_data",                       # informational
+          "modality": "MR",                        # "MR" (default) or "CT"
+          "labels": {"1": "liver", "2": "spleen"}, # label id -> name, background 0 implicit
+          "test_labels": [1, 2],                   # default: every label
+          "n_sv": 5000,                            # supervoxel folder supervoxels_<n_sv>
+          "image_size": 256,                       # default: read from the first image
+          "label_remap": {"255": 1},               # stored value -> label id (optional)
+          "folds": [[1, 2, 3], [3, 4, 5], ...]     # 5 lists of scan ids (default: the fold rule)
+        }
+    """
+    image_dir = Path(image_dir)
+    path = image_dir / CUSTOM_SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: a custom dataset needs {CUSTOM_SPEC_FILE} beside its image_/label_ files; "
+            'create it, e.g. {"labels": {"1": "liver"}, "test_labels": [1]} (see README)'
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); fix the file") from None
+    allowed = {"name", "modality", "labels", "test_labels", "n_sv", "image_size", "label_remap", "folds"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed keys are {sorted(allowed)}")
+    if not isinstance(raw.get("labels"), dict) or not raw["labels"]:
+        raise ValueError(
+            f"{path}: expected key 'labels' mapping label id -> name, e.g. "
+            f'{{"labels": {{"1": "liver"}}}}, got {raw.get("labels")!r}'
+        )
+    try:
+        label_names = {int(k): str(v) for k, v in raw["labels"].items()}
+        label_remap = {int(k): int(v) for k, v in raw.get("label_remap", {}).items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: 'labels' and 'label_remap' keys must be integers (as strings)") from None
+    if 0 in label_names:
+        raise ValueError(f"{path}: 'labels' must not list 0 (background is implicit); remove it")
+    bad_targets = sorted(set(label_remap.values()) - set(label_names) - {0})
+    if bad_targets:
+        raise ValueError(f"{path}: 'label_remap' maps to ids {bad_targets} that 'labels' does not name")
+    if label_remap and 0 not in label_remap:
+        label_remap[0] = 0
+    modality = raw.get("modality", "MR")
+    if modality not in ("MR", "CT"):
+        raise ValueError(f"{path}: 'modality' must be 'MR' or 'CT', got {modality!r}")
+
+    scans = discover_scans(image_dir)
+    ids = [s.scan_id for s in scans]
+    if "folds" in raw:
+        folds_ids = raw["folds"]
+        if not isinstance(folds_ids, list) or len(folds_ids) != N_FOLDS:
+            raise ValueError(f"{path}: 'folds' must be a list of {N_FOLDS} lists of scan ids")
+        missing = sorted({int(i) for f in folds_ids for i in f} - set(ids))
+        if missing:
+            raise ValueError(f"{path}: 'folds' names scan ids {missing} with no image_<id> file in {image_dir}")
+        position = {scan_id: pos for pos, scan_id in enumerate(ids)}
+        folds = tuple(tuple(sorted(position[int(i)] for i in f)) for f in folds_ids)
+    else:
+        folds = make_folds(len(ids))
+    image_size = raw.get("image_size")
+    if image_size is None:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(scans[0].image))
+        reader.ReadImageInformation()
+        image_size = int(reader.GetSize()[0])
+    spec = DatasetSpec(
+        name=CUSTOM,
+        folder="",
+        label_names=label_names,
+        test_labels=tuple(int(x) for x in raw.get("test_labels", sorted(label_names))),
+        n_sv=int(raw.get("n_sv", 5000)),
+        image_size=int(image_size),
+        modality=modality,
+        folds=folds,
+        n_scans=len(ids),
+        label_remap=label_remap,
+    )
+    spec.check_labels(f"{path}: test_labels", spec.test_labels)
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# Files on disk
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScanFiles:
+    """The files of one scan, paired by id."""
+
+    scan_id: int
+    image: Path
+    label: Path
+    supervoxel: Path | None = None
+
+
+def resolve_image_dir(dataset: str | DatasetSpec, data_dir: str | Path) -> Path:
+    """The folder holding ``image_<id>`` files.
+
+    ``data_dir`` may be that folder itself, a dataset folder holding ``<folder>`` (the reference
+    layout, e.g. ``data/CHAOST2``), or a root holding ``<name>/<folder>`` (e.g. ``../shared/data``).
+
+    Raises:
+        FileNotFoundError: none of these exist (the message lists what was tried).
+    """
+    spec = dataset if isinstance(dataset, DatasetSpec) else (
+        DATASETS.get(dataset) if dataset != CUSTOM else None
+    )
+    if spec is None and dataset != CUSTOM:
+        raise _unknown_dataset(str(dataset))
+    data_dir = Path(data_dir)
+    candidates = [data_dir]
+    if spec is not None and spec.folder:
+        candidates += [data_dir / spec.folder, data_dir / spec.name / spec.folder]
+    for cand in candidates:
+        if cand.is_dir() and any(_IMAGE_RE.match(p.name) for p in cand.iterdir()):
+            return cand
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"data_dir: no image_<id>.nii.gz files found for dataset "
+        f"{spec.name if spec else CUSTOM} (tried {tried}); set data_dir to the image folder or "
+        "to the root holding <DATASET>/<folder> (see data/README.md)"
+    )
+
+
+def _numeric_id(path: Path, match: re.Match) -> int:
+    text = match.group("id")
+    if not text.isdigit():
+        raise ValueError(
+            f"{path}: scan ids must be integers (image_<int>.nii.gz), got {text!r}; rename the "
+            "image, label and supervoxel files of this scan"
+        )
+    return int(text)
+
+
+def _index(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
+    found: dict[int, Path] = {}
+    for path in sorted(folder.iterdir()):
+        match = pattern.match(path.name)
+        if match:
+            scan_id = _numeric_id(path, match)
+            if scan_id in found:
+                raise ValueError(f"{folder}: two files for scan id {scan_id}: {found[scan_id].name}, {path.name}; keep one")
+            found[scan_id] = path
+    return found
+
+
+def discover_scans(image_dir: str | Path, supervoxel_dir: str | Path | None = None) -> list[ScanFiles]:
+    """All scans in ``image_dir``, sorted by numeric id, image/label/supervoxel paired by id.
+
+    Args:
+        image_dir: folder of ``image_<id>.nii.gz`` and ``label_<id>.nii.gz``.
+        supervoxel_dir: folder of ``superpix-MIDDLE_<id>.nii.gz``; when given every scan must have one.
+
+    Raises:
+        FileNotFoundError: no images.
+        ValueError: ids with an image but no label (or supervoxel), labels with no image,
+            non-numeric ids.
+    """
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {image_dir}; check data_dir")
+    images = _index(image_dir, _IMAGE_RE)
+    labels = _index(image_dir, _LABEL_RE)
+    if not images:
+        raise FileNotFoundError(f"{image_dir}: no image_<id>.nii.gz files; check data_dir")
+    no_label = sorted(set(images) - set(labels))
+    if no_label:
+        raise ValueError(
+            f"{image_dir}: scan ids {no_label} have an image_<id> file but no label_<id> file; "
+            "add the labels or move those images out of the folder"
+        )
+    no_image = sorted(set(labels) - set(images))
+    if no_image:
+        raise ValueError(
+            f"{image_dir}: scan ids {no_image} have a label_<id> file but no image_<id> file; "
+            "add the images or move those labels out of the folder"
+        )
+    supervoxels: dict[int, Path] = {}
+    if supervoxel_dir is not None:
+        supervoxels = _index(Path(supervoxel_dir), _SUPERVOXEL_RE)
+        no_sv = sorted(set(images) - set(supervoxels))
+        if no_sv:
+            raise ValueError(
+                f"{supervoxel_dir}: scan ids {no_sv} have no superpix-MIDDLE_<id>.nii.gz; run "
+                f"`{SUPERVOXEL_COMMAND.format(image_dir=image_dir)}` to (re)make them"
+            )
+    return [
+        ScanFiles(scan_id, images[scan_id], labels[scan_id], supervoxels.get(scan_id))
+        for scan_id in sorted(images)
+    ]
+
+
+def find_supervoxel_dir(image_dir: str | Path, n_sv: int, supervoxel_dir: str | Path | None = None) -> Path:
+    """Where the supervoxels live: ``supervoxel_dir`` if given, else ``<image_dir>/supervoxels_<n_sv>``,
+    else ``<image_dir>/../supervoxels_<n_sv>`` (the published CHAOST2 layout).
+
+    Raises:
+        FileNotFoundError: none exists; the message names the command that makes them.
+    """
+    image_dir = Path(image_dir)
+    make = SUPERVOXEL_COMMAND.format(image_dir=image_dir)
+    if supervoxel_dir is not None:
+        if not Path(supervoxel_dir).is_dir():
+            raise FileNotFoundError(
+                f"supervoxel_dir: folder {supervoxel_dir} not found; fix supervoxel_dir or make the "
+                f"supervoxels with `{make}`"
+            )
+        return Path(supervoxel_dir)
+    candidates = [image_dir / f"supervoxels_{n_sv}", image_dir.parent / f"supervoxels_{n_sv}"]
+    for cand in candidates:
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError(
+        f"no supervoxel folder supervoxels_{n_sv} for {image_dir} (tried "
+        f"{', '.join(map(str, candidates))}); make them with `{make}` (or set supervoxel_dir, or "
+        "use_gt=True to train on ground-truth labels)"
+    )
+
+
+def fold_positions(spec: DatasetSpec, n_scans: int, eval_fold: int) -> list[int]:
+    """Sorted positions (in the numerically sorted scan list) of fold ``eval_fold``."""
+    eval_fold = spec.check_fold(eval_fold)
+    if n_scans != spec.n_scans:
+        raise ValueError(
+            f"dataset {spec.name}: its fold table is made for {spec.n_scans} scans, found {n_scans}; "
+            "use the complete dataset, or dataset='custom' with a dataset.json for a subset"
+        )
+    return sorted(spec.folds[eval_fold])
+
+
+def fold_scan_ids(spec: DatasetSpec, scan_ids: Sequence[int], eval_fold: int) -> list[int]:
+    """Scan ids of fold ``eval_fold``, in numeric order (``supp_idx`` indexes this list).
+
+    Args:
+        spec: the dataset.
+        scan_ids: every scan id of the dataset (any order; sorted numerically here).
+        eval_fold: 0..4.
+    """
+    ids = sorted(int(i) for i in scan_ids)
+    return [ids[pos] for pos in fold_positions(spec, len(ids), eval_fold)]
+
+
+# --------------------------------------------------------------------------------------------
+# Volumes
+# --------------------------------------------------------------------------------------------
+def zscore(volume: np.ndarray, path: str | Path = "") -> np.ndarray:
+    """Per-volume z-score ``(x - mean) / std`` over all voxels, returned as float32 (Z x H x W)."""
+    mean = float(volume.mean(dtype=np.float64))
+    std = float(volume.std(dtype=np.float64))
+    if not std > 0:
+        raise ValueError(f"{path}: the image is constant (std 0), cannot z-score it; check the file")
+    out = volume.astype(np.float32)
+    out -= np.float32(mean)
+    out *= np.float32(1.0 / std)
+    return out
+
+
+def _compact_int(values: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """Integer-valued array (float or int on disk) -> the smallest fitting integer dtype."""
+    if values.dtype.kind == "f":
+        as_int = values.astype(np.int64)
+        if not np.array_equal(as_int, values):
+            raise ValueError(f"{path}: {what} must hold integer values, found fractional ones; fix the file")
+        values = as_int
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0:
+        raise ValueError(f"{path}: {what} must be >= 0, found {lo}; fix the file")
+    for dtype in (np.uint8, np.uint16, np.int32, np.int64):
+        if hi <= np.iinfo(dtype).max:
+            return values.astype(dtype, copy=False)
+    raise AssertionError("unreachable")
+
+
+def present_values(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a non-negative integer array (bincount, O(n))."""
+    hi = int(values.max()) if values.size else 0
+    if hi > 1_000_000:
+        return np.unique(values)
+    return np.flatnonzero(np.bincount(values.ravel(), minlength=hi + 1))
+
+
+def read_label(spec: DatasetSpec, path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read a label volume, check it and map stored values to label ids.
+
+    Returns:
+        ``uint8``/``uint16`` array (Z x H x W) of label ids (0 background).
+
+    Raises:
+        ValueError: shape differs from ``shape`` (the image's), or values outside the label map.
+    """
+    raw, _ = read_volume(path)
+    if shape is not None and raw.shape != tuple(shape):
+        raise ValueError(
+            f"{path}: label shape {raw.shape} (Z, Y, X) does not match its image's {tuple(shape)}; "
+            "re-export the label on the image's grid"
+        )
+    label = _compact_int(raw, path, "labels")
+    found = present_values(label)
+    allowed = spec.stored_label_values
+    outside = sorted(set(found.tolist()) - set(allowed))
+    if outside:
+        fix = ("add them to 'labels' (or 'label_remap') in dataset.json" if spec.name == CUSTOM
+               else "fix the file (pre-processing maps the stored values, see data/README.md)")
+        raise ValueError(
+            f"{path}: label values {outside} are outside the {spec.name} label map "
+            f"(allowed stored values {allowed}); {fix}"
+        )
+    if spec.label_remap:
+        lut = np.zeros(max(allowed) + 1, dtype=np.uint16)
+        for stored, label_id in spec.label_remap.items():
+            lut[stored] = label_id
+        label = lut[label]
+        label = label.astype(np.uint8) if max(spec.label_names) < 256 else label
+    return label
+
+
+def read_image(spec: DatasetSpec, path: Path) -> tuple[np.ndarray, sitk.Image]:
+    """Read an image volume: z-scored float32 (Z x H x W) and its SimpleITK image (geometry)."""
+    raw, image = read_volume(path)
+    if raw.shape[1] != spec.image_size or raw.shape[2] != spec.image_size:
+        raise ValueError(
+            f"{path}: expected in-plane size {spec.image_size} x {spec.image_size} for dataset "
+            f"{spec.name}, got {raw.shape[1]} x {raw.shape[2]}; resample/crop it (data/README.md)"
+            + (" or set image_size in dataset.json" if spec.name == CUSTOM else "")
+        )
+    return zscore(raw, path), image
+
+
+def read_supervoxels(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Read a supervoxel volume (ids, 0 = background) of the image's shape."""
+    raw, _ = read_volume(path)
+    if raw.shape != tuple(shape):
+        raise ValueError(
+            f"{path}: supervoxel shape {raw.shape} does not match its image's {tuple(shape)}; "
+            "re-make the supervoxels from these images"
+        )
+    return _compact_int(raw, path, "supervoxel ids")
+
+
+@dataclass
+class Scan:
+    """One loaded scan.
+
+    Attributes:
+        scan_id: numeric id from the file name.
+        image: float32 (Z x H x W), per-volume z-scored.
+        label: int64 (Z x H x W), dataset label ids (0 background).
+        reference: the SimpleITK image it was read from: spacing, origin and direction of the grid
+            of ``image``/``label`` (use ``CopyInformation`` to write predictions in place).
+    """
+
+    scan_id: int
+    image: np.ndarray
+    label: np.ndarray
+    reference: sitk.Image
+
+
+def load_scan(spec: DatasetSpec, files: ScanFiles) -> Scan:
+    """Read, check and normalise one scan (image z-scored float32, label int64)."""
+    image, reference = read_image(spec, files.image)
+    label = read_label(spec, files.label, image.shape).astype(np.int64)
+    return Scan(files.scan_id, image, label, reference)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, help=f"one of {', '.join([*DATASETS, CUSTOM])}")
+    parser.add_argument("--data-dir", required=True, help="image folder, or a root holding <DATASET>/<folder>")
+    parser.add_argument("--folds", action="store_true", help="print the scan ids of every fold")
+    args = parser.parse_args(argv)
+
+    spec = get_dataset(args.dataset, args.data_dir)
+    image_dir = resolve_image_dir(spec, args.data_dir)
+    scans = discover_scans(image_dir)
+    ids = [s.scan_id for s in scans]
+    print(f"dataset {spec.name} ({spec.modality}, {spec.image_size} px): {len(ids)} scans in {image_dir}")
+    print(f"labels: {dict(spec.label_names)}; test labels: {list(spec.test_labels)}")
+    if args.folds:
+        for fold in range(len(spec.folds)):
+            members = fold_scan_ids(spec, ids, fold)
+            positions = fold_positions(spec, len(ids), fold)
+            print(f"fold {fold}: positions {positions} -> scan ids {members} "
+                  f"(support supp_idx=k is the k-th); train on the other {len(ids) - len(members)}")
+
+
+if __name__ == "__main__":
+    main()

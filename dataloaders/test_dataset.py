@@ -1,0 +1,155 @@
+"""Evaluation data: one support scan and the query scans of a fold.
+
+Protocol (QAMP_REFERENCE section 5, ``eval_mode='protocol'``, the default of every table in the
+field): the fold's scans in numeric order; the support is the scan at position ``supp_idx``, the
+others are queries. For a class with ``C`` support slices holding it, the support slices are
+``int(p * C)`` for ``p`` in ``[1/6, 1/2, 5/6]`` (``n_part`` = 3; in general
+``p_i = 1/(2n) + i (1 - 1/n)/(n - 1)``, ``p = [1/2]`` for n = 1). A query keeps its ``C_q`` slices
+holding the class, split at ``linspace(0, C_q, n_part + 1).astype(int)``; chunk k is segmented with
+support slice k.
+
+``eval_mode='all_slices'``: the leak-free alternative: the query's labels are not used to choose
+slices: every slice of the query is segmented, chunks split the whole volume the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dataloaders.datasets import (
+    DatasetSpec,
+    Scan,
+    discover_scans,
+    fold_positions,
+    get_dataset,
+    load_scan,
+    resolve_image_dir,
+)
+
+EVAL_MODES = ("protocol", "all_slices")
+
+__all__ = ["EVAL_MODES", "Scan", "TestDataset", "chunk_bounds", "support_fractions", "to_model_input"]
+
+
+def support_fractions(n_part: int) -> np.ndarray:
+    """Relative positions of the support slices: ``1/(2n) + i (1 - 1/n)/(n - 1)``; ``[0.5]`` for n = 1."""
+    if n_part < 1:
+        raise ValueError(f"n_part: expected an integer >= 1, got {n_part}")
+    if n_part == 1:
+        return np.array([0.5])
+    half = 1.0 / (2 * n_part)
+    interval = (1.0 - 1.0 / n_part) / (n_part - 1)
+    return np.array([half + interval * i for i in range(n_part)])
+
+
+def chunk_bounds(n_slices: int, n_part: int) -> np.ndarray:
+    """``linspace(0, n_slices, n_part + 1).astype(int)``: chunk k is ``[b[k], b[k+1])``."""
+    return np.linspace(0, n_slices, n_part + 1).astype(int)
+
+
+def to_model_input(slices: np.ndarray) -> torch.Tensor:
+    """z-scored slices float32 (N x H x W) -> float32 tensor (N x 3 x H x W) (slice repeated 3 times)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
+    return tensor.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+class TestDataset(Dataset):
+    """Support and query scans of fold ``eval_fold``; ``ds[i]`` is query :class:`Scan` i.
+
+    Args:
+        dataset: dataset name or ``'custom'``.
+        data_dir: image folder or a root holding ``<DATASET>/<folder>``.
+        eval_fold: 0..4.
+        supp_idx: position of the support scan within the fold (numeric id order).
+        test_label: classes to evaluate (default: the dataset's test labels).
+        n_part: support slices per class = query chunks.
+        eval_mode: ``'protocol'`` or ``'all_slices'`` (see module docstring).
+
+    Attributes:
+        support: the support :class:`Scan`; queries: list of query :class:`Scan` (numeric id order).
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        data_dir: str | Path,
+        eval_fold: int,
+        supp_idx: int,
+        test_label: Sequence[int] | None = None,
+        n_part: int = 3,
+        eval_mode: str = "protocol",
+    ) -> None:
+        self.spec: DatasetSpec = get_dataset(dataset, data_dir)
+        spec = self.spec
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode: expected one of {EVAL_MODES}, got {eval_mode!r}")
+        if not isinstance(n_part, (int, np.integer)) or n_part < 1:
+            raise ValueError(f"n_part: expected an integer >= 1, got {n_part!r}")
+        self.eval_mode = eval_mode
+        self.n_part = int(n_part)
+        self.eval_fold = spec.check_fold(eval_fold)
+        self.test_label = spec.check_labels("test_label", spec.test_labels if test_label is None else test_label)
+        self.image_dir = resolve_image_dir(spec, data_dir)
+        files = discover_scans(self.image_dir)
+        fold_files = [files[pos] for pos in fold_positions(spec, len(files), self.eval_fold)]
+        if not isinstance(supp_idx, (int, np.integer)) or not 0 <= supp_idx < len(fold_files):
+            raise ValueError(
+                f"supp_idx: expected an integer in 0..{len(fold_files) - 1} (fold {self.eval_fold} "
+                f"holds scans {[f.scan_id for f in fold_files]}), got {supp_idx!r}"
+            )
+        self.supp_idx = int(supp_idx)
+        scans = [load_scan(spec, f) for f in fold_files]
+        self.support: Scan = scans[self.supp_idx]
+        self.queries: list[Scan] = [s for i, s in enumerate(scans) if i != self.supp_idx]
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, index: int) -> Scan:
+        return self.queries[index]
+
+    @staticmethod
+    def _slices_with(scan: Scan, class_id: int) -> np.ndarray:
+        return np.flatnonzero((scan.label == class_id).any(axis=(1, 2)))
+
+    def support_slices(self, class_id: int) -> list[int]:
+        """``n_part`` z-indices of the support scan for ``class_id``, at ``int(p * C)`` of its C labelled slices.
+
+        Raises:
+            ValueError: the class is not a test label, or the support scan has no slice of it.
+        """
+        self.spec.check_labels("class_id", [class_id])
+        labelled = self._slices_with(self.support, class_id)
+        if labelled.size == 0:
+            raise ValueError(
+                f"support scan {self.support.scan_id} (supp_idx={self.supp_idx}, fold {self.eval_fold}) "
+                f"has no slice of class {class_id} ({self.spec.label_names[class_id]}); choose another supp_idx"
+            )
+        picks = (support_fractions(self.n_part) * labelled.size).astype(int)
+        return [int(z) for z in labelled[picks]]
+
+    def support_input(self, class_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support images float32 (n_part x 3 x H x W) and masks float32 (n_part x H x W) in {0, 1}."""
+        z = self.support_slices(class_id)
+        images = to_model_input(self.support.image[z])
+        masks = torch.from_numpy((self.support.label[z] == class_id).astype(np.float32))
+        return images, masks
+
+    def query_slices(self, scan: Scan, class_id: int) -> np.ndarray:
+        """Slices of ``scan`` to segment: those holding the class ('protocol') or all ('all_slices')."""
+        if self.eval_mode == "all_slices":
+            return np.arange(scan.image.shape[0])
+        return self._slices_with(scan, class_id)
+
+    def query_chunks(self, scan: Scan, class_id: int) -> list[np.ndarray]:
+        """``n_part`` arrays of z-indices of ``scan``; chunk k is segmented with support slice k.
+
+        In 'protocol' mode a query without the class gives ``n_part`` empty arrays.
+        """
+        z = self.query_slices(scan, class_id)
+        bounds = chunk_bounds(z.size, self.n_part)
+        return [z[bounds[k]:bounds[k + 1]] for k in range(self.n_part)]

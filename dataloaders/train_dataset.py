@@ -1,0 +1,365 @@
+"""Self-supervised (supervoxel) or supervised (ground-truth) episodic training data.
+
+An episode (QAMP_REFERENCE section 4): a training scan; a class of its pseudo-label map (a
+supervoxel, or a ground-truth organ not in ``test_label`` when ``use_gt``); ``n_shot + 1``
+consecutive slices holding that class whose largest class area is at least ``min_size`` pixels
+(the first ``n_shot`` are the support, the last the query; the order is reversed with p = 0.5);
+gamma on the query or the support (p = 0.5) and affine + elastic on the query or the support
+(p = 0.5).
+
+Setting 2 (``exclude_label``) removes training slices that hold test classes before windows are
+formed: ``exclude_mode='any'`` (default) removes every slice holding ANY excluded class;
+``'all'`` removes only slices holding ALL of them (the ADNet/Q-Net/QAMP code).
+
+Determinism: episode ``step`` is a pure function of ``(seed, step)``: its generator is
+``np.random.default_rng(np.random.SeedSequence([seed, step]))`` and nothing else is random, so
+0 or N DataLoader workers, and resuming at step k, give identical episodes. Index the dataset by
+global step (see :class:`StepSampler`).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+from dataloaders.datasets import (
+    DatasetSpec,
+    ScanFiles,
+    discover_scans,
+    find_supervoxel_dir,
+    fold_positions,
+    get_dataset,
+    read_image,
+    read_label,
+    read_supervoxels,
+    resolve_image_dir,
+)
+from dataloaders.transforms import AffineElastic, gamma_transform
+
+EXCLUDE_MODES = ("any", "all")
+
+
+@dataclass
+class TrainScan:
+    """A training scan after pre-computation.
+
+    Attributes:
+        scan_id: numeric id.
+        image: float32 (Z x H x W), z-scored.
+        pseudo: integer (Z x H x W) pseudo-label map (supervoxel ids or ground-truth ids).
+        allowed: bool (Z,), False for slices removed by ``exclude_label``.
+        starts: int (W,) first slice of every valid window (sorted by class, then slice).
+        window_class: int (W,) class of every valid window.
+        cdf: float64 (W,) cumulative sampling probabilities of the windows.
+    """
+
+    scan_id: int
+    image: np.ndarray
+    pseudo: np.ndarray
+    allowed: np.ndarray
+    starts: np.ndarray
+    window_class: np.ndarray
+    cdf: np.ndarray
+
+
+def class_slice_areas(pseudo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel count of every class on every slice.
+
+    Args:
+        pseudo: non-negative integer (Z x H x W).
+    Returns:
+        ``(classes (K,) sorted non-zero ids present, areas int64 (Z x K))``.
+    """
+    z = pseudo.shape[0]
+    if int(pseudo.max()) > 65535:  # sparse ids: compact them by sorting
+        ids, inverse = np.unique(pseudo, return_inverse=True)
+        inverse = inverse.reshape(pseudo.shape)
+    else:  # dense ids: compact them with a look-up table (O(n))
+        counts = np.bincount(pseudo.ravel(), minlength=int(pseudo.max()) + 1)
+        ids = np.flatnonzero(counts)
+        lut = np.zeros(counts.size, dtype=np.int64)
+        lut[ids] = np.arange(ids.size)
+        inverse = lut[pseudo]
+    k = ids.size
+    offsets = (np.arange(z, dtype=np.int64) * k)[:, None, None]
+    areas = np.bincount((inverse + offsets).ravel(), minlength=z * k).reshape(z, k)
+    keep = ids != 0
+    return ids[keep].astype(np.int64), areas[:, keep]
+
+
+def excluded_slices(gt: np.ndarray, exclude_label: Sequence[int], mode: str = "any") -> np.ndarray:
+    """Slices removed in Setting 2.
+
+    Args:
+        gt: ground-truth label ids (Z x H x W).
+        exclude_label: classes to exclude (empty: nothing is removed).
+        mode: ``'any'``: a slice holding any of them; ``'all'``: a slice holding all of them.
+    Returns:
+        bool (Z,), True = removed.
+    """
+    if mode not in EXCLUDE_MODES:
+        raise ValueError(f"exclude_mode: expected one of {EXCLUDE_MODES}, got {mode!r}")
+    if len(exclude_label) == 0:
+        return np.zeros(gt.shape[0], dtype=bool)
+    holds = np.stack([(gt == lab).any(axis=(1, 2)) for lab in exclude_label])  # (E, Z)
+    return holds.any(axis=0) if mode == "any" else holds.all(axis=0)
+
+
+def valid_windows(areas: np.ndarray, allowed: np.ndarray, length: int, min_size: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows of ``length`` consecutive allowed slices holding a class, with sampling weights.
+
+    A window is valid when all its slices hold the class and are allowed, and its largest class
+    area is at least ``min_size`` (the reference tests the two slices of a 1-shot episode).
+    Weights reproduce the reference's rejection sampler given the scan: a class uniformly among
+    those with a run of ``length`` consecutive slices, a run uniformly among the class's runs, a
+    start uniformly within the run, rejected and redrawn while the area is below ``min_size``.
+
+    Args:
+        areas: int (Z x K) class areas per slice.
+        allowed: bool (Z,).
+    Returns:
+        ``(starts (W,), class column (W,), weights (W,) float64)``; empty arrays when none is valid.
+    """
+    n_slices, n_classes = areas.shape
+    starts, columns, weights = [], [], []
+    if n_slices < length:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    present = (areas > 0) & allowed[:, None]  # (Z, K)
+    windows = np.lib.stride_tricks.sliding_window_view(present, length, axis=0).all(axis=-1)  # (Z-L+1, K)
+    largest = np.lib.stride_tricks.sliding_window_view(areas, length, axis=0).max(axis=-1)
+    big = largest >= min_size
+    for col in np.flatnonzero(windows.any(axis=0)):
+        win = windows[:, col]
+        # runs of consecutive window starts = runs of consecutive slices of length >= L
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], win.astype(np.int8), [0]])))
+        run_bounds = edges.reshape(-1, 2)  # [start, stop) of each run of starts
+        n_runs = len(run_bounds)
+        for lo, hi in run_bounds:
+            ok = np.arange(lo, hi)[big[lo:hi, col]]
+            if ok.size:
+                starts.append(ok)
+                columns.append(np.full(ok.size, col))
+                weights.append(np.full(ok.size, 1.0 / (n_runs * (hi - lo))))
+    if not starts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(starts), np.concatenate(columns), np.concatenate(weights)
+
+
+class StepSampler(Sampler[int]):
+    """Yields the global steps ``start, start + 1, ..., stop - 1`` (resume = start at the saved step)."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = int(start), int(stop)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+class TrainDataset(Dataset):
+    """Episodic training data of one fold (every scan outside fold ``eval_fold``).
+
+    Args:
+        dataset: dataset name (see :data:`dataloaders.datasets.DATASETS`) or ``'custom'``.
+        data_dir: image folder, or a root holding ``<DATASET>/<folder>``.
+        eval_fold: the test fold (0..4); its scans are left out.
+        use_gt: pseudo-classes = ground-truth classes minus ``test_label`` (else supervoxels).
+        test_label: test classes (default: the dataset's); removed from the classes when ``use_gt``.
+        exclude_label: Setting 2: classes whose slices are removed (None/[]: Setting 1).
+        exclude_mode: ``'any'`` or ``'all'`` (see module docstring).
+        n_shot: support slices per episode (the episode uses ``n_shot + 1`` consecutive slices).
+        min_size: the largest class area among the window's slices must reach this (pixels).
+        max_iters_per_load: episodes per epoch (the reference's epoch; ``__len__`` if n_steps is None).
+        n_sv: supervoxel folder ``supervoxels_<n_sv>`` (default: the dataset's).
+        supervoxel_dir: explicit supervoxel folder.
+        augment: gamma + affine/elastic augmentation.
+        seed: run seed; episode ``i`` depends only on ``(seed, i)``.
+        n_steps: ``__len__`` when given (total training steps).
+        scan_ids: restrict training to these scan ids (must be outside the test fold).
+        gamma_range, rotate, shift, shear, scale, elastic_alpha, elastic_sigma: augmentation
+            parameters (reference defaults).
+        reverse_prob: probability of reversing the slice order.
+        query_aug_prob: probability that gamma (and, drawn separately, the geometric transform) is
+            applied to the query rather than the support.
+        num_threads: threads used to read volumes.
+        progress: show a tqdm bar while reading.
+
+    Raises:
+        ValueError / FileNotFoundError with the key or file and the fix, for bad configuration or data.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        data_dir: str | Path,
+        eval_fold: int,
+        *,
+        use_gt: bool = False,
+        test_label: Sequence[int] | None = None,
+        exclude_label: Sequence[int] | None = None,
+        exclude_mode: str = "any",
+        n_shot: int = 1,
+        min_size: int = 200,
+        max_iters_per_load: int = 5000,
+        n_sv: int | None = None,
+        supervoxel_dir: str | Path | None = None,
+        augment: bool = True,
+        seed: int = 2025,
+        n_steps: int | None = None,
+        scan_ids: Sequence[int] | None = None,
+        gamma_range: tuple[float, float] = (0.5, 1.5),
+        rotate: float = 5.0,
+        shift: float = 5.0,
+        shear: float = 5.0,
+        scale: tuple[float, float] = (0.9, 1.2),
+        elastic_alpha: float = 10.0,
+        elastic_sigma: float = 5.0,
+        reverse_prob: float = 0.5,
+        query_aug_prob: float = 0.5,
+        num_threads: int = 2,
+        progress: bool = False,
+    ) -> None:
+        self.spec: DatasetSpec = get_dataset(dataset, data_dir)
+        spec = self.spec
+        self.image_dir = resolve_image_dir(spec, data_dir)
+        eval_fold = spec.check_fold(eval_fold)
+        self.test_label = spec.check_labels("test_label", spec.test_labels if test_label is None else test_label)
+        self.exclude_label = spec.check_labels("exclude_label", exclude_label)
+        if exclude_mode not in EXCLUDE_MODES:
+            raise ValueError(f"exclude_mode: expected one of {EXCLUDE_MODES}, got {exclude_mode!r}")
+        if int(n_shot) < 1:
+            raise ValueError(f"n_shot: expected an integer >= 1, got {n_shot!r}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+        self.exclude_mode = exclude_mode
+        self.use_gt = bool(use_gt)
+        self.n_shot = int(n_shot)
+        self.min_size = int(min_size)
+        self.max_iters_per_load = int(max_iters_per_load)
+        self.n_steps = n_steps
+        self.seed = int(seed)
+        self.augment = bool(augment)
+        self.gamma_range = tuple(gamma_range)
+        self.geometric = AffineElastic(rotate, shift, shear, tuple(scale), elastic_alpha, elastic_sigma)
+        self.reverse_prob = float(reverse_prob)
+        self.query_aug_prob = float(query_aug_prob)
+
+        sv_dir = None
+        if not self.use_gt:
+            sv_dir = find_supervoxel_dir(self.image_dir, n_sv or spec.n_sv, supervoxel_dir)
+        self.supervoxel_dir = sv_dir
+        files = discover_scans(self.image_dir, sv_dir)
+        test_positions = set(fold_positions(spec, len(files), eval_fold))
+        train_files = [f for pos, f in enumerate(files) if pos not in test_positions]
+        if scan_ids is not None:
+            available = {f.scan_id for f in train_files}
+            outside = sorted(set(int(i) for i in scan_ids) - available)
+            if outside:
+                raise ValueError(
+                    f"scan_ids: {outside} are not training scans of fold {eval_fold} "
+                    f"(training scans: {sorted(available)})"
+                )
+            train_files = [f for f in train_files if f.scan_id in set(int(i) for i in scan_ids)]
+
+        with ThreadPoolExecutor(max(1, num_threads)) as pool:
+            loaded = list(tqdm(pool.map(self._load, train_files), total=len(train_files),
+                               desc="loading training scans", disable=not progress))
+        self.scans: list[TrainScan] = [s for s in loaded if s.starts.size]
+        if not self.scans:
+            source = "ground-truth classes (minus test_label)" if self.use_gt else f"supervoxels in {sv_dir}"
+            raise ValueError(
+                f"min_size: no class of the {source} of the {len(train_files)} training scans has "
+                f"{self.window} consecutive slices (outside exclude_label) with at least "
+                f"{self.min_size} pixels; lower min_size or n_shot, or check the labels/supervoxels"
+            )
+        self.skipped_scan_ids = [s.scan_id for s in loaded if not s.starts.size]
+
+    @property
+    def window(self) -> int:
+        """Consecutive slices per episode: ``n_shot`` support + 1 query."""
+        return self.n_shot + 1
+
+    def _load(self, files: ScanFiles) -> TrainScan:
+        image, _ = read_image(self.spec, files.image)
+        gt = read_label(self.spec, files.label, image.shape)
+        allowed = ~excluded_slices(gt, self.exclude_label, self.exclude_mode)
+        if self.use_gt:
+            pseudo = gt.copy()
+            pseudo[np.isin(pseudo, self.test_label)] = 0
+        else:
+            pseudo = read_supervoxels(files.supervoxel, image.shape)
+        classes, areas = class_slice_areas(pseudo)
+        starts, columns, weights = valid_windows(areas, allowed, self.window, self.min_size)
+        cdf = np.cumsum(weights)
+        if cdf.size:
+            cdf /= cdf[-1]
+        return TrainScan(files.scan_id, image, pseudo, allowed, starts, classes[columns], cdf)
+
+    # ------------------------------------------------------------------ sampling
+    def __len__(self) -> int:
+        return int(self.n_steps) if self.n_steps is not None else self.max_iters_per_load
+
+    def __getitem__(self, step: int) -> dict:
+        return self.episode(int(step))
+
+    def episode_rng(self, step: int) -> np.random.Generator:
+        """The generator of episode ``step``: ``SeedSequence([seed, step])``."""
+        if step < 0:
+            raise ValueError(f"step: expected a non-negative global step, got {step}")
+        return np.random.default_rng(np.random.SeedSequence([self.seed, step]))
+
+    def candidate_slices(self, scan_id: int) -> np.ndarray:
+        """Sorted slice indices of ``scan_id`` that can appear in an episode."""
+        scan = next((s for s in self.scans if s.scan_id == scan_id), None)
+        if scan is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(scan.starts[:, None] + np.arange(self.window)[None, :])
+
+    def episode(self, step: int) -> dict:
+        """Episode ``step`` (a pure function of ``(seed, step)``).
+
+        Returns:
+            dict with
+            ``support_images`` float32 tensor (n_shot x 3 x H x W), z-scored, slice repeated to 3 channels;
+            ``support_masks`` float32 (n_shot x H x W) in {0, 1};
+            ``query_images`` float32 (1 x 3 x H x W); ``query_labels`` int64 (1 x H x W) in {0, 1};
+            ``scan_id`` int; ``class_id`` int (supervoxel or label id);
+            ``slices`` int64 (n_shot + 1,) slice indices, support first, query last.
+        """
+        rng = self.episode_rng(step)
+        scan = self.scans[int(rng.integers(len(self.scans)))]
+        k = min(int(np.searchsorted(scan.cdf, rng.random(), side="right")), scan.cdf.size - 1)
+        class_id = int(scan.window_class[k])
+        slices = np.arange(scan.starts[k], scan.starts[k] + self.window)
+        if rng.random() < self.reverse_prob:
+            slices = slices[::-1].copy()
+        images = scan.image[slices]  # (S+1, H, W) fancy indexing copies
+        masks = (scan.pseudo[slices] == class_id).astype(np.uint8)
+        if self.augment:
+            support_part = slice(0, self.n_shot)
+            query_part = slice(self.n_shot, self.window)
+            part = query_part if rng.random() < self.query_aug_prob else support_part
+            images[part] = gamma_transform(images[part], rng, self.gamma_range)
+            part = query_part if rng.random() < self.query_aug_prob else support_part
+            for i in range(part.start, part.stop):
+                images[i], masks[i] = self.geometric(images[i], masks[i], rng)
+        images_t = torch.from_numpy(images).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+        masks_t = torch.from_numpy(masks)
+        return {
+            "support_images": images_t[: self.n_shot],
+            "support_masks": masks_t[: self.n_shot].float(),
+            "query_images": images_t[self.n_shot:],
+            "query_labels": masks_t[self.n_shot:].long(),
+            "scan_id": scan.scan_id,
+            "class_id": class_id,
+            "slices": torch.from_numpy(slices.astype(np.int64)),
+        }

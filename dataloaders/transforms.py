@@ -1,0 +1,127 @@
+"""Training augmentations: gamma, and affine + elastic applied jointly to an image and its mask.
+
+Parameters default to the reference values (QAMP_REFERENCE section 4): gamma U(0.5, 1.5); rotation
+U(-5, 5) deg, shift U(-5, 5) px per axis, shear U(-5, 5) deg, isotropic scale U(0.9, 1.2); elastic
+displacement = Gaussian-blurred (sigma 5 px) U(-1, 1) noise times alpha 10. Every random
+transform takes an explicit ``numpy.random.Generator``; nothing draws from a global stream.
+
+The affine and the elastic field are composed into ONE sampling map and applied with
+``cv2.remap`` (bilinear for the image, nearest for the mask), so the mask is resampled once and
+stays binary. Pixels mapped from outside the slice get 0 (the z-score mean) and background.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+def gamma_transform(image: np.ndarray, rng: np.random.Generator,
+                    gamma_range: tuple[float, float] = (0.5, 1.5), eps: float = 1e-5) -> np.ndarray:
+    """Random gamma on the intensity range of ``image`` (one gamma and one min/max for the whole array).
+
+    ``y = r * ((x - min + eps) / r) ** gamma + min`` with ``r = max - min + eps``, gamma ~ U(gamma_range).
+
+    Args:
+        image: float array of any shape (e.g. S x H x W z-scored slices).
+        rng: the episode's generator.
+    Returns:
+        float32 array of the same shape, values within ``[min, max + eps]`` of the input.
+    """
+    gamma = rng.uniform(*gamma_range)
+    cmin = float(image.min())
+    irange = float(image.max()) - cmin + eps
+    out = (image - cmin + eps) / irange
+    np.power(out, gamma, out=out)
+    out *= irange
+    out += cmin
+    return out.astype(np.float32, copy=False)
+
+
+def random_affine_matrix(rng: np.random.Generator, shape: tuple[int, int], rotate: float = 5.0,
+                         shift: float = 5.0, shear: float = 5.0,
+                         scale: tuple[float, float] = (0.9, 1.2)) -> np.ndarray:
+    """A random 2 x 3 forward affine (input pixel (x, y) -> output pixel) about the slice centre.
+
+    Draw order: rotation U(-rotate, rotate) deg, shift x and y U(-shift, shift) px, shear
+    U(-shear, shear) deg, isotropic scale U(*scale). Composition (applied right to left):
+    ``scale . shear . shift . rotation``, as the reference, except that shear acts about the slice
+    centre (the reference shears about the corner, adding up to ~22 px of extra shift at 256 px).
+    """
+    h, w = shape
+    centre = np.array([[1, 0, (w - 1) / 2], [0, 1, (h - 1) / 2], [0, 0, 1]])
+    uncentre = np.array([[1, 0, -(w - 1) / 2], [0, 1, -(h - 1) / 2], [0, 0, 1]])
+    theta = np.deg2rad(rng.uniform(-rotate, rotate))
+    tx, ty = rng.uniform(-shift, shift), rng.uniform(-shift, shift)
+    phi = np.deg2rad(rng.uniform(-shear, shear))
+    zoom = rng.uniform(*scale)
+    # cv2.getRotationMatrix2D convention: positive angle = counter-clockwise in image coordinates
+    rot = np.array([[np.cos(theta), np.sin(theta), 0], [-np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    translate = np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1]])
+    shear_m = np.array([[1, -np.sin(phi), 0], [0, np.cos(phi), 0], [0, 0, 1]])
+    zoom_m = np.diag([zoom, zoom, 1.0])
+    # rotation, shear and zoom about the centre; the shift is a plain translation
+    matrix = (centre @ zoom_m @ shear_m @ uncentre) @ translate @ (centre @ rot @ uncentre)
+    return matrix[:2]
+
+
+def random_elastic_field(rng: np.random.Generator, shape: tuple[int, int], alpha: float = 10.0,
+                         sigma: float = 5.0) -> np.ndarray:
+    """Elastic displacement field (Simard et al. 2003), 2 x H x W float32 (dx, dy) in pixels.
+
+    Each component is U(-1, 1) noise blurred by a Gaussian of std ``sigma`` (kernel ``int(4*sigma) | 1``,
+    as the reference) and scaled by ``alpha``.
+    """
+    ksize = int(4 * sigma) | 1
+    noise = rng.uniform(-1.0, 1.0, size=(2, *shape)).astype(np.float32)
+    field = np.stack([cv2.GaussianBlur(n, (ksize, ksize), sigmaX=sigma) for n in noise])
+    field *= alpha
+    return field
+
+
+def warp_pair(image: np.ndarray, mask: np.ndarray, matrix: np.ndarray,
+              field: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``affine`` then ``elastic`` as one resampling: ``out(p) = in(A^-1 (p + d(p)))``.
+
+    Args:
+        image: float32 H x W.
+        mask: H x W integer/binary mask (nearest-neighbour resampling).
+        matrix: 2 x 3 forward affine (see :func:`random_affine_matrix`).
+        field: optional 2 x H x W displacement (dx, dy) from :func:`random_elastic_field`.
+    Returns:
+        ``(image float32 H x W, mask of mask's dtype H x W)``.
+    """
+    h, w = image.shape
+    inverse = cv2.invertAffineTransform(matrix.astype(np.float64))
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    if field is not None:
+        xs = xs + field[0]
+        ys = ys + field[1]
+    map_x = (inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]).astype(np.float32)
+    map_y = (inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]).astype(np.float32)
+    out_image = cv2.remap(image.astype(np.float32, copy=False), map_x, map_y, cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    out_mask = cv2.remap(mask.astype(np.uint8, copy=False), map_x, map_y, cv2.INTER_NEAREST,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out_image, out_mask.astype(mask.dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class AffineElastic:
+    """Random affine + elastic deformation applied jointly to a slice and its mask (reference values)."""
+
+    rotate: float = 5.0
+    shift: float = 5.0
+    shear: float = 5.0
+    scale: tuple[float, float] = (0.9, 1.2)
+    alpha: float = 10.0
+    sigma: float = 5.0
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """image float32 H x W, mask H x W -> deformed (image, mask); draws affine then field from ``rng``."""
+        shape = image.shape
+        matrix = random_affine_matrix(rng, shape, self.rotate, self.shift, self.shear, self.scale)
+        field = random_elastic_field(rng, shape, self.alpha, self.sigma) if self.alpha > 0 else None
+        return warp_pair(image, mask, matrix, field)
