@@ -1,0 +1,517 @@
+"""Building blocks shared by every pre-processing recipe.
+
+Geometry conventions: SimpleITK images, index order ``(x, y, z)``; numpy arrays from
+``sitk.GetArrayFromImage`` are ``(Z, Y, X)``. Every step keeps spacing, origin and direction
+physically correct (a crop moves the origin to the first kept voxel, a pad to the first padded one).
+
+The steps are the SSL-ALPNet recipe (see ``data/README.md`` for the deviations and why):
+
+* :func:`clip_percentile` -- cut the bright end of the MR histogram (off-resonance spikes);
+* :func:`grid_for_spacing` + :func:`resample_image` / :func:`resample_label` -- linear resampling of
+  the image; per-class linear resampling of the label (``rint``, the higher label value wins);
+* :func:`center_crop_pad_xy` -- centre crop / pad in-plane (image padded with its minimum, label 0);
+* :func:`write_dataset` -- the output folder: ``image_<id>.nii.gz``, ``label_<id>.nii.gz``,
+  ``classmap_<min_tp>.json``, ``pixel_counts.json`` and ``manifest.json``, built in a hidden
+  partial folder and renamed into place at the end, so a failed run never leaves a half folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from utils.io import write_image, write_json
+
+MANIFEST_NAME = "manifest.json"
+PIXEL_COUNTS_NAME = "pixel_counts.json"
+MANIFEST_FORMAT = 1
+# Classmap rule written by this package: slice z of scan s is listed under class c when at least
+# ``min_tp`` pixels of slice z have label c. (The published SSL-ALPNet files instead require the
+# class to be present and the *sum of the label values* of the slice to reach ``min_tp``; verify.py
+# recognises both.)
+CLASSMAP_RULE = "pixel_count"
+GEOMETRY_TOLERANCE = 1e-4  # mm / direction-cosine tolerance when comparing two grids
+
+
+class PreprocessError(ValueError):
+    """A raw input that does not match what a recipe expects; the message says what and how to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What a pre-processed data set looks like on disk (recipes write it, ``verify`` checks it).
+
+    Attributes:
+        name: data set name used by the loaders (``CHAOST2``, ``SABS``, ...).
+        folder: default output folder name (``<prefix>_normalized``).
+        class_names: stored label value -> class name used as key in ``classmap_<min_tp>.json``.
+        inplane_size: expected ``H = W`` of every scan, or None when free.
+        spacing: expected ``(x, y, z)`` spacing in mm; None entries are free.
+        orientation: expected DICOM orientation code of every scan (e.g. ``LAS``), or None.
+        n_scans: number of scans of the complete public data set (checked only without a manifest).
+        min_tps: the ``min_tp`` values of the classmap files written by default.
+    """
+
+    name: str
+    folder: str
+    class_names: Mapping[int, str]
+    inplane_size: int | None
+    spacing: tuple[float | None, float | None, float | None]
+    orientation: str | None
+    n_scans: int | None
+    min_tps: tuple[int, ...] = (1,)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "CHAOST2": DatasetSpec(
+        "CHAOST2", "chaos_MR_T2_normalized",
+        {0: "BG", 1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"},
+        inplane_size=256, spacing=(1.25, 1.25, 7.7), orientation="LAS", n_scans=20,
+        min_tps=(1, 100, 400)),
+    # Class names as in the published SABS classmap_1.json (including its "KID_l").
+    "SABS": DatasetSpec(
+        "SABS", "sabs_CT_normalized",
+        {0: "BGD", 1: "SPLEEN", 2: "KID_R", 3: "KID_l", 4: "GALLBLADDER", 5: "ESOPHAGUS",
+         6: "LIVER", 7: "STOMACH", 8: "AORTA", 9: "IVC", 10: "PS_VEIN", 11: "PANCREAS",
+         12: "AG_R", 13: "AG_L"},
+        inplane_size=257, spacing=(None, None, None), orientation=None, n_scans=30,
+        min_tps=(1,)),
+    # MS-CMRSeg bSSFP: values kept as stored by the challenge; loaders remap 200/500/600 -> 1/2/3.
+    "CMR": DatasetSpec(
+        "CMR", "cmr_MR_normalized",
+        {0: "BG", 200: "LV-MYO", 500: "LV-BP", 600: "RV"},
+        inplane_size=256, spacing=(1.25, 1.25, 7.99), orientation=None, n_scans=35,
+        min_tps=(1,)),
+    "Prostate_MRI": DatasetSpec(
+        "Prostate_MRI", "prostate_MR_normalized",
+        {0: "BG", 1: "Bladder", 2: "Bone", 3: "OI", 4: "TZ", 5: "CG", 6: "Rectum", 7: "SV",
+         8: "NB"},
+        inplane_size=None, spacing=(None, None, None), orientation=None, n_scans=40,
+        min_tps=(1,)),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Intensity and geometry steps
+# ----------------------------------------------------------------------------------------------
+def to_float32(image: sitk.Image) -> sitk.Image:
+    """Cast to float32, keeping the geometry."""
+    return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def clip_percentile(image: sitk.Image, percentile: float) -> tuple[sitk.Image, float]:
+    """Clip intensities above the ``percentile``-th percentile of the whole volume.
+
+    Args:
+        image: 3D image, any scalar type (returned as float32).
+        percentile: in (0, 100]; 100 leaves the image unchanged.
+
+    Returns:
+        ``(clipped image, threshold)``.
+    """
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"clip percentile: expected a value in (0, 100], got {percentile}")
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    threshold = float(np.percentile(array, percentile))
+    out = sitk.GetImageFromArray(np.minimum(array, np.float32(threshold)))
+    out.CopyInformation(image)
+    return out, threshold
+
+
+def window_to_uint8_range(image: sitk.Image, low: float, high: float,
+                          out_max: float = 255.0) -> sitk.Image:
+    """Clip to ``[low, high]`` and scale linearly to ``[0, out_max]`` (float32)."""
+    if not high > low:
+        raise ValueError(f"intensity window: expected high > low, got [{low}, {high}]")
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array = (np.clip(array, low, high) - np.float32(low)) * np.float32(out_max / (high - low))
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
+
+
+def orientation_code(image: sitk.Image) -> str:
+    """DICOM orientation code of the nearest axis-aligned frame (identity direction = ``LPS``)."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def reorient(image: sitk.Image, code: str | None) -> sitk.Image:
+    """Permute / flip the voxel array so that ``orientation_code(out) == code`` (geometry kept)."""
+    if code is None or orientation_code(image) == code:
+        return image
+    return sitk.DICOMOrient(image, code)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A sampling grid: ``size`` / ``spacing`` in (x, y, z) order, ``origin`` = centre of voxel 0."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @staticmethod
+    def of(image: sitk.Image) -> "Grid":
+        return Grid(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                    tuple(image.GetDirection()))
+
+    def matches(self, image: sitk.Image, tol: float = GEOMETRY_TOLERANCE) -> bool:
+        other = Grid.of(image)
+        return (self.size == other.size
+                and np.allclose(self.spacing, other.spacing, rtol=0, atol=tol)
+                and np.allclose(self.origin, other.origin, rtol=0, atol=tol)
+                and np.allclose(self.direction, other.direction, rtol=0, atol=tol))
+
+
+def grid_for_spacing(image: sitk.Image, spacing: Sequence[float | None],
+                     tolerance: float = 1e-3) -> Grid:
+    """The grid of ``image`` resampled to ``spacing``, same origin (first voxel centre) and direction.
+
+    An axis whose target is None, or already within ``tolerance`` mm of it, keeps its spacing and
+    size (so a scan already on the target grid is not interpolated at all). Other axes get
+    ``round(n * old / new)`` voxels, which keeps the field of view; the reference's
+    ``int(n * old / new + 1)`` adds one extrapolated (all-zero) voxel per axis.
+    """
+    if len(spacing) != 3:
+        raise ValueError(f"spacing: expected 3 values (x, y, z), got {list(spacing)}")
+    size, old = image.GetSize(), image.GetSpacing()
+    new_size, new_spacing = [], []
+    for n, s, t in zip(size, old, spacing):
+        if t is None or abs(t - s) <= tolerance:
+            new_size.append(int(n))
+            new_spacing.append(float(s))
+        else:
+            if t <= 0:
+                raise ValueError(f"spacing: expected positive values or None, got {list(spacing)}")
+            new_size.append(max(1, int(round(n * s / t))))
+            new_spacing.append(float(t))
+    return Grid(tuple(new_size), tuple(new_spacing), tuple(image.GetOrigin()),
+                tuple(image.GetDirection()))
+
+
+def resample_image(image: sitk.Image, grid: Grid, default_value: float = 0.0) -> sitk.Image:
+    """Linear resampling of ``image`` onto ``grid`` (no-op copy when it is already that grid)."""
+    if grid.matches(image):
+        return sitk.Image(image)
+    return sitk.Resample(image, list(grid.size), sitk.Transform(), sitk.sitkLinear,
+                         list(grid.origin), list(grid.spacing), list(grid.direction),
+                         float(default_value), image.GetPixelID())
+
+
+def resample_label(label: sitk.Image, grid: Grid) -> sitk.Image:
+    """Per-class linear resampling of an integer label map onto ``grid``.
+
+    Each foreground value ``v`` is resampled as a float indicator, rounded with ``rint``
+    (0.5 rounds to 0), and written in ascending order of ``v``: where two classes both round to 1
+    the higher value wins (the reference rule). Values are kept, not renumbered.
+
+    Returns:
+        label image on ``grid`` with the pixel type of ``label``.
+    """
+    if grid.matches(label):
+        return sitk.Image(label)
+    src = sitk.GetArrayFromImage(label)
+    out = np.zeros(tuple(reversed(grid.size)), dtype=src.dtype)  # (Z, Y, X)
+    for value in np.unique(src):
+        if value == 0:
+            continue
+        indicator = sitk.GetImageFromArray((src == value).astype(np.float32))
+        indicator.CopyInformation(label)
+        res = sitk.GetArrayFromImage(resample_image(indicator, grid))
+        out[np.rint(res) == 1] = value
+    image = sitk.GetImageFromArray(out)
+    image.SetOrigin(grid.origin)
+    image.SetSpacing(grid.spacing)
+    image.SetDirection(grid.direction)
+    return image
+
+
+def center_crop_pad_xy(image: sitk.Image, size_xy: Sequence[int], pad_value: float) -> sitk.Image:
+    """Centre crop or pad in-plane to ``size_xy = (W, H)`` voxels; z untouched.
+
+    The window starts at index ``n // 2 - (m + 1) // 2`` along an axis of length ``n`` cut to ``m``
+    (the reference's ``image_crop`` centring: ``n = 316`` keeps 30..285; ``n = 256`` is a no-op;
+    ``n = 240`` pads 8 voxels before). The origin moves to the centre of output voxel 0.
+    """
+    array = sitk.GetArrayFromImage(image)  # (Z, Y, X)
+    n_z, n_y, n_x = array.shape
+    m_x, m_y = int(size_xy[0]), int(size_xy[1])
+    start_x, start_y = n_x // 2 - (m_x + 1) // 2, n_y // 2 - (m_y + 1) // 2
+    out = np.full((n_z, m_y, m_x), pad_value, dtype=array.dtype)
+    src_y0, src_x0 = max(start_y, 0), max(start_x, 0)
+    src_y1, src_x1 = min(start_y + m_y, n_y), min(start_x + m_x, n_x)
+    out[:, src_y0 - start_y:src_y1 - start_y, src_x0 - start_x:src_x1 - start_x] = \
+        array[:, src_y0:src_y1, src_x0:src_x1]
+    result = sitk.GetImageFromArray(out)
+    result.SetSpacing(image.GetSpacing())
+    result.SetDirection(image.GetDirection())
+    result.SetOrigin(image.TransformContinuousIndexToPhysicalPoint(
+        (float(start_x), float(start_y), 0.0)))
+    return result
+
+
+def label_dtype(values: Iterable[int]) -> type:
+    """Smallest unsigned integer type for the label values (uint8, else uint16)."""
+    high = max([0, *values])
+    if high > np.iinfo(np.uint16).max:
+        raise ValueError(f"label values: expected at most {np.iinfo(np.uint16).max}, got {high}")
+    return np.uint8 if high <= np.iinfo(np.uint8).max else np.uint16
+
+
+def label_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """Wrap an integer ``(Z, Y, X)`` label array with the geometry of ``reference``."""
+    image = sitk.GetImageFromArray(array.astype(label_dtype(np.unique(array).tolist())))
+    image.CopyInformation(reference)
+    return image
+
+
+def standardize_mr(image: sitk.Image, label: sitk.Image, *, spacing: Sequence[float | None],
+                   crop_xy: Sequence[int] | None, clip_percentile_value: float,
+                   spacing_tolerance: float = 1e-3) -> tuple[sitk.Image, sitk.Image, dict]:
+    """The SSL-ALPNet MR recipe: clip -> resample -> centre crop/pad (CHAOS, CMR, generic MR).
+
+    Args:
+        image: 3D MR image (any scalar type; output float32).
+        label: integer label map on the same grid as ``image``.
+        spacing: target ``(x, y, z)`` spacing in mm (None = keep that axis).
+        crop_xy: in-plane output size ``(W, H)``, or None for no crop.
+        clip_percentile_value: percentile of the bright-end clip (100 = none).
+
+    Returns:
+        ``(image float32, label, info)`` where info records the clip threshold and the grids.
+    """
+    check_same_grid(image, label, "image", "label")
+    clipped, threshold = clip_percentile(to_float32(image), clip_percentile_value)
+    grid = grid_for_spacing(clipped, spacing, spacing_tolerance)
+    resampled = resample_image(clipped, grid)
+    label_res = resample_label(label, grid)
+    if crop_xy is not None:
+        pad = float(sitk.GetArrayViewFromImage(resampled).min())
+        resampled = center_crop_pad_xy(resampled, crop_xy, pad)
+        label_res = center_crop_pad_xy(label_res, crop_xy, 0)
+    info = {"clip_threshold": threshold, "resampled_size_xyz": list(grid.size),
+            "interpolated": not grid.matches(clipped)}
+    return resampled, label_res, info
+
+
+def check_same_grid(a: sitk.Image, b: sitk.Image, name_a: str, name_b: str,
+                    tol: float = GEOMETRY_TOLERANCE) -> None:
+    """Raise PreprocessError when two images are not on the same voxel grid."""
+    if not Grid.of(a).matches(b, tol):
+        raise PreprocessError(
+            f"{name_a} and {name_b} are not on the same grid: expected equal size / spacing / "
+            f"origin / direction, got size {a.GetSize()} vs {b.GetSize()}, spacing "
+            f"{_fmt(a.GetSpacing())} vs {_fmt(b.GetSpacing())}, origin {_fmt(a.GetOrigin())} vs "
+            f"{_fmt(b.GetOrigin())}. Check that the label belongs to this image.")
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def check_label_values(values: Iterable[int], allowed: Iterable[int], source: str,
+                       fix: str) -> None:
+    """Raise PreprocessError naming ``source`` when a label value is outside ``allowed``."""
+    bad = sorted(set(int(v) for v in values) - set(int(v) for v in allowed))
+    if bad:
+        raise PreprocessError(
+            f"{source}: unexpected label values {bad}; expected a subset of "
+            f"{sorted(int(v) for v in allowed)}. {fix}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Class maps and pixel counts
+# ----------------------------------------------------------------------------------------------
+def slice_pixel_counts(label: np.ndarray, values: Iterable[int]) -> dict[int, list[int]]:
+    """Per class value, the number of its pixels in each slice of a ``(Z, Y, X)`` label array."""
+    flat = label.reshape(label.shape[0], -1)
+    return {int(v): (flat == v).sum(axis=1).astype(int).tolist() for v in values}
+
+
+def classmap_from_counts(counts: Mapping[str, Mapping[int, Sequence[int]]],
+                         class_names: Mapping[int, str], min_tp: int) -> dict[str, dict[str, list[int]]]:
+    """``class name -> scan id -> sorted slice indices with at least min_tp pixels of the class``.
+
+    Args:
+        counts: scan id -> class value -> per-slice pixel counts (see :func:`slice_pixel_counts`).
+    """
+    out: dict[str, dict[str, list[int]]] = {name: {} for name in class_names.values()}
+    for scan_id, per_class in counts.items():
+        for value, name in class_names.items():
+            per_slice = per_class.get(value) or per_class.get(str(value)) or []
+            out[name][str(scan_id)] = [z for z, n in enumerate(per_slice) if n >= min_tp]
+    return out
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def geometry_record(image: sitk.Image) -> dict[str, Any]:
+    """JSON-ready geometry: shape (Z, Y, X), spacing / origin (x, y, z), direction, orientation."""
+    return {"shape_zyx": list(reversed(image.GetSize())),
+            "spacing_xyz": [round(v, 6) for v in image.GetSpacing()],
+            "origin_xyz": [round(v, 4) for v in image.GetOrigin()],
+            "direction": [round(v, 6) for v in image.GetDirection()],
+            "orientation": orientation_code(image),
+            "dtype": image.GetPixelIDTypeAsString()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folder
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Case:
+    """One raw scan to process: the output id plus whatever the recipe needs to read it."""
+
+    scan_id: int
+    sources: dict[str, Any]      # JSON-ready description of the raw files (paths relative to raw)
+    payload: Any = None          # recipe-specific (e.g. resolved paths)
+
+
+@dataclasses.dataclass
+class Processed:
+    """A processed scan: float32 image and integer label on the same grid, plus notes."""
+
+    image: sitk.Image
+    label: sitk.Image
+    info: dict[str, Any]
+
+
+def output_folder(out: str | os.PathLike, folder: str) -> Path:
+    return Path(out) / folder
+
+
+def check_output_free(final: Path, overwrite: bool) -> None:
+    """Refuse an existing output folder unless ``overwrite``."""
+    if final.exists() and not overwrite:
+        raise FileExistsError(
+            f"output folder {final} already exists: pass --overwrite to replace it, or choose "
+            f"another --out")
+
+
+def write_dataset(cases: Sequence[Case], process: Callable[[Case], Processed], *, out: Path,
+                  spec: DatasetSpec, recipe: str, parameters: Mapping[str, Any],
+                  raw: Path, min_tps: Sequence[int], overwrite: bool,
+                  extra_manifest: Mapping[str, Any] | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Process every case and publish the output folder ``out`` in one rename.
+
+    Files are written into ``.<name>.partial-<pid>`` beside ``out`` (each one atomically), the
+    folder is verified, and only then renamed to ``out`` (an existing ``out`` is replaced only when
+    ``overwrite``). On any error the partial folder is removed and ``out`` is left as it was.
+
+    Returns:
+        The manifest (also written to ``out/manifest.json``).
+    """
+    from data.preprocess.verify import verify_folder, format_report  # local: verify imports us
+
+    check_output_free(out, overwrite)
+    if not cases:
+        raise PreprocessError(f"{raw}: no scans found to process")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    started = time.perf_counter()
+    try:
+        scans, counts = [], {}
+        for case in tqdm(cases, desc=f"{spec.name} scans", unit="scan", disable=not progress):
+            result = process(case)
+            check_same_grid(result.image, result.label, f"scan {case.scan_id} image",
+                            f"scan {case.scan_id} label")
+            label_array = sitk.GetArrayFromImage(result.label)
+            values = sorted(int(v) for v in np.unique(label_array))
+            check_label_values(values, spec.class_names, f"scan {case.scan_id} (after processing)",
+                               "This is a bug in the recipe's label mapping.")
+            image_path = partial / f"image_{case.scan_id}.nii.gz"
+            label_path = partial / f"label_{case.scan_id}.nii.gz"
+            write_image(result.image, image_path)
+            write_image(result.label, label_path)
+            counts[str(case.scan_id)] = slice_pixel_counts(label_array, spec.class_names)
+            image_array = sitk.GetArrayViewFromImage(result.image)
+            scans.append({
+                "id": case.scan_id,
+                "source": case.sources,
+                "image": {"file": image_path.name, "sha256": sha256_file(image_path),
+                          **geometry_record(result.image),
+                          "intensity_range": [float(image_array.min()), float(image_array.max())]},
+                "label": {"file": label_path.name, "sha256": sha256_file(label_path),
+                          "dtype": result.label.GetPixelIDTypeAsString(), "values": values,
+                          "voxels_per_class": {str(v): int((label_array == v).sum())
+                                               for v in values}},
+                "notes": result.info,
+            })
+        for min_tp in min_tps:
+            write_json(partial / f"classmap_{min_tp}.json",
+                       classmap_from_counts(counts, spec.class_names, min_tp))
+        write_json(partial / PIXEL_COUNTS_NAME,
+                   {name: {sid: per_class[value] for sid, per_class in counts.items()}
+                    for value, name in spec.class_names.items()})
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "dataset": spec.name,
+            "recipe": recipe,
+            "raw": str(raw),
+            "parameters": dict(parameters),
+            "class_names": {str(k): v for k, v in spec.class_names.items()},
+            "classmap_rule": CLASSMAP_RULE,
+            "classmap_min_tps": list(min_tps),
+            "n_scans": len(scans),
+            **(dict(extra_manifest) if extra_manifest else {}),
+            "scans": scans,
+        }
+        write_json(partial / MANIFEST_NAME, manifest)
+        report = verify_folder(partial, spec.name)
+        if not report.ok:
+            raise PreprocessError("the output failed verification:\n" + format_report(report))
+        _publish(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    manifest["_elapsed_s"] = time.perf_counter() - started
+    return manifest
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Rename ``partial`` to ``out``, moving an existing ``out`` aside first and deleting it after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(partial, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def summary_lines(manifest: Mapping[str, Any], out: Path) -> list[str]:
+    """Human summary of a finished run (printed by the CLI)."""
+    scans = manifest["scans"]
+    shapes = sorted({tuple(s["image"]["shape_zyx"]) for s in scans})
+    z = [s[0] for s in shapes]
+    spacings = sorted({tuple(s["image"]["spacing_xyz"]) for s in scans})
+    values = sorted({v for s in scans for v in s["label"]["values"]})
+    lines = [
+        f"wrote {len(scans)} scans of {manifest['dataset']} to {out}",
+        f"  shape (Z, Y, X): Z {min(z)}..{max(z)}, in-plane "
+        f"{sorted({s[1:] for s in shapes})}",
+        f"  spacing (x, y, z) mm: {spacings[0]}" + (f" .. {spacings[-1]}" if len(spacings) > 1 else ""),
+        f"  label values: {values}",
+        f"  classmaps: " + ", ".join(f"classmap_{t}.json" for t in manifest["classmap_min_tps"]),
+        f"  elapsed: {manifest.get('_elapsed_s', float('nan')):.1f} s",
+    ]
+    return lines

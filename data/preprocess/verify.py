@@ -1,0 +1,266 @@
+"""Check a pre-processed data folder (ours or a published one) before anything trains on it.
+
+Checks, per scan: the image / label pair exists, both are 3D and on the same grid (size, spacing,
+origin, direction), label values are integers from the data set's label set, the label is not
+empty, the image is not constant, the in-plane size / spacing / orientation are what the data set
+expects, and (when the folder has our ``manifest.json``) the files' sha256 and shapes match it.
+Across scans: the scan count, one orientation for all scans, and every ``classmap_<min_tp>.json``
+(class names, scan ids, slice indices) recomputed from the labels.
+
+Classmap rule: folders we write use the pixel-count rule (slice listed when at least ``min_tp``
+pixels have the class); the published SSL-ALPNet folders use the legacy rule (class present in the
+slice and the *sum of label values* of the slice at least ``min_tp``). A folder without our manifest
+passes when one rule reproduces every list exactly; the table says which.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import SimpleITK as sitk
+
+from data.preprocess.common import (CLASSMAP_RULE, DATASETS, GEOMETRY_TOLERANCE, MANIFEST_NAME,
+                                    PIXEL_COUNTS_NAME, DatasetSpec, Grid, orientation_code,
+                                    sha256_file, slice_pixel_counts)
+from utils.io import read_volume
+
+SPACING_TOLERANCE = 1e-3  # mm, against the data set's expected spacing
+_IMAGE_RE = re.compile(r"^image_(\d+)\.nii\.gz$")
+_LABEL_RE = re.compile(r"^label_(\d+)\.nii\.gz$")
+_CLASSMAP_RE = re.compile(r"^classmap_(\d+)\.json$")
+LEGACY_CLASSMAP_RULE = "legacy_label_sum"
+
+
+@dataclasses.dataclass
+class ScanRow:
+    scan_id: int
+    shape: tuple[int, ...] = ()
+    spacing: tuple[float, ...] = ()
+    orientation: str = "?"
+    label_values: list[int] = dataclasses.field(default_factory=list)
+    foreground_voxels: int = 0
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    folder: Path
+    dataset: str
+    rows: list[ScanRow]
+    checks: list[Check]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks) and all(not r.problems for r in self.rows)
+
+    @property
+    def failures(self) -> list[str]:
+        out = [f"{c.name}: {c.detail}" for c in self.checks if not c.ok]
+        out += [f"scan {r.scan_id}: {p}" for r in self.rows for p in r.problems]
+        return out
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}. Re-create the folder with "
+                         f"`python -m data.preprocess ...`") from None
+
+
+def _resolve_spec(folder: Path, dataset: str | None, manifest: Mapping | None) -> DatasetSpec | None:
+    if dataset is not None:
+        if dataset not in DATASETS:
+            raise ValueError(f"--dataset: expected one of {sorted(DATASETS)}, got {dataset!r}")
+        return DATASETS[dataset]
+    if manifest is not None:
+        name = manifest.get("dataset")
+        if name in DATASETS:
+            return DATASETS[name]
+        names = {int(k): v for k, v in manifest.get("class_names", {}).items()}
+        return DatasetSpec(str(name), folder.name, names, None, (None, None, None), None, None)
+    for spec in DATASETS.values():
+        if folder.name == spec.folder:
+            return spec
+    return None
+
+
+def _legacy_slices(label: np.ndarray, value: int, min_tp: int) -> list[int]:
+    present = (label == value).reshape(label.shape[0], -1).any(axis=1)
+    sums = label.reshape(label.shape[0], -1).sum(axis=1)
+    return [z for z in range(label.shape[0]) if present[z] and sums[z] >= min_tp]
+
+
+def verify_folder(folder: str | Path, dataset: str | None = None) -> VerifyReport:
+    """Run every check on ``folder``; never raises for a bad scan (it becomes a failed row).
+
+    Args:
+        folder: a ``<name>_normalized`` folder (``image_<id>.nii.gz``, ``label_<id>.nii.gz``, ...).
+        dataset: a name from ``DATASETS`` to check against; default: the manifest's data set, else
+            the one whose default folder name matches, else generic checks only.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"verify: folder not found: {folder}")
+    manifest_path = folder / MANIFEST_NAME
+    manifest = _load_json(manifest_path) if manifest_path.is_file() else None
+    spec = _resolve_spec(folder, dataset, manifest)
+    checks: list[Check] = []
+
+    names = [p.name for p in folder.iterdir()]
+    image_ids = sorted(int(m.group(1)) for n in names if (m := _IMAGE_RE.match(n)))
+    label_ids = sorted(int(m.group(1)) for n in names if (m := _LABEL_RE.match(n)))
+    ok = image_ids == label_ids and bool(image_ids)
+    checks.append(Check("image/label pairs", ok,
+                        f"{len(image_ids)} images, {len(label_ids)} labels" + (
+                            "" if ok else f"; unpaired ids {sorted(set(image_ids) ^ set(label_ids))}"
+                            if image_ids or label_ids else "; no image_<id>.nii.gz files")))
+    expected_n = (manifest.get("n_scans") if manifest is not None
+                  else spec.n_scans if spec is not None else None)
+    if expected_n is not None:
+        checks.append(Check("scan count", len(image_ids) == expected_n,
+                            f"expected {expected_n} ({'manifest' if manifest else spec.name}), "
+                            f"got {len(image_ids)}"))
+    records = {int(s["id"]): s for s in manifest["scans"]} if manifest is not None else {}
+    if manifest is not None:
+        checks.append(Check("manifest ids", sorted(records) == image_ids,
+                            f"manifest lists {sorted(records)}, folder holds {image_ids}"))
+
+    rows: list[ScanRow] = []
+    labels: dict[int, np.ndarray] = {}
+    allowed = set(spec.class_names) if spec is not None else None
+    for scan_id in sorted(set(image_ids) & set(label_ids)):
+        row = ScanRow(scan_id)
+        rows.append(row)
+        image_path, label_path = folder / f"image_{scan_id}.nii.gz", folder / f"label_{scan_id}.nii.gz"
+        try:
+            image_array, image = read_volume(image_path)
+            label_array, label = read_volume(label_path)
+        except (FileNotFoundError, ValueError) as err:
+            row.problems.append(str(err))
+            continue
+        row.shape = tuple(image_array.shape)
+        row.spacing = tuple(round(s, 4) for s in image.GetSpacing())
+        row.orientation = orientation_code(image)
+        if not Grid.of(image).matches(label, GEOMETRY_TOLERANCE):
+            row.problems.append(
+                f"image and label grids differ: size {image.GetSize()} vs {label.GetSize()}, "
+                f"spacing {image.GetSpacing()} vs {label.GetSpacing()}, origin {image.GetOrigin()} "
+                f"vs {label.GetOrigin()}, direction {image.GetDirection()} vs {label.GetDirection()}")
+        values = np.unique(label_array)
+        if not np.all(values == np.round(values)):
+            row.problems.append(f"label values must be integers, got {values[values != np.round(values)][:5]}")
+        label_int = np.rint(label_array).astype(np.int64)
+        labels[scan_id] = label_int
+        row.label_values = sorted(int(v) for v in np.unique(label_int))
+        if allowed is not None and set(row.label_values) - allowed:
+            row.problems.append(f"unexpected label values {sorted(set(row.label_values) - allowed)}; "
+                                f"expected a subset of {sorted(allowed)}")
+        row.foreground_voxels = int((label_int != 0).sum())
+        if row.foreground_voxels == 0:
+            row.problems.append("empty label (no foreground voxel)")
+        if float(image_array.max()) == float(image_array.min()):
+            row.problems.append(f"constant image (all voxels {float(image_array.min())})")
+        if spec is not None and spec.inplane_size is not None and \
+                row.shape[1:] != (spec.inplane_size, spec.inplane_size):
+            row.problems.append(f"in-plane size: expected {spec.inplane_size} x {spec.inplane_size}, "
+                                f"got {row.shape[1]} x {row.shape[2]}")
+        if spec is not None:
+            for axis, (want, got) in enumerate(zip(spec.spacing, image.GetSpacing())):
+                if want is not None and abs(want - got) > SPACING_TOLERANCE:
+                    row.problems.append(f"spacing along {'xyz'[axis]}: expected {want}, got {got:.6g}")
+            if spec.orientation is not None and row.orientation != spec.orientation:
+                row.problems.append(f"orientation: expected {spec.orientation}, got {row.orientation}")
+        if scan_id in records:
+            rec = records[scan_id]
+            for kind, path in (("image", image_path), ("label", label_path)):
+                if sha256_file(path) != rec[kind]["sha256"]:
+                    row.problems.append(f"{path.name}: sha256 differs from {MANIFEST_NAME} "
+                                        f"(file changed after pre-processing)")
+            if list(row.shape) != rec["image"]["shape_zyx"]:
+                row.problems.append(f"shape {row.shape} differs from the manifest's "
+                                    f"{rec['image']['shape_zyx']}")
+
+    orientations = sorted({r.orientation for r in rows if r.orientation != "?"})
+    checks.append(Check("one orientation", len(orientations) <= 1,
+                        f"orientations {orientations}"))
+    checks.extend(_check_classmaps(folder, spec, manifest, labels))
+    return VerifyReport(folder, spec.name if spec else "generic", rows, checks)
+
+
+def _check_classmaps(folder: Path, spec: DatasetSpec | None, manifest: Mapping | None,
+                     labels: Mapping[int, np.ndarray]) -> list[Check]:
+    files = sorted((int(m.group(1)), folder / n) for n in (p.name for p in folder.iterdir())
+                   if (m := _CLASSMAP_RE.match(n)))
+    if not files:
+        return [Check("classmaps", False, "no classmap_<min_tp>.json file")]
+    class_names = dict(spec.class_names) if spec is not None else None
+    checks = []
+    ids = {str(i) for i in labels}
+    for min_tp, path in files:
+        cmap = _load_json(path)
+        problems: list[str] = []
+        if class_names is not None and set(cmap) != set(class_names.values()):
+            problems.append(f"class names {sorted(cmap)} differ from {sorted(class_names.values())}")
+        names = class_names or {}
+        rules_ok = {CLASSMAP_RULE: True, LEGACY_CLASSMAP_RULE: manifest is None}
+        for value, name in names.items():
+            per_scan = cmap.get(name, {})
+            if set(per_scan) != ids:
+                problems.append(f"{name}: scan ids {sorted(per_scan, key=int)} differ from the "
+                                f"folder's {sorted(ids, key=int)}")
+                continue
+            for sid, slices in per_scan.items():
+                lab = labels[int(sid)]
+                counts = slice_pixel_counts(lab, [value])[value]
+                if slices != [z for z, n in enumerate(counts) if n >= min_tp]:
+                    rules_ok[CLASSMAP_RULE] = False
+                if rules_ok[LEGACY_CLASSMAP_RULE] and slices != _legacy_slices(lab, value, min_tp):
+                    rules_ok[LEGACY_CLASSMAP_RULE] = False
+        matched = [rule for rule, good in rules_ok.items() if good]
+        if not matched and not problems:
+            wanted = CLASSMAP_RULE if manifest is not None else f"{CLASSMAP_RULE} or {LEGACY_CLASSMAP_RULE}"
+            problems.append(f"slice lists do not follow the {wanted} rule")
+        checks.append(Check(path.name, not problems,
+                            "; ".join(problems) if problems else f"rule {matched[0]}"))
+    if manifest is not None and (folder / PIXEL_COUNTS_NAME).is_file() and class_names:
+        stored = _load_json(folder / PIXEL_COUNTS_NAME)
+        good = all(stored.get(name, {}).get(str(sid)) ==
+                   slice_pixel_counts(lab, [value])[value]
+                   for value, name in class_names.items() for sid, lab in labels.items())
+        checks.append(Check(PIXEL_COUNTS_NAME, good,
+                            "matches the labels" if good else "differs from the labels"))
+    return checks
+
+
+def format_report(report: VerifyReport) -> str:
+    """The report as a text table: one row per scan, then the folder-level checks."""
+    head = f"{'id':>4}  {'Z x Y x X':<15} {'spacing (x,y,z) mm':<24} {'orient':<6} " \
+           f"{'labels':<28} {'fg voxels':>10}  status"
+    lines = [f"verify {report.folder}  (data set: {report.dataset})", head, "-" * len(head)]
+    for row in report.rows:
+        shape = " x ".join(str(s) for s in row.shape) if row.shape else "?"
+        spacing = ", ".join(f"{s:g}" for s in row.spacing) if row.spacing else "?"
+        status = "ok" if not row.problems else "FAIL: " + "; ".join(row.problems)
+        lines.append(f"{row.scan_id:>4}  {shape:<15} {spacing:<24} {row.orientation:<6} "
+                     f"{str(row.label_values):<28} {row.foreground_voxels:>10}  {status}")
+    lines.append("")
+    for check in report.checks:
+        lines.append(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
+    lines.append(f"{'PASS' if report.ok else 'FAIL'}: {len(report.rows)} scans, "
+                 f"{len(report.failures)} problem(s)")
+    return "\n".join(lines)
