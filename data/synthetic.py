@@ -92,9 +92,9 @@ TISSUE_INTENSITY: dict[str, float] = {
     "perirenal_fat": 120.0,
     "liver": 340.0,
     "liver_vessel": 720.0,
-    "kidney_cortex": 640.0,
+    "kidney_cortex": 690.0,
     "kidney_medulla": 820.0,
-    "spleen": 640.0,
+    "spleen": 600.0,
 }
 
 
@@ -221,7 +221,16 @@ def make_phantom(rng: np.random.Generator, cfg: PhantomConfig) -> tuple[np.ndarr
     liver = right_lobe | left_lobe
     paint(liver, "liver", 1)
 
-    # Kidneys (labels 2, 3): beans with the hilum notch facing the spine, a perirenal fat rim,
+    # Spleen (label 4): a crescent posterolateral on the left, concave towards the stomach.
+    du, dv, s, dz = jitter()
+    prof = _z_profile(w, 0.35 + dz, 0.85 + dz)
+    cu, cv = 0.63 + du, -0.08 + dv
+    outer, _ = _ellipse(u, v, cu, cv, 0.16 * s, 0.26 * s, angle=-0.35)
+    inner, _ = _ellipse(u, v, cu - 0.11 * s, cv + 0.06 * s, 0.13 * s, 0.22 * s, angle=-0.35)
+    paint((outer <= prof) & (inner > prof), "spleen", 4)
+
+    # Kidneys (labels 2, 3), after the spleen so that their perirenal fat rim separates the two:
+    # beans with the hilum notch facing the spine, a perirenal fat rim,
     # cortex outside and brighter medulla inside; the left one sits slightly higher.
     for label_id, side, z_lo in ((2, -1.0, 0.06), (3, 1.0, 0.12)):
         du, dv, s, dz = jitter()
@@ -235,14 +244,6 @@ def make_phantom(rng: np.random.Generator, cfg: PhantomConfig) -> tuple[np.ndarr
         paint((rho <= prof * 1.18) & (prof > 0), "perirenal_fat")
         paint(bean, "kidney_cortex", label_id)
         paint(bean & (rho <= 0.6 * prof), "kidney_medulla", None)
-
-    # Spleen (label 4): a crescent posterolateral on the left, concave towards the stomach.
-    du, dv, s, dz = jitter()
-    prof = _z_profile(w, 0.35 + dz, 0.85 + dz)
-    cu, cv = 0.60 + du, -0.10 + dv
-    outer, _ = _ellipse(u, v, cu, cv, 0.16 * s, 0.26 * s, angle=-0.35)
-    inner, _ = _ellipse(u, v, cu - 0.11 * s, cv + 0.06 * s, 0.13 * s, 0.22 * s, angle=-0.35)
-    paint((outer <= prof) & (inner > prof), "spleen", 4)
 
     # Everything outside the body is air, whatever was painted there.
     outside = np.broadcast_to(body_r > 1.0, shape)
