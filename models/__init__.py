@@ -1,0 +1,93 @@
+"""QAMP models: ``build_model(cfg, image_size)`` and helpers the training / test scripts use.
+
+Seeding rule for evaluation: one generator per (run seed, test class), e.g.
+``make_generator(cfg['seed'], class_id)``, so the numbers of one class do not depend on which
+other classes are tested. Training: one generator per run (``make_generator(cfg['seed'])``),
+whose state goes into the snapshot for exact resume.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping, Union
+
+import torch
+import torch.nn as nn
+
+from models.adnet import ADNet
+from models.encoder import Encoder, load_pretrained
+from models.qamp import QAMP, ModelConfig, SupportState
+
+MODELS = ("qamp", "adnet")
+
+__all__ = ["build_model", "load_pretrained", "make_generator", "check_state_dict", "ModelConfig", "QAMP",
+           "ADNet", "Encoder", "SupportState", "MODELS"]
+
+
+def build_model(cfg: Mapping[str, Any], image_size: Union[int, tuple[int, int]]) -> nn.Module:
+    """Build the model named by ``cfg['model']`` for ``image_size`` images and load its backbone weights.
+
+    Args:
+        cfg: flat config (keys of ``ModelConfig`` plus model, pretrained_weights, pretrained_path,
+            n_way, n_query).
+        image_size: ``H`` (square) or ``(H, W)`` of the data.
+
+    Raises:
+        ValueError: unknown model; ``n_way`` or ``n_query`` other than 1; bad hyper-parameters;
+            weights problems (see ``load_pretrained``).
+    """
+    for key in ("n_way", "n_query"):
+        if cfg.get(key, 1) != 1:
+            raise ValueError(f"{key}={cfg[key]} is not supported: QAMP is 1-way with one query per episode; set {key}=1")
+    name = cfg.get("model", "qamp")
+    if name not in MODELS:
+        raise ValueError(f"model: expected one of {MODELS}, got {name!r}")
+    size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+    config = ModelConfig.from_config(cfg)
+    model = (QAMP if name == "qamp" else ADNet)(config, size)
+    load_pretrained(model.encoder, cfg.get("pretrained_weights", "deeplabv3"), cfg.get("pretrained_path"),
+                    config.backbone)
+    return model
+
+
+def make_generator(seed: int, *keys: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded from ``(seed, *keys)`` via SHA-256.
+
+    ``make_generator(seed, class_id)`` gives each test class its own stream.
+    """
+    text = ",".join(str(int(k)) for k in (seed, *keys))
+    derived = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derived)
+    return generator
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "snapshot") -> None:
+    """Raise a ValueError naming every tensor that does not fit ``model`` (missing, unexpected, other shape).
+
+    Call it before ``model.load_state_dict`` on a snapshot; ``source`` (e.g. the file name) goes
+    into the message.
+    """
+    if any(key.startswith(("mlp1.", "decoder1.")) for key in state_dict):
+        raise ValueError(f"{source} is a checkpoint of the reference QAMP code: convert it first with "
+                         "`python -m models.convert REF.pth OUT.pth`")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    reshaped = [f"{k}: model {tuple(own[k].shape)}, {source} {tuple(state_dict[k].shape)}"
+                for k in sorted(set(own) & set(state_dict)) if own[k].shape != state_dict[k].shape]
+    if not (missing or unexpected or reshaped):
+        return
+    lines = [f"{source} does not fit this model:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("different shape", reshaped)):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
+    hints = []
+    if any(k.startswith("fg_mlp.fc1.") for k in reshaped[:0] + [r.split(":")[0] for r in reshaped]):
+        hints.append("the MLP input width is H*W: the snapshot was trained at another image size")
+    if any("backbone.layer" in k for k in missing + unexpected):
+        hints.append("backbone layers differ: the snapshot uses another backbone (resnet50 / resnet101)")
+    if any(k.startswith(("fg_", "bg_")) for k in missing + unexpected):
+        hints.append("head tensors differ: the snapshot is of another model (qamp / adnet) or prototype counts")
+    if hints:
+        lines.append("  likely cause: " + "; ".join(hints) + ". Use the config the snapshot was trained with")
+    raise ValueError("\n".join(lines))

@@ -1,0 +1,109 @@
+"""Training losses of QAMP (QAMP_REFERENCE section 3). Each returns one unweighted scalar."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from models.qpg import query_prior
+from models.sampling import UpsampleGrid
+
+IGNORE_INDEX = 255  # label value excluded from the NLL terms
+
+
+def nll_loss(probs: torch.Tensor, labels: torch.Tensor, class_weights: Optional[Sequence[float]] = None,
+             ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Weighted NLL on ``log(clamp(probs, eps, 1 - eps))`` (``eps`` = float32 machine epsilon).
+
+    Args:
+        probs: ``N x K x H x W`` class probabilities.
+        labels: ``N x H x W`` int64 in ``[0, K)`` or ``ignore_index``.
+        class_weights: ``K`` weights (query loss: ``[0.1, 1.0]``) or None (alignment loss).
+
+    Returns:
+        ``sum_x w[y_x] * -log p_x(y_x) / sum_x w[y_x]`` over non-ignored pixels.
+    """
+    eps = torch.finfo(torch.float32).eps
+    log_probs = torch.log(torch.clamp(probs, eps, 1 - eps))
+    weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=probs.dtype, device=probs.device)
+    return F.nll_loss(log_probs, labels, weight=weight, ignore_index=ignore_index)
+
+
+def _boundary(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Soft boundary of ``N x K x H x W`` maps in [0, 1]: ``maxpool(1 - x) - (1 - x)``."""
+    inverted = 1 - x
+    return F.max_pool2d(inverted, kernel, stride=1, padding=(kernel - 1) // 2) - inverted
+
+
+def boundary_f1_loss(probs: torch.Tensor, labels: torch.Tensor, theta0: int = 3, theta: int = 5) -> torch.Tensor:
+    """``mean over images and classes of (1 - BF1)`` between predicted and label boundaries.
+
+    Boundaries use a ``theta0 x theta0`` max-pool; they are extended with a ``theta x theta``
+    max-pool for the overlaps: ``P = sum(b_pred * ext(b_gt)) / sum(b_pred)``,
+    ``R = sum(ext(b_pred) * b_gt) / sum(b_gt)``, ``BF1 = 2PR / (P + R)`` (1e-7 guards).
+
+    Args:
+        probs: ``N x K x H x W`` probabilities; labels: ``N x H x W`` int64 in ``[0, K)``.
+    """
+    n_classes = probs.shape[1]
+    one_hot = F.one_hot(labels, n_classes).permute(0, 3, 1, 2).to(probs.dtype)
+    gt_b, pred_b = _boundary(one_hot, theta0), _boundary(probs, theta0)
+    gt_ext = F.max_pool2d(gt_b, theta, stride=1, padding=(theta - 1) // 2)
+    pred_ext = F.max_pool2d(pred_b, theta, stride=1, padding=(theta - 1) // 2)
+    precision = (pred_b * gt_ext).sum(dim=(2, 3)) / (pred_b.sum(dim=(2, 3)) + 1e-7)
+    recall = (pred_ext * gt_b).sum(dim=(2, 3)) / (gt_b.sum(dim=(2, 3)) + 1e-7)
+    bf1 = 2 * precision * recall / (precision + recall + 1e-7)
+    return (1 - bf1).mean()
+
+
+def regroup_by_origin(forward_set: torch.Tensor, reverse_set: torch.Tensor,
+                      n_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regroup one class's forward and reverse prototype sets by the image the vectors came from.
+
+    Both sets are ``P x C`` and start with ``n_head`` vectors sampled from their *query* (PGQP);
+    the rest comes from their *support*. In the reverse pass the roles are swapped, so
+
+        support-derived = forward[n_head:] + reverse[:n_head]
+        query-derived   = forward[:n_head] + reverse[n_head:]
+    """
+    support_derived = torch.cat([forward_set[n_head:], reverse_set[:n_head]])
+    query_derived = torch.cat([forward_set[:n_head], reverse_set[n_head:]])
+    return support_derived, query_derived
+
+
+def prototype_consistency_loss(sup_fg: torch.Tensor, qry_fg: torch.Tensor,
+                               sup_bg: torch.Tensor, qry_bg: torch.Tensor) -> torch.Tensor:
+    """``2 - <d1,d2> - <b1,b2> + max(0, <d1,b1>) + max(0, <d2,b2>)`` on L2-normalised set means.
+
+    ``d1, d2``: means of the support- / query-derived foreground sets (``P x C`` each);
+    ``b1, b2``: the same for background.
+    """
+    d1, d2, b1, b2 = (F.normalize(s.mean(dim=0), dim=0) for s in (sup_fg, qry_fg, sup_bg, qry_bg))
+    intra = 2 - (d1 @ d2) - (b1 @ b2)
+    inter = (d1 @ b1).clamp(min=0) + (d2 @ b2).clamp(min=0)
+    return intra + inter
+
+
+def prior_alignment_loss(query_feats: torch.Tensor, query_pred: torch.Tensor, supp_feats: torch.Tensor,
+                         supp_masks: torch.Tensor, threshold: torch.Tensor, grid: UpsampleGrid, scaler: float,
+                         temperature: float) -> torch.Tensor:
+    """ADNet's reverse alignment: the query, masked by its predicted foreground, segments the support.
+
+    Used by the ADNet head and by QAMP when the support mask is empty. Zero when the predicted
+    query mask is empty.
+
+    Args:
+        query_feats: ``1 x C x h x w``; query_pred: ``1 x 2 x H x W`` probabilities.
+        supp_feats: ``S x C x h x w``; supp_masks: ``S x H x W`` in {0, 1}.
+        threshold: ``1`` threshold of the query image.
+        grid: ``models.sampling.UpsampleGrid`` of the model.
+    """
+    pred_mask = (query_pred.argmax(dim=1) == 1).to(query_feats.dtype)  # (1, H, W)
+    if not bool(pred_mask.any()):
+        return query_feats.new_zeros(())
+    prototype = grid.masked_average(query_feats, pred_mask)  # (1, C)
+    n_shots = supp_feats.shape[0]
+    prior = query_prior(supp_feats, prototype.expand(n_shots, -1), threshold.expand(n_shots), scaler, temperature)
+    prior = grid.up(prior[:, None])  # (S, 1, H, W)
+    return nll_loss(torch.cat([1 - prior, prior], dim=1), supp_masks.long())

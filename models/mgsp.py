@@ -1,0 +1,140 @@
+"""MGSP -- Mask Guided Support Prototypes (QAMP_REFERENCE sections 2.2, 2.3 and 2.5).
+
+For one class (foreground: mask ``M``, band ``IE``; background: mask ``1 - M``, band ``OE``) the
+support side of the prototype set is, in this order::
+
+    MLP prototypes (n_keep of n_mlp) | edge samples (n_edge) | MAP(mask) | MAP(band)
+
+The MLP prototypes come from the *fill map*: ``up(Fs)`` with every position outside the mask
+overwritten by a randomly drawn in-mask vector, flattened to ``C x (H*W)`` and passed through
+``Linear(H*W, n) -> Dropout -> Linear(n, n)`` (one prototype per output column).
+
+The fill map is a linear function of the ``h x w`` features: column ``p`` is column ``src(p)`` of
+``up(Fs)`` (``src(p) = p`` inside the mask, a drawn in-mask position outside). So the first
+``Linear`` is computed as ``Fs @ W_eff^T`` with ``W_eff = adjoint_up(W1 @ Src)`` (``K x h*w``),
+never forming the ``C x H*W`` map (``fast=True``). ``fast=False`` forms it the reference way;
+both give the same numbers up to float rounding (tests/test_models.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.sampling import UpsampleGrid, draw_positions, dropout
+
+N_MAP = 2  # MAP prototypes per class: over the class mask and over its edge band
+
+
+def erode(masks: torch.Tensor, kernel: int, iterations: int) -> torch.Tensor:
+    """Binary erosion with a ``kernel x kernel`` ones element (outside the image does not erode).
+
+    Args: masks ``S x H x W`` in {0, 1}. Returns the same shape, on the same device.
+    """
+    x = masks[:, None]
+    for _ in range(iterations):
+        x = -F.max_pool2d(-x, kernel, stride=1, padding=kernel // 2)
+    return x[:, 0]
+
+
+def dilate(masks: torch.Tensor, kernel: int, iterations: int) -> torch.Tensor:
+    """Binary dilation with a ``kernel x kernel`` ones element. ``S x H x W -> S x H x W``."""
+    x = masks[:, None]
+    for _ in range(iterations):
+        x = F.max_pool2d(x, kernel, stride=1, padding=kernel // 2)
+    return x[:, 0]
+
+
+def edge_bands(masks: torch.Tensor, kernel: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inner band ``M - erode(M)`` and outer band ``dilate(M) - M`` of ``S x H x W`` masks in {0, 1}."""
+    return masks - erode(masks, kernel, iterations), dilate(masks, kernel, iterations) - masks
+
+
+class PrototypeMLP(nn.Module):
+    """``Linear(H*W, n) -> Dropout(p) -> Linear(n, n)`` applied to each channel row of a fill map.
+
+    Args:
+        n_positions: ``H * W`` of the images the model is built for.
+        n_prototypes: ``n`` learned prototypes.
+        p: dropout probability (drawn from the caller's generator).
+    """
+
+    def __init__(self, n_positions: int, n_prototypes: int, p: float):
+        super().__init__()
+        self.fc1 = nn.Linear(n_positions, n_prototypes)
+        self.fc2 = nn.Linear(n_prototypes, n_prototypes)
+        self.p = p
+
+    def forward(self, fill_map: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reference computation: ``C x (H*W) -> C x n``."""
+        return self.fc2(dropout(self.fc1(fill_map), self.p, self.training, generator))
+
+
+def mlp_prototypes(mlp: PrototypeMLP, feats: torch.Tensor, mask: torch.Tensor, grid: UpsampleGrid,
+                   generator: torch.Generator, fast: bool = True) -> torch.Tensor:
+    """Learned prototypes of one class from its fill map.
+
+    Args:
+        mlp: the class's ``PrototypeMLP``.
+        feats: ``C x h x w`` features of the image the mask belongs to.
+        mask: ``H x W`` class mask in {0, 1}.
+        grid: upsampling of ``h x w`` to ``H x W``.
+        generator: draws the fill positions (then the dropout mask in training).
+        fast: fold upsampling and fill into the weight (see module docstring); False = reference way.
+
+    Returns:
+        ``n x C`` prototypes (``n = mlp.fc2.out_features``).
+    """
+    C = feats.shape[0]
+    inside = mask.reshape(-1) == 1  # (H*W,)
+    outside = torch.nonzero(~inside).squeeze(1)  # positions to overwrite, raster order
+    sources = draw_positions(inside, outside.numel(), generator)  # (n_out,) or None: zeros there
+    if fast:
+        w1 = mlp.fc1.weight  # (n, H*W)
+        # Column p of W1 moves to the position whose vector fills p (itself inside the mask).
+        moved = w1 * inside.to(w1.dtype)
+        if sources is not None and outside.numel() > 0:
+            moved = moved.index_add(1, sources, w1.index_select(1, outside))
+        w_eff = grid.adjoint(moved.reshape(-1, grid.H, grid.W)).reshape(w1.shape[0], -1)  # (n, h*w)
+        hidden = feats.reshape(C, -1) @ w_eff.T + mlp.fc1.bias  # (C, n)
+    else:
+        up = grid.up(feats[None])[0].reshape(C, -1)  # (C, H*W)
+        fill = up * inside.to(up.dtype)
+        if sources is not None and outside.numel() > 0:
+            fill[:, outside] = up[:, sources]
+        hidden = mlp.fc1(fill)
+    out = mlp.fc2(dropout(hidden, mlp.p, mlp.training, generator))  # (C, n)
+    return out.T
+
+
+def sampled_columns(feats: torch.Tensor, region: torch.Tensor, n: int, grid: UpsampleGrid,
+                    generator: torch.Generator) -> torch.Tensor:
+    """``n`` vectors of ``up(feats)`` drawn inside ``region`` (zeros when it is empty).
+
+    Args: feats ``C x h x w``; region ``H x W`` bool. Returns ``n x C``.
+    """
+    positions = draw_positions(region.reshape(-1), n, generator)
+    if positions is None:
+        return feats.new_zeros(n, feats.shape[0])
+    return grid.columns(feats, positions)
+
+
+def class_support_prototypes(feats: torch.Tensor, mask: torch.Tensor, band: torch.Tensor, mlp: PrototypeMLP,
+                             n_keep: int, n_edge: int, grid: UpsampleGrid, generator: torch.Generator,
+                             fast_mlp: bool = True) -> torch.Tensor:
+    """Support part of one class's prototype set for one shot.
+
+    Draw order: fill positions, MLP dropout (training), kept MLP columns, edge samples.
+
+    Args:
+        feats: ``C x h x w``; mask: ``H x W`` class mask; band: ``H x W`` its edge band (both {0, 1}).
+        n_keep: learned prototypes kept at random; n_edge: vectors drawn in the band.
+
+    Returns:
+        ``(n_keep + n_edge + N_MAP) x C``: kept MLP | edge samples | MAP(mask) | MAP(band).
+    """
+    learned = mlp_prototypes(mlp, feats, mask, grid, generator, fast_mlp)  # (n, C)
+    keep = torch.randperm(learned.shape[0], generator=generator, device=generator.device)[:n_keep]
+    edge = sampled_columns(feats, band == 1, n_edge, grid, generator)  # (n_edge, C)
+    pooled = grid.masked_average(feats[None].expand(2, -1, -1, -1), torch.stack([mask, band]))  # (2, C)
+    return torch.cat([learned[keep.to(learned.device)], edge, pooled])

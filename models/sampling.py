@@ -1,0 +1,147 @@
+"""Random draws and the bilinear-upsampling algebra shared by every QAMP component.
+
+Two kinds of helpers live here:
+
+* ``draw_positions`` -- the ONE sampler used for every random prototype (MLP fill map, edge
+  bands, prior-guided query samples) and ``dropout`` -- generator-driven dropout. Both draw
+  from an explicit ``torch.Generator``; nothing here touches a global random stream.
+* ``UpsampleGrid`` -- bilinear upsampling (``align_corners=True``) of ``h x w`` features to the
+  mask size ``H x W`` written as two small matrices ``Uy (H x h)`` and ``Ux (W x w)``:
+  ``up(F) = Uy @ F @ Ux^T`` per channel. With it, masked average pooling, single columns of
+  ``up(F)`` and the MLP over the upsampled map are computed from the ``h x w`` features without
+  ever forming the ``C x H x W`` upsampled tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+MAP_EPS = 1e-5  # denominator guard of masked average pooling (reference value)
+
+
+def draw_positions(candidates: torch.Tensor, n: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+    """Draw ``n`` flat positions among the ``True`` entries of ``candidates``.
+
+    The rule of the reference sampler, with an explicit generator:
+    * at least ``n`` candidates: ``n`` distinct candidates in random order;
+    * ``0 < count < n``: a random subset of ``n mod count`` candidates, followed by all candidates
+      (in raster order) repeated ``n // count`` times;
+    * no candidate: ``None`` (callers use zero vectors then).
+
+    Args:
+        candidates: bool ``(L,)`` (a flattened ``H x W`` mask).
+        n: number of positions wanted (>= 0).
+        generator: the ``torch.Generator`` to draw from (any device).
+
+    Returns:
+        int64 ``(n,)`` positions in ``[0, L)`` on ``candidates.device``, or ``None``.
+    """
+    index = torch.nonzero(candidates.reshape(-1)).squeeze(1)  # (count,) raster order
+    count = index.numel()
+    if n == 0:
+        return index[:0]
+    if count == 0:
+        return None
+    order = torch.randperm(count, generator=generator, device=generator.device).to(index.device)
+    if count >= n:
+        return index[order[:n]]
+    repeats, rest = divmod(n, count)
+    return torch.cat([index[order[:rest]], index.repeat(repeats)])
+
+
+def dropout(x: torch.Tensor, p: float, training: bool, generator: Optional[torch.Generator],
+            channelwise: bool = False) -> torch.Tensor:
+    """Inverted dropout whose mask is drawn from ``generator`` (``Dropout2d`` when ``channelwise``).
+
+    Args:
+        x: any tensor; with ``channelwise`` it is ``N x C x H x W`` and whole channels are dropped.
+        p: drop probability in ``[0, 1)``.
+        training: identity when False.
+        generator: required when ``training`` and ``p > 0``.
+    """
+    if not training or p == 0.0:
+        return x
+    if generator is None:
+        raise ValueError("dropout in training mode needs a torch.Generator: pass generator=models.make_generator(seed)")
+    shape = (*x.shape[:2], 1, 1) if channelwise else x.shape
+    keep = torch.rand(shape, generator=generator, device=generator.device).to(x.device) >= p
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
+def _linear_weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype):
+    """Source indices and weights of 1-D linear interpolation with ``align_corners=True``.
+
+    Mirrors PyTorch's kernel: ``src = dst * (n_in - 1) / (n_out - 1)``, ``i0 = floor(src)``,
+    ``i1 = min(i0 + 1, n_in - 1)``, weight of ``i1`` = ``src - i0``.
+    """
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    src = torch.arange(n_out, device=device, dtype=torch.float32) * torch.tensor(scale, dtype=torch.float32)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    lam = (src - i0.float()).to(dtype)
+    return i0, i1, lam
+
+
+class UpsampleGrid:
+    """Bilinear ``h x w -> H x W`` upsampling (``align_corners=True``) as linear algebra.
+
+    Args:
+        feature_size: ``(h, w)`` of the encoder features.
+        image_size: ``(H, W)`` of the masks / images.
+    """
+
+    def __init__(self, feature_size: tuple[int, int], image_size: tuple[int, int],
+                 device: torch.device, dtype: torch.dtype = torch.float32):
+        (self.h, self.w), (self.H, self.W) = feature_size, image_size
+        self.y0, self.y1, self.ly = _linear_weights(self.h, self.H, device, dtype)
+        self.x0, self.x1, self.lx = _linear_weights(self.w, self.W, device, dtype)
+        self.Uy = self._matrix(self.y0, self.y1, self.ly, self.h)  # (H, h)
+        self.Ux = self._matrix(self.x0, self.x1, self.lx, self.w)  # (W, w)
+
+    @staticmethod
+    def _matrix(i0: torch.Tensor, i1: torch.Tensor, lam: torch.Tensor, n_in: int) -> torch.Tensor:
+        m = torch.zeros(len(i0), n_in, device=lam.device, dtype=lam.dtype)
+        rows = torch.arange(len(i0), device=lam.device)
+        m.index_put_((rows, i0), 1.0 - lam, accumulate=True)
+        m.index_put_((rows, i1), lam, accumulate=True)
+        return m
+
+    def up(self, x: torch.Tensor) -> torch.Tensor:
+        """``N x C x h x w -> N x C x H x W`` (``F.interpolate``, bilinear, align_corners=True)."""
+        return F.interpolate(x, size=(self.H, self.W), mode="bilinear", align_corners=True)
+
+    def adjoint(self, a: torch.Tensor) -> torch.Tensor:
+        """Transpose of ``up``: ``... x H x W -> ... x h x w``, ``<up(F), A> = <F, adjoint(A)>``."""
+        return self.Uy.T @ a @ self.Ux  # (..., h, w)
+
+    def columns(self, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Columns of ``up(feats)`` at flat ``H x W`` positions, from the 4 bilinear corners.
+
+        Args:
+            feats: ``C x h x w``.
+            positions: int64 ``(n,)`` in ``[0, H*W)``.
+
+        Returns:
+            ``n x C``, equal to ``up(feats[None])[0].flatten(1)[:, positions].T``.
+        """
+        Y, X = positions // self.W, positions % self.W
+        y0, y1, ly = self.y0[Y], self.y1[Y], self.ly[Y]
+        x0, x1, lx = self.x0[X], self.x1[X], self.lx[X]
+        top = feats[:, y0, x0] * (1 - lx) + feats[:, y0, x1] * lx  # (C, n)
+        bottom = feats[:, y1, x0] * (1 - lx) + feats[:, y1, x1] * lx
+        return (top * (1 - ly) + bottom * ly).T
+
+    def masked_average(self, feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """MAP on the upsampled map: ``sum_x up(F)(x) M(x) / (sum_x M(x) + 1e-5)``.
+
+        Args:
+            feats: ``S x C x h x w``; masks: ``S x H x W`` in ``[0, 1]``.
+
+        Returns:
+            ``S x C``.
+        """
+        weights = self.adjoint(masks)  # (S, h, w)
+        total = torch.einsum("schw,shw->sc", feats, weights)
+        return total / (masks.sum(dim=(-2, -1))[:, None] + MAP_EPS)
