@@ -415,7 +415,7 @@ def write_dataset(cases: Sequence[Case], process: Callable[[Case], Processed], *
     ``overwrite``). On any error the partial folder is removed and ``out`` is left as it was.
 
     Returns:
-        The manifest (also written to ``out/manifest.json``).
+        The manifest written to ``out/manifest.json``, plus ``_elapsed_s`` and ``_folder``.
     """
     from data.preprocess.verify import verify_folder, format_report  # local: verify imports us
 
@@ -471,19 +471,23 @@ def write_dataset(cases: Sequence[Case], process: Callable[[Case], Processed], *
             "class_names": {str(k): v for k, v in spec.class_names.items()},
             "classmap_rule": CLASSMAP_RULE,
             "classmap_min_tps": list(min_tps),
+            "expected": {"inplane_size": spec.inplane_size, "spacing_xyz": list(spec.spacing),
+                         "orientation": spec.orientation},
             "n_scans": len(scans),
             **(dict(extra_manifest) if extra_manifest else {}),
             "scans": scans,
         }
         write_json(partial / MANIFEST_NAME, manifest)
-        report = verify_folder(partial, spec.name)
+        report = verify_folder(partial, spec)
         if not report.ok:
             raise PreprocessError("the output failed verification:\n" + format_report(report))
         _publish(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    # Run facts for the caller's summary; not part of the written manifest.
     manifest["_elapsed_s"] = time.perf_counter() - started
+    manifest["_folder"] = str(out)
     return manifest
 
 
@@ -498,8 +502,9 @@ def _publish(partial: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def summary_lines(manifest: Mapping[str, Any], out: Path) -> list[str]:
+def summary_lines(manifest: Mapping[str, Any]) -> list[str]:
     """Human summary of a finished run (printed by the CLI)."""
+    out = manifest.get("_folder", "?")
     scans = manifest["scans"]
     shapes = sorted({tuple(s["image"]["shape_zyx"]) for s in scans})
     z = [s[0] for s in shapes]

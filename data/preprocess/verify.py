@@ -79,17 +79,21 @@ def _load_json(path: Path) -> Any:
                          f"`python -m data.preprocess ...`") from None
 
 
-def _resolve_spec(folder: Path, dataset: str | None, manifest: Mapping | None) -> DatasetSpec | None:
+def _resolve_spec(folder: Path, dataset: str | DatasetSpec | None,
+                  manifest: Mapping | None) -> DatasetSpec | None:
+    """The expectations: an explicit spec / data set name, else the manifest's, else by folder name."""
+    if isinstance(dataset, DatasetSpec):
+        return dataset
     if dataset is not None:
         if dataset not in DATASETS:
             raise ValueError(f"--dataset: expected one of {sorted(DATASETS)}, got {dataset!r}")
         return DATASETS[dataset]
     if manifest is not None:
-        name = manifest.get("dataset")
-        if name in DATASETS:
-            return DATASETS[name]
         names = {int(k): v for k, v in manifest.get("class_names", {}).items()}
-        return DatasetSpec(str(name), folder.name, names, None, (None, None, None), None, None)
+        expected = manifest.get("expected", {})
+        spacing = tuple(expected.get("spacing_xyz") or (None, None, None))
+        return DatasetSpec(str(manifest.get("dataset")), folder.name, names,
+                           expected.get("inplane_size"), spacing, expected.get("orientation"), None)
     for spec in DATASETS.values():
         if folder.name == spec.folder:
             return spec
@@ -102,13 +106,14 @@ def _legacy_slices(label: np.ndarray, value: int, min_tp: int) -> list[int]:
     return [z for z in range(label.shape[0]) if present[z] and sums[z] >= min_tp]
 
 
-def verify_folder(folder: str | Path, dataset: str | None = None) -> VerifyReport:
+def verify_folder(folder: str | Path, dataset: str | DatasetSpec | None = None) -> VerifyReport:
     """Run every check on ``folder``; never raises for a bad scan (it becomes a failed row).
 
     Args:
         folder: a ``<name>_normalized`` folder (``image_<id>.nii.gz``, ``label_<id>.nii.gz``, ...).
-        dataset: a name from ``DATASETS`` to check against; default: the manifest's data set, else
-            the one whose default folder name matches, else generic checks only.
+        dataset: a name from ``DATASETS`` (or a spec) to check against; default: the expectations
+            recorded in the folder's manifest, else the data set whose default folder name
+            matches, else generic checks only.
 
     Raises:
         FileNotFoundError: ``folder`` does not exist.
