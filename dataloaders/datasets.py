@@ -470,19 +470,15 @@ def zscore(volume: np.ndarray, path: str | Path = "") -> np.ndarray:
 
 
 def _compact_int(values: np.ndarray, path: Path, what: str) -> np.ndarray:
-    """Integer-valued array (float or int on disk) -> the smallest fitting integer dtype."""
-    if values.dtype.kind == "f":
-        as_int = values.astype(np.int64)
-        if not np.array_equal(as_int, values):
-            raise ValueError(f"{path}: {what} must hold integer values, found fractional ones; fix the file")
-        values = as_int
-    lo, hi = int(values.min()), int(values.max())
+    """Integer-valued array (float or int on disk) -> the smallest fitting unsigned/int dtype."""
+    lo, hi = (values.min(), values.max()) if values.size else (0, 0)
     if lo < 0:
         raise ValueError(f"{path}: {what} must be >= 0, found {lo}; fix the file")
-    for dtype in (np.uint8, np.uint16, np.int32, np.int64):
-        if hi <= np.iinfo(dtype).max:
-            return values.astype(dtype, copy=False)
-    raise AssertionError("unreachable")
+    dtype = next(d for d in (np.uint8, np.uint16, np.int32, np.int64) if hi <= np.iinfo(d).max)
+    out = values.astype(dtype)
+    if values.dtype.kind == "f" and not np.array_equal(out, values):
+        raise ValueError(f"{path}: {what} must hold integer values, found fractional ones; fix the file")
+    return out
 
 
 def present_values(values: np.ndarray) -> np.ndarray:

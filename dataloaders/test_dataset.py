@@ -73,6 +73,8 @@ class TestDataset(Dataset):
         support: the support :class:`Scan`; queries: list of query :class:`Scan` (numeric id order).
     """
 
+    __test__ = False  # not a pytest test class despite its name
+
     def __init__(
         self,
         dataset: str,

@@ -80,15 +80,14 @@ def class_slice_areas(pseudo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if int(pseudo.max()) > 65535:  # sparse ids: compact them by sorting
         ids, inverse = np.unique(pseudo, return_inverse=True)
         inverse = inverse.reshape(pseudo.shape)
-    else:  # dense ids: compact them with a look-up table (O(n))
-        counts = np.bincount(pseudo.ravel(), minlength=int(pseudo.max()) + 1)
-        ids = np.flatnonzero(counts)
-        lut = np.zeros(counts.size, dtype=np.int64)
-        lut[ids] = np.arange(ids.size)
-        inverse = lut[pseudo]
-    k = ids.size
-    offsets = (np.arange(z, dtype=np.int64) * k)[:, None, None]
-    areas = np.bincount((inverse + offsets).ravel(), minlength=z * k).reshape(z, k)
+        k = ids.size
+        offsets = (np.arange(z, dtype=np.int64) * k)[:, None, None]
+        areas = np.bincount((inverse + offsets).ravel(), minlength=z * k).reshape(z, k)
+    else:  # dense ids: one bincount per slice (O(n), no temporaries)
+        width = int(pseudo.max()) + 1
+        counts = np.stack([np.bincount(sl.ravel(), minlength=width) for sl in pseudo])  # (Z, width)
+        ids = np.flatnonzero(counts.any(axis=0))
+        areas = counts[:, ids]
     keep = ids != 0
     return ids[keep].astype(np.int64), areas[:, keep]
 
@@ -171,7 +170,8 @@ class TrainDataset(Dataset):
     Args:
         dataset: dataset name (see :data:`dataloaders.datasets.DATASETS`) or ``'custom'``.
         data_dir: image folder, or a root holding ``<DATASET>/<folder>``.
-        eval_fold: the test fold (0..4); its scans are left out.
+        eval_fold: the test fold (0..4); its scans are left out. None: train on every scan (e.g. a
+            model for another dataset).
         use_gt: pseudo-classes = ground-truth classes minus ``test_label`` (else supervoxels).
         test_label: test classes (default: the dataset's); removed from the classes when ``use_gt``.
         exclude_label: Setting 2: classes whose slices are removed (None/[]: Setting 1).
@@ -201,7 +201,7 @@ class TrainDataset(Dataset):
         self,
         dataset: str,
         data_dir: str | Path,
-        eval_fold: int,
+        eval_fold: int | None,
         *,
         use_gt: bool = False,
         test_label: Sequence[int] | None = None,
@@ -231,7 +231,9 @@ class TrainDataset(Dataset):
         self.spec: DatasetSpec = get_dataset(dataset, data_dir)
         spec = self.spec
         self.image_dir = resolve_image_dir(spec, data_dir)
-        eval_fold = spec.check_fold(eval_fold)
+        if eval_fold is not None:
+            eval_fold = spec.check_fold(eval_fold)
+        self.eval_fold = eval_fold
         self.test_label = spec.check_labels("test_label", spec.test_labels if test_label is None else test_label)
         self.exclude_label = spec.check_labels("exclude_label", exclude_label)
         if exclude_mode not in EXCLUDE_MODES:
@@ -258,7 +260,7 @@ class TrainDataset(Dataset):
             sv_dir = find_supervoxel_dir(self.image_dir, n_sv or spec.n_sv, supervoxel_dir)
         self.supervoxel_dir = sv_dir
         files = discover_scans(self.image_dir, sv_dir)
-        test_positions = set(fold_positions(spec, len(files), eval_fold))
+        test_positions = set(fold_positions(spec, len(files), eval_fold)) if eval_fold is not None else set()
         train_files = [f for pos, f in enumerate(files) if pos not in test_positions]
         if scan_ids is not None:
             available = {f.scan_id for f in train_files}
@@ -352,13 +354,14 @@ class TrainDataset(Dataset):
             part = query_part if rng.random() < self.query_aug_prob else support_part
             for i in range(part.start, part.stop):
                 images[i], masks[i] = self.geometric(images[i], masks[i], rng)
-        images_t = torch.from_numpy(images).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-        masks_t = torch.from_numpy(masks)
+        # numpy until the end: torch.from_numpy shares memory, and no torch kernel runs here (torch
+        # kernels on tiny tensors are slow when the process has many intra-op threads)
+        channels = np.ascontiguousarray(np.broadcast_to(images[:, None], (self.window, 3, *images.shape[1:])))
         return {
-            "support_images": images_t[: self.n_shot],
-            "support_masks": masks_t[: self.n_shot].float(),
-            "query_images": images_t[self.n_shot:],
-            "query_labels": masks_t[self.n_shot:].long(),
+            "support_images": torch.from_numpy(channels[: self.n_shot]),
+            "support_masks": torch.from_numpy(masks[: self.n_shot].astype(np.float32)),
+            "query_images": torch.from_numpy(channels[self.n_shot:]),
+            "query_labels": torch.from_numpy(masks[self.n_shot:].astype(np.int64)),
             "scan_id": scan.scan_id,
             "class_id": class_id,
             "slices": torch.from_numpy(slices.astype(np.int64)),

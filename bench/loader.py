@@ -1,0 +1,73 @@
+"""Loader speed: seconds to load a training set, and episodes per second with augmentation.
+
+    .venv/bin/python bench/loader.py [--data-dir ../shared/data] [--episodes 500]
+
+Measures, on CHAOST2 with the published supervoxels:
+- ``load_s``: seconds for :class:`TrainDataset` to read, check, z-score and index all 20 scans with
+  their supervoxels (``eval_fold=None``: no test fold);
+- ``episodes_per_s``: episodes per second in one process (the work of one DataLoader worker),
+  augmentation on.
+Prints one JSON line and writes ``bench/results/loader.json`` (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import cv2  # noqa: E402
+import torch  # noqa: E402
+
+from dataloaders.train_dataset import TrainDataset  # noqa: E402
+from utils.io import write_json  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--episodes", type=int, default=500, help="episodes timed")
+    parser.add_argument("--num-threads", type=int, default=2, help="threads reading volumes")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "loader.json"))
+    args = parser.parse_args()
+    data_dir = Path(args.data_dir)
+    torch.set_num_threads(1)  # one worker's worth of compute
+    cv2.setNumThreads(1)
+
+    start = time.perf_counter()
+    ds = TrainDataset("CHAOST2", data_dir, None, augment=True, num_threads=args.num_threads)
+    load_s = time.perf_counter() - start
+    n_scans = len(ds.scans)
+    ds.episode(0)  # warm-up
+    start = time.perf_counter()
+    for step in range(1, args.episodes + 1):
+        ds.episode(step)
+    episodes_per_s = args.episodes / (time.perf_counter() - start)
+
+    result = {
+        "bench": "loader",
+        "dataset": "CHAOST2",
+        "load_scans": n_scans,
+        "load_s": round(load_s, 3),
+        "load_target_s": 5.0,
+        "episodes": args.episodes,
+        "episodes_per_s": round(episodes_per_s, 1),
+        "episodes_target_per_s": 20.0,
+        "augment": True,
+        "num_threads_load": args.num_threads,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu, {platform.python_version()}",
+        "note": "CPU shared with other jobs while measured; times are noisy",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
