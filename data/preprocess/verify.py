@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from data.preprocess.common import (CLASSMAP_RULE, DATASETS, GEOMETRY_TOLERANCE, MANIFEST_NAME,
                                     PIXEL_COUNTS_NAME, DatasetSpec, Grid, orientation_code,
-                                    sha256_file, slice_pixel_counts)
+                                    sha256_file)
 from utils.io import read_volume
 
 SPACING_TOLERANCE = 1e-3  # mm, against the data set's expected spacing
@@ -100,10 +100,16 @@ def _resolve_spec(folder: Path, dataset: str | DatasetSpec | None,
     return None
 
 
-def _legacy_slices(label: np.ndarray, value: int, min_tp: int) -> list[int]:
-    present = (label == value).reshape(label.shape[0], -1).any(axis=1)
-    sums = label.reshape(label.shape[0], -1).sum(axis=1)
-    return [z for z in range(label.shape[0]) if present[z] and sums[z] >= min_tp]
+def per_slice_counts(label: np.ndarray) -> np.ndarray:
+    """``counts[z, v]`` = number of pixels of value ``v`` in slice ``z`` (non-negative int labels)."""
+    n_z = label.shape[0]
+    n_values = int(label.max()) + 1 if label.size else 1
+    flat = (np.arange(n_z, dtype=np.int64)[:, None] * n_values + label.reshape(n_z, -1)).ravel()
+    return np.bincount(flat, minlength=n_z * n_values).reshape(n_z, n_values)
+
+
+def _column(counts: np.ndarray, value: int) -> np.ndarray:
+    return counts[:, value] if 0 <= value < counts.shape[1] else np.zeros(counts.shape[0], np.int64)
 
 
 def verify_folder(folder: str | Path, dataset: str | DatasetSpec | None = None) -> VerifyReport:
@@ -146,7 +152,7 @@ def verify_folder(folder: str | Path, dataset: str | DatasetSpec | None = None) 
                             f"manifest lists {sorted(records)}, folder holds {image_ids}"))
 
     rows: list[ScanRow] = []
-    labels: dict[int, np.ndarray] = {}
+    stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # scan -> (counts[z, value], slice sums)
     allowed = set(spec.class_names) if spec is not None else None
     for scan_id in sorted(set(image_ids) & set(label_ids)):
         row = ScanRow(scan_id)
@@ -166,16 +172,20 @@ def verify_folder(folder: str | Path, dataset: str | DatasetSpec | None = None) 
                 f"image and label grids differ: size {image.GetSize()} vs {label.GetSize()}, "
                 f"spacing {image.GetSpacing()} vs {label.GetSpacing()}, origin {image.GetOrigin()} "
                 f"vs {label.GetOrigin()}, direction {image.GetDirection()} vs {label.GetDirection()}")
-        values = np.unique(label_array)
-        if not np.all(values == np.round(values)):
-            row.problems.append(f"label values must be integers, got {values[values != np.round(values)][:5]}")
         label_int = np.rint(label_array).astype(np.int64)
-        labels[scan_id] = label_int
-        row.label_values = sorted(int(v) for v in np.unique(label_int))
+        if not np.array_equal(label_int, label_array):
+            odd = label_array[label_int != label_array]
+            row.problems.append(f"label values must be integers, got e.g. {odd[:5].tolist()}")
+        if label_int.min() < 0:
+            row.problems.append(f"negative label values, e.g. {int(label_int.min())}")
+            label_int = np.clip(label_int, 0, None)
+        counts = per_slice_counts(label_int)
+        stats[scan_id] = (counts, label_int.reshape(label_int.shape[0], -1).sum(axis=1))
+        row.label_values = [int(v) for v in np.flatnonzero(counts.sum(axis=0))]
         if allowed is not None and set(row.label_values) - allowed:
             row.problems.append(f"unexpected label values {sorted(set(row.label_values) - allowed)}; "
                                 f"expected a subset of {sorted(allowed)}")
-        row.foreground_voxels = int((label_int != 0).sum())
+        row.foreground_voxels = int(counts[:, 1:].sum())
         if row.foreground_voxels == 0:
             row.problems.append("empty label (no foreground voxel)")
         if float(image_array.max()) == float(image_array.min()):
@@ -203,38 +213,37 @@ def verify_folder(folder: str | Path, dataset: str | DatasetSpec | None = None) 
     orientations = sorted({r.orientation for r in rows if r.orientation != "?"})
     checks.append(Check("one orientation", len(orientations) <= 1,
                         f"orientations {orientations}"))
-    checks.extend(_check_classmaps(folder, spec, manifest, labels))
+    checks.extend(_check_classmaps(folder, spec, manifest, stats))
     return VerifyReport(folder, spec.name if spec else "generic", rows, checks)
 
 
 def _check_classmaps(folder: Path, spec: DatasetSpec | None, manifest: Mapping | None,
-                     labels: Mapping[int, np.ndarray]) -> list[Check]:
+                     stats: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> list[Check]:
     files = sorted((int(m.group(1)), folder / n) for n in (p.name for p in folder.iterdir())
                    if (m := _CLASSMAP_RE.match(n)))
     if not files:
         return [Check("classmaps", False, "no classmap_<min_tp>.json file")]
     class_names = dict(spec.class_names) if spec is not None else None
     checks = []
-    ids = {str(i) for i in labels}
+    ids = {str(i) for i in stats}
     for min_tp, path in files:
         cmap = _load_json(path)
         problems: list[str] = []
         if class_names is not None and set(cmap) != set(class_names.values()):
             problems.append(f"class names {sorted(cmap)} differ from {sorted(class_names.values())}")
-        names = class_names or {}
         rules_ok = {CLASSMAP_RULE: True, LEGACY_CLASSMAP_RULE: manifest is None}
-        for value, name in names.items():
+        for value, name in (class_names or {}).items():
             per_scan = cmap.get(name, {})
             if set(per_scan) != ids:
                 problems.append(f"{name}: scan ids {sorted(per_scan, key=int)} differ from the "
                                 f"folder's {sorted(ids, key=int)}")
                 continue
             for sid, slices in per_scan.items():
-                lab = labels[int(sid)]
-                counts = slice_pixel_counts(lab, [value])[value]
-                if slices != [z for z, n in enumerate(counts) if n >= min_tp]:
+                counts, sums = stats[int(sid)]
+                column = _column(counts, value)
+                if slices != np.flatnonzero(column >= min_tp).tolist():
                     rules_ok[CLASSMAP_RULE] = False
-                if rules_ok[LEGACY_CLASSMAP_RULE] and slices != _legacy_slices(lab, value, min_tp):
+                if slices != np.flatnonzero((column > 0) & (sums >= min_tp)).tolist():
                     rules_ok[LEGACY_CLASSMAP_RULE] = False
         matched = [rule for rule, good in rules_ok.items() if good]
         if not matched and not problems:
@@ -244,9 +253,8 @@ def _check_classmaps(folder: Path, spec: DatasetSpec | None, manifest: Mapping |
                             "; ".join(problems) if problems else f"rule {matched[0]}"))
     if manifest is not None and (folder / PIXEL_COUNTS_NAME).is_file() and class_names:
         stored = _load_json(folder / PIXEL_COUNTS_NAME)
-        good = all(stored.get(name, {}).get(str(sid)) ==
-                   slice_pixel_counts(lab, [value])[value]
-                   for value, name in class_names.items() for sid, lab in labels.items())
+        good = all(stored.get(name, {}).get(str(sid)) == _column(counts, value).tolist()
+                   for value, name in class_names.items() for sid, (counts, _) in stats.items())
         checks.append(Check(PIXEL_COUNTS_NAME, good,
                             "matches the labels" if good else "differs from the labels"))
     return checks
