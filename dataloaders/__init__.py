@@ -1,33 +1,36 @@
 """Datasets, folds and episodic loaders for few-shot medical image segmentation.
 
 - :mod:`dataloaders.datasets`: dataset definitions (:data:`DATASETS`, custom ``dataset.json``),
-  scan discovery, folds, volume reading.
+  scan discovery, folds, volume reading; CLI ``python -m dataloaders.datasets``.
 - :mod:`dataloaders.train_dataset`: :class:`TrainDataset`, episodes as a pure function of (seed, step).
 - :mod:`dataloaders.test_dataset`: :class:`TestDataset`, the evaluation protocol.
 - :mod:`dataloaders.transforms`: gamma and joint affine + elastic augmentation.
-"""
-from dataloaders.datasets import (
-    DATASETS,
-    DatasetSpec,
-    Scan,
-    discover_scans,
-    fold_scan_ids,
-    get_dataset,
-    resolve_image_dir,
-)
-from dataloaders.test_dataset import TestDataset, to_model_input
-from dataloaders.train_dataset import StepSampler, TrainDataset
 
-__all__ = [
-    "DATASETS",
-    "DatasetSpec",
-    "Scan",
-    "StepSampler",
-    "TestDataset",
-    "TrainDataset",
-    "discover_scans",
-    "fold_scan_ids",
-    "get_dataset",
-    "resolve_image_dir",
-    "to_model_input",
-]
+Names are imported lazily, so that ``python -m dataloaders.datasets`` runs the module only once.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DATASETS": "dataloaders.datasets",
+    "DatasetSpec": "dataloaders.datasets",
+    "Scan": "dataloaders.datasets",
+    "discover_scans": "dataloaders.datasets",
+    "fold_scan_ids": "dataloaders.datasets",
+    "get_dataset": "dataloaders.datasets",
+    "resolve_image_dir": "dataloaders.datasets",
+    "TestDataset": "dataloaders.test_dataset",
+    "to_model_input": "dataloaders.test_dataset",
+    "StepSampler": "dataloaders.train_dataset",
+    "TrainDataset": "dataloaders.train_dataset",
+    "worker_init_fn": "dataloaders.train_dataset",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dataloaders' has no attribute {name!r}")

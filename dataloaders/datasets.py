@@ -580,6 +580,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True, help=f"one of {', '.join([*DATASETS, CUSTOM])}")
     parser.add_argument("--data-dir", required=True, help="image folder, or a root holding <DATASET>/<folder>")
     parser.add_argument("--folds", action="store_true", help="print the scan ids of every fold")
+    parser.add_argument("--check", action="store_true",
+                        help="read every scan (and its supervoxels, if found) and report problems")
+    parser.add_argument("--supervoxel-dir", default=None, help="supervoxel folder (default: looked up)")
     args = parser.parse_args(argv)
 
     spec = get_dataset(args.dataset, args.data_dir)
@@ -594,6 +597,30 @@ def main(argv: Sequence[str] | None = None) -> None:
             positions = fold_positions(spec, len(ids), fold)
             print(f"fold {fold}: positions {positions} -> scan ids {members} "
                   f"(support supp_idx=k is the k-th); train on the other {len(ids) - len(members)}")
+    if args.check:
+        check_scans(spec, image_dir, args.supervoxel_dir)
+
+
+def check_scans(spec: DatasetSpec, image_dir: Path, supervoxel_dir: str | Path | None = None) -> None:
+    """Read every scan of ``image_dir`` with the loaders' checks and print one line per scan.
+
+    Raises the first loader error (file, problem and fix) if a scan does not load.
+    """
+    try:
+        sv_dir = find_supervoxel_dir(image_dir, spec.n_sv, supervoxel_dir)
+    except FileNotFoundError as err:
+        sv_dir = None
+        print(f"supervoxels: none ({err})")
+    scans = discover_scans(image_dir, sv_dir)
+    for files in scans:
+        scan = load_scan(spec, files)
+        classes = [int(c) for c in present_values(scan.label) if c]
+        line = f"scan {scan.scan_id}: {scan.image.shape[0]} slices, classes {classes}"
+        if files.supervoxel is not None:
+            n_sv = int((present_values(read_supervoxels(files.supervoxel, scan.image.shape)) > 0).sum())
+            line += f", {n_sv} supervoxels"
+        print(line)
+    print(f"ok: {len(scans)} scans load" + (f" with supervoxels from {sv_dir}" if sv_dir else ""))
 
 
 if __name__ == "__main__":

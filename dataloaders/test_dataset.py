@@ -13,6 +13,7 @@ slices: every slice of the query is segmented, chunks split the whole volume the
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -70,7 +71,8 @@ class TestDataset(Dataset):
         eval_mode: ``'protocol'`` or ``'all_slices'`` (see module docstring).
 
     Attributes:
-        support: the support :class:`Scan`; queries: list of query :class:`Scan` (numeric id order).
+        support: the support :class:`Scan`; queries: list of query :class:`Scan` (numeric id order);
+        fold_scans: every scan of the fold (numeric id order).
     """
 
     __test__ = False  # not a pytest test class despite its name
@@ -103,10 +105,24 @@ class TestDataset(Dataset):
                 f"supp_idx: expected an integer in 0..{len(fold_files) - 1} (fold {self.eval_fold} "
                 f"holds scans {[f.scan_id for f in fold_files]}), got {supp_idx!r}"
             )
-        self.supp_idx = int(supp_idx)
-        scans = [load_scan(spec, f) for f in fold_files]
-        self.support: Scan = scans[self.supp_idx]
-        self.queries: list[Scan] = [s for i, s in enumerate(scans) if i != self.supp_idx]
+        self.fold_scans: list[Scan] = [load_scan(spec, f) for f in fold_files]
+        self._set_support(int(supp_idx))
+
+    def _set_support(self, supp_idx: int) -> None:
+        self.supp_idx = supp_idx
+        self.support: Scan = self.fold_scans[supp_idx]
+        self.queries: list[Scan] = [s for i, s in enumerate(self.fold_scans) if i != supp_idx]
+
+    def with_support(self, supp_idx: int) -> "TestDataset":
+        """The same fold with another support scan, sharing the loaded volumes (for averaging over
+        every ``supp_idx``)."""
+        if not isinstance(supp_idx, (int, np.integer)) or not 0 <= supp_idx < len(self.fold_scans):
+            raise ValueError(
+                f"supp_idx: expected an integer in 0..{len(self.fold_scans) - 1}, got {supp_idx!r}"
+            )
+        other = copy.copy(self)
+        other._set_support(int(supp_idx))
+        return other
 
     def __len__(self) -> int:
         return len(self.queries)

@@ -23,7 +23,7 @@ from dataloaders.datasets import (
     resolve_image_dir,
 )
 from dataloaders.test_dataset import TestDataset, chunk_bounds, support_fractions, to_model_input
-from dataloaders.train_dataset import StepSampler, TrainDataset, excluded_slices, valid_windows
+from dataloaders.train_dataset import StepSampler, TrainDataset, excluded_slices, valid_windows, worker_init_fn
 from dataloaders.transforms import AffineElastic, gamma_transform, random_affine_matrix, warp_pair
 
 CHAOS_IDS = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39]
@@ -267,7 +267,8 @@ def test_episodes_are_pure_in_seed_and_step_with_0_and_2_workers(chaos_train: Tr
     direct = [chaos_train.episode(step) for step in range(6)]
     _assert_same_episode(chaos_train[3], direct[3])
     for workers in (0, 2):
-        loader = DataLoader(chaos_train, batch_size=1, sampler=StepSampler(0, 6), num_workers=workers)
+        loader = DataLoader(chaos_train, batch_size=1, sampler=StepSampler(0, 6), num_workers=workers,
+                            worker_init_fn=worker_init_fn)
         for step, batch in enumerate(loader):
             assert batch["query_images"].shape == (1, 1, 3, 256, 256)
             _assert_same_episode(batch, direct[step])
@@ -359,6 +360,12 @@ def test_all_slices_mode_uses_every_query_slice(chaos_dir: Path) -> None:
     np.testing.assert_array_equal(np.concatenate(chunks), np.arange(query.image.shape[0]))
     np.testing.assert_array_equal([c.size for c in chunks], np.diff(chunk_bounds(query.image.shape[0], 3)))
     assert to_model_input(query.image[:2]).shape == (2, 3, 256, 256)
+    # another support of the same fold reuses the loaded volumes
+    other = tds.with_support(3)
+    assert other.support.scan_id == 38 and [q.scan_id for q in other.queries] == [1, 36, 37, 39]
+    assert other.support is tds.fold_scans[3] and tds.support.scan_id == 1
+    with pytest.raises(ValueError, match="supp_idx"):
+        tds.with_support(5)
 
 
 # ------------------------------------------------------------------------------ custom dataset
@@ -398,6 +405,16 @@ def test_custom_label_remap(tmp_path: Path) -> None:
         _write(root / f"label_{i}.nii.gz", np.select([label == 1, label == 2], [200, 500], 0).astype(np.uint16))
     tds = TestDataset("custom", root, 0, supp_idx=0, test_label=[1, 2])
     assert set(np.unique(tds.support.label)) == {0, 1, 2}
+
+
+def test_check_cli_reports_scans_and_errors(tmp_path: Path, capsys) -> None:
+    root = _toy_dataset(tmp_path / "toy")
+    datasets_main(["--dataset", "custom", "--data-dir", str(root), "--check"])
+    out = capsys.readouterr().out
+    assert "scan 1: 6 slices, classes [1, 2], 2 supervoxels" in out and "ok: 6 scans load" in out
+    _write(root / "label_6.nii.gz", np.full((6, 16, 16), 3, dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"label_6.nii.gz: label values \[3\]"):
+        datasets_main(["--dataset", "custom", "--data-dir", str(root), "--check"])
 
 
 def test_tiny_custom_dataset_trains_and_tests(tmp_path: Path) -> None:
