@@ -18,6 +18,7 @@ global step (see :class:`StepSampler`).
 """
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from dataloaders.datasets import (
 from dataloaders.transforms import AffineElastic, gamma_transform
 
 EXCLUDE_MODES = ("any", "all")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -200,6 +202,11 @@ class TrainDataset(Dataset):
         num_threads: threads used to read volumes.
         progress: show a tqdm bar while reading.
 
+    Attributes:
+        spec, image_dir, supervoxel_dir: the dataset and where its files were found.
+        scans: the sampled :class:`TrainScan` s (numeric id order).
+        skipped_scan_ids: training scans without any valid window (logged as a warning).
+
     Raises:
         ValueError / FileNotFoundError with the key or file and the fix, for bad configuration or data.
     """
@@ -291,6 +298,11 @@ class TrainDataset(Dataset):
                 f"{self.min_size} pixels; lower min_size or n_shot, or check the labels/supervoxels"
             )
         self.skipped_scan_ids = [s.scan_id for s in loaded if not s.starts.size]
+        if self.skipped_scan_ids:
+            log.warning(
+                "scans %s have no valid window (%d consecutive slices, min_size %d%s) and are not "
+                "sampled", self.skipped_scan_ids, self.window, self.min_size,
+                f", exclude_label {self.exclude_label} ({self.exclude_mode})" if self.exclude_label else "")
 
     @property
     def window(self) -> int:
