@@ -73,8 +73,8 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    reshaped = [f"{k}: model {tuple(own[k].shape)}, {source} {tuple(state_dict[k].shape)}"
-                for k in sorted(set(own) & set(state_dict)) if own[k].shape != state_dict[k].shape]
+    reshaped_keys = [k for k in sorted(set(own) & set(state_dict)) if own[k].shape != state_dict[k].shape]
+    reshaped = [f"{k}: model {tuple(own[k].shape)}, {source} {tuple(state_dict[k].shape)}" for k in reshaped_keys]
     if not (missing or unexpected or reshaped):
         return
     lines = [f"{source} does not fit this model:"]
@@ -82,7 +82,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         if items:
             lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
     hints = []
-    if any(k.startswith("fg_mlp.fc1.") for k in reshaped[:0] + [r.split(":")[0] for r in reshaped]):
+    if any(k.endswith("mlp.fc1.weight") for k in reshaped_keys):
         hints.append("the MLP input width is H*W: the snapshot was trained at another image size")
     if any("backbone.layer" in k for k in missing + unexpected):
         hints.append("backbone layers differ: the snapshot uses another backbone (resnet50 / resnet101)")
