@@ -1,0 +1,301 @@
+"""Experiment configuration: one Sacred ``Experiment`` shared by ``train.py`` and ``test.py``.
+
+Every key below is read by the pipeline (``train.py`` / ``test.py``), the data loaders or the model
+(``models.build_model`` receives the whole flat config). Variants are named configs, not copies::
+
+    python train.py with abd_mri setting2 eval_fold=1
+    python test.py  with abd_mri setting2 eval_fold=1 reload_model_path=runs/train_CHAOST2_setting2_fold1
+
+Named configs: datasets ``abd_mri`` (CHAOST2), ``abd_ct`` (SABS, CT thresholds 0.7 / 0.6),
+``prostate_mri`` (Prostate_MRI), ``cmr`` (CMR); settings ``setting1`` (test classes may appear in
+training slices) and ``setting2`` (training slices holding a test class are removed).
+
+Each run gets its own folder ``<path.log_dir>/<command>_<dataset>_setting<k>_fold<f>`` (test runs
+add ``_supp<i>``); an existing folder is never reused: the next free name ``..._2``, ``..._3`` is
+taken. The folder holds Sacred's ``config.json``, ``run.json``, ``cout.txt``, ``metrics.json``, the
+run's ``logger.log`` and, for training, ``snapshots/`` (see ``train.py``; ``test.py`` for its outputs).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from sacred import SETTINGS, Experiment
+from sacred.observers import FileStorageObserver
+from sacred.utils import apply_backspaces_and_linefeeds
+
+# Capture stdout/stderr through Python (not file descriptors) so that runs started in-process
+# (tests, notebooks) are captured too; tqdm's carriage returns are collapsed in cout.txt.
+SETTINGS.CAPTURE_MODE = "sys"
+
+MODELS = ("qamp", "adnet", "copy_support")
+BACKBONES = ("resnet101", "resnet50")
+PRETRAINED = ("deeplabv3", "imagenet", "none")
+EVAL_MODES = ("protocol", "all_slices")
+EXCLUDE_MODES = ("any", "all")
+SETTINGS_ALLOWED = (1, 2)
+
+ex = Experiment("QAMP", save_git_info=False)
+ex.captured_out_filter = apply_backspaces_and_linefeeds
+
+
+def _make_logger() -> logging.Logger:
+    """The experiment's logger: INFO to stderr (Sacred's `_log` is its child; `logger.log` is added
+    per run). Own handler and no propagation, so it works the same under pytest or any host app."""
+    logger = logging.getLogger("qamp")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s - %(name)s - %(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
+    return logger
+
+
+ex.logger = _make_logger()
+
+
+@ex.config
+def cfg():
+    # ---------------- run ----------------
+    seed = 2025  # seeds everything: episodes, prototype sampling, dropout, test generators
+    device = "auto"  # 'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:<i>'
+    deterministic = True  # torch.use_deterministic_algorithms (warn-only): exact resume / repeat
+    num_workers = 1  # DataLoader worker processes for training episodes (0 = main process)
+    path = {"log_dir": "./runs"}  # run folders are created under log_dir (see module docstring)
+
+    # ---------------- data ----------------
+    dataset = "CHAOST2"  # 'CHAOST2' (abdominal MRI), 'SABS' (abdominal CT), 'Prostate_MRI', 'CMR', 'custom'
+    data_dir = "../shared/data"  # the image folder itself, or a root holding <dataset>/<folder>
+    supervoxel_dir = None  # folder of superpix-MIDDLE_<id>.nii.gz; None = looked up next to the images
+    n_sv = 5000  # supervoxel-set name (supervoxels_<n_sv>); the reference uses 1000 for CMR
+    use_gt = False  # train on ground-truth classes (minus exclude_label) instead of supervoxels
+    setting = 1  # 1: test classes may appear in training slices; 2: slices holding them are removed
+    test_label = None  # classes to evaluate (and to exclude in setting 2); None = the dataset's standard set
+    exclude_label = None  # classes whose slices are removed from training; None = follow `setting`
+    exclude_mode = "any"  # remove a slice holding 'any' excluded class (SSL-ALPNet) or 'all' (ADNet)
+    eval_fold = 0  # test fold of the 5-fold split (0-4); training uses every scan outside it
+    min_size = 200  # minimum class area (pixels) of a training slice pair
+    augment = True  # gamma / affine / elastic augmentation of training episodes
+
+    # ---------------- episodes ----------------
+    n_shot = 1  # support slices per episode (prototypes are averaged over shots)
+    n_way = 1  # classes per episode; only 1 is supported (classes are tested one at a time)
+    n_query = 1  # query slices per training episode; only 1 is supported
+
+    # ---------------- model (read by models.build_model) ----------------
+    model = "qamp"  # 'qamp', 'adnet' (ADNet head, same encoder) or 'copy_support' (test-only baseline)
+    backbone = "resnet101"  # dilated torchvision ResNet: 'resnet101' (reference) or 'resnet50' (cheaper)
+    pretrained_weights = "deeplabv3"  # encoder init: 'deeplabv3' (COCO), 'imagenet' or 'none'
+    pretrained_path = None  # weights file for pretrained_weights (env QAMP_PRETRAINED_PATH overrides)
+    feature_dim = 512  # channels of the reduced layer3 features
+    n_mlp_fg = 100  # foreground prototypes produced by the MGSP MLP
+    n_mlp_bg = 600  # background prototypes produced by the MGSP MLP
+    n_keep_fg = 50  # MLP foreground prototypes kept at random
+    n_keep_bg = 500  # MLP background prototypes kept at random
+    n_query_fg = 50  # PGQP foreground vectors drawn where the prior > tau_fg
+    n_query_bg = 100  # PGQP background vectors drawn where 1 - prior > tau_bg
+    n_edge = 50  # vectors drawn in the inner (fg) / outer (bg) edge band of the support mask
+    edge_kernel = 3  # side of the square kernel of the edge-band erosion / dilation
+    edge_iters = 2  # erosion / dilation iterations of the edge bands
+    tau_fg = 0.5  # prior threshold for query foreground samples (CT: 0.7)
+    tau_bg = 0.5  # threshold on 1 - prior for query background samples (CT: 0.6)
+    cos_scaler = 20.0  # scale of the cosine similarity in the QPG prior
+    prior_temperature = 0.5  # factor inside the sigmoid of the QPG prior
+    dropout = 0.2  # dropout of the MLPs and decoders
+    query_loss_weights = [0.1, 1.0]  # NLL class weights [background, foreground]
+    align_weight = 1.0  # weight of the reverse alignment loss
+    proto_weight = 0.3  # weight of the prototype consistency loss
+    boundary_weight = 0.8  # weight of the boundary F1 loss
+    boundary_theta0 = 3  # boundary extraction max-pool size of the boundary loss
+    boundary_theta = 5  # boundary extension max-pool size of the boundary loss
+    fast_mlp = True  # apply the MLP to the 64 x 64 features (equal up to rounding to the reference)
+
+    # ---------------- training (train.py) ----------------
+    n_steps = 40000  # training episodes (batch 1)
+    optim = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}  # SGD
+    lr_step_gamma = 0.98  # learning-rate factor applied every max_iters_per_load steps
+    max_iters_per_load = 5000  # "epoch" length: step size of the learning-rate schedule
+    print_interval = 100  # steps between log lines (mean loss terms over the interval)
+    save_snapshot_every = 5000  # steps between full-state snapshots (a final one is always written)
+    keep_snapshots = 2  # intermediate snapshots kept on disk (older ones deleted; final kept)
+    resume = None  # run folder or snapshot file to continue from (same loss sequence as no break)
+
+    # ---------------- evaluation (test.py) ----------------
+    reload_model_path = None  # snapshot file, or a training run folder (its final snapshot)
+    supp_idx = 2  # position of the support scan within the test fold
+    n_part = 3  # chunks per query volume, each segmented with its own support slice
+    eval_mode = "protocol"  # 'protocol' (query slices holding the class) or 'all_slices'
+    test_batch_size = 16  # query slices segmented in one batch (same support state)
+    n_overlay_slices = 3  # overlay PNGs written per query scan and class (0 = none)
+
+
+@ex.named_config
+def abd_mri():
+    """Abdominal MRI: CHAOS T2-SPIR, classes liver / right kidney / left kidney / spleen."""
+    dataset = "CHAOST2"
+    n_sv = 5000
+
+
+@ex.named_config
+def abd_ct():
+    """Abdominal CT: Synapse multi-atlas (SABS), with the CT prior thresholds."""
+    dataset = "SABS"
+    n_sv = 5000
+    tau_fg = 0.7
+    tau_bg = 0.6
+
+
+@ex.named_config
+def prostate_mri():
+    """Prostate MRI."""
+    dataset = "Prostate_MRI"
+    n_sv = 5000
+
+
+@ex.named_config
+def cmr():
+    """Cardiac MRI (MS-CMRSeg bSSFP)."""
+    dataset = "CMR"
+    n_sv = 1000
+
+
+@ex.named_config
+def setting1():
+    """Setting 1: test classes may appear in training slices (supervoxel pseudo-labels)."""
+    setting = 1
+
+
+@ex.named_config
+def setting2():
+    """Setting 2: training slices that hold a test class are removed (exclude_label = test_label)."""
+    setting = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+def _expect(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def check_writable_dir(path: str | os.PathLike, key: str = "path.log_dir") -> Path:
+    """Create ``path`` if needed and prove that files can be written in it.
+
+    Raises:
+        ValueError: naming ``key`` when the folder cannot be created or written.
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"{key}={str(path)!r} is not a writable folder ({err.__class__.__name__}: "
+            f"{err.strerror or err}); choose another one, e.g. {key}=./runs (LOG_DIR=... in scripts)"
+        ) from None
+    return folder
+
+
+def validate_config(config: Mapping[str, Any], command: str | None = None) -> None:
+    """Fail early, with the key and the fix, on values the pipeline cannot run with.
+
+    Args:
+        config: the flat Sacred config.
+        command: 'train', 'test' or None (command-specific checks are skipped).
+
+    Raises:
+        ValueError: an unsupported or unknown value, or an unwritable ``path.log_dir``.
+        FileNotFoundError: ``reload_model_path`` / ``resume`` names a path that does not exist.
+    """
+    for key in ("n_way", "n_query"):
+        _expect(config[key] == 1, f"{key}={config[key]!r} is not supported: only 1-way, 1-query "
+                                  f"episodes are implemented (classes are tested one at a time); set {key}=1")
+    choices = {"model": MODELS, "backbone": BACKBONES, "pretrained_weights": PRETRAINED,
+               "eval_mode": EVAL_MODES, "exclude_mode": EXCLUDE_MODES, "setting": SETTINGS_ALLOWED}
+    for key, allowed in choices.items():
+        _expect(config[key] in allowed, f"{key}={config[key]!r} is unknown: expected one of {list(allowed)}")
+    device = str(config["device"])
+    _expect(device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None,
+            f"device={device!r} is unknown: expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+    positive = ("n_steps", "n_shot", "n_part", "max_iters_per_load", "print_interval",
+                "save_snapshot_every", "test_batch_size", "min_size")
+    for key in positive:
+        _expect(isinstance(config[key], int) and config[key] >= 1,
+                f"{key}={config[key]!r}: expected an integer >= 1")
+    for key in ("keep_snapshots", "n_overlay_slices", "num_workers", "eval_fold", "supp_idx"):
+        _expect(isinstance(config[key], int) and config[key] >= 0,
+                f"{key}={config[key]!r}: expected an integer >= 0")
+    for key in ("test_label", "exclude_label"):
+        value = config[key]
+        _expect(value is None or (isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value)),
+                f"{key}={value!r}: expected None or a list of integer class ids, e.g. {key}=[1,2,3,4]")
+    if command == "train":
+        _expect(config["model"] != "copy_support",
+                "model='copy_support' is a test-time baseline without parameters: run test.py with it")
+        if config["resume"] is not None and not Path(config["resume"]).exists():
+            raise FileNotFoundError(f"resume={config['resume']!r} does not exist: pass a training run "
+                                    f"folder or a snapshot file (<run>/snapshots/*.pth)")
+    if command == "test" and config["model"] != "copy_support":
+        if config["reload_model_path"] is None:
+            raise ValueError("reload_model_path is not set: pass reload_model_path=<training run folder "
+                             "or snapshot .pth> (or model=copy_support for the baseline)")
+        if not Path(config["reload_model_path"]).exists():
+            raise FileNotFoundError(f"reload_model_path={config['reload_model_path']!r} does not exist: "
+                                    f"pass a training run folder or a snapshot file")
+    check_writable_dir(config["path"]["log_dir"])
+
+
+@ex.config_hook
+def _validate(config: dict, command_name: str, logger) -> dict:
+    """Sacred config hook: validate before any folder or model is created."""
+    validate_config(config, command_name if command_name in ("train", "test") else None)
+    return {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders
+# ----------------------------------------------------------------------------------------------
+def run_name(config: Mapping[str, Any], command: str) -> str:
+    """``<command>_<dataset>_setting<k>_fold<f>`` (+ ``_supp<i>`` for test runs)."""
+    name = f"{command}_{config['dataset']}_setting{config['setting']}_fold{config['eval_fold']}"
+    if command == "test":
+        name += f"_supp{config['supp_idx']}"
+    return name
+
+
+class RunFolderObserver(FileStorageObserver):
+    """Sacred file observer whose run folder is named from the config, never reusing a folder.
+
+    The folder is ``<path.log_dir>/<run_name>``; when it exists, ``<run_name>_2``, ``_3`` ... is
+    taken (created with ``mkdir``, so two runs started at once cannot share a folder).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(basedir=".")
+
+    def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+        base = Path(config["path"]["log_dir"])
+        self.basedir = str(base)
+        self.resource_dir = base / "_resources"
+        self.source_dir = base / "_sources"
+        name = run_name(config, command)
+        for index in range(1, 10_000):
+            candidate = name if index == 1 else f"{name}_{index}"
+            if (base / candidate).exists():
+                continue
+            try:
+                return super().started_event(ex_info, command, host_info, start_time, config,
+                                             meta_info, candidate)
+            except FileExistsError:  # taken by a concurrent run between the check and mkdir
+                continue
+        raise RuntimeError(f"no free run folder name for {name!r} under {base}")
+
+
+ex.observers.append(RunFolderObserver())

@@ -1,0 +1,287 @@
+#!/usr/bin/env python
+"""Evaluate a trained model (or the copy-support baseline) with the FSMIS protocol on one fold.
+
+    python test.py with abd_mri eval_fold=0 reload_model_path=runs/train_CHAOST2_setting1_fold0
+    python test.py with abd_mri eval_fold=0 reload_model_path=runs/.../snapshots/final.pth supp_idx=1
+    python test.py with abd_mri eval_fold=0 model=copy_support          # baseline, no network
+
+Protocol (``eval_mode='protocol'``, QAMP_REFERENCE section 5): support = the fold's scan at position
+``supp_idx``; for each class of ``test_label``, the support slices at 1/6, 1/2, 5/6 of its slices
+holding the class; each other fold scan is a query, keeping only its slices holding the class (this
+uses the query's labels, as every published table does), split into ``n_part`` chunks; chunk k is
+segmented with support slice k. ``eval_mode='all_slices'`` segments every query slice instead.
+
+Per chunk the support is encoded once (``model.encode_support``) and its query slices go through
+``model.segment`` in batches of ``test_batch_size``. Prototype sampling draws from one generator per
+class, seeded by (seed, class id): the numbers of a class do not depend on which other classes are
+tested, and two runs with the same seed give identical numbers.
+``model='copy_support'`` pastes the support mask of the matching chunk onto every query slice.
+
+Outputs, in the run folder ``<path.log_dir>/test_<dataset>_setting<k>_fold<f>_supp<i>[_n]``:
+- ``scores.csv``: one row per query scan and class: fold, supp_idx, seed, scan, class, class_name,
+  dice, iou, tp, fp, fn, slices (3D counts over the evaluated slices; see utils.metrics for the
+  empty-mask rule);
+- ``summary.json``: per class mean and std (population, ddof 0) of Dice / IoU over query scans,
+  and the overall mean over classes;
+- ``predictions/scan<id>_class<c>_<NAME>.nii.gz``: one file per query scan and class, uint8 with
+  values {0, c} (c = class id), on the query scan's grid (spacing, origin, direction copied), zero on
+  slices that were not evaluated;
+- ``overlays/scan<id>_class<c>_z<z>.png``: ``n_overlay_slices`` slices per scan and class (support
+  slice + mask, query, ground truth, prediction, QPG prior);
+- Sacred's files and ``logger.log``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from config import ex
+from train import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
+from utils.io import write_image, write_json, write_text
+from utils.metrics import overlap
+from utils.plots import plot_overlay
+from utils.snapshot import find_snapshot, load_snapshot
+
+# Config keys that shape the network's parameters: a snapshot must have been trained with the same.
+ARCHITECTURE_KEYS = ("model", "backbone", "feature_dim", "n_mlp_fg", "n_mlp_bg", "dataset")
+CSV_COLUMNS = ("fold", "supp_idx", "seed", "scan", "class", "class_name", "dice", "iou", "tp", "fp",
+               "fn", "slices")
+
+
+@dataclass
+class ScanResult:
+    """One row of ``scores.csv``."""
+
+    fold: int
+    supp_idx: int
+    seed: int
+    scan: int
+    class_id: int
+    class_name: str
+    dice: float
+    iou: float
+    tp: int
+    fp: int
+    fn: int
+    slices: int
+
+    def row(self) -> list[Any]:
+        values = asdict(self)
+        values["class"] = values.pop("class_id")
+        return [values[c] for c in CSV_COLUMNS]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+def load_model(config: Mapping[str, Any], image_size: int, device: torch.device,
+               log: logging.Logger) -> tuple[torch.nn.Module | None, Path | None]:
+    """Build the model of ``config`` and load ``reload_model_path`` into it (None for copy_support).
+
+    Raises:
+        FileNotFoundError: no snapshot at ``reload_model_path``.
+        ValueError: the snapshot's tensors do not fit this model (another backbone, image size or
+            head); the message lists the differing tensors and config keys.
+    """
+    if config["model"] == "copy_support":
+        return None, None
+    from models import build_model, check_state_dict
+
+    path = find_snapshot(config["reload_model_path"], which="final")
+    snapshot = load_snapshot(path)
+    model = build_model(config, image_size)
+    try:
+        check_state_dict(model, snapshot["model"], source=str(path))
+    except ValueError as err:
+        trained = snapshot.get("config", {})
+        differing = [f"{k}={trained[k]!r} (this run: {config[k]!r})" for k in ARCHITECTURE_KEYS
+                     if k in trained and trained[k] != config[k]]
+        hint = (f"; the snapshot was trained with {', '.join(differing)}: test with the same values"
+                if differing else "")
+        raise ValueError(f"reload_model_path={str(path)!r} does not fit the model built from this "
+                         f"config (image size {image_size}): {err}{hint}") from None
+    model.load_state_dict(snapshot["model"])
+    log.info(f"loaded {path} (step {snapshot.get('step', 'unknown')})")
+    return model.to(device).eval(), path
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction
+# ----------------------------------------------------------------------------------------------
+def support_inputs(support, z: int, class_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support slice ``z`` as ``(1, 1, 3, H, W)`` image and ``(1, 1, H, W)`` {0, 1} mask of the class."""
+    from dataloaders.test_dataset import to_model_input
+
+    image = to_model_input(support.image[[z]]).unsqueeze(0).to(device)  # (1, 1, 3, H, W)
+    mask = torch.from_numpy((support.label[[z]] == class_id).astype(np.float32)).unsqueeze(0).to(device)
+    return image, mask
+
+
+@torch.inference_mode()
+def predict_scan(model: torch.nn.Module | None, tds, scan, class_id: int, batch_size: int,
+                 device: torch.device, generator: torch.Generator | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Segment class ``class_id`` in one query scan, chunk by chunk.
+
+    Returns:
+        ``(pred, prior, support_of)``: ``pred`` uint8 (Z, H, W) {0, 1}; ``prior`` float32 (Z, H, W)
+        QPG prior in [0, 1] (None for copy_support); ``support_of`` int (Z,) the support slice used
+        for each query slice, -1 where the slice was not segmented.
+    """
+    from dataloaders.test_dataset import to_model_input
+
+    depth = scan.image.shape[0]
+    pred = np.zeros(scan.image.shape, dtype=np.uint8)
+    prior = None if model is None else np.zeros(scan.image.shape, dtype=np.float32)
+    support_of = np.full(depth, -1, dtype=np.int64)
+    support_slices = tds.support_slices(class_id)
+    for chunk, support_z in zip(tds.query_chunks(scan, class_id), support_slices):
+        chunk = np.asarray(chunk, dtype=np.int64)
+        if chunk.size == 0:
+            continue
+        support_of[chunk] = support_z
+        if model is None:  # copy_support: the support mask pasted onto every slice of the chunk
+            pred[chunk] = (tds.support.label[support_z] == class_id).astype(np.uint8)
+            continue
+        supp_img, supp_mask = support_inputs(tds.support, support_z, class_id, device)
+        state = model.encode_support(supp_img, supp_mask, generator=generator)
+        for start in range(0, chunk.size, batch_size):
+            zs = chunk[start:start + batch_size]
+            out = model.segment(state, to_model_input(scan.image[zs]).to(device), generator=generator)
+            pred[zs] = out["pred"].argmax(dim=1).to(torch.uint8).cpu().numpy()  # (N, H, W)
+            prior[zs] = out["prior"].float().cpu().numpy()
+    return pred, prior, support_of
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+def write_prediction(pred: np.ndarray, class_id: int, reference: sitk.Image, path: Path) -> None:
+    """Write a {0, 1} prediction as a uint8 {0, class_id} NIfTI on ``reference``'s grid."""
+    image = sitk.GetImageFromArray((pred * np.uint8(class_id)).astype(np.uint8))
+    image.CopyInformation(reference)
+    write_image(image, path)
+
+
+def write_overlays(folder: Path, tds, scan, class_id: int, pred: np.ndarray, prior: np.ndarray | None,
+                   support_of: np.ndarray, n_slices: int) -> None:
+    """Overlay PNGs for ``n_slices`` evenly spaced segmented slices of the scan."""
+    segmented = np.flatnonzero(support_of >= 0)
+    if n_slices == 0 or segmented.size == 0:
+        return
+    picks = segmented[np.unique(np.linspace(0, segmented.size - 1, n_slices).round().astype(int))]
+    for z in picks:
+        sz = int(support_of[z])
+        plot_overlay(folder / f"scan{scan.scan_id}_class{class_id}_z{z}.png",
+                     support_image=tds.support.image[sz], support_mask=tds.support.label[sz] == class_id,
+                     query_image=scan.image[z], ground_truth=scan.label[z] == class_id,
+                     prediction=pred[z], prior=None if prior is None else prior[z],
+                     title=f"scan {scan.scan_id}, class {class_id}, query z={z}, support z={sz}")
+
+
+def write_scores(path: Path, results: list[ScanResult]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(r.row() for r in results)
+    write_text(path, buffer.getvalue())
+
+
+def summarize(results: list[ScanResult], header: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-class mean / std (ddof 0) over query scans and the mean over classes; ``nan`` scores
+    (both masks empty, see utils.metrics) are left out and counted."""
+    classes: dict[str, Any] = {}
+    for class_id in dict.fromkeys(r.class_id for r in results):
+        rows = [r for r in results if r.class_id == class_id]
+        dice = np.array([r.dice for r in rows], dtype=np.float64)
+        iou = np.array([r.iou for r in rows], dtype=np.float64)
+        defined = ~np.isnan(dice)
+        classes[str(class_id)] = {
+            "name": rows[0].class_name,
+            "dice_mean": float(dice[defined].mean()) if defined.any() else None,
+            "dice_std": float(dice[defined].std()) if defined.any() else None,
+            "iou_mean": float(iou[defined].mean()) if defined.any() else None,
+            "iou_std": float(iou[defined].std()) if defined.any() else None,
+            "n_scans": int(defined.sum()), "n_undefined": int((~defined).sum())}
+    dice_means = [c["dice_mean"] for c in classes.values() if c["dice_mean"] is not None]
+    iou_means = [c["iou_mean"] for c in classes.values() if c["iou_mean"] is not None]
+    return {**header, "classes": classes,
+            "mean_dice": float(np.mean(dice_means)) if dice_means else None,
+            "mean_iou": float(np.mean(iou_means)) if iou_means else None}
+
+
+@ex.command
+def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, Any]:
+    """Run the protocol over ``test_label``; returns the run folder and the summary."""
+    from dataloaders.datasets import get_dataset
+    from dataloaders.test_dataset import TestDataset
+    from models import make_generator
+
+    folder = run_folder(_run)
+    handler = attach_log_file(_log, folder / "logger.log")
+    try:
+        device = resolve_device(_config["device"])
+        set_determinism(_config["deterministic"])
+        torch.manual_seed(_config["seed"])
+        spec = get_dataset(_config["dataset"], _config["data_dir"])
+        test_label, _ = resolve_labels(_config, spec)
+        model, snapshot = load_model(_config, spec.image_size, device, _log)
+        tds = TestDataset(_config["dataset"], _config["data_dir"], _config["eval_fold"], _config["supp_idx"],
+                          test_label, n_part=_config["n_part"], eval_mode=_config["eval_mode"])
+        _log.info(f"run folder {folder}; device {device}; support scan {tds.support.scan_id}; "
+                  f"queries {[q.scan_id for q in tds.queries]}; classes {test_label}")
+        (folder / "predictions").mkdir()
+        (folder / "overlays").mkdir()
+
+        results: list[ScanResult] = []
+        for class_id in test_label:
+            name = spec.label_names[class_id]
+            generator = None if model is None else make_generator(_config["seed"], class_id, device=device)
+            for scan in tds.queries:
+                pred, prior, support_of = predict_scan(model, tds, scan, class_id, _config["test_batch_size"],
+                                                       device, generator)
+                evaluated = support_of >= 0
+                scores = overlap(pred[evaluated], scan.label[evaluated] == class_id)
+                results.append(ScanResult(_config["eval_fold"], _config["supp_idx"], _config["seed"],
+                                          scan.scan_id, class_id, name, scores.dice, scores.iou,
+                                          scores.tp, scores.fp, scores.fn, int(evaluated.sum())))
+                _log.info(f"class {class_id} {name}, scan {scan.scan_id}: dice {scores.dice:.4f} "
+                          f"({int(evaluated.sum())} slices)")
+                write_prediction(pred, class_id, scan.reference,
+                                 folder / "predictions" / f"scan{scan.scan_id}_class{class_id}_{name}.nii.gz")
+                write_overlays(folder / "overlays", tds, scan, class_id, pred, prior, support_of,
+                               _config["n_overlay_slices"])
+            class_dice = [r.dice for r in results if r.class_id == class_id]
+            _log.info(f"class {class_id} {name}: mean dice {np.nanmean(class_dice):.4f}")
+
+        header = {"dataset": _config["dataset"], "fold": _config["eval_fold"], "supp_idx": _config["supp_idx"],
+                  "seed": _config["seed"], "model": _config["model"], "eval_mode": _config["eval_mode"],
+                  "n_part": _config["n_part"], "support_scan": tds.support.scan_id,
+                  "snapshot": None if snapshot is None else str(snapshot), "std": "population (ddof 0) over scans"}
+        summary = summarize(results, header)
+        write_scores(folder / "scores.csv", results)
+        write_json(folder / "summary.json", summary)
+        _log.info(f"mean dice over classes {summary['mean_dice']}; outputs in {folder}")
+        return {"run_dir": str(folder), "mean_dice": summary["mean_dice"], "test_label": test_label}
+    finally:
+        _log.removeHandler(handler)
+        handler.close()
+
+
+def main(argv: list[str]) -> None:
+    """``python test.py [with KEY=VALUE ...]``: the ``test`` command is implied."""
+    if len(argv) == 1 or argv[1] == "with" or argv[1].startswith("-"):
+        argv = [argv[0], "test", *argv[1:]]
+    ex.run_commandline(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,255 @@
+"""End-to-end pipeline tests: train.py -> snapshot -> test.py on real CHAOS, resume, determinism, errors.
+
+To stay fast on a 2-core CPU the trained model is a ResNet-50 QAMP at 64 x 64: the CHAOS T2 scans
+(real data) are block-averaged 4 x 4 in-plane (labels and the published supervoxels sampled at the
+block centres, spacing x 4) into a custom dataset folder; folds follow the same rule as CHAOST2.
+The copy-support baseline runs on the native 256 x 256 CHAOST2 files.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from config import ex  # noqa: E402
+import train as train_script  # noqa: E402,F401  (registers the 'train' command)
+from utils.snapshot import load_snapshot  # noqa: E402
+
+# test.py shares its module name with the standard library's `test` package: load it by path.
+_spec = importlib.util.spec_from_file_location("qamp_test_script", REPO / "test.py")
+test_script = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = test_script
+_spec.loader.exec_module(test_script)
+
+FACTOR = 4  # in-plane downsampling of the CHAOS scans (256 -> 64)
+CHAOS_LABELS = {"1": "LIVER", "2": "RK", "3": "LK", "4": "SPLEEN"}
+TEST_CLASS = 2  # right kidney: few slices per scan, so test runs are short
+
+
+def _downsample(image: sitk.Image, average: bool) -> sitk.Image:
+    array = sitk.GetArrayFromImage(image)  # (Z, Y, X)
+    z, y, x = array.shape
+    if average:
+        small = array.reshape(z, y // FACTOR, FACTOR, x // FACTOR, FACTOR).mean(axis=(2, 4)).astype(np.float32)
+    else:
+        small = array[:, FACTOR // 2::FACTOR, FACTOR // 2::FACTOR].astype(np.int32)
+    out = sitk.GetImageFromArray(small)
+    spacing = np.array(image.GetSpacing())
+    new_spacing = spacing * np.array([FACTOR, FACTOR, 1.0])
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    shift = direction @ ((new_spacing - spacing) / 2)  # keep the physical extent: centre of the block
+    out.SetSpacing(tuple(new_spacing))
+    out.SetOrigin(tuple(np.array(image.GetOrigin()) + shift))
+    out.SetDirection(image.GetDirection())
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_chaos(tmp_path_factory, chaos_dir: Path, chaos_sv_dir: Path) -> Path:
+    """CHAOST2 at 64 x 64 as a custom dataset (image_/label_ files, supervoxels_5000/, dataset.json)."""
+    root = tmp_path_factory.mktemp("chaos64")
+    (root / "supervoxels_5000").mkdir()
+    for path in sorted(chaos_dir.glob("image_*.nii.gz")):
+        scan_id = path.name[len("image_"):-len(".nii.gz")]
+        sitk.WriteImage(_downsample(sitk.ReadImage(str(path)), True), str(root / path.name))
+        label = sitk.ReadImage(str(chaos_dir / f"label_{scan_id}.nii.gz"))
+        sitk.WriteImage(sitk.Cast(_downsample(label, False), sitk.sitkUInt8), str(root / f"label_{scan_id}.nii.gz"))
+        sv = sitk.ReadImage(str(chaos_sv_dir / f"superpix-MIDDLE_{scan_id}.nii.gz"))
+        sitk.WriteImage(_downsample(sv, False), str(root / "supervoxels_5000" / f"superpix-MIDDLE_{scan_id}.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps(
+        {"name": "chaos64", "modality": "MR", "labels": CHAOS_LABELS, "test_labels": [1, 2, 3, 4],
+         "n_sv": 5000, "image_size": 256 // FACTOR}))
+    return root
+
+
+def base_config(data_dir: Path, log_dir: Path, **updates) -> dict:
+    config = {"dataset": "custom", "data_dir": str(data_dir), "backbone": "resnet50",
+              "pretrained_weights": "none", "device": "cpu", "num_workers": 0, "min_size": 20,
+              "n_steps": 4, "save_snapshot_every": 2, "print_interval": 1, "max_iters_per_load": 2,
+              "test_label": [TEST_CLASS], "n_overlay_slices": 1, "test_batch_size": 4,
+              "path": {"log_dir": str(log_dir)}}
+    config.update(updates)
+    return config
+
+
+def run(command: str, **config):
+    return ex.run(command_name=command, config_updates=config).result
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(small_chaos: Path, tmp_path_factory) -> dict:
+    """A 4-step training run (snapshots after step 2 and at the end)."""
+    log_dir = tmp_path_factory.mktemp("runs")
+    return run("train", **base_config(small_chaos, log_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+def test_training_writes_run_folder_and_full_snapshots(trained: dict) -> None:
+    folder = Path(trained["run_dir"])
+    assert folder.name == "train_custom_setting1_fold0"
+    for name in ("config.json", "run.json", "cout.txt", "metrics.json", "logger.log", "loss_curve.png"):
+        assert (folder / name).is_file(), name
+    assert sorted(p.name for p in (folder / "snapshots").iterdir()) == ["final.pth", "step_0000002.pth"]
+    snap = load_snapshot(folder / "snapshots" / "final.pth")
+    assert snap["step"] == 4 and snap["final"] is True
+    assert {"model", "optimizer", "scheduler", "rng", "generator", "history", "config"} <= set(snap)
+    losses = snap["history"]["loss"]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    # StepLR: lr x gamma every max_iters_per_load (= 2) steps
+    assert snap["scheduler"]["last_epoch"] == 4
+    lr = snap["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(1e-3 * 0.98 ** 2)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["loss"]["values"] == pytest.approx(losses)
+    assert {"query_loss", "lr"} <= set(metrics)
+    assert "step 4" in (folder / "logger.log").read_text()
+
+
+def test_test_run_writes_scores_summary_and_geometry(trained: dict, small_chaos: Path, tmp_path: Path) -> None:
+    result = run("test", **base_config(small_chaos, tmp_path, reload_model_path=trained["run_dir"]))
+    folder = Path(result["run_dir"])
+    assert folder.name == "test_custom_setting1_fold0_supp2"
+    rows = read_rows(folder / "scores.csv")
+    assert list(rows[0]) == list(test_script.CSV_COLUMNS)
+    assert len(rows) == 4  # fold 0 = 5 scans, one of them the support
+    summary = json.loads((folder / "summary.json").read_text())
+    dice = [float(r["dice"]) for r in rows]
+    assert summary["classes"][str(TEST_CLASS)]["dice_mean"] == pytest.approx(np.mean(dice))
+    assert summary["classes"][str(TEST_CLASS)]["dice_std"] == pytest.approx(np.std(dice))
+    assert summary["mean_dice"] == pytest.approx(np.mean(dice))
+    for row in rows:
+        scan = row["scan"]
+        query = sitk.ReadImage(str(small_chaos / f"image_{scan}.nii.gz"))
+        pred_image = sitk.ReadImage(str(folder / "predictions" / f"scan{scan}_class{TEST_CLASS}_RK.nii.gz"))
+        assert pred_image.GetSize() == query.GetSize()
+        assert pred_image.GetSpacing() == pytest.approx(query.GetSpacing())
+        assert pred_image.GetOrigin() == pytest.approx(query.GetOrigin())
+        assert pred_image.GetDirection() == pytest.approx(query.GetDirection())
+        pred = sitk.GetArrayFromImage(pred_image)
+        assert set(np.unique(pred)) <= {0, TEST_CLASS}
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(small_chaos / f"label_{scan}.nii.gz"))) == TEST_CLASS
+        # protocol: only slices holding the class are segmented, so the 3D counts are whole-volume counts
+        assert int(row["tp"]) == np.count_nonzero((pred > 0) & truth)
+        assert int(row["fp"]) == np.count_nonzero((pred > 0) & ~truth)
+        assert int(row["fn"]) == np.count_nonzero((pred == 0) & truth)
+        assert int(row["slices"]) == np.count_nonzero(truth.any(axis=(1, 2)))
+        assert len(list((folder / "overlays").glob(f"scan{scan}_class{TEST_CLASS}_z*.png"))) == 1
+
+
+def test_same_seed_gives_identical_test_results(trained: dict, small_chaos: Path, tmp_path: Path) -> None:
+    config = base_config(small_chaos, tmp_path, reload_model_path=trained["snapshot"], test_batch_size=3)
+    first = Path(run("test", **config)["run_dir"])
+    second = Path(run("test", **config)["run_dir"])
+    assert second.name == first.name + "_2"  # never reuses a run folder
+    assert (first / "scores.csv").read_text() == (second / "scores.csv").read_text()
+    for path in sorted((first / "predictions").iterdir()):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(second / "predictions" / path.name)))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_continues_with_the_same_losses(trained: dict, small_chaos: Path, tmp_path: Path) -> None:
+    half = run("train", **base_config(small_chaos, tmp_path, n_steps=2))
+    resumed = run("train", **base_config(small_chaos, tmp_path, n_steps=4, resume=half["run_dir"]))
+    straight = load_snapshot(trained["snapshot"])
+    continued = load_snapshot(resumed["snapshot"])
+    assert continued["step"] == 4
+    assert continued["history"]["loss"] == straight["history"]["loss"]  # exact, step by step
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(continued["model"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_copy_support_on_native_chaos(chaos_dir: Path, tmp_path: Path) -> None:
+    data_root = chaos_dir.parents[1]
+    result = run("test", model="copy_support", dataset="CHAOST2", data_dir=str(data_root), test_label=[4],
+                 n_overlay_slices=0, device="cpu", path={"log_dir": str(tmp_path)})
+    folder = Path(result["run_dir"])
+    rows = read_rows(folder / "scores.csv")
+    assert [r["scan"] for r in rows] == ["1", "2", "5", "8"]  # fold 0 = ids 1 2 3 5 8, support 3
+    support = sitk.GetArrayFromImage(sitk.ReadImage(str(chaos_dir / "label_3.nii.gz"))) == 4
+    for row in rows:
+        query = sitk.ReadImage(str(chaos_dir / f"image_{row['scan']}.nii.gz"))
+        pred_image = sitk.ReadImage(str(folder / "predictions" / f"scan{row['scan']}_class4_SPLEEN.nii.gz"))
+        assert pred_image.GetSize() == query.GetSize()
+        assert pred_image.GetOrigin() == pytest.approx(query.GetOrigin())
+        assert pred_image.GetSpacing() == pytest.approx(query.GetSpacing())
+        pred = sitk.GetArrayFromImage(pred_image) > 0
+        # every segmented slice is one of the support's spleen masks
+        for z in np.flatnonzero(pred.any(axis=(1, 2))):
+            assert any(np.array_equal(pred[z], support[s]) for s in range(support.shape[0]))
+        assert 0.0 <= float(row["dice"]) <= 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one clear error each
+# ----------------------------------------------------------------------------------------------
+def test_missing_reload_model_path(small_chaos: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reload_model_path is not set"):
+        run("test", **base_config(small_chaos, tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run("test", **base_config(small_chaos, tmp_path, reload_model_path=str(tmp_path / "nope.pth")))
+
+
+def test_run_folder_without_final_snapshot(small_chaos: Path, tmp_path: Path) -> None:
+    (tmp_path / "run" / "snapshots").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no final snapshot"):
+        run("test", **base_config(small_chaos, tmp_path, reload_model_path=str(tmp_path / "run")))
+
+
+def test_snapshot_of_another_architecture(trained: dict, small_chaos: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="backbone='resnet50'"):
+        run("test", **base_config(small_chaos, tmp_path, reload_model_path=trained["snapshot"],
+                                  backbone="resnet101"))
+
+
+def test_snapshot_of_another_image_size(trained: dict, chaos_dir: Path, tmp_path: Path) -> None:
+    config = base_config(chaos_dir, tmp_path, reload_model_path=trained["snapshot"], dataset="CHAOST2")
+    with pytest.raises(ValueError, match="image size 256"):
+        run("test", **config)
+
+
+@pytest.mark.parametrize("key", ["n_way", "n_query"])
+def test_more_than_one_way_or_query_is_refused(key: str, small_chaos: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=f"{key}=2 is not supported"):
+        run("train", **base_config(small_chaos, tmp_path, **{key: 2}))
+
+
+def test_unwritable_log_dir(small_chaos: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="is not a writable folder"):
+        run("train", **base_config(small_chaos, blocker / "runs"))
+
+
+def test_unknown_value(small_chaos: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"model='unet' is unknown: expected one of \['qamp', 'adnet', 'copy_support'\]"):
+        run("train", **base_config(small_chaos, tmp_path, model="unet"))
+
+
+def test_setting2_run_name_and_exclusion(tmp_path: Path) -> None:
+    from config import run_name
+    from dataloaders.datasets import DATASETS
+
+    log_dir = {"path": {"log_dir": str(tmp_path)}}
+    config = ex.run("print_config", log_dir, named_configs=["abd_ct", "setting2"]).config
+    assert config["dataset"] == "SABS" and (config["tau_fg"], config["tau_bg"]) == (0.7, 0.6)
+    assert run_name(config, "train") == "train_SABS_setting2_fold0"
+    assert train_script.resolve_labels(config, DATASETS["SABS"]) == ([1, 2, 3, 6], [1, 2, 3, 6])
+    config = ex.run("print_config", log_dir, named_configs=["abd_mri"]).config
+    assert train_script.resolve_labels(config, DATASETS["CHAOST2"]) == ([1, 2, 3, 4], [])
