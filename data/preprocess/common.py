@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 from tqdm import tqdm
 
 from utils.io import write_image, write_json
@@ -39,6 +40,7 @@ MANIFEST_FORMAT = 1
 # recognises both.)
 CLASSMAP_RULE = "pixel_count"
 GEOMETRY_TOLERANCE = 1e-4  # mm / direction-cosine tolerance when comparing two grids
+_BOX_MARGIN = 2  # voxels of zeros kept around a class's bounding box when resampling it
 
 
 class PreprocessError(ValueError):
@@ -131,11 +133,8 @@ def window_to_uint8_range(image: sitk.Image, low: float, high: float,
     """Clip to ``[low, high]`` and scale linearly to ``[0, out_max]`` (float32)."""
     if not high > low:
         raise ValueError(f"intensity window: expected high > low, got [{low}, {high}]")
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
-    array = (np.clip(array, low, high) - np.float32(low)) * np.float32(out_max / (high - low))
-    out = sitk.GetImageFromArray(array)
-    out.CopyInformation(image)
-    return out
+    return sitk.IntensityWindowing(sitk.Cast(image, sitk.sitkFloat32), float(low), float(high),
+                                   0.0, float(out_max))
 
 
 def orientation_code(image: sitk.Image) -> str:
@@ -221,18 +220,56 @@ def resample_label(label: sitk.Image, grid: Grid) -> sitk.Image:
         return sitk.Image(label)
     src = sitk.GetArrayFromImage(label)
     out = np.zeros(tuple(reversed(grid.size)), dtype=src.dtype)  # (Z, Y, X)
-    for value in np.unique(src):
-        if value == 0:
+    if src.min() < 0:
+        raise ValueError(f"resample_label: expected non-negative label values, got {src.min()}")
+    boxes = ndimage.find_objects(src)  # the box of value v is boxes[v - 1] (None if absent)
+    for value, found in enumerate(boxes, start=1):
+        if found is None:
             continue
-        indicator = sitk.GetImageFromArray((src == value).astype(np.float32))
-        indicator.CopyInformation(label)
-        res = sitk.GetArrayFromImage(resample_image(indicator, grid))
-        out[np.rint(res) == 1] = value
+        # Only the class's bounding box (plus a zero margin, so the interpolation fades to 0 as it
+        # would on the full volume) is resampled, onto the part of the grid that box covers: the
+        # same result as full-volume resampling, far less work for small organs.
+        lo = np.maximum([sl.start - _BOX_MARGIN for sl in found], 0)
+        hi = np.minimum([sl.stop + _BOX_MARGIN for sl in found], src.shape)
+        box = src[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] == value
+        indicator = sitk.GetImageFromArray(box.astype(np.float32))
+        indicator.SetSpacing(label.GetSpacing())
+        indicator.SetDirection(label.GetDirection())
+        indicator.SetOrigin(label.TransformIndexToPhysicalPoint(
+            (int(lo[2]), int(lo[1]), int(lo[0]))))
+        sub, start = _sub_grid(grid, indicator)
+        if sub is None:
+            continue
+        res = np.rint(sitk.GetArrayFromImage(resample_image(indicator, sub))) == 1
+        z0, y0, x0 = start[2], start[1], start[0]
+        target = out[z0:z0 + res.shape[0], y0:y0 + res.shape[1], x0:x0 + res.shape[2]]
+        target[res] = value
     image = sitk.GetImageFromArray(out)
     image.SetOrigin(grid.origin)
     image.SetSpacing(grid.spacing)
     image.SetDirection(grid.direction)
     return image
+
+
+def _sub_grid(grid: Grid, image: sitk.Image) -> tuple[Grid | None, tuple[int, int, int]]:
+    """The part of ``grid`` (plus one voxel) covering ``image``'s extent, and its start index.
+
+    Returns ``(None, ...)`` when the image lies outside the grid.
+    """
+    direction = np.array(grid.direction).reshape(3, 3)
+    spacing, origin = np.array(grid.spacing), np.array(grid.origin)
+    size = np.array(image.GetSize())
+    corners = np.array([[cx, cy, cz] for cx in (-0.5, size[0] - 0.5) for cy in (-0.5, size[1] - 0.5)
+                        for cz in (-0.5, size[2] - 0.5)])
+    points = np.array([image.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
+    index = np.linalg.solve(direction, (points - origin).T).T / spacing  # continuous grid indices
+    start = np.maximum(np.floor(index.min(axis=0)).astype(int) - 1, 0)
+    stop = np.minimum(np.ceil(index.max(axis=0)).astype(int) + 2, np.array(grid.size))
+    if np.any(stop <= start):
+        return None, (0, 0, 0)
+    sub_origin = origin + direction @ (start * spacing)
+    return (Grid(tuple(int(n) for n in stop - start), grid.spacing, tuple(sub_origin.tolist()),
+                 grid.direction), tuple(int(i) for i in start))
 
 
 def center_crop_pad_xy(image: sitk.Image, size_xy: Sequence[int], pad_value: float) -> sitk.Image:

@@ -26,7 +26,7 @@ import SimpleITK as sitk
 
 from data.preprocess.common import (DATASETS, Case, Grid, PreprocessError, Processed,
                                     check_label_values, check_output_free, check_same_grid,
-                                    label_image, resample_image, resample_label,
+                                    label_dtype, label_image, resample_image, resample_label,
                                     window_to_uint8_range, write_dataset)
 from utils.io import read_volume
 
@@ -110,7 +110,7 @@ def process(case: Case, params: dict[str, Any]) -> Processed:
         raise PreprocessError(f"{label_path}: label values must be integers, got {values[:10]}")
     check_label_values(values.astype(int), SPEC.class_names, str(label_path),
                        "Is this a Synapse 13-organ label file?")
-    label = label_image(np.rint(label_array).astype(np.int64), label)
+    label = label_image(label_array.astype(label_dtype(values.astype(int).tolist())), label)
     low, high = params["hu_window"]
     windowed = window_to_uint8_range(image, low, high)
     grid = inplane_grid(image, params)
