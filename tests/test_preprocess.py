@@ -21,7 +21,8 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from data.preprocess import chaos, generic, sabs
 from data.preprocess.__main__ import main
-from data.preprocess.common import PreprocessError, standardize_mr
+from data.preprocess.common import (PreprocessError, grid_for_spacing, resample_image,
+                                    resample_label, standardize_mr)
 from data.preprocess.verify import verify_folder
 
 CHAOS_GREY = {1: 63, 2: 126, 3: 189, 4: 252}
@@ -223,6 +224,27 @@ def test_standardize_is_identity_on_a_real_chaost2_scan(chaos_dir: Path) -> None
     assert out_image.GetOrigin() == image.GetOrigin() and out_image.GetSpacing() == image.GetSpacing()
     assert not info["interpolated"]
     assert info["clip_threshold"] < array.max()  # the clip did act
+
+
+def test_resample_label_matches_full_volume_rule() -> None:
+    """Bounding-box per-class resampling == resampling each full-volume indicator (rint, higher
+    value wins), on an oblique grid with touching classes."""
+    rng = np.random.default_rng(0)
+    array = np.zeros((9, 40, 50), np.uint8)
+    array[2:7, 5:25, 5:30] = 1
+    array[3:6, 15:35, 20:45] = 3          # overlaps class 1's box: 3 wins where both round to 1
+    array[rng.random(array.shape) < 0.01] = 2
+    label = sitk_volume(array, (1.1, 0.9, 5.0), origin=(10.0, -5.0, 2.0),
+                        direction=(0.8, -0.6, 0.0, 0.6, 0.8, 0.0, 0.0, 0.0, 1.0))
+    grid = grid_for_spacing(label, (0.7, 0.7, 3.0))
+    expected = np.zeros(tuple(reversed(grid.size)), np.uint8)
+    for value in (1, 2, 3):
+        indicator = sitk.GetImageFromArray((array == value).astype(np.float32))
+        indicator.CopyInformation(label)
+        expected[np.rint(sitk.GetArrayFromImage(resample_image(indicator, grid))) == 1] = value
+    got = sitk.GetArrayFromImage(resample_label(label, grid))
+    np.testing.assert_array_equal(got, expected)
+    assert set(np.unique(got).tolist()) == {0, 1, 2, 3}
 
 
 # ----------------------------------------------------------------------------------------------
