@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 
 from data.preprocess.common import (DATASETS, Case, DatasetSpec, PreprocessError, Processed,
                                     check_label_values, check_output_free, check_same_grid,

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import SimpleITK as sitk
 
 from data.preprocess.common import (CLASSMAP_RULE, DATASETS, GEOMETRY_TOLERANCE, MANIFEST_NAME,
                                     PIXEL_COUNTS_NAME, DatasetSpec, Grid, orientation_code,
@@ -260,17 +259,29 @@ def _check_classmaps(folder: Path, spec: DatasetSpec | None, manifest: Mapping |
     return checks
 
 
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 3, 5] -> '0-3,5'."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(parts) or "-"
+
+
 def format_report(report: VerifyReport) -> str:
     """The report as a text table: one row per scan, then the folder-level checks."""
     head = f"{'id':>4}  {'Z x Y x X':<15} {'spacing (x,y,z) mm':<24} {'orient':<6} " \
-           f"{'labels':<28} {'fg voxels':>10}  status"
+           f"{'labels':<16} {'fg voxels':>10}  status"
     lines = [f"verify {report.folder}  (data set: {report.dataset})", head, "-" * len(head)]
     for row in report.rows:
         shape = " x ".join(str(s) for s in row.shape) if row.shape else "?"
         spacing = ", ".join(f"{s:g}" for s in row.spacing) if row.spacing else "?"
         status = "ok" if not row.problems else "FAIL: " + "; ".join(row.problems)
         lines.append(f"{row.scan_id:>4}  {shape:<15} {spacing:<24} {row.orientation:<6} "
-                     f"{str(row.label_values):<28} {row.foreground_voxels:>10}  {status}")
+                     f"{_ranges(row.label_values):<16} {row.foreground_voxels:>10}  {status}")
     lines.append("")
     for check in report.checks:
         lines.append(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
