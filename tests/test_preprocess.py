@@ -338,6 +338,8 @@ def test_generic_label_map_and_spacing(tmp_path: Path) -> None:
     label_array, _ = read(tmp_path / "out" / "pelvis_normalized" / "label_0.nii.gz")
     assert image_array.shape == (5, 96, 96) and image.GetSpacing() == pytest.approx((1.0, 1.0, 4.0))
     assert sorted(np.unique(label_array).tolist()) == [0, 1]
+    custom = json.loads((tmp_path / "out" / "pelvis_normalized" / "dataset.json").read_text())
+    assert custom == {"name": "pelvis", "modality": "MR", "labels": {"1": "CLASS_1"}, "image_size": 96}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,8 +94,8 @@ DATASETS: dict[str, DatasetSpec] = {
         min_tps=(1,)),
     "Prostate_MRI": DatasetSpec(
         "Prostate_MRI", "prostate_MR_normalized",
-        {0: "BG", 1: "Bladder", 2: "Bone", 3: "OI", 4: "TZ", 5: "CG", 6: "Rectum", 7: "SV",
-         8: "NB"},
+        {0: "BG", 1: "BLADDER", 2: "BONE", 3: "OBTURATOR_INTERNUS", 4: "TRANSITION_ZONE",
+         5: "CENTRAL_GLAND", 6: "RECTUM", 7: "SEMINAL_VESICLE", 8: "NEUROVASCULAR_BUNDLE"},
         inplane_size=None, spacing=(None, None, None), orientation=None, n_scans=40,
         min_tps=(1,)),
 }
@@ -444,12 +444,14 @@ def write_dataset(cases: Sequence[Case], process: Callable[[Case], Processed], *
                   spec: DatasetSpec, recipe: str, parameters: Mapping[str, Any],
                   raw: Path, min_tps: Sequence[int], overwrite: bool,
                   extra_manifest: Mapping[str, Any] | None = None,
+                  extra_json: Mapping[str, Any] | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Process every case and publish the output folder ``out`` in one rename.
 
     Files are written into ``.<name>.partial-<pid>`` beside ``out`` (each one atomically), the
     folder is verified, and only then renamed to ``out`` (an existing ``out`` is replaced only when
     ``overwrite``). On any error the partial folder is removed and ``out`` is left as it was.
+    ``extra_json`` maps file names to objects written beside the scans (e.g. ``dataset.json``).
 
     Returns:
         The manifest written to ``out/manifest.json``, plus ``_elapsed_s`` and ``_folder``.
@@ -514,6 +516,8 @@ def write_dataset(cases: Sequence[Case], process: Callable[[Case], Processed], *
             **(dict(extra_manifest) if extra_manifest else {}),
             "scans": scans,
         }
+        for name, content in (extra_json or {}).items():
+            write_json(partial / name, content)
         write_json(partial / MANIFEST_NAME, manifest)
         report = verify_folder(partial, spec)
         if not report.ok:

@@ -13,6 +13,9 @@ Presets:
   disk, 1.25 x 1.25 x 7.99 mm, 256 x 256.
 * ``Prostate_MRI`` (QAMP's pelvic set): class names and label set 0..8; give ``--spacing`` and the
   file patterns of your copy.
+
+Any other data set name writes a ``dataset.json`` (label names, image size) beside the scans, so the
+loaders' ``dataset='custom'`` reads the folder as it is.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from data.preprocess.common import (DATASETS, Case, DatasetSpec, PreprocessError
                                     label_image, reorient, standardize_mr, write_dataset)
 from utils.io import read_volume
 
+CUSTOM_SPEC_FILE = "dataset.json"  # read by dataloaders.datasets.load_custom_spec
 GENERIC_DEFAULTS: dict[str, Any] = {
     "image_pattern": r"(^|/)images?(Tr)?/(?P<id>[^/]+?)(_0000)?\.nii(\.gz)?$",
     "label_pattern": r"(^|/)labels?(Tr)?/(?P<id>[^/]+?)\.nii(\.gz)?$",
@@ -178,7 +182,14 @@ def run(raw: Path, out: Path, *, dataset: str = "custom", overwrite: bool = Fals
     check_output_free(final, overwrite)
     cases, id_map = discover(raw, params["image_pattern"], params["label_pattern"],
                              params["renumber"])
+    extra_json = None
+    if dataset not in DATASETS:  # the loaders' 'custom' dataset reads its label names from here
+        extra_json = {CUSTOM_SPEC_FILE: {
+            "name": dataset, "modality": "MR",
+            "labels": {str(v): name for v, name in spec.class_names.items() if v != 0},
+            **({"image_size": spec.inplane_size} if spec.inplane_size else {})}}
     return write_dataset(cases, lambda case: process(case, params, allowed), out=final, spec=spec,
                          recipe=f"generic_mr:{dataset}", parameters=params, raw=raw,
                          min_tps=tuple(min_tps or spec.min_tps), overwrite=overwrite,
-                         extra_manifest={"id_map": id_map}, progress=progress)
+                         extra_manifest={"id_map": id_map}, extra_json=extra_json,
+                         progress=progress)
