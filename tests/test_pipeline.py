@@ -2,8 +2,9 @@
 
 To stay fast on a 2-core CPU the trained model is a ResNet-50 QAMP at 64 x 64: the CHAOS T2 scans
 (real data) are block-averaged 4 x 4 in-plane (labels and the published supervoxels sampled at the
-block centres, spacing x 4) into a custom dataset folder; folds follow the same rule as CHAOST2.
-The copy-support baseline runs on the native 256 x 256 CHAOST2 files.
+block centres, spacing x 4) into a custom dataset folder whose test fold 0 is scans 1, 2, 3 (support
+3 at supp_idx 2, as in CHAOST2 fold 0; queries 1 and 2); training uses the other 17 scans.
+The copy-support baseline runs on the native 256 x 256 CHAOST2 files (fold 0, 4 queries).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ _spec.loader.exec_module(test_script)
 
 FACTOR = 4  # in-plane downsampling of the CHAOS scans (256 -> 64)
 CHAOS_LABELS = {"1": "LIVER", "2": "RK", "3": "LK", "4": "SPLEEN"}
+SMALL_FOLDS = [[1, 2, 3], [5, 8, 10], [13, 15, 19], [20, 21, 22], [31, 32, 33]]  # fold 0 = 3 scans
 TEST_CLASS = 2  # right kidney: few slices per scan, so test runs are short
 
 
@@ -69,7 +71,7 @@ def small_chaos(tmp_path_factory, chaos_dir: Path, chaos_sv_dir: Path) -> Path:
         sitk.WriteImage(_downsample(sv, False), str(root / "supervoxels_5000" / f"superpix-MIDDLE_{scan_id}.nii.gz"))
     (root / "dataset.json").write_text(json.dumps(
         {"name": "chaos64", "modality": "MR", "labels": CHAOS_LABELS, "test_labels": [1, 2, 3, 4],
-         "n_sv": 5000, "image_size": 256 // FACTOR}))
+         "n_sv": 5000, "image_size": 256 // FACTOR, "folds": SMALL_FOLDS}))
     return root
 
 
@@ -99,6 +101,13 @@ def trained(small_chaos: Path, tmp_path_factory) -> dict:
     return run("train", **base_config(small_chaos, log_dir))
 
 
+@pytest.fixture(scope="module")
+def tested(trained: dict, small_chaos: Path, tmp_path_factory) -> dict:
+    """test.py on the run folder of ``trained`` (class 2, queries 1 and 2)."""
+    log_dir = tmp_path_factory.mktemp("tests")
+    return run("test", **base_config(small_chaos, log_dir, reload_model_path=trained["run_dir"]))
+
+
 # ----------------------------------------------------------------------------------------------
 def test_training_writes_run_folder_and_full_snapshots(trained: dict) -> None:
     folder = Path(trained["run_dir"])
@@ -121,13 +130,12 @@ def test_training_writes_run_folder_and_full_snapshots(trained: dict) -> None:
     assert "step 4" in (folder / "logger.log").read_text()
 
 
-def test_test_run_writes_scores_summary_and_geometry(trained: dict, small_chaos: Path, tmp_path: Path) -> None:
-    result = run("test", **base_config(small_chaos, tmp_path, reload_model_path=trained["run_dir"]))
-    folder = Path(result["run_dir"])
+def test_test_run_writes_scores_summary_and_geometry(tested: dict, small_chaos: Path) -> None:
+    folder = Path(tested["run_dir"])
     assert folder.name == "test_custom_setting1_fold0_supp2"
     rows = read_rows(folder / "scores.csv")
     assert list(rows[0]) == list(test_script.CSV_COLUMNS)
-    assert len(rows) == 4  # fold 0 = 5 scans, one of them the support
+    assert [r["scan"] for r in rows] == ["1", "2"]  # fold 0 = scans 1, 2, 3; support 3
     summary = json.loads((folder / "summary.json").read_text())
     dice = [float(r["dice"]) for r in rows]
     assert summary["classes"][str(TEST_CLASS)]["dice_mean"] == pytest.approx(np.mean(dice))
@@ -152,10 +160,10 @@ def test_test_run_writes_scores_summary_and_geometry(trained: dict, small_chaos:
         assert len(list((folder / "overlays").glob(f"scan{scan}_class{TEST_CLASS}_z*.png"))) == 1
 
 
-def test_same_seed_gives_identical_test_results(trained: dict, small_chaos: Path, tmp_path: Path) -> None:
-    config = base_config(small_chaos, tmp_path, reload_model_path=trained["snapshot"], test_batch_size=3)
-    first = Path(run("test", **config)["run_dir"])
-    second = Path(run("test", **config)["run_dir"])
+def test_same_seed_gives_identical_test_results(trained: dict, tested: dict, small_chaos: Path) -> None:
+    first = Path(tested["run_dir"])
+    log_dir = first.parent  # same folder: the second run must get a new name
+    second = Path(run("test", **base_config(small_chaos, log_dir, reload_model_path=trained["snapshot"]))["run_dir"])
     assert second.name == first.name + "_2"  # never reuses a run folder
     assert (first / "scores.csv").read_text() == (second / "scores.csv").read_text()
     for path in sorted((first / "predictions").iterdir()):
@@ -253,3 +261,29 @@ def test_setting2_run_name_and_exclusion(tmp_path: Path) -> None:
     assert train_script.resolve_labels(config, DATASETS["SABS"]) == ([1, 2, 3, 6], [1, 2, 3, 6])
     config = ex.run("print_config", log_dir, named_configs=["abd_mri"]).config
     assert train_script.resolve_labels(config, DATASETS["CHAOST2"]) == ([1, 2, 3, 4], [])
+
+
+def test_test_script_finds_the_newest_finished_training_run(tmp_path: Path) -> None:
+    """scripts/test_*.sh pick, per fold, the run folder with the largest suffix holding final.pth."""
+    import os
+    import subprocess
+
+    for name, final in [("fold0", True), ("fold0_2", True), ("fold0_10", True), ("fold0_11", False)]:
+        snapshots = tmp_path / f"train_CHAOST2_setting2_{name}" / "snapshots"
+        snapshots.mkdir(parents=True)
+        if final:
+            (snapshots / "final.pth").write_bytes(b"")
+    env = {**os.environ, "PYTHON": "echo", "LOG_DIR": str(tmp_path), "SETTING": "2", "FOLDS": "0",
+           "SUPP_IDX": "1 2"}
+    out = subprocess.run(["bash", str(REPO / "scripts" / "test_abd_mri.sh"), "backbone=resnet50"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    commands = [line for line in out.splitlines() if line.startswith("test.py")]
+    assert len(commands) == 2
+    for supp, command in zip((1, 2), commands):
+        args = command.split()
+        assert args[:4] == ["test.py", "with", "abd_mri", "setting2"]
+        assert f"reload_model_path={tmp_path}/train_CHAOST2_setting2_fold0_10" in args
+        assert f"supp_idx={supp}" in args and "eval_fold=0" in args and args[-1] == "backbone=resnet50"
+    env["FOLDS"] = "1"
+    failed = subprocess.run(["bash", str(REPO / "scripts" / "test_abd_mri.sh")], env=env, capture_output=True, text=True)
+    assert failed.returncode == 1 and "no finished training run for fold 1" in failed.stderr
