@@ -226,6 +226,15 @@ def test_standardize_is_identity_on_a_real_chaost2_scan(chaos_dir: Path) -> None
     assert info["clip_threshold"] < array.max()  # the clip did act
 
 
+def test_resampling_keeps_the_field_of_view_without_zero_slices() -> None:
+    """39 slices x 9 mm -> round(45.6) = 46 slices at 7.7 mm; the last one lies just past the raw
+    extent and copies the nearest raw slice (the reference's int(x + 1) rule wrote a zero slice)."""
+    image = sitk_volume(np.full((39, 8, 8), 5.0, np.float32), (1.25, 1.25, 9.0))
+    grid = grid_for_spacing(image, (1.25, 1.25, 7.7))
+    assert grid.size == (8, 8, 46)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(resample_image(image, grid)), 5.0)
+
+
 def test_resample_label_matches_full_volume_rule() -> None:
     """Bounding-box per-class resampling == resampling each full-volume indicator (rint, higher
     value wins), on an oblique grid with touching classes."""

@@ -198,12 +198,17 @@ def grid_for_spacing(image: sitk.Image, spacing: Sequence[float | None],
 
 
 def resample_image(image: sitk.Image, grid: Grid, default_value: float = 0.0) -> sitk.Image:
-    """Linear resampling of ``image`` onto ``grid`` (no-op copy when it is already that grid)."""
+    """Linear resampling of ``image`` onto ``grid`` (no-op copy when it is already that grid).
+
+    Output voxels just outside the input's extent (the last one can be, by up to half an input
+    voxel, when ``round`` sizes an upsampled axis up) copy the nearest input voxel instead of
+    becoming ``default_value``: no artificial all-zero slice at the end of a volume.
+    """
     if grid.matches(image):
         return sitk.Image(image)
     return sitk.Resample(image, list(grid.size), sitk.Transform(), sitk.sitkLinear,
                          list(grid.origin), list(grid.spacing), list(grid.direction),
-                         float(default_value), image.GetPixelID())
+                         float(default_value), image.GetPixelID(), True)
 
 
 def resample_label(label: sitk.Image, grid: Grid) -> sitk.Image:
