@@ -100,3 +100,13 @@ def test_missing_or_foreign_paths(tmp_path: Path) -> None:
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(FileNotFoundError, match="no per-scan CSV"):
         summarize.find_csvs(tmp_path)
+
+
+def test_nan_rows_left_out_and_counted(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", "qamp", [(0, 2, 7, 1, 1, 0.8), (0, 2, 7, 2, 1, float("nan")),
+                                               (0, 2, 7, 3, 1, 0.4)])
+    methods = summarize.load_methods([str(run)])
+    entries, _ = summarize.summarize_method(methods["qamp"])
+    assert entries[1].mean == pytest.approx(0.6) and entries[1].n_scans == 2
+    markdown, _, _ = summarize.render(methods)
+    assert "1 undefined (nan) Dice row(s) left out" in markdown

@@ -17,6 +17,8 @@ the cross-validation folds of each fold's Dice):
   scans of the per-scan 3D Dice: ``D[r, c] = mean_s dice[r, s, c]``;
 * table entry ``mean = mean_r D[r, c]`` (every run weighs the same, whatever its number of queries);
   the ``Mean`` column is the same over ``M[r] = mean_c D[r, c]``;
+* rows whose Dice is ``nan`` (prediction and ground truth both empty, see utils.metrics) are left
+  out and counted in the footnote;
 * ``std`` is the sample standard deviation (ddof = 1) over runs of ``D[r, c]`` (``--std runs``),
   or over all per-scan Dice values of the class (``--std scans``). ``auto`` (default) uses runs when
   a method has at least two runs and scans otherwise; the Markdown footnote says which was used.
@@ -56,6 +58,7 @@ class Method:
     dice: dict[RunKey, dict[int, dict[int, float]]] = field(default_factory=lambda: defaultdict(dict))
     class_names: dict[int, str] = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)
+    n_undefined: int = 0  # rows with dice 'nan' (empty prediction and ground truth), left out
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -154,6 +157,9 @@ def _read_rows(csv_path: Path, method: Method) -> None:
             except ValueError as err:
                 raise ValueError(f"{csv_path}:{line}: cannot parse the row ({err}); expected integer "
                                  f"fold/supp_idx/seed/scan/class and a float dice") from None
+            if math.isnan(dice):  # both masks empty (utils.metrics): no score, as in test.py's summary
+                method.n_undefined += 1
+                continue
             per_scan = method.dice[key].setdefault(class_id, {})
             if scan in per_scan:
                 raise ValueError(
@@ -231,7 +237,9 @@ def render(methods: Mapping[str, Method], std_mode: str = "auto") -> tuple[str, 
         mean_entry = entries["mean"]
         n_scans = sum(len(set().union(*pc.values())) for pc in methods[name].dice.values())
         notes.append(f"{name}: {mean_entry.n_runs} run(s) (fold, supp_idx, seed), {n_scans} query "
-                     f"scan evaluations; std over {used}")
+                     f"scan evaluations; std over {used}"
+                     + (f"; {methods[name].n_undefined} undefined (nan) Dice row(s) left out"
+                        if methods[name].n_undefined else ""))
         for c in class_ids + ["mean"]:
             e = entries.get(c)
             if e is None:
