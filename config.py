@@ -72,7 +72,7 @@ def cfg():
     dataset = "CHAOST2"  # 'CHAOST2' (abdominal MRI), 'SABS' (abdominal CT), 'Prostate_MRI', 'CMR', 'custom'
     data_dir = "../shared/data"  # the image folder itself, or a root holding <dataset>/<folder>
     supervoxel_dir = None  # folder of superpix-MIDDLE_<id>.nii.gz; None = looked up next to the images
-    n_sv = 5000  # supervoxel-set name (supervoxels_<n_sv>); the reference uses 1000 for CMR
+    n_sv = None  # supervoxel folder supervoxels_<n_sv>; None = the dataset's (5000; CMR 1000; custom: dataset.json)
     use_gt = False  # train on ground-truth classes (minus exclude_label) instead of supervoxels
     setting = 1  # 1: test classes may appear in training slices; 2: slices holding them are removed
     test_label = None  # classes to evaluate (and to exclude in setting 2); None = the dataset's standard set
@@ -102,8 +102,8 @@ def cfg():
     n_edge = 50  # vectors drawn in the inner (fg) / outer (bg) edge band of the support mask
     edge_kernel = 3  # side of the square kernel of the edge-band erosion / dilation
     edge_iters = 2  # erosion / dilation iterations of the edge bands
-    tau_fg = 0.5  # prior threshold for query foreground samples (CT: 0.7)
-    tau_bg = 0.5  # threshold on 1 - prior for query background samples (CT: 0.6)
+    tau_fg = 0.7 if dataset == "SABS" else 0.5  # prior threshold for query foreground samples (CT 0.7, MR 0.5)
+    tau_bg = 0.6 if dataset == "SABS" else 0.5  # threshold on 1 - prior for query background samples (CT 0.6)
     cos_scaler = 20.0  # scale of the cosine similarity in the QPG prior
     prior_temperature = 0.5  # factor inside the sigmoid of the QPG prior
     dropout = 0.2  # dropout of the MLPs and decoders
@@ -138,30 +138,24 @@ def cfg():
 def abd_mri():
     """Abdominal MRI: CHAOS T2-SPIR, classes liver / right kidney / left kidney / spleen."""
     dataset = "CHAOST2"
-    n_sv = 5000
 
 
 @ex.named_config
 def abd_ct():
-    """Abdominal CT: Synapse multi-atlas (SABS), with the CT prior thresholds."""
+    """Abdominal CT: Synapse multi-atlas (SABS); the CT prior thresholds 0.7 / 0.6 follow from it."""
     dataset = "SABS"
-    n_sv = 5000
-    tau_fg = 0.7
-    tau_bg = 0.6
 
 
 @ex.named_config
 def prostate_mri():
     """Prostate MRI."""
     dataset = "Prostate_MRI"
-    n_sv = 5000
 
 
 @ex.named_config
 def cmr():
-    """Cardiac MRI (MS-CMRSeg bSSFP)."""
+    """Cardiac MRI (MS-CMRSeg bSSFP); supervoxels_1000 by the dataset's default."""
     dataset = "CMR"
-    n_sv = 1000
 
 
 @ex.named_config
@@ -221,6 +215,11 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
                "eval_mode": EVAL_MODES, "exclude_mode": EXCLUDE_MODES, "setting": SETTINGS_ALLOWED}
     for key, allowed in choices.items():
         _expect(config[key] in allowed, f"{key}={config[key]!r} is unknown: expected one of {list(allowed)}")
+    from dataloaders.datasets import CUSTOM, DATASETS
+
+    _expect(config["dataset"] in (*DATASETS, CUSTOM),
+            f"dataset={config['dataset']!r} is unknown: expected one of {[*DATASETS, CUSTOM]} ('custom' reads "
+            f"dataset.json from data_dir)")
     device = str(config["device"])
     _expect(device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None,
             f"device={device!r} is unknown: expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
@@ -229,6 +228,8 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
     for key in positive:
         _expect(isinstance(config[key], int) and config[key] >= 1,
                 f"{key}={config[key]!r}: expected an integer >= 1")
+    _expect(config["n_sv"] is None or (isinstance(config["n_sv"], int) and config["n_sv"] >= 1),
+            f"n_sv={config['n_sv']!r}: expected None (the dataset's) or an integer >= 1")
     for key in ("keep_snapshots", "n_overlay_slices", "num_workers", "eval_fold", "supp_idx"):
         _expect(isinstance(config[key], int) and config[key] >= 0,
                 f"{key}={config[key]!r}: expected an integer >= 0")

@@ -123,10 +123,10 @@ def build_dataset(config: Mapping[str, Any]):
 
 def episode_loader(dataset, start: int, n_steps: int, num_workers: int) -> DataLoader:
     """Episodes ``start .. n_steps - 1`` in order (index = global step), batch 1."""
-    from dataloaders.train_dataset import StepSampler
+    from dataloaders.train_dataset import StepSampler, worker_init_fn
 
     return DataLoader(dataset, batch_size=1, sampler=StepSampler(start, n_steps), num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available())
+                      worker_init_fn=worker_init_fn, pin_memory=torch.cuda.is_available())
 
 
 def build_optimizer(model: torch.nn.Module, config: Mapping[str, Any]):

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Test-time speed: seconds per query slice and per query volume, through test.py's own code path.
+
+For one class of one fold, each query volume is segmented exactly as ``test.py`` does it
+(``predict_scan``: support encoded once per chunk, query slices batched); the wall time of every
+volume is measured after one untimed warm-up volume. Prints ONE JSON line and writes
+``bench/results/test_volume.json`` (atomically).
+
+    python bench/test_volume.py                                   # reference settings: ResNet-101, 256 px
+    python bench/test_volume.py --backbone resnet50 --size 128 --queries 1   # small and quick
+
+Weights are random (``pretrained_weights='none'``) unless ``--snapshot`` is given: speed does not
+depend on them. ``--size`` other than the data's resizes the slices (bilinear) and labels (nearest)
+for timing only. The reference code takes about 7.2 s per query slice at 256 px with ResNet-101 on
+this 2-core machine (issue 4), the target is <= 3.6 s.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from utils.io import write_json  # noqa: E402
+
+REFERENCE_S_PER_SLICE = 7.2  # reference QAMP, ResNet-101, 256 x 256, 2 threads (issue 4)
+
+
+def load_test_script():
+    """test.py, loaded by path (its module name clashes with the standard library's ``test``)."""
+    spec = importlib.util.spec_from_file_location("qamp_test_script", REPO / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def resize_scan(scan, size: int) -> None:
+    """Resample a scan's slices to ``size x size`` in place (timing only)."""
+    image = torch.from_numpy(scan.image)[:, None]  # (Z, 1, H, W)
+    scan.image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=True)[:, 0].numpy()
+    label = torch.from_numpy(scan.label)[:, None].float()
+    scan.label = F.interpolate(label, size=(size, size), mode="nearest")[:, 0].long().numpy()
+
+
+def model_config(args: argparse.Namespace) -> dict:
+    """The default config of config.py with the benchmark's overrides."""
+    from config import cfg
+
+    return dict(cfg(fixed={"backbone": args.backbone, "pretrained_weights": "none", "model": args.model}))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="CHAOST2")
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--supp-idx", type=int, default=2)
+    parser.add_argument("--class-id", type=int, default=2, help="class to segment (CHAOST2 2 = right kidney)")
+    parser.add_argument("--queries", type=int, default=2, help="query volumes timed (after one warm-up)")
+    parser.add_argument("--model", default="qamp", choices=["qamp", "adnet"])
+    parser.add_argument("--backbone", default="resnet101", choices=["resnet101", "resnet50"])
+    parser.add_argument("--size", type=int, default=None, help="image size (default: the data's)")
+    parser.add_argument("--batch-size", type=int, default=16, help="query slices per batch (test_batch_size)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--snapshot", default=None, help="optional weights (a train.py snapshot)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "test_volume.json"))
+    args = parser.parse_args(argv)
+
+    from dataloaders.test_dataset import TestDataset
+    from models import build_model, make_generator
+    from utils.snapshot import find_snapshot, load_snapshot
+
+    test_script = load_test_script()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    tds = TestDataset(args.dataset, args.data_dir, args.fold, args.supp_idx, [args.class_id])
+    size = args.size or tds.spec.image_size
+    if size != tds.spec.image_size:
+        for scan in [tds.support, *tds.queries]:
+            resize_scan(scan, size)
+    if args.queries + 1 > len(tds.queries):
+        parser.error(f"--queries {args.queries}: fold {args.fold} has {len(tds.queries)} queries (one is the warm-up)")
+    model = build_model(model_config(args), size)
+    if args.snapshot:
+        model.load_state_dict(load_snapshot(find_snapshot(args.snapshot))["model"])
+    model = model.to(device).eval()
+    generator = make_generator(2025, args.class_id, device=device)
+
+    volume_s, slices = [], []
+    for i, scan in enumerate(tds.queries[: args.queries + 1]):
+        start = time.perf_counter()
+        _, _, support_of = test_script.predict_scan(model, tds, scan, args.class_id, args.batch_size, device, generator)
+        elapsed = time.perf_counter() - start
+        if i > 0:  # the first volume is the warm-up
+            volume_s.append(elapsed)
+            slices.append(int((support_of >= 0).sum()))
+    s_per_slice = sum(volume_s) / sum(slices)
+    result = {
+        "bench": "test_volume", "model": args.model, "backbone": args.backbone, "image_size": size,
+        "dataset": args.dataset, "fold": args.fold, "class_id": args.class_id, "batch_size": args.batch_size,
+        "n_part": tds.n_part, "volumes": len(volume_s), "slices": slices,
+        "s_per_volume": round(statistics.mean(volume_s), 3), "s_per_slice": round(s_per_slice, 3),
+        "reference_s_per_slice": REFERENCE_S_PER_SLICE if (args.backbone, size) == ("resnet101", 256) else None,
+        "device": str(device), "threads": args.threads, "cpu_count": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 2), "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
