@@ -23,7 +23,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import cv2  # noqa: E402
 import torch  # noqa: E402
 
 from dataloaders.train_dataset import TrainDataset  # noqa: E402
@@ -39,7 +38,6 @@ def main() -> None:
     args = parser.parse_args()
     data_dir = Path(args.data_dir)
     torch.set_num_threads(1)  # one worker's worth of compute
-    cv2.setNumThreads(1)
 
     start, start_cpu = time.perf_counter(), time.process_time()
     ds = TrainDataset("CHAOST2", data_dir, None, augment=True, num_threads=args.num_threads)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -152,12 +151,6 @@ def valid_windows(areas: np.ndarray, allowed: np.ndarray, length: int, min_size:
     if not starts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     return np.concatenate(starts), np.concatenate(columns), np.concatenate(weights)
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: one OpenCV thread per worker (the workers already run in
-    parallel). Episodes do not depend on it: they are seeded by (seed, step), not by the worker."""
-    cv2.setNumThreads(1)
 
 
 class StepSampler(Sampler[int]):

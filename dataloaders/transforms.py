@@ -6,15 +6,17 @@ displacement = Gaussian-blurred (sigma 5 px) U(-1, 1) noise times alpha 10. Ever
 transform takes an explicit ``numpy.random.Generator``; nothing draws from a global stream.
 
 The affine and the elastic field are composed into ONE sampling map and applied with
-``cv2.remap`` (bilinear for the image, nearest for the mask), so the mask is resampled once and
-stays binary. Pixels mapped from outside the slice get 0 (the z-score mean) and background.
+``scipy.ndimage.map_coordinates`` (bilinear for the image, nearest for the mask), so the mask is
+resampled once and stays binary. Pixels mapped from outside the slice get 0 (the z-score mean) and
+background. scipy rather than OpenCV: OpenCV's thread pool can deadlock in forked DataLoader
+workers, and these routines are single-threaded and fork-safe.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
+from scipy import ndimage
 
 
 def gamma_transform(image: np.ndarray, rng: np.random.Generator,
@@ -70,12 +72,12 @@ def random_elastic_field(rng: np.random.Generator, shape: tuple[int, int], alpha
                          sigma: float = 5.0) -> np.ndarray:
     """Elastic displacement field (Simard et al. 2003), 2 x H x W float32 (dx, dy) in pixels.
 
-    Each component is U(-1, 1) noise blurred by a Gaussian of std ``sigma`` (kernel ``int(4*sigma) | 1``,
-    as the reference) and scaled by ``alpha``.
+    Each component is U(-1, 1) noise blurred by a Gaussian of std ``sigma`` (kernel radius
+    ``int(4*sigma) // 2`` with mirrored borders, as the reference's OpenCV blur) and scaled by ``alpha``.
     """
-    ksize = int(4 * sigma) | 1
+    radius = (int(4 * sigma) | 1) // 2
     noise = rng.uniform(-1.0, 1.0, size=(2, *shape)).astype(np.float32)
-    field = np.stack([cv2.GaussianBlur(n, (ksize, ksize), sigmaX=sigma) for n in noise])
+    field = np.stack([ndimage.gaussian_filter(n, sigma, mode="mirror", radius=radius) for n in noise])
     field *= alpha
     return field
 
@@ -87,24 +89,26 @@ def warp_pair(image: np.ndarray, mask: np.ndarray, matrix: np.ndarray,
     Args:
         image: float32 H x W.
         mask: H x W integer/binary mask (nearest-neighbour resampling).
-        matrix: 2 x 3 forward affine (see :func:`random_affine_matrix`).
+        matrix: 2 x 3 forward affine in (x, y) = (column, row) pixel coordinates
+            (see :func:`random_affine_matrix`).
         field: optional 2 x H x W displacement (dx, dy) from :func:`random_elastic_field`.
     Returns:
         ``(image float32 H x W, mask of mask's dtype H x W)``.
     """
     h, w = image.shape
-    inverse = cv2.invertAffineTransform(matrix.astype(np.float64))
+    full = np.vstack([matrix, [0.0, 0.0, 1.0]])
+    inverse = np.linalg.inv(full)[:2]
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     if field is not None:
         xs = xs + field[0]
         ys = ys + field[1]
-    map_x = (inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]).astype(np.float32)
-    map_y = (inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]).astype(np.float32)
-    out_image = cv2.remap(image.astype(np.float32, copy=False), map_x, map_y, cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    out_mask = cv2.remap(mask.astype(np.uint8, copy=False), map_x, map_y, cv2.INTER_NEAREST,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return out_image, out_mask.astype(mask.dtype, copy=False)
+    src_x = inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]
+    src_y = inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]
+    coords = np.stack([src_y, src_x])  # (2, H, W) in (row, column) order
+    out_image = ndimage.map_coordinates(image.astype(np.float32, copy=False), coords, order=1,
+                                        mode="constant", cval=0.0)
+    out_mask = ndimage.map_coordinates(mask, coords, order=0, mode="constant", cval=0)
+    return out_image.astype(np.float32, copy=False), out_mask.astype(mask.dtype, copy=False)
 
 
 @dataclass(frozen=True)

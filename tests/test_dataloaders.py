@@ -23,7 +23,7 @@ from dataloaders.datasets import (
     resolve_image_dir,
 )
 from dataloaders.test_dataset import TestDataset, chunk_bounds, support_fractions, to_model_input
-from dataloaders.train_dataset import StepSampler, TrainDataset, excluded_slices, valid_windows, worker_init_fn
+from dataloaders.train_dataset import StepSampler, TrainDataset, excluded_slices, valid_windows
 from dataloaders.transforms import AffineElastic, gamma_transform, random_affine_matrix, warp_pair
 
 CHAOS_IDS = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39]
@@ -267,8 +267,7 @@ def test_episodes_are_pure_in_seed_and_step_with_0_and_2_workers(chaos_train: Tr
     direct = [chaos_train.episode(step) for step in range(6)]
     _assert_same_episode(chaos_train[3], direct[3])
     for workers in (0, 2):
-        loader = DataLoader(chaos_train, batch_size=1, sampler=StepSampler(0, 6), num_workers=workers,
-                            worker_init_fn=worker_init_fn)
+        loader = DataLoader(chaos_train, batch_size=1, sampler=StepSampler(0, 6), num_workers=workers)
         for step, batch in enumerate(loader):
             assert batch["query_images"].shape == (1, 1, 3, 256, 256)
             _assert_same_episode(batch, direct[step])
