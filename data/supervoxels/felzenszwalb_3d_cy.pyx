@@ -36,7 +36,7 @@ from data.supervoxels.felzenszwalb_3d import EDGE_CLASSES, check_volume, class_r
 KERNEL_VERSION = 2
 EDGE_ORDERS = ("reference", "stable")
 # Above this many distinct intensities the level-pair cost table (levels**2 entries) gets too big
-# and every edge cost is computed and ranked instead.
+# and every edge cost is computed and ranked instead (slower, same result).
 MAX_LEVELS = 2048
 MAX_VOXELS = 1 << 28  # 28 bits of voxel index + 4 bits of class in the low word of an edge
 
@@ -312,6 +312,68 @@ cdef void _costs_and_edges(const double[::1] img, const double[::1] weights,
                     e += 1
 
 
+cdef Py_ssize_t _hash_levels(const double[::1] img, Py_ssize_t max_levels, uint16_t[::1] q,
+                             double[::1] levels, uint64_t[::1] table_bits,
+                             int32_t[::1] table_level, int table_log2) noexcept nogil:
+    """Distinct intensities by open-addressing hashing of their bit patterns (no sort).
+
+    Writes ``levels[q[v]] == img[v]`` and returns the number of levels, or -1 when there are more
+    than ``max_levels``. Levels come in order of first occurrence; equal values with different
+    bits (+0.0 / -0.0) become separate levels of equal value, which is harmless.
+    """
+    cdef Py_ssize_t v, n = img.shape[0], n_levels = 0
+    cdef uint64_t bits, last_bits = 0, h, mask = (<uint64_t>1 << table_log2) - 1
+    cdef int32_t slot, last_level = -1
+    for v in range(n):
+        bits = (<const uint64_t*>&img[v])[0]
+        if last_level >= 0 and bits == last_bits:
+            q[v] = <uint16_t>last_level
+            continue
+        h = (bits * <uint64_t>0x9E3779B97F4A7C15) >> (64 - table_log2)
+        while True:
+            slot = table_level[h]
+            if slot < 0:
+                if n_levels == max_levels:
+                    return -1
+                slot = <int32_t>n_levels
+                table_level[h] = slot
+                table_bits[h] = bits
+                levels[n_levels] = img[v]
+                n_levels += 1
+                break
+            if table_bits[h] == bits:
+                break
+            h = (h + 1) & mask
+        q[v] = <uint16_t>slot
+        last_bits = bits
+        last_level = slot
+    return n_levels
+
+
+def intensity_levels(image, Py_ssize_t max_levels=MAX_LEVELS):
+    """``(levels, q)`` with ``levels[q] == image.ravel()``, or ``None`` above ``max_levels``.
+
+    Args:
+        image: float64 C-contiguous array.
+        max_levels: at most 65535.
+
+    Returns:
+        float64 levels (first-occurrence order) and uint16 per-voxel level index, or None.
+    """
+    if not 0 < max_levels <= 65535:
+        raise ValueError(f"expected 0 < max_levels <= 65535, got {max_levels}")
+    flat = image.ravel()
+    table_log2 = max(int(4 * max_levels - 1).bit_length(), 4)  # load factor <= 1/4
+    q = np.empty(flat.size, dtype=np.uint16)
+    levels = np.empty(max_levels, dtype=np.float64)
+    table_bits = np.zeros(1 << table_log2, dtype=np.uint64)
+    table_level = np.full(1 << table_log2, -1, dtype=np.int32)
+    n_levels = _hash_levels(flat, max_levels, q, levels, table_bits, table_level, table_log2)
+    if n_levels < 0:
+        return None
+    return levels[:n_levels].copy(), q
+
+
 def edge_items(image, spacing, str order="reference"):
     """Every edge as ``key << 32 | first_voxel << 4 | class``, and the cost of each key.
 
@@ -332,9 +394,10 @@ def edge_items(image, spacing, str order="reference"):
     n_edges = int(np.prod(geom[:, :3], axis=1).sum())
     items = np.empty(n_edges, dtype=np.uint64)
 
-    levels, q = np.unique(image.ravel(), return_inverse=True)
-    L = len(levels)
-    if L <= MAX_LEVELS:
+    found = intensity_levels(image)
+    if found is not None:
+        levels, q16 = found
+        L = len(levels)
         # all level pairs i > j: their |difference| as the reference computes it (image[a] - image[b])
         i, j = np.tril_indices(L, -1)
         diffs, pair_index = np.unique(np.abs(levels[i] - levels[j]), return_inverse=True)
@@ -346,7 +409,6 @@ def edge_items(image, spacing, str order="reference"):
         table = np.sqrt(weights[:, None] * np.square(diffs)[None, :])  # (4, n_diffs)
         costs, rank = np.unique(table.ravel(), return_inverse=True)
         rank = np.ascontiguousarray(rank.reshape(table.shape), dtype=np.int32)
-        q16 = q.astype(np.uint16)
         dflat = dindex.ravel()
         count = np.zeros(len(costs) + 1, dtype=np.int64)
         _table_items(q16, L, dflat, rank, geom, Y, X, count, items, False)

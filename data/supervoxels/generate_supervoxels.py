@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
+import gzip
 import multiprocessing
 import os
 import re
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -34,6 +35,7 @@ from typing import Any, Callable, Sequence
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import nibabel
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
@@ -297,8 +299,44 @@ def check_dimension(path: Path, ndim: int, components: int, size: Sequence[int])
         )
 
 
+def check_complete(path: Path) -> None:
+    """Refuse truncated files: ITK reads a cut ``.nii.gz`` without error, the missing voxels 0.
+
+    Streams the decompressed bytes of ``.gz`` files and, for NIfTI, compares their number with the
+    size the header announces.
+    """
+    name = path.name.lower()
+    expected = None
+    if name.endswith((".nii", ".nii.gz")):
+        try:
+            header = nibabel.load(path)
+            expected = int(header.dataobj.offset) + header.get_data_dtype().itemsize * int(
+                np.prod(header.shape))
+        except Exception:  # nibabel raises many types for broken headers
+            expected = None  # SimpleITK's reader gives the error message
+    try:
+        if name.endswith(".gz"):
+            actual = 0
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    actual += len(chunk)
+        else:
+            actual = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as err:
+        raise SupervoxelError(
+            f"cannot read {path}: the file is truncated or corrupt ({err}). "
+            "Re-download or re-create it (see data/README.md), or move it out of the folder."
+        ) from None
+    if expected is not None and actual < expected:
+        raise SupervoxelError(
+            f"cannot read {path}: the file is truncated ({actual} of {expected} bytes). "
+            "Re-download or re-create it (see data/README.md), or move it out of the folder."
+        )
+
+
 def read_scan(path: Path) -> tuple[np.ndarray, sitk.Image]:
     """The voxel array ``Z x Y x X`` and its SimpleITK image, with SupervoxelError on bad files."""
+    check_complete(path)
     try:
         image = read_image(path)
     except (FileNotFoundError, ValueError) as err:
@@ -331,7 +369,10 @@ def process_scan(task: ScanTask) -> dict[str, Any]:
 
 def existing_row(task: ScanTask) -> dict[str, Any]:
     """Summary row of an output that is already there (kept, not recomputed)."""
-    array, _ = read_scan(task.out)
+    try:
+        array, _ = read_scan(task.out)
+    except SupervoxelError as err:
+        raise SupervoxelError(f"{err} It is an existing output: pass --overwrite to recompute it.")
     return {"id": task.scan_id, "image": task.image.name, "output": task.out.name,
             "status": "kept", "seconds": None, **supervoxel_stats(array)}
 
