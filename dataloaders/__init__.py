@@ -25,6 +25,7 @@ _EXPORTS = {
     "to_model_input": "dataloaders.test_dataset",
     "StepSampler": "dataloaders.train_dataset",
     "TrainDataset": "dataloaders.train_dataset",
+    "worker_init_fn": "dataloaders.train_dataset",
 }
 __all__ = sorted(_EXPORTS)
 

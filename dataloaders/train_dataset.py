@@ -19,6 +19,7 @@ global step (see :class:`StepSampler`).
 from __future__ import annotations
 
 import logging
+import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,21 @@ def valid_windows(areas: np.ndarray, allowed: np.ndarray, length: int, min_size:
     if not starts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     return np.concatenate(starts), np.concatenate(columns), np.concatenate(weights)
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed the worker's legacy global numpy and python RNGs from
+    torch's per-worker seed (PyTorch's reproducibility recipe).
+
+    Episodes do not use them (each draws from its own ``SeedSequence([seed, step])`` generator), but
+    forked workers otherwise share one numpy global state, so any code added to a worker that calls
+    ``np.random`` would repeat the same draws in every worker. torch's per-worker seed derives from
+    the main process's torch seed, so this stays a function of the run seed. Fork-safe (no thread
+    pools are touched).
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 class StepSampler(Sampler[int]):

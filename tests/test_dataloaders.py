@@ -23,7 +23,7 @@ from dataloaders.datasets import (
     resolve_image_dir,
 )
 from dataloaders.test_dataset import TestDataset, chunk_bounds, support_fractions, to_model_input
-from dataloaders.train_dataset import StepSampler, TrainDataset, excluded_slices, valid_windows
+from dataloaders.train_dataset import StepSampler, TrainDataset, excluded_slices, valid_windows, worker_init_fn
 from dataloaders.transforms import AffineElastic, gamma_transform, random_affine_matrix, warp_pair
 
 CHAOS_IDS = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39]
@@ -267,7 +267,8 @@ def test_episodes_are_pure_in_seed_and_step_with_0_and_2_workers(chaos_train: Tr
     direct = [chaos_train.episode(step) for step in range(6)]
     _assert_same_episode(chaos_train[3], direct[3])
     for workers in (0, 2):
-        loader = DataLoader(chaos_train, batch_size=1, sampler=StepSampler(0, 6), num_workers=workers)
+        loader = DataLoader(chaos_train, batch_size=1, sampler=StepSampler(0, 6), num_workers=workers,
+                            worker_init_fn=worker_init_fn)
         for step, batch in enumerate(loader):
             assert batch["query_images"].shape == (1, 1, 3, 256, 256)
             _assert_same_episode(batch, direct[step])
@@ -278,6 +279,28 @@ def test_episodes_are_pure_in_seed_and_step_with_0_and_2_workers(chaos_train: Tr
     other_seed = TrainDataset.__new__(TrainDataset)
     other_seed.__dict__.update(chaos_train.__dict__, seed=chaos_train.seed + 1)
     assert not torch.equal(other_seed.episode(0)["query_images"], direct[0]["query_images"])
+
+
+class _GlobalDraws(torch.utils.data.Dataset):
+    """Returns a draw of the legacy global numpy RNG and the worker id (what worker_init_fn seeds)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[float, int]:
+        return float(np.random.random()), torch.utils.data.get_worker_info().id
+
+
+def test_worker_init_fn_seeds_worker_rngs_from_the_run_seed() -> None:
+    def draws() -> list[tuple[float, int]]:
+        loader = DataLoader(_GlobalDraws(), batch_size=None, num_workers=2, worker_init_fn=worker_init_fn,
+                            generator=torch.Generator().manual_seed(2025))
+        return [(float(x), int(w)) for x, w in loader]
+
+    first = draws()
+    assert first == draws()  # same run seed, same draws
+    by_worker = {w: x for x, w in first}
+    assert len(by_worker) == 2 and by_worker[0] != by_worker[1]  # workers do not repeat each other
 
 
 # ------------------------------------------------------------------------------ transforms
