@@ -40,7 +40,14 @@ EDGE_ORDERS = ("reference", "stable")
 MAX_LEVELS = 2048
 MAX_VOXELS = 1 << 28  # 28 bits of voxel index + 4 bits of class in the low word of an edge
 
+cdef extern from *:
+    """
+    #define SV_PREFETCH(address) __builtin_prefetch((const void *)(address))
+    """
+    void SV_PREFETCH(const void* address) noexcept nogil
+
 cdef int N_CLASSES = 13
+cdef int PREFETCH_AHEAD = 16  # edges: union-find look-ups are cache misses, start them early
 cdef enum:
     SMALL_QUICKSORT = 15  # NumPy 1.x npysort: ranges of <= 16 elements get insertion sort
     SORT_STACK = 512  # left-first introsort: pending ranges, bounded by ~3 x log2(n)
@@ -437,9 +444,18 @@ cdef struct MergeStats:
     bint overflow
 
 
-cdef inline uint64_t item_at(LazyIntrosort* s, int64_t i) noexcept nogil:
-    if i >= s.done:
-        introsort_until(s, i + 1)
+cdef inline uint64_t item_at(LazyIntrosort* s, int64_t i, const int32_t* parent,
+                            const int64_t[::1] delta) noexcept nogil:
+    """The i-th edge in sorted order; also prefetches the voxels of an edge further on."""
+    cdef uint64_t ahead
+    cdef int32_t a
+    if i + PREFETCH_AHEAD >= s.done:
+        introsort_until(s, i + PREFETCH_AHEAD + 1)
+    if i + PREFETCH_AHEAD < s.done:
+        ahead = s.v[i + PREFETCH_AHEAD]
+        a = <int32_t>((<uint32_t>ahead) >> 4)
+        SV_PREFETCH(&parent[a])
+        SV_PREFETCH(&parent[a + delta[ahead & 15]])
     return s.v[i]
 
 
@@ -471,7 +487,7 @@ cdef MergeStats _merge(uint64_t[::1] items_v, bint presorted, const double[::1] 
     # Every threshold is <= float32(max Int + k): once the cost reaches it, nothing merges again.
     bound = <float>(max_internal + k)
     for i in range(n_edges):
-        item = item_at(&sorter, i)
+        item = item_at(&sorter, i, parent, delta)
         cost = costs[item >> 32]
         if cost >= bound:
             break
@@ -499,7 +515,7 @@ cdef MergeStats _merge(uint64_t[::1] items_v, bint presorted, const double[::1] 
         if n_small == 0:
             break
         stats.size_edges += 1
-        item = item_at(&sorter, i)
+        item = item_at(&sorter, i, parent, delta)
         a = <int32_t>((<uint32_t>item) >> 4)
         b = <int32_t>(a + delta[item & 15])
         r0 = find_root(parent, a)
