@@ -28,6 +28,8 @@ from sacred import SETTINGS, Experiment
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
+from dataloaders.datasets import CUSTOM, DATASETS
+
 # Capture stdout/stderr through Python (not file descriptors) so that runs started in-process
 # (tests, notebooks) are captured too; tqdm's carriage returns are collapsed in cout.txt.
 SETTINGS.CAPTURE_MODE = "sys"
@@ -215,8 +217,6 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
                "eval_mode": EVAL_MODES, "exclude_mode": EXCLUDE_MODES, "setting": SETTINGS_ALLOWED}
     for key, allowed in choices.items():
         _expect(config[key] in allowed, f"{key}={config[key]!r} is unknown: expected one of {list(allowed)}")
-    from dataloaders.datasets import CUSTOM, DATASETS
-
     _expect(config["dataset"] in (*DATASETS, CUSTOM),
             f"dataset={config['dataset']!r} is unknown: expected one of {[*DATASETS, CUSTOM]} ('custom' reads "
             f"dataset.json from data_dir)")

@@ -45,6 +45,9 @@ import SimpleITK as sitk
 import torch
 
 from config import ex
+from dataloaders.datasets import get_dataset
+from dataloaders.test_dataset import TestDataset, to_model_input
+from models import build_model, check_state_dict, make_generator
 from train import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
 from utils.io import write_image, write_json, write_text
 from utils.metrics import overlap
@@ -94,7 +97,6 @@ def load_model(config: Mapping[str, Any], image_size: int, device: torch.device,
     """
     if config["model"] == "copy_support":
         return None, None
-    from models import build_model, check_state_dict
 
     path = find_snapshot(config["reload_model_path"], which="final")
     snapshot = load_snapshot(path)
@@ -119,8 +121,6 @@ def load_model(config: Mapping[str, Any], image_size: int, device: torch.device,
 # ----------------------------------------------------------------------------------------------
 def support_inputs(support, z: int, class_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Support slice ``z`` as ``(1, 1, 3, H, W)`` image and ``(1, 1, H, W)`` {0, 1} mask of the class."""
-    from dataloaders.test_dataset import to_model_input
-
     image = to_model_input(support.image[[z]]).unsqueeze(0).to(device)  # (1, 1, 3, H, W)
     mask = torch.from_numpy((support.label[[z]] == class_id).astype(np.float32)).unsqueeze(0).to(device)
     return image, mask
@@ -136,8 +136,6 @@ def predict_scan(model: torch.nn.Module | None, tds, scan, class_id: int, batch_
         QPG prior in [0, 1] (None for copy_support); ``support_of`` int (Z,) the support slice used
         for each query slice, -1 where the slice was not segmented.
     """
-    from dataloaders.test_dataset import to_model_input
-
     depth = scan.image.shape[0]
     pred = np.zeros(scan.image.shape, dtype=np.uint8)
     prior = None if model is None else np.zeros(scan.image.shape, dtype=np.float32)
@@ -221,9 +219,6 @@ def summarize(results: list[ScanResult], header: Mapping[str, Any]) -> dict[str,
 @ex.command
 def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, Any]:
     """Run the protocol over ``test_label``; returns the run folder and the summary."""
-    from dataloaders.datasets import get_dataset
-    from dataloaders.test_dataset import TestDataset
-    from models import make_generator
 
     folder = run_folder(_run)
     handler = attach_log_file(_log, folder / "logger.log")

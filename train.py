@@ -24,13 +24,16 @@ import os
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import RunFolderObserver, ex
+from dataloaders.datasets import get_dataset
+from dataloaders.train_dataset import StepSampler, TrainDataset, worker_init_fn
+from models import build_model, make_generator
 from utils.plots import plot_loss_curve
 from utils.seed import capture_rng_state, restore_rng_state
 from utils.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot, prune_snapshots,
@@ -106,9 +109,6 @@ def resolve_labels(config: Mapping[str, Any], spec) -> tuple[list[int], list[int
 
 def build_dataset(config: Mapping[str, Any]):
     """The fold's training episodes and the dataset spec."""
-    from dataloaders.datasets import get_dataset
-    from dataloaders.train_dataset import TrainDataset
-
     spec = get_dataset(config["dataset"], config["data_dir"])
     test_label, exclude_label = resolve_labels(config, spec)
     dataset = TrainDataset(
@@ -123,8 +123,6 @@ def build_dataset(config: Mapping[str, Any]):
 
 def episode_loader(dataset, start: int, n_steps: int, num_workers: int) -> DataLoader:
     """Episodes ``start .. n_steps - 1`` in order (index = global step), batch 1."""
-    from dataloaders.train_dataset import StepSampler, worker_init_fn
-
     return DataLoader(dataset, batch_size=1, sampler=StepSampler(start, n_steps), num_workers=num_workers,
                       worker_init_fn=worker_init_fn, pin_memory=torch.cuda.is_available())
 
@@ -230,8 +228,6 @@ def log_interval(log: logging.Logger, step: int, window: Mapping[str, list[float
 @ex.command
 def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, Any]:
     """Train on one fold; returns the run folder, final snapshot and last loss."""
-    from models import build_model, make_generator
-
     folder = run_folder(_run)
     handler = attach_log_file(_log, folder / "logger.log")
     try:

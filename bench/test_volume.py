@@ -2,8 +2,8 @@
 """Test-time speed: seconds per query slice and per query volume, through test.py's own code path.
 
 For one class of one fold, each query volume is segmented exactly as ``test.py`` does it
-(``predict_scan``: support encoded once per chunk, query slices batched); the wall time of every
-volume is measured after one untimed warm-up volume. Prints ONE JSON line and writes
+(``predict_scan``: support encoded once per chunk, query slices batched); the wall time and process CPU
+time of every volume are measured after one untimed warm-up volume. Prints ONE JSON line and writes
 ``bench/results/test_volume.json`` (atomically).
 
     python bench/test_volume.py                                   # reference settings: ResNet-101, 256 px
@@ -100,13 +100,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = model.to(device).eval()
     generator = make_generator(2025, args.class_id, device=device)
 
-    volume_s, slices = [], []
+    volume_s, cpu_s, slices = [], [], []
     for i, scan in enumerate(tds.queries[: args.queries + 1]):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         _, _, support_of = test_script.predict_scan(model, tds, scan, args.class_id, args.batch_size, device, generator)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if i > 0:  # the first volume is the warm-up
             volume_s.append(elapsed)
+            cpu_s.append(cpu)
             slices.append(int((support_of >= 0).sum()))
     s_per_slice = sum(volume_s) / sum(slices)
     result = {
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
         "dataset": args.dataset, "fold": args.fold, "class_id": args.class_id, "batch_size": args.batch_size,
         "n_part": tds.n_part, "volumes": len(volume_s), "slices": slices,
         "s_per_volume": round(statistics.mean(volume_s), 3), "s_per_slice": round(s_per_slice, 3),
+        # CPU seconds (all threads) per slice: less sensitive to other load than wall time; divided by
+        # the thread count it estimates the wall time of an otherwise idle machine.
+        "cpu_s_per_slice": round(sum(cpu_s) / sum(slices), 3),
         "reference_s_per_slice": REFERENCE_S_PER_SLICE if (args.backbone, size) == ("resnet101", 256) else None,
         "device": str(device), "threads": args.threads, "cpu_count": os.cpu_count(),
         "load_avg_1min": round(os.getloadavg()[0], 2), "machine": platform.processor() or platform.machine(),
