@@ -119,23 +119,25 @@ cdef void heapsort_range(uint64_t* v, int64_t n) noexcept nogil:
 cdef inline int64_t partition(uint64_t* v, int64_t pl, int64_t pr) noexcept nogil:
     """NumPy 1.x quicksort partition of ``v[pl:pr+1]`` (median of 3); returns the pivot slot."""
     cdef int64_t pm = pl + ((pr - pl) >> 1), pi, pj
-    cdef uint64_t t, vp
+    cdef uint64_t t, below, above
     if key_of(v[pm]) < key_of(v[pl]):
         t = v[pm]; v[pm] = v[pl]; v[pl] = t
     if key_of(v[pr]) < key_of(v[pm]):
         t = v[pr]; v[pr] = v[pm]; v[pm] = t
     if key_of(v[pm]) < key_of(v[pl]):
         t = v[pm]; v[pm] = v[pl]; v[pl] = t
-    vp = key_of(v[pm])
+    # key(x) < key(pivot)  <=>  x < below;   key(pivot) < key(x)  <=>  x > above
+    below = key_of(v[pm]) << 32
+    above = below | <uint64_t>0xFFFFFFFF
     pi = pl
     pj = pr - 1
     t = v[pm]; v[pm] = v[pj]; v[pj] = t
     while True:
         pi += 1
-        while key_of(v[pi]) < vp:
+        while v[pi] < below:
             pi += 1
         pj -= 1
-        while vp < key_of(v[pj]):
+        while v[pj] > above:
             pj -= 1
         if pi >= pj:
             break
@@ -146,12 +148,12 @@ cdef inline int64_t partition(uint64_t* v, int64_t pl, int64_t pr) noexcept nogi
 
 cdef inline void insertion_sort(uint64_t* v, int64_t pl, int64_t pr) noexcept nogil:
     cdef int64_t i, j
-    cdef uint64_t item, k
+    cdef uint64_t item, above
     for i in range(pl + 1, pr + 1):
         item = v[i]
-        k = key_of(item)
+        above = item | <uint64_t>0xFFFFFFFF  # key(item) < key(x)  <=>  x > above
         j = i
-        while j > pl and k < key_of(v[j - 1]):
+        while j > pl and v[j - 1] > above:
             v[j] = v[j - 1]
             j -= 1
         v[j] = item
