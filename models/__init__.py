@@ -37,7 +37,8 @@ def build_model(cfg: Mapping[str, Any], image_size: Union[int, tuple[int, int]])
     """
     for key in ("n_way", "n_query"):
         if cfg.get(key, 1) != 1:
-            raise ValueError(f"{key}={cfg[key]} is not supported: QAMP is 1-way with one query per episode; set {key}=1")
+            raise ValueError(f"{key}={cfg[key]} is not supported: QAMP is 1-way with one query per episode; "
+                             f"set {key}=1")
     name = cfg.get("model", "qamp")
     if name not in MODELS:
         raise ValueError(f"model: expected one of {MODELS}, got {name!r}")

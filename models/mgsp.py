@@ -10,9 +10,10 @@ overwritten by a randomly drawn in-mask vector, flattened to ``C x (H*W)`` and p
 ``Linear(H*W, n) -> Dropout -> Linear(n, n)`` (one prototype per output column).
 
 The fill map is a linear function of the ``h x w`` features: column ``p`` is column ``src(p)`` of
-``up(Fs)`` (``src(p) = p`` inside the mask, a drawn in-mask position outside). So the first
-``Linear`` is computed as ``Fs @ W_eff^T`` with ``W_eff = adjoint_up(W1 @ Src)`` (``K x h*w``),
-never forming the ``C x H*W`` map (``fast=True``). ``fast=False`` forms it the reference way;
+``up(Fs)`` (``src(p) = p`` inside the mask, a drawn in-mask position outside), and each column of
+``up(Fs)`` mixes 4 feature columns with bilinear weights ``U[q]``. So the first ``Linear`` is
+computed as ``Fs @ W_eff^T`` with ``W_eff = sum_p W1[:, p] U[src(p)]`` (``K x h*w``), never
+forming the ``C x H*W`` map (``fast=True``, see ``_fill_weight``). ``fast=False`` forms it the reference way;
 both give the same numbers up to float rounding (tests/test_models.py).
 """
 from __future__ import annotations
@@ -70,8 +71,18 @@ class PrototypeMLP(nn.Module):
         return self.fc2(dropout(self.fc1(fill_map), self.p, self.training, generator))
 
 
+def folded_weight(mlp: PrototypeMLP, grid: UpsampleGrid) -> torch.Tensor:
+    """``W1 @ U``: the first MLP layer folded with bilinear upsampling, ``n x (h*w)``.
+
+    Depends on the weights only, so one call serves every MLP use of a training step.
+    """
+    w1 = mlp.fc1.weight
+    return grid.adjoint(w1.reshape(-1, grid.H, grid.W)).reshape(w1.shape[0], -1)
+
+
 def mlp_prototypes(mlp: PrototypeMLP, feats: torch.Tensor, mask: torch.Tensor, grid: UpsampleGrid,
-                   generator: torch.Generator, fast: bool = True) -> torch.Tensor:
+                   generator: torch.Generator, fast: bool = True,
+                   folded: torch.Tensor | None = None) -> torch.Tensor:
     """Learned prototypes of one class from its fill map.
 
     Args:
@@ -81,6 +92,7 @@ def mlp_prototypes(mlp: PrototypeMLP, feats: torch.Tensor, mask: torch.Tensor, g
         grid: upsampling of ``h x w`` to ``H x W``.
         generator: draws the fill positions (then the dropout mask in training).
         fast: fold upsampling and fill into the weight (see module docstring); False = reference way.
+        folded: ``folded_weight(mlp, grid)`` if already computed (fast path only).
 
     Returns:
         ``n x C`` prototypes (``n = mlp.fc2.out_features``).
@@ -90,21 +102,42 @@ def mlp_prototypes(mlp: PrototypeMLP, feats: torch.Tensor, mask: torch.Tensor, g
     outside = torch.nonzero(~inside).squeeze(1)  # positions to overwrite, raster order
     sources = draw_positions(inside, outside.numel(), generator)  # (n_out,) or None: zeros there
     if fast:
-        w1 = mlp.fc1.weight  # (n, H*W)
-        # Column p of W1 moves to the position whose vector fills p (itself inside the mask).
-        moved = w1 * inside.to(w1.dtype)
-        if sources is not None and outside.numel() > 0:
-            moved = moved.index_add(1, sources, w1.index_select(1, outside))
-        w_eff = grid.adjoint(moved.reshape(-1, grid.H, grid.W)).reshape(w1.shape[0], -1)  # (n, h*w)
-        hidden = feats.reshape(C, -1) @ w_eff.T + mlp.fc1.bias  # (C, n)
+        hidden = feats.reshape(C, -1) @ _fill_weight(mlp, inside, outside, sources, grid, folded).T + mlp.fc1.bias
     else:
         up = grid.up(feats[None])[0].reshape(C, -1)  # (C, H*W)
         fill = up * inside.to(up.dtype)
         if sources is not None and outside.numel() > 0:
             fill[:, outside] = up[:, sources]
-        hidden = mlp.fc1(fill)
+        hidden = mlp.fc1(fill)  # (C, n)
     out = mlp.fc2(dropout(hidden, mlp.p, mlp.training, generator))  # (C, n)
     return out.T
+
+
+def _fill_weight(mlp: PrototypeMLP, inside: torch.Tensor, outside: torch.Tensor, sources: torch.Tensor | None,
+                 grid: UpsampleGrid, folded: torch.Tensor | None) -> torch.Tensor:
+    """``W_eff`` (``n x h*w``) with ``fill_map @ W1^T == F @ W_eff^T``.
+
+    Position ``p`` of the fill map holds ``up(F)[:, src(p)]``, so ``W_eff = sum_p W1[:, p] U[src(p)]``
+    (``U[q]``: the 4 bilinear weights of position ``q``). Two equal ways, the cheaper one is taken:
+    * few positions outside the mask: ``W1 @ U`` (``folded``) corrected at those positions;
+    * otherwise: move each column of W1 to its source, then spread the in-mask columns.
+    """
+    w1 = mlp.fc1.weight  # (n, H*W)
+    n_out = outside.numel()
+    if n_out == 0:
+        return folded if folded is not None else folded_weight(mlp, grid)
+    if 2 * n_out < inside.numel():
+        base = folded if folded is not None else folded_weight(mlp, grid)
+        moved = w1.index_select(1, outside)  # (n, n_out)
+        if sources is None:
+            return base - grid.scatter_columns(moved, outside)
+        return base + grid.scatter_columns(torch.cat([moved, -moved], dim=1), torch.cat([sources, outside]))
+    in_positions = torch.nonzero(inside).squeeze(1)
+    compact = w1.index_select(1, in_positions)  # (n, n_in)
+    if sources is not None:
+        rank = torch.cumsum(inside, dim=0) - 1  # position -> index among in-mask positions
+        compact = compact.index_add(1, rank[sources], w1.index_select(1, outside))
+    return grid.scatter_columns(compact, in_positions)
 
 
 def sampled_columns(feats: torch.Tensor, region: torch.Tensor, n: int, grid: UpsampleGrid,
@@ -121,7 +154,7 @@ def sampled_columns(feats: torch.Tensor, region: torch.Tensor, n: int, grid: Ups
 
 def class_support_prototypes(feats: torch.Tensor, mask: torch.Tensor, band: torch.Tensor, mlp: PrototypeMLP,
                              n_keep: int, n_edge: int, grid: UpsampleGrid, generator: torch.Generator,
-                             fast_mlp: bool = True) -> torch.Tensor:
+                             fast_mlp: bool = True, folded: torch.Tensor | None = None) -> torch.Tensor:
     """Support part of one class's prototype set for one shot.
 
     Draw order: fill positions, MLP dropout (training), kept MLP columns, edge samples.
@@ -129,11 +162,12 @@ def class_support_prototypes(feats: torch.Tensor, mask: torch.Tensor, band: torc
     Args:
         feats: ``C x h x w``; mask: ``H x W`` class mask; band: ``H x W`` its edge band (both {0, 1}).
         n_keep: learned prototypes kept at random; n_edge: vectors drawn in the band.
+        folded: ``folded_weight(mlp, grid)`` when already computed for this step.
 
     Returns:
         ``(n_keep + n_edge + N_MAP) x C``: kept MLP | edge samples | MAP(mask) | MAP(band).
     """
-    learned = mlp_prototypes(mlp, feats, mask, grid, generator, fast_mlp)  # (n, C)
+    learned = mlp_prototypes(mlp, feats, mask, grid, generator, fast_mlp, folded)  # (n, C)
     keep = torch.randperm(learned.shape[0], generator=generator, device=generator.device)[:n_keep]
     edge = sampled_columns(feats, band == 1, n_edge, grid, generator)  # (n_edge, C)
     pooled = grid.masked_average(feats[None].expand(2, -1, -1, -1), torch.stack([mask, band]))  # (2, C)

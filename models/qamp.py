@@ -25,7 +25,7 @@ from models.decoder import SimilarityDecoder, cosine_maps
 from models.encoder import Encoder
 from models.losses import (boundary_f1_loss, nll_loss, prior_alignment_loss, prototype_consistency_loss,
                            regroup_by_origin)
-from models.mgsp import N_MAP, PrototypeMLP, class_support_prototypes, edge_bands
+from models.mgsp import N_MAP, PrototypeMLP, class_support_prototypes, edge_bands, folded_weight
 from models.pgqp import query_prototypes
 from models.qpg import query_prior
 from models.sampling import UpsampleGrid
@@ -145,8 +145,14 @@ class QAMP(nn.Module):
         return UpsampleGrid(tuple(feats.shape[-2:]), self.image_size, feats.device, feats.dtype)
 
     # ---- support side (MGSP) ------------------------------------------------------------------
+    def _folded_weights(self, grid: UpsampleGrid) -> dict[str, Optional[torch.Tensor]]:
+        """The MLPs' first layers folded with upsampling, once per step (fast path only)."""
+        if not self.config.fast_mlp:
+            return {"fg": None, "bg": None}
+        return {"fg": folded_weight(self.fg_mlp, grid), "bg": folded_weight(self.bg_mlp, grid)}
+
     def _support_state(self, feats: torch.Tensor, masks: torch.Tensor, grid: UpsampleGrid,
-                       generator: torch.Generator) -> SupportState:
+                       generator: torch.Generator, folded: dict[str, Optional[torch.Tensor]]) -> SupportState:
         """``feats: S x C x h x w``, ``masks: S x H x W`` -> SupportState."""
         cfg = self.config
         prototype = grid.masked_average(feats, masks).mean(dim=0)  # (C,) QPG's p0
@@ -154,10 +160,11 @@ class QAMP(nn.Module):
             return SupportState(feats, masks, prototype, empty=True)  # ADNet fallback
         inner, outer = edge_bands(masks, cfg.edge_kernel, cfg.edge_iters)
         shots = range(feats.shape[0])
-        fg = torch.stack([class_support_prototypes(feats[s], masks[s], inner[s], self.fg_mlp, cfg.n_keep_fg,
-                                                   cfg.n_edge, grid, generator, cfg.fast_mlp) for s in shots])
+        fg = torch.stack([class_support_prototypes(feats[s], masks[s], inner[s], self.fg_mlp, cfg.n_keep_fg, cfg.n_edge,
+                                                   grid, generator, cfg.fast_mlp, folded["fg"]) for s in shots])
         bg = torch.stack([class_support_prototypes(feats[s], 1 - masks[s], outer[s], self.bg_mlp, cfg.n_keep_bg,
-                                                   cfg.n_edge, grid, generator, cfg.fast_mlp) for s in shots])
+                                                   cfg.n_edge, grid, generator, cfg.fast_mlp, folded["bg"])
+                          for s in shots])
         return SupportState(feats, masks, prototype, fg.mean(dim=0), bg.mean(dim=0))
 
     # ---- query side (QPG, PGQP, decoders) -----------------------------------------------------
@@ -193,7 +200,7 @@ class QAMP(nn.Module):
     # ---- losses -------------------------------------------------------------------------------
     def _losses(self, state: SupportState, query_feats: torch.Tensor, threshold: torch.Tensor,
                 forward_out: dict[str, torch.Tensor], labels: torch.Tensor, grid: UpsampleGrid,
-                generator: torch.Generator) -> dict[str, torch.Tensor]:
+                generator: torch.Generator, folded: dict[str, Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
         cfg = self.config
         pred = forward_out["pred"]
         zero = pred.new_zeros(())
@@ -208,7 +215,7 @@ class QAMP(nn.Module):
         if not bool(pred_mask.any()):
             return losses  # reverse terms skipped, as in the reference
         # Reverse direction: the query with its predicted mask segments each support shot.
-        reverse_state = self._support_state(query_feats, pred_mask, grid, generator)
+        reverse_state = self._support_state(query_feats, pred_mask, grid, generator, folded)
         n_shots = state.feats.shape[0]
         reverse = self._predict(reverse_state, state.feats, threshold.expand(n_shots), grid, generator)
         losses["align"] = nll_loss(reverse["pred"], state.masks.long())
@@ -250,11 +257,13 @@ class QAMP(nn.Module):
         n_shots = supp_imgs.shape[1]
         feats, thresholds = self.encoder(torch.cat([supp_imgs[0], qry_imgs]))  # support + query in one batch
         grid = self._grid(feats)
-        state = self._support_state(feats[:n_shots], supp_masks[0].to(feats.dtype), grid, generator)
+        folded = self._folded_weights(grid)  # shared by the forward and the reverse direction
+        state = self._support_state(feats[:n_shots], supp_masks[0].to(feats.dtype), grid, generator, folded)
         out = self._predict(state, feats[n_shots:], thresholds[n_shots:], grid, generator)
         result: dict[str, Any] = {"pred": out["pred"], "prior": out["prior"]}
         if qry_labels is not None:
-            losses = self._losses(state, feats[n_shots:], thresholds[n_shots:], out, qry_labels, grid, generator)
+            losses = self._losses(state, feats[n_shots:], thresholds[n_shots:], out, qry_labels, grid, generator,
+                                  folded)
             result["losses"] = losses
             result["loss"] = self.weighted_loss(losses)
         return result
@@ -265,7 +274,8 @@ class QAMP(nn.Module):
         generator = _require_generator(generator)
         self._check_size(supp_imgs, "supp_imgs")
         feats, _ = self.encoder(supp_imgs[0])
-        return self._support_state(feats, supp_masks[0].to(feats.dtype), self._grid(feats), generator)
+        grid = self._grid(feats)
+        return self._support_state(feats, supp_masks[0].to(feats.dtype), grid, generator, self._folded_weights(grid))
 
     def segment(self, state: SupportState, qry_imgs: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:

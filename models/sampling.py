@@ -117,7 +117,7 @@ class UpsampleGrid:
         return self.Uy.T @ a @ self.Ux  # (..., h, w)
 
     def columns(self, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Columns of ``up(feats)`` at flat ``H x W`` positions, from the 4 bilinear corners.
+        """Columns of ``up(feats)`` at flat ``H x W`` positions, from their 4 bilinear corners.
 
         Args:
             feats: ``C x h x w``.
@@ -132,6 +132,23 @@ class UpsampleGrid:
         top = feats[:, y0, x0] * (1 - lx) + feats[:, y0, x1] * lx  # (C, n)
         bottom = feats[:, y1, x0] * (1 - lx) + feats[:, y1, x1] * lx
         return (top * (1 - ly) + bottom * ly).T
+
+    def scatter_columns(self, cols: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``sum_j cols[:, j] * U[positions[j]]``: the ``K x (h*w)`` weight that, applied to the
+        ``h x w`` features, equals applying ``cols`` to the columns ``positions`` of ``up(F)``.
+
+        Args:
+            cols: ``K x n``; positions: int64 ``(n,)`` in ``[0, H*W)``.
+
+        Returns:
+            ``K x (h*w)``.
+        """
+        Y, X = positions // self.W, positions % self.W
+        out = cols.new_zeros(cols.shape[0], self.h * self.w)
+        for yi, wy in ((self.y0[Y], 1 - self.ly[Y]), (self.y1[Y], self.ly[Y])):
+            for xi, wx in ((self.x0[X], 1 - self.lx[X]), (self.x1[X], self.lx[X])):
+                out = out.index_add(1, yi * self.w + xi, cols * (wy * wx))
+        return out
 
     def masked_average(self, feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """MAP on the upsampled map: ``sum_x up(F)(x) M(x) / (sum_x M(x) + 1e-5)``.

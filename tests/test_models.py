@@ -16,7 +16,7 @@ from scipy import ndimage
 from models import build_model, check_state_dict, load_pretrained, make_generator
 from models.convert import PREFIX_MAP, convert_file, main as convert_main, split_reference_state_dict
 from models.encoder import Encoder
-from models.mgsp import N_MAP, PrototypeMLP, edge_bands, mlp_prototypes
+from models.mgsp import N_MAP, PrototypeMLP, edge_bands, folded_weight, mlp_prototypes
 from models.pgqp import query_prototypes
 from models.qamp import ModelConfig
 from models.qpg import query_prior
@@ -124,30 +124,33 @@ def test_edge_bands_equal_scipy_erosion_dilation():
         np.testing.assert_array_equal(oe, (dilated & ~m).astype(np.float32))
 
 
-@pytest.mark.parametrize("mask_kind", ["blob", "full", "empty"])
+@pytest.mark.parametrize("mask_kind", ["blob", "large", "full", "empty"])
 def test_fast_mlp_equals_reference_computation(mask_kind):
     g = torch.Generator().manual_seed(2)
     H, W, h, w, C = 24, 20, 6, 5, 8
     feats = torch.randn(C, h, w, generator=g, requires_grad=True)
     mask = torch.zeros(H, W)
-    if mask_kind == "blob":
+    if mask_kind == "blob":  # few in-mask positions: columns moved to their source, then spread
         mask[3:11, 4:15] = 1
+    elif mask_kind == "large":  # few positions outside: folded W1 @ U corrected there
+        mask[2:22, 1:19] = 1
     elif mask_kind == "full":
         mask[:] = 1
     mlp = PrototypeMLP(H * W, 6, p=0.2).train()
     grid = UpsampleGrid((h, w), (H, W), torch.device("cpu"))
     outs, grads = [], []
-    for fast in (True, False):
+    for fast, folded in ((True, None), (True, folded_weight(mlp, grid)), (False, None)):
         mlp.zero_grad()
         feats.grad = None
-        out = mlp_prototypes(mlp, feats, mask, grid, make_generator(7), fast=fast)  # same draws, same dropout
+        out = mlp_prototypes(mlp, feats, mask, grid, make_generator(7), fast, folded)  # same draws and dropout
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         outs.append(out.detach())
         grads.append((feats.grad.clone(), mlp.fc1.weight.grad.clone(), mlp.fc1.bias.grad.clone()))
     assert outs[0].shape == (6, C)
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for fast in (0, 1):
+        torch.testing.assert_close(outs[fast], outs[2], rtol=1e-4, atol=1e-5)
+        for a, b in zip(grads[fast], grads[2]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_full_model_fast_mlp_flag_gives_same_prediction(model):
@@ -259,11 +262,15 @@ def test_check_state_dict_names_differing_tensors(model):
     check_state_dict(model, model.state_dict())  # fits
     other_size = {k: v for k, v in model.state_dict().items()}
     other_size["fg_mlp.fc1.weight"] = torch.zeros(100, 48 * 48)
-    with pytest.raises(ValueError, match=r"(?s)fg_mlp\.fc1\.weight: model \(100, 1024\), ckpt \(100, 2304\).*image size"):
+    expected = r"(?s)fg_mlp\.fc1\.weight: model \(100, 1024\), ckpt \(100, 2304\).*image size"
+    with pytest.raises(ValueError, match=expected):
         check_state_dict(model, other_size, source="ckpt")
     adnet_sd = build_model({**SMALL, "model": "adnet"}, SIZE).state_dict()
     with pytest.raises(ValueError, match=r"(?s)missing \(18\): bg_decoder.head.weight.*another model"):
         check_state_dict(model, adnet_sd)
+    resnet101_sd = build_model({**SMALL, "backbone": "resnet101"}, SIZE).state_dict()
+    with pytest.raises(ValueError, match=r"(?s)unexpected \(\d+\): encoder\.backbone\.layer3\.10.*another backbone"):
+        check_state_dict(model, resnet101_sd)
     with pytest.raises(ValueError, match="models.convert"):
         check_state_dict(model, {"mlp1.reduce.0.weight": torch.zeros(1)})
 
@@ -289,12 +296,14 @@ def test_load_pretrained_both_layouts(tmp_path, resnet50_state, caplog, monkeypa
             n = load_pretrained(encoder, kind, str(path), "resnet50")
         assert n == n_expected
         own = encoder.state_dict()
-        torch.testing.assert_close(own["backbone.layer3.2.conv2.weight"], resnet50_state["layer3.2.conv2.weight"])
+        torch.testing.assert_close(own["backbone.layer3.2.conv2.weight"],
+                                   resnet50_state["layer3.2.conv2.weight"])
         assert f"loaded {n_expected} pretrained tensors" in caplog.text
         assert hashlib.sha256(path.read_bytes()).hexdigest() in caplog.text
     # the environment variable overrides the configured path
     monkeypatch.setenv("QAMP_PRETRAINED_PATH", str(imagenet))
-    assert load_pretrained(Encoder("resnet50"), "imagenet", str(tmp_path / "nowhere.pth"), "resnet50") == len(resnet50_state)
+    n = load_pretrained(Encoder("resnet50"), "imagenet", str(tmp_path / "nowhere.pth"), "resnet50")
+    assert n == len(resnet50_state)
 
 
 def test_load_pretrained_errors(tmp_path, resnet50_state, monkeypatch):
