@@ -133,10 +133,12 @@ def _fill_weight(mlp: PrototypeMLP, inside: torch.Tensor, outside: torch.Tensor,
             return base - grid.scatter_columns(moved, outside)
         return base + grid.scatter_columns(torch.cat([moved, -moved], dim=1), torch.cat([sources, outside]))
     in_positions = torch.nonzero(inside).squeeze(1)
-    compact = w1.index_select(1, in_positions)  # (n, n_in)
-    if sources is not None:
-        rank = torch.cumsum(inside, dim=0) - 1  # position -> index among in-mask positions
-        compact = compact.index_add(1, rank[sources], w1.index_select(1, outside))
+    if sources is None:  # nothing inside: the fill map is zero outside
+        return grid.scatter_columns(w1.index_select(1, in_positions), in_positions)
+    source_of = torch.arange(inside.numel(), device=inside.device)
+    source_of[outside] = sources
+    rank = torch.cumsum(inside, dim=0) - 1  # position -> index among the in-mask positions
+    compact = w1.new_zeros(w1.shape[0], in_positions.numel()).index_add(1, rank[source_of], w1)  # (n, n_in)
     return grid.scatter_columns(compact, in_positions)
 
 
