@@ -100,7 +100,7 @@ def bench_chaos_one_core(chaos_dir: Path, published_dir: Path, ids, order, tmp: 
         "per_scan_seconds_max": max(r["seconds"] for r in rows),
         "per_scan_cpu_seconds_median": round(statistics.median(r["cpu_seconds"] for r in rows), 3),
         "compute_seconds_median": round(statistics.median(r["compute_seconds"] for r in rows), 3),
-        "peak_rss_mb": round(peak_rss_mb(resource.RUSAGE_SELF), 1),
+        "peak_rss_mb": round(peak_rss_mb(resource.RUSAGE_SELF), 1),  # whole bench process
         "ari_min": min(aris),
         "ari_median": statistics.median(aris),
         "identical_to_published": f"{sum(r['identical'] for r in rows)}/{len(rows)}",
@@ -114,6 +114,7 @@ def bench_workers(data_dir: Path, workers: int, order: str, out: Path) -> dict:
                                        edge_order=order, log=lambda line: None, progress=False)
     wall = time.perf_counter() - start
     compute = [row["seconds"] for row in summary["scans"]]
+    cpu = [row["cpu_seconds"] for row in summary["scans"]]
     n_ids = [row["n_ids"] for row in summary["scans"]]
     return {
         "workers": workers,
@@ -121,6 +122,10 @@ def bench_workers(data_dir: Path, workers: int, order: str, out: Path) -> dict:
         "wall_seconds": round(wall, 2),
         "compute_seconds_median": round(statistics.median(compute), 3),
         "compute_seconds_max": max(compute),
+        "compute_cpu_seconds_median": round(statistics.median(cpu), 3),
+        "compute_cpu_seconds_total": round(sum(cpu), 2),
+        # largest reaped child so far; Linux carries the parent's peak into a spawned child, so
+        # this is an upper bound when it equals the parent's peak
         "peak_rss_mb_largest_worker": round(peak_rss_mb(resource.RUSAGE_CHILDREN), 1),
         "n_ids_min": min(n_ids),
         "n_ids_max": max(n_ids),

@@ -2,6 +2,7 @@
 
     python data/supervoxels/generate_supervoxels.py --data-dir DIR [--pattern 'image_*.nii.gz']
         [--n-sv 5000] [--out-dir DIR/supervoxels_<n_sv>] [--workers N] [--overwrite]
+        [--edge-order {reference,stable}]
 
 (``python -m data.supervoxels.generate_supervoxels ...`` works too.) For each ``image_<id>.nii.gz``
 it writes ``superpix-MIDDLE_<id>.nii.gz`` (int32, the image's spacing/origin/direction; 0 is
@@ -41,6 +42,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
+from data.supervoxels.felzenszwalb_3d import EDGE_ORDERS
 from utils.io import read_image, write_image, write_json
 
 DEFAULT_PATTERN = "image_*.nii.gz"
@@ -51,7 +53,6 @@ OUTPUT_TEMPLATE = "superpix-MIDDLE_{}.nii.gz"
 SUMMARY_NAME = "summary.json"
 KERNEL_MODULE = "data.supervoxels.felzenszwalb_3d_cy"
 KERNEL_VERSION = 2  # must equal felzenszwalb_3d_cy.KERNEL_VERSION
-EDGE_ORDERS = ("reference", "stable")  # must equal felzenszwalb_3d.EDGE_ORDERS
 DEFAULT_EDGE_ORDER = "reference"  # reproduces the published CHAOST2 supervoxels bit for bit
 SPACING_DIGITS = 6  # significant digits of the spacing as the reference read it (header text)
 BUILD_HINT = (
@@ -358,13 +359,14 @@ def write_supervoxels(sv: np.ndarray, reference: sitk.Image, path: Path) -> None
 def process_scan(task: ScanTask) -> dict[str, Any]:
     """Compute and write one scan's supervoxels; returns its summary row."""
     array, image = read_scan(task.image)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     sv = compute_supervoxels(array, reference_spacing(image), task.n_sv, task.scale,
                              task.fg_threshold, task.edge_order)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     write_supervoxels(sv, image, task.out)
     return {"id": task.scan_id, "image": task.image.name, "output": task.out.name,
-            "status": "written", "seconds": round(seconds, 3), **supervoxel_stats(sv)}
+            "status": "written", "seconds": round(seconds, 3),
+            "cpu_seconds": round(cpu_seconds, 3), **supervoxel_stats(sv)}
 
 
 def existing_row(task: ScanTask) -> dict[str, Any]:
@@ -374,7 +376,7 @@ def existing_row(task: ScanTask) -> dict[str, Any]:
     except SupervoxelError as err:
         raise SupervoxelError(f"{err} It is an existing output: pass --overwrite to recompute it.")
     return {"id": task.scan_id, "image": task.image.name, "output": task.out.name,
-            "status": "kept", "seconds": None, **supervoxel_stats(array)}
+            "status": "kept", "seconds": None, "cpu_seconds": None, **supervoxel_stats(array)}
 
 
 def _init_worker() -> None:
