@@ -17,6 +17,12 @@ import numpy as np
 import SimpleITK as sitk
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
@@ -34,6 +40,7 @@ def atomic_write(path: str | os.PathLike, suffix: str | None = None) -> Iterator
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; use normal permissions
     try:
         yield tmp_path
         os.replace(tmp_path, path)
