@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# QAMP end to end on a CPU: data -> supervoxels -> self-supervised training -> test -> Dice table.
+#
+#   bash scripts/demo.sh                                   # embedded synthetic data (no download)
+#   DATA_DIR=../shared/data bash scripts/demo.sh           # a pre-processed CHAOST2 instead
+#   DATA_DIR=path/to/my_data DEMO_DATASET=custom bash scripts/demo.sh   # own data + dataset.json
+#
+# Steps:
+#   1. set-up: `bash scripts/setup.sh` (creates .venv and builds the supervoxel kernel if needed);
+#   2. data: DATA_DIR when set (must hold a pre-processed DEMO_DATASET, default CHAOST2), otherwise
+#      10 deterministic synthetic abdominal MR phantoms (data/synthetic.py) at DEMO_SIZE px in
+#      $DEMO_DIR/data_<size>px (re-used when present);
+#   3. supervoxels (data/supervoxels/generate_supervoxels.py), unless the dataset has them;
+#   4. training of a CPU-sized QAMP (below) on fold DEMO_FOLD, Setting 1, supervoxel pseudo-labels;
+#   5. test of the trained model and of the copy-support baseline (the support mask of the matching
+#      chunk pasted onto every query slice) with the standard protocol, for every support index in
+#      DEMO_SUPPORTS of the fold;
+#   6. `python -m utils.summarize`: per-organ Dice (mean +- std) of both, with the run folders and
+#      overlay PNGs named at the end.
+#
+# CPU-sized configuration (vs the paper): ResNet-50 instead of ResNet-101, no pretrained weights
+# (none ship offline; set DEMO_PRETRAINED and QAMP_PRETRAINED_PATH to use some), 128 x 128 phantoms,
+# DEMO_STEPS episodes instead of 40 000 with a higher learning rate (DEMO_LR), fewer prototypes
+# (fg: 20 MLP + 10 query + 10 edge + 2 MAP; bg: 100 MLP + 20 query + 10 edge + 2 MAP instead of
+# 50+50+50+2 / 500+100+50+2), min_size scaled with the pixel count.
+#
+# Environment knobs [default]:
+#   DATA_DIR [unset]  DEMO_DATASET [CHAOST2 with DATA_DIR, else custom]  DEMO_DIR [runs/demo]
+#   DEMO_SIZE [128]  DEMO_STEPS [300]  DEMO_LR [0.005]  DEMO_SEED [2025]  DEMO_FOLD [0]
+#   DEMO_SUPPORTS ["0 1 2"]  DEMO_BACKBONE [resnet50]  DEMO_PRETRAINED [none]  DEMO_USE_GT [False]
+# Every run gets a fresh folder $DEMO_DIR/<UTC time>/; nothing existing is overwritten.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEMO_DIR=${DEMO_DIR:-runs/demo}
+SIZE=${DEMO_SIZE:-128}
+STEPS=${DEMO_STEPS:-300}
+LR=${DEMO_LR:-0.005}
+SEED=${DEMO_SEED:-2025}
+FOLD=${DEMO_FOLD:-0}
+SUPPORTS=${DEMO_SUPPORTS:-"0 1 2"}
+BACKBONE=${DEMO_BACKBONE:-resnet50}
+PRETRAINED=${DEMO_PRETRAINED:-none}
+USE_GT=${DEMO_USE_GT:-False}
+# Prototype counts of the CPU-sized head (see the header).
+PROTOTYPES="n_mlp_fg=40 n_keep_fg=20 n_query_fg=10 n_edge=10 n_mlp_bg=120 n_keep_bg=100 n_query_bg=20"
+
+START=$SECONDS
+stage() { echo; echo "=== [demo $(( SECONDS - START )) s] $*"; }
+fail() { echo "demo: $*" >&2; exit 1; }
+
+stage "set-up"
+bash scripts/setup.sh
+PY=.venv/bin/python
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# ------------------------------------------------------------------ data
+stage "data"
+if [ -n "${DATA_DIR:-}" ]; then
+    DATASET=${DEMO_DATASET:-CHAOST2}
+    IMAGE_DIR=$($PY -c "
+import sys
+from dataloaders.datasets import get_dataset, resolve_image_dir
+spec = get_dataset(sys.argv[1], sys.argv[2])
+print(resolve_image_dir(spec, sys.argv[2]))" "$DATASET" "$DATA_DIR") \
+        || fail "DATA_DIR=$DATA_DIR does not hold a pre-processed $DATASET (see data/README.md); unset DATA_DIR to use the synthetic phantoms"
+    DATA_ARG=$DATA_DIR
+    echo "using $DATASET from $IMAGE_DIR"
+else
+    DATASET=custom
+    IMAGE_DIR=$DEMO_DIR/data_${SIZE}px
+    if [ -f "$IMAGE_DIR/dataset.json" ]; then
+        echo "re-using the synthetic phantoms in $IMAGE_DIR (delete the folder to regenerate)"
+    else
+        $PY -m data.synthetic --out "$IMAGE_DIR" --n-scans 10 --seed 0 --size "$SIZE"
+    fi
+    DATA_ARG=$IMAGE_DIR
+fi
+# n_sv (supervoxel min_size) and image size from the dataset definition; min_size (smallest class
+# area of a training slice pair, 200 px at 256 x 256) scaled with the pixel count.
+read -r N_SV IMG_SIZE MIN_SIZE < <($PY -c "
+import sys
+from dataloaders.datasets import get_dataset
+spec = get_dataset(sys.argv[1], sys.argv[2])
+print(spec.n_sv, spec.image_size, max(1, round(200 * (spec.image_size / 256) ** 2)))" "$DATASET" "$DATA_ARG")
+[ -n "${MIN_SIZE:-}" ] || fail "cannot read the dataset definition of $DATASET in $DATA_ARG"
+echo "dataset $DATASET: ${IMG_SIZE} px, n_sv $N_SV, min_size $MIN_SIZE"
+
+# ------------------------------------------------------------------ supervoxels
+stage "supervoxels"
+SV_DIR=$($PY -c "
+import sys
+from dataloaders.datasets import find_supervoxel_dir
+print(find_supervoxel_dir(sys.argv[1], int(sys.argv[2])))" "$IMAGE_DIR" "$N_SV" 2>/dev/null || true)
+if [ -z "$SV_DIR" ]; then
+    if [ "$DATASET" = custom ] && [ -z "${DATA_DIR:-}" ]; then
+        SV_DIR=$IMAGE_DIR/supervoxels_$N_SV
+    else  # never write into a user's data folder: keep them with the demo
+        SV_DIR=$DEMO_DIR/supervoxels_${DATASET}_$N_SV
+    fi
+    $PY data/supervoxels/generate_supervoxels.py --data-dir "$IMAGE_DIR" --n-sv "$N_SV" --out-dir "$SV_DIR" --workers 2
+else
+    echo "using the supervoxels in $SV_DIR"
+fi
+
+# ------------------------------------------------------------------ train
+RUN_ROOT=$DEMO_DIR/$(date -u +%Y%m%d-%H%M%S)
+[ -e "$RUN_ROOT" ] && fail "$RUN_ROOT exists; wait a second and re-run"
+mkdir -p "$RUN_ROOT"
+COMMON=(dataset="$DATASET" "data_dir=$DATA_ARG" "supervoxel_dir=$SV_DIR" n_sv="$N_SV" seed="$SEED"
+        eval_fold="$FOLD" backbone="$BACKBONE" pretrained_weights="$PRETRAINED" device=cpu $PROTOTYPES)
+stage "train QAMP: $STEPS steps, $BACKBONE, lr $LR, fold $FOLD (log: $RUN_ROOT/train.log)"
+T0=$SECONDS
+$PY train.py with "${COMMON[@]}" n_steps="$STEPS" optim.lr="$LR" min_size="$MIN_SIZE" use_gt="$USE_GT" \
+    max_iters_per_load="$STEPS" save_snapshot_every="$STEPS" print_interval=25 num_workers=0 \
+    "path.log_dir=$RUN_ROOT/train" 2>&1 | tee "$RUN_ROOT/train.log" | grep --line-buffered -E "step [0-9]+:|ERROR|Error" || true
+TRAIN_DIR=$(ls -d "$RUN_ROOT"/train/train_* 2>/dev/null | head -1)
+[ -n "$TRAIN_DIR" ] && [ -f "$TRAIN_DIR/snapshots/final.pth" ] \
+    || { tail -20 "$RUN_ROOT/train.log" >&2; fail "training failed (log: $RUN_ROOT/train.log)"; }
+TRAIN_S=$(( SECONDS - T0 ))
+
+# ------------------------------------------------------------------ test
+test_model() {  # $1 = qamp | copy_support
+    local method=$1 extra=()
+    [ "$method" = qamp ] && extra=(reload_model_path="$TRAIN_DIR")
+    for supp in $SUPPORTS; do
+        $PY test.py with "${COMMON[@]}" model="$method" supp_idx="$supp" "${extra[@]}" n_overlay_slices=1 \
+            "path.log_dir=$RUN_ROOT/test_$method" >> "$RUN_ROOT/test_$method.log" 2>&1 \
+            || { tail -20 "$RUN_ROOT/test_$method.log" >&2; fail "test of $method failed (log: $RUN_ROOT/test_$method.log)"; }
+        grep "mean dice over classes" "$RUN_ROOT/test_$method.log" | tail -1 | sed "s/^.*INFO - qamp.test - /  $method supp_idx=$supp: /"
+    done
+}
+stage "test QAMP (supports: $SUPPORTS)"
+T0=$SECONDS
+test_model qamp
+TEST_S=$(( SECONDS - T0 ))
+stage "test the copy-support baseline"
+test_model copy_support
+
+# ------------------------------------------------------------------ summary
+stage "summary"
+$PY -m utils.summarize "QAMP=$RUN_ROOT/test_qamp" "copy_support=$RUN_ROOT/test_copy_support" --out "$RUN_ROOT/summary"
+$PY - "$RUN_ROOT/summary/summary.csv" <<'EOF'
+import csv, sys
+rows = {r["method"]: float(r["mean"]) for r in csv.DictReader(open(sys.argv[1])) if r["class"] == "mean"}
+qamp, copy = rows["QAMP"], rows["copy_support"]
+verdict = "QAMP beats" if qamp > copy else "QAMP does NOT beat"
+print(f"mean Dice: QAMP {100 * qamp:.2f} vs copy_support {100 * copy:.2f} "
+      f"({100 * (qamp - copy):+.2f} points): {verdict} the baseline")
+EOF
+echo
+echo "time: total $(( SECONDS - START )) s (training $TRAIN_S s, QAMP test $TEST_S s)"
+echo "training run:    $TRAIN_DIR (loss_curve.png, snapshots/final.pth)"
+for d in "$RUN_ROOT"/test_qamp/test_* "$RUN_ROOT"/test_copy_support/test_*; do
+    echo "test run:        $d (scores.csv, predictions/)"
+done
+echo "overlay PNGs:    $(ls -d "$RUN_ROOT"/test_qamp/test_*/overlays | head -1)/*.png"
+echo "summary:         $RUN_ROOT/summary/summary.md (.csv)"
