@@ -13,8 +13,8 @@ The fill map is a linear function of the ``h x w`` features: column ``p`` is col
 ``up(Fs)`` (``src(p) = p`` inside the mask, a drawn in-mask position outside), and each column of
 ``up(Fs)`` mixes 4 feature columns with bilinear weights ``U[q]``. So the first ``Linear`` is
 computed as ``Fs @ W_eff^T`` with ``W_eff = sum_p W1[:, p] U[src(p)]`` (``K x h*w``), never
-forming the ``C x H*W`` map (``fast=True``, see ``_fill_weight``). ``fast=False`` forms it the reference way;
-both give the same numbers up to float rounding (tests/test_models.py).
+forming the ``C x H*W`` map (``fast=True``, see ``_fill_weight``). ``fast=False`` forms it the
+reference way; both give the same numbers up to float rounding (tests/test_models.py).
 """
 from __future__ import annotations
 
