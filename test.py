@@ -100,7 +100,8 @@ def load_model(config: Mapping[str, Any], image_size: int, device: torch.device,
 
     path = find_snapshot(config["reload_model_path"], which="final")
     snapshot = load_snapshot(path)
-    model = build_model(config, image_size)
+    # The snapshot holds every weight: do not require the pre-training file at test time.
+    model = build_model({**config, "pretrained_weights": "none"}, image_size)
     try:
         check_state_dict(model, snapshot["model"], source=str(path))
     except ValueError as err:

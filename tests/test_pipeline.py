@@ -163,7 +163,10 @@ def test_test_run_writes_scores_summary_and_geometry(tested: dict, small_chaos: 
 def test_same_seed_gives_identical_test_results(trained: dict, tested: dict, small_chaos: Path) -> None:
     first = Path(tested["run_dir"])
     log_dir = first.parent  # same folder: the second run must get a new name
-    second = Path(run("test", **base_config(small_chaos, log_dir, reload_model_path=trained["snapshot"]))["run_dir"])
+    # The snapshot holds every weight: a pre-training file named in the config is not needed to test.
+    second = Path(run("test", **base_config(small_chaos, log_dir, reload_model_path=trained["snapshot"],
+                                            pretrained_weights="deeplabv3",
+                                            pretrained_path=str(log_dir / "absent.pth")))["run_dir"])
     assert second.name == first.name + "_2"  # never reuses a run folder
     assert (first / "scores.csv").read_text() == (second / "scores.csv").read_text()
     for path in sorted((first / "predictions").iterdir()):
