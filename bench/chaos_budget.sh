@@ -14,15 +14,16 @@
 # Reduced configuration (the paper: ResNet-101 with DeepLabV3 weights, 40 000 steps, lr 1e-3):
 #   - encoder: dilated ResNet-50, no pretrained weights (none ship offline; export
 #     QAMP_PRETRAINED_PATH and set BENCH_PRETRAINED=imagenet to use ImageNet ResNet-50 weights);
-#   - native 256 x 256 CHAOST2 slices; SGD momentum 0.9, weight decay 5e-4, lr BENCH_LR (5e-3:
-#     training from scratch in few steps), one lr step (x0.98) at the end;
+#   - native 256 x 256 CHAOST2 slices; SGD momentum 0.9, weight decay 5e-4, lr BENCH_LR (2e-2:
+#     training from scratch in few steps; 0.02 is the rate the synthetic demo learns with), one lr
+#     step (x0.98) at the end;
 #   - QAMP head with the CPU-sized prototype counts of the demo (fg 20 MLP + 10 query + 10 edge + 2,
 #     bg 100 MLP + 20 query + 10 edge + 2; BENCH_PROTOTYPES=reference for 50+50+50+2 / 500+100+50+2);
 #   - steps: BENCH_STEPS, or else sized for BENCH_MINUTES (45) of QAMP training on this machine from
 #     a timing of a few forward/backward passes of the QAMP model at the start (the slower of the
 #     two heads), the same number for both models. The result file states the steps used.
 # Environment knobs [default]: DATA_DIR [../shared/data]  BENCH_DIR [runs/bench_chaos_budget]
-#   BENCH_STEPS [auto]  BENCH_MINUTES [45]  BENCH_LR [0.005]  BENCH_SEED [2025]
+#   BENCH_STEPS [auto]  BENCH_MINUTES [45]  BENCH_LR [0.02]  BENCH_SEED [2025]
 #   BENCH_BACKBONE [resnet50]  BENCH_PRETRAINED [none]  BENCH_PROTOTYPES [cpu]
 # --tiny: 3 steps, test on the right kidney only, results kept in the run folder only.
 # Timings on a shared CPU are noisy: the result file records the load average before and after.
@@ -42,7 +43,7 @@ done
 DATA_DIR=${DATA_DIR:-../shared/data}
 BENCH_DIR=${BENCH_DIR:-runs/bench_chaos_budget}
 MINUTES=${BENCH_MINUTES:-45}
-LR=${BENCH_LR:-0.005}
+LR=${BENCH_LR:-0.02}
 SEED=${BENCH_SEED:-2025}
 BACKBONE=${BENCH_BACKBONE:-resnet50}
 PRETRAINED=${BENCH_PRETRAINED:-none}
