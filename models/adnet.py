@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from models.encoder import Encoder
 from models.losses import nll_loss, prior_alignment_loss
-from models.qamp import ModelConfig, SupportState
+from models.qamp import ModelConfig, SupportState, check_episode, check_image_size
 from models.qpg import query_prior
 from models.sampling import UpsampleGrid
 
@@ -31,11 +31,6 @@ class ADNet(nn.Module):
     def _grid(self, feats: torch.Tensor) -> UpsampleGrid:
         return UpsampleGrid(tuple(feats.shape[-2:]), self.image_size, feats.device, feats.dtype)
 
-    def _check_size(self, images: torch.Tensor, what: str) -> None:
-        if tuple(images.shape[-2:]) != self.image_size:
-            raise ValueError(f"{what}: the model was built for {self.image_size[0]} x {self.image_size[1]} images, "
-                             f"got {images.shape[-2]} x {images.shape[-1]}")
-
     def _predict(self, state: SupportState, feats: torch.Tensor, thresholds: torch.Tensor,
                  grid: UpsampleGrid) -> dict[str, torch.Tensor]:
         cfg = self.config
@@ -47,11 +42,7 @@ class ADNet(nn.Module):
                 qry_labels: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> dict[str, Any]:
         """As ``QAMP.forward``; ``losses`` holds 'query' and 'align'."""
-        if supp_imgs.dim() != 5 or supp_imgs.shape[0] != 1 or qry_imgs.shape[0] != 1:
-            raise ValueError(f"expected supp_imgs 1 x S x 3 x H x W and qry_imgs 1 x 3 x H x W (one episode), "
-                             f"got {tuple(supp_imgs.shape)} and {tuple(qry_imgs.shape)}")
-        self._check_size(supp_imgs, "supp_imgs")
-        self._check_size(qry_imgs, "qry_imgs")
+        check_episode(supp_imgs, qry_imgs, self.image_size)
         n_shots = supp_imgs.shape[1]
         feats, thresholds = self.encoder(torch.cat([supp_imgs[0], qry_imgs]))
         grid = self._grid(feats)
@@ -69,13 +60,13 @@ class ADNet(nn.Module):
 
     def encode_support(self, supp_imgs: torch.Tensor, supp_masks: torch.Tensor,
                        generator: Optional[torch.Generator] = None) -> SupportState:
-        self._check_size(supp_imgs, "supp_imgs")
+        check_image_size(supp_imgs, self.image_size, "supp_imgs")
         feats, _ = self.encoder(supp_imgs[0])
         masks = supp_masks[0].to(feats.dtype)
         return SupportState(feats, masks, self._grid(feats).masked_average(feats, masks).mean(dim=0))
 
     def segment(self, state: SupportState, qry_imgs: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
-        self._check_size(qry_imgs, "qry_imgs")
+        check_image_size(qry_imgs, self.image_size, "qry_imgs")
         feats, thresholds = self.encoder(qry_imgs)
         return self._predict(state, feats, thresholds, self._grid(feats))

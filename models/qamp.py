@@ -114,6 +114,24 @@ def _require_generator(generator: Optional[torch.Generator]) -> torch.Generator:
     return generator
 
 
+def check_image_size(images: torch.Tensor, image_size: tuple[int, int], what: str) -> None:
+    """Refuse images whose ``H x W`` is not the size the model (its MLPs) was built for."""
+    if tuple(images.shape[-2:]) != tuple(image_size):
+        H, W = image_size
+        raise ValueError(f"{what}: the model was built for {H} x {W} images (MLP in_features = {H * W}), "
+                         f"got {images.shape[-2]} x {images.shape[-1]}: resample the data to {H} x {W} "
+                         "or build/train a model for this size")
+
+
+def check_episode(supp_imgs: torch.Tensor, qry_imgs: torch.Tensor, image_size: tuple[int, int]) -> None:
+    """One episode: ``supp_imgs 1 x S x 3 x H x W`` and ``qry_imgs 1 x 3 x H x W`` at the model's size."""
+    if supp_imgs.dim() != 5 or supp_imgs.shape[0] != 1 or qry_imgs.shape[0] != 1:
+        raise ValueError(f"expected supp_imgs 1 x S x 3 x H x W and qry_imgs 1 x 3 x H x W (one episode), "
+                         f"got {tuple(supp_imgs.shape)} and {tuple(qry_imgs.shape)}")
+    check_image_size(supp_imgs, image_size, "supp_imgs")
+    check_image_size(qry_imgs, image_size, "qry_imgs")
+
+
 class QAMP(nn.Module):
     """QAMP for images of a fixed size (the MLPs have ``H * W`` inputs).
 
@@ -132,14 +150,6 @@ class QAMP(nn.Module):
         self.bg_mlp = PrototypeMLP(n_positions, config.n_mlp_bg, config.dropout)
         self.fg_decoder = SimilarityDecoder(config.n_fg, config.n_fg - N_MAP, config.dropout)
         self.bg_decoder = SimilarityDecoder(config.n_bg, config.n_bg - N_MAP, config.dropout)
-
-    # ---- input checks -------------------------------------------------------------------------
-    def _check_size(self, images: torch.Tensor, what: str) -> None:
-        if tuple(images.shape[-2:]) != self.image_size:
-            H, W = self.image_size
-            raise ValueError(f"{what}: the model was built for {H} x {W} images (MLP in_features = {H * W}), "
-                             f"got {images.shape[-2]} x {images.shape[-1]}: resample the data to {H} x {W} "
-                             "or build/train a model for this size")
 
     def _grid(self, feats: torch.Tensor) -> UpsampleGrid:
         return UpsampleGrid(tuple(feats.shape[-2:]), self.image_size, feats.device, feats.dtype)
@@ -249,11 +259,7 @@ class QAMP(nn.Module):
             with labels also ``losses`` (unweighted 'query', 'align', 'proto', 'boundary') and ``loss``.
         """
         generator = _require_generator(generator)
-        if supp_imgs.dim() != 5 or supp_imgs.shape[0] != 1 or qry_imgs.shape[0] != 1:
-            raise ValueError(f"expected supp_imgs 1 x S x 3 x H x W and qry_imgs 1 x 3 x H x W (one episode), "
-                             f"got {tuple(supp_imgs.shape)} and {tuple(qry_imgs.shape)}")
-        self._check_size(supp_imgs, "supp_imgs")
-        self._check_size(qry_imgs, "qry_imgs")
+        check_episode(supp_imgs, qry_imgs, self.image_size)
         n_shots = supp_imgs.shape[1]
         feats, thresholds = self.encoder(torch.cat([supp_imgs[0], qry_imgs]))  # support + query in one batch
         grid = self._grid(feats)
@@ -272,7 +278,7 @@ class QAMP(nn.Module):
                        generator: Optional[torch.Generator] = None) -> SupportState:
         """Support features and support-side prototypes, once per support (``1 x S x 3 x H x W``)."""
         generator = _require_generator(generator)
-        self._check_size(supp_imgs, "supp_imgs")
+        check_image_size(supp_imgs, self.image_size, "supp_imgs")
         feats, _ = self.encoder(supp_imgs[0])
         grid = self._grid(feats)
         return self._support_state(feats, supp_masks[0].to(feats.dtype), grid, generator, self._folded_weights(grid))
@@ -281,7 +287,7 @@ class QAMP(nn.Module):
                 generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """Predict ``N`` query slices (``N x 3 x H x W``) in one batch: ``pred N x 2 x H x W``, ``prior N x H x W``."""
         generator = _require_generator(generator)
-        self._check_size(qry_imgs, "qry_imgs")
+        check_image_size(qry_imgs, self.image_size, "qry_imgs")
         feats, thresholds = self.encoder(qry_imgs)
         out = self._predict(state, feats, thresholds, self._grid(feats), generator)
         return {"pred": out["pred"], "prior": out["prior"]}
