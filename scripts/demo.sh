@@ -114,7 +114,7 @@ stage "train QAMP: $STEPS steps, $BACKBONE, lr $LR, fold $FOLD (log: $RUN_ROOT/t
 T0=$SECONDS
 $PY train.py with "${COMMON[@]}" n_steps="$STEPS" optim.lr="$LR" min_size="$MIN_SIZE" use_gt="$USE_GT" \
     max_iters_per_load="$STEPS" save_snapshot_every="$STEPS" print_interval=100 num_workers=0 \
-    "path.log_dir=$RUN_ROOT/train" 2>&1 | tee "$RUN_ROOT/train.log" | grep --line-buffered -E "step [0-9]+:|ERROR|Error" || true
+    "path.log_dir=$RUN_ROOT/train" 2>&1 | tee "$RUN_ROOT/train.log" | tr "\r" "\n" | grep --line-buffered -E "step [0-9]+:|ERROR|Error" || true
 TRAIN_DIR=$(ls -d "$RUN_ROOT"/train/train_* 2>/dev/null | head -1)
 [ -n "$TRAIN_DIR" ] && [ -f "$TRAIN_DIR/snapshots/final.pth" ] \
     || { tail -20 "$RUN_ROOT/train.log" >&2; fail "training failed (log: $RUN_ROOT/train.log)"; }
