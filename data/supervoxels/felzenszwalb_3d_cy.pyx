@@ -77,43 +77,35 @@ cdef inline uint64_t key_of(uint64_t item) noexcept nogil:
     return item >> 32
 
 
+cdef inline void sift_down(uint64_t* a, int64_t i, int64_t n, uint64_t tmp) noexcept nogil:
+    """Place ``tmp`` at 1-based slot ``i`` of the max-heap ``a[1:n+1]``, moving larger children up."""
+    cdef int64_t j = i << 1
+    while j <= n:
+        if j < n and key_of(a[j]) < key_of(a[j + 1]):
+            j += 1
+        if key_of(tmp) < key_of(a[j]):
+            a[i] = a[j]
+            i = j
+            j += j
+        else:
+            break
+    a[i] = tmp
+
+
 cdef void heapsort_range(uint64_t* v, int64_t n) noexcept nogil:
     """NumPy 1.x ``aheapsort_`` on ``v[0:n]`` (introsort's fallback), comparing keys only."""
     cdef uint64_t* a = v - 1  # 1-based indexing as in NumPy
-    cdef int64_t i, j, l
+    cdef int64_t l
     cdef uint64_t tmp
     l = n >> 1
-    while l > 0:
-        tmp = a[l]
-        i = l
-        j = l << 1
-        while j <= n:
-            if j < n and key_of(a[j]) < key_of(a[j + 1]):
-                j += 1
-            if key_of(tmp) < key_of(a[j]):
-                a[i] = a[j]
-                i = j
-                j += j
-            else:
-                break
-        a[i] = tmp
+    while l > 0:  # build the heap
+        sift_down(a, l, n, a[l])
         l -= 1
-    while n > 1:
+    while n > 1:  # move the maximum to the end, restore the heap on the rest
         tmp = a[n]
         a[n] = a[1]
         n -= 1
-        i = 1
-        j = 2
-        while j <= n:
-            if j < n and key_of(a[j]) < key_of(a[j + 1]):
-                j += 1
-            if key_of(tmp) < key_of(a[j]):
-                a[i] = a[j]
-                i = j
-                j += j
-            else:
-                break
-        a[i] = tmp
+        sift_down(a, 1, n, tmp)
 
 
 cdef inline int64_t partition(uint64_t* v, int64_t pl, int64_t pr) noexcept nogil:
