@@ -300,3 +300,11 @@ class RunFolderObserver(FileStorageObserver):
 
 
 ex.observers.append(RunFolderObserver())
+
+
+def run_commandline(argv: list[str], default_command: str) -> None:
+    """``python <script>.py [with KEY=VALUE ...]``: run ``default_command`` unless another is named
+    (e.g. ``print_config``); everything else is Sacred's command line."""
+    if len(argv) == 1 or argv[1] == "with" or argv[1].startswith("-"):
+        argv = [argv[0], default_command, *argv[1:]]
+    ex.run_commandline(argv)

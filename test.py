@@ -44,7 +44,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from config import ex
+from config import ex, run_commandline
 from dataloaders.datasets import get_dataset
 from dataloaders.test_dataset import TestDataset, to_model_input
 from models import build_model, check_state_dict, make_generator
@@ -272,12 +272,5 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
         handler.close()
 
 
-def main(argv: list[str]) -> None:
-    """``python test.py [with KEY=VALUE ...]``: the ``test`` command is implied."""
-    if len(argv) == 1 or argv[1] == "with" or argv[1].startswith("-"):
-        argv = [argv[0], "test", *argv[1:]]
-    ex.run_commandline(argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv)
+    run_commandline(sys.argv, "test")

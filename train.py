@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config import RunFolderObserver, ex
+from config import RunFolderObserver, ex, run_commandline
 from dataloaders.datasets import get_dataset
 from dataloaders.train_dataset import StepSampler, TrainDataset, worker_init_fn
 from models import build_model, make_generator
@@ -279,12 +279,5 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
         handler.close()
 
 
-def main(argv: list[str]) -> None:
-    """``python train.py [with KEY=VALUE ...]``: the ``train`` command is implied."""
-    if len(argv) == 1 or argv[1] == "with" or argv[1].startswith("-"):
-        argv = [argv[0], "train", *argv[1:]]
-    ex.run_commandline(argv)
-
-
 if __name__ == "__main__":
-    main(sys.argv)
+    run_commandline(sys.argv, "train")
