@@ -62,7 +62,7 @@ fi
 PY=.venv/bin/python
 [ -x "$PY" ] || bash scripts/setup.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-RUN_ROOT=$BENCH_DIR/$(date -u +%Y%m%d-%H%M%S)$([ "$TINY" = 1 ] && echo _tiny)
+RUN_ROOT=$BENCH_DIR/$(date -u +%Y%m%d-%H%M%S)$([ "$TINY" = 1 ] && echo _tiny || true)
 mkdir -p "$RUN_ROOT"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 COMMON=(abd_mri setting1 "data_dir=$DATA_DIR" seed="$SEED" eval_fold=0 backbone="$BACKBONE"
