@@ -116,6 +116,7 @@ def cfg():
     boundary_theta0 = 3  # boundary extraction max-pool size of the boundary loss
     boundary_theta = 5  # boundary extension max-pool size of the boundary loss
     fast_mlp = True  # apply the MLP to the 64 x 64 features (equal up to rounding to the reference)
+    decoder_winograd = True  # decoder 3x3 convs by Winograd F(2x2,3x3) on CPU (equal up to rounding; CUDA: cuDNN)
 
     # ---------------- training (train.py) ----------------
     n_steps = 40000  # training episodes (batch 1)

@@ -11,8 +11,9 @@ holding the class; each other fold scan is a query, keeping only its slices hold
 uses the query's labels, as every published table does), split into ``n_part`` chunks; chunk k is
 segmented with support slice k. ``eval_mode='all_slices'`` segments every query slice instead.
 
-Per chunk the support is encoded once (``model.encode_support``) and its query slices go through
-``model.segment`` in batches of ``test_batch_size``. Prototype sampling draws from one generator per
+Each support slice goes through the encoder once per run (its features are cached across classes
+and query scans); per chunk the support prototypes are drawn (``model.encode_support``) and the
+chunk's query slices go through ``model.segment`` in batches of ``test_batch_size``. Prototype sampling draws from one generator per
 class, seeded by (seed, class id): the numbers of a class do not depend on which other classes are
 tested, and two runs with the same seed give identical numbers.
 ``model='copy_support'`` pastes the support mask of the matching chunk onto every query slice.
@@ -129,8 +130,13 @@ def support_inputs(support, z: int, class_id: int, device: torch.device) -> tupl
 
 @torch.inference_mode()
 def predict_scan(model: torch.nn.Module | None, tds, scan, class_id: int, batch_size: int,
-                 device: torch.device, generator: torch.Generator | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+                 device: torch.device, generator: torch.Generator | None,
+                 support_feats: dict[int, torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Segment class ``class_id`` in one query scan, chunk by chunk.
+
+    ``support_feats`` caches the encoder features of support slices by slice index: the support scan
+    is the same for every query scan and class of a run, so each support slice goes through the
+    encoder once per run (prototypes are still drawn per chunk, so the numbers do not change).
 
     Returns:
         ``(pred, prior, support_of)``: ``pred`` uint8 (Z, H, W) {0, 1}; ``prior`` float32 (Z, H, W)
@@ -151,7 +157,12 @@ def predict_scan(model: torch.nn.Module | None, tds, scan, class_id: int, batch_
             pred[chunk] = (tds.support.label[support_z] == class_id).astype(np.uint8)
             continue
         supp_img, supp_mask = support_inputs(tds.support, support_z, class_id, device)
-        state = model.encode_support(supp_img, supp_mask, generator=generator)
+        feats = None if support_feats is None else support_feats.get(int(support_z))
+        if feats is None:
+            feats = model.encoder(supp_img[0])[0]  # (1, C, h, w)
+            if support_feats is not None:
+                support_feats[int(support_z)] = feats
+        state = model.encode_support(supp_img, supp_mask, generator=generator, feats=feats)
         for start in range(0, chunk.size, batch_size):
             zs = chunk[start:start + batch_size]
             out = model.segment(state, to_model_input(scan.image[zs]).to(device), generator=generator)
@@ -238,12 +249,13 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
         (folder / "overlays").mkdir()
 
         results: list[ScanResult] = []
+        support_feats: dict[int, torch.Tensor] = {}  # support slice -> encoder features, shared by all queries
         for class_id in test_label:
             name = spec.label_names[class_id]
             generator = None if model is None else make_generator(_config["seed"], class_id, device=device)
             for scan in tds.queries:
                 pred, prior, support_of = predict_scan(model, tds, scan, class_id, _config["test_batch_size"],
-                                                       device, generator)
+                                                       device, generator, support_feats)
                 evaluated = support_of >= 0
                 scores = overlap(pred[evaluated], scan.label[evaluated] == class_id)
                 results.append(ScanResult(_config["eval_fold"], _config["supp_idx"], _config["seed"],

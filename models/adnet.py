@@ -59,9 +59,12 @@ class ADNet(nn.Module):
         return out
 
     def encode_support(self, supp_imgs: torch.Tensor, supp_masks: torch.Tensor,
-                       generator: Optional[torch.Generator] = None) -> SupportState:
+                       generator: Optional[torch.Generator] = None,
+                       feats: Optional[torch.Tensor] = None) -> SupportState:
+        """Support features and prototype (``1 x S x 3 x H x W``); ``feats`` as in ``QAMP.encode_support``."""
         check_image_size(supp_imgs, self.image_size, "supp_imgs")
-        feats, _ = self.encoder(supp_imgs[0])
+        if feats is None:
+            feats, _ = self.encoder(supp_imgs[0])
         masks = supp_masks[0].to(feats.dtype)
         return SupportState(feats, masks, self._grid(feats).masked_average(feats, masks).mean(dim=0))
 

@@ -58,6 +58,7 @@ class ModelConfig:
     boundary_theta0: int = 3
     boundary_theta: int = 5
     fast_mlp: bool = True  # fold upsampling + fill map into the MLP weight (same numbers, faster)
+    decoder_winograd: bool = True  # decoder 3x3 convolutions by Winograd on the CPU (same numbers, faster)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
@@ -148,8 +149,8 @@ class QAMP(nn.Module):
         self.encoder = Encoder(config.backbone, config.feature_dim)
         self.fg_mlp = PrototypeMLP(n_positions, config.n_mlp_fg, config.dropout)
         self.bg_mlp = PrototypeMLP(n_positions, config.n_mlp_bg, config.dropout)
-        self.fg_decoder = SimilarityDecoder(config.n_fg, config.n_fg - N_MAP, config.dropout)
-        self.bg_decoder = SimilarityDecoder(config.n_bg, config.n_bg - N_MAP, config.dropout)
+        self.fg_decoder = SimilarityDecoder(config.n_fg, config.n_fg - N_MAP, config.dropout, config.decoder_winograd)
+        self.bg_decoder = SimilarityDecoder(config.n_bg, config.n_bg - N_MAP, config.dropout, config.decoder_winograd)
 
     def _grid(self, feats: torch.Tensor) -> UpsampleGrid:
         return UpsampleGrid(tuple(feats.shape[-2:]), self.image_size, feats.device, feats.dtype)
@@ -275,11 +276,17 @@ class QAMP(nn.Module):
         return result
 
     def encode_support(self, supp_imgs: torch.Tensor, supp_masks: torch.Tensor,
-                       generator: Optional[torch.Generator] = None) -> SupportState:
-        """Support features and support-side prototypes, once per support (``1 x S x 3 x H x W``)."""
+                       generator: Optional[torch.Generator] = None,
+                       feats: Optional[torch.Tensor] = None) -> SupportState:
+        """Support features and support-side prototypes, once per support (``1 x S x 3 x H x W``).
+
+        ``feats``: the support's encoder features ``S x C x h x w`` (``self.encoder(supp_imgs[0])[0]``)
+        when already computed, e.g. cached across query scans by test.py; the encoder is skipped then.
+        """
         generator = _require_generator(generator)
         check_image_size(supp_imgs, self.image_size, "supp_imgs")
-        feats, _ = self.encoder(supp_imgs[0])
+        if feats is None:
+            feats, _ = self.encoder(supp_imgs[0])
         grid = self._grid(feats)
         return self._support_state(feats, supp_masks[0].to(feats.dtype), grid, generator, self._folded_weights(grid))
 

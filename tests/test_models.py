@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from models import build_model, check_state_dict, load_pretrained, make_generator
 from models.convert import PREFIX_MAP, convert_file, main as convert_main, split_reference_state_dict
+from models.decoder import conv3x3_winograd
 from models.encoder import Encoder
 from models.mgsp import N_MAP, PrototypeMLP, edge_bands, folded_weight, mlp_prototypes
 from models.pgqp import query_prototypes
@@ -161,6 +162,37 @@ def test_full_model_fast_mlp_flag_gives_same_prediction(model):
         a = model(supp, masks, qry, generator=make_generator(5))["pred"]
         b = slow(supp, masks, qry, generator=make_generator(5))["pred"]
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- decoder: Winograd convolution ----------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 16, 8, 8), (2, 5, 7, 9), (3, 4, 1, 1), (1, 3, 2, 5)])
+def test_winograd_conv_equals_direct_convolution_and_its_gradients(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, shape[1], 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    direct, wino = F.conv2d(x, w, padding=1), conv3x3_winograd(x, w)
+    assert wino.shape == direct.shape
+    torch.testing.assert_close(wino, direct, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(direct.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(direct, (x, w), upstream), torch.autograd.grad(wino, (x, w), upstream)):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_conv_rejects_a_non_3x3_weight():
+    with pytest.raises(ValueError, match=r"expected weight O x 4 x 3 x 3, got \(2, 4, 5, 5\)"):
+        conv3x3_winograd(torch.zeros(1, 4, 6, 6), torch.zeros(2, 4, 5, 5))
+
+
+def test_full_model_winograd_flag_gives_same_prediction_and_loss(model):
+    supp, masks, qry, labels = _episode()
+    direct = build_model({**SMALL, "decoder_winograd": False}, SIZE).eval()
+    direct.load_state_dict(model.state_dict())
+    assert model.bg_decoder.winograd and not direct.bg_decoder.winograd
+    with torch.no_grad():
+        a = model(supp, masks, qry, labels, generator=make_generator(5))
+        b = direct(supp, masks, qry, labels, generator=make_generator(5))
+    torch.testing.assert_close(a["pred"], b["pred"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-4, atol=1e-5)
 
 
 # ---- PGQP ----------------------------------------------------------------------------------------

@@ -175,6 +175,35 @@ def test_same_seed_gives_identical_test_results(trained: dict, tested: dict, sma
         np.testing.assert_array_equal(a, b)
 
 
+def test_support_feature_cache_changes_no_prediction(trained: dict, small_chaos: Path) -> None:
+    """Support slices are encoded once per run; the predictions equal those without the cache."""
+    from dataloaders.test_dataset import TestDataset
+    from models import build_model, make_generator
+
+    model = build_model(base_config(small_chaos, small_chaos, model="qamp"), 256 // FACTOR)
+    model.load_state_dict(load_snapshot(trained["snapshot"])["model"])
+    model.eval()
+    tds = TestDataset("custom", str(small_chaos), 0, 2, [TEST_CLASS])
+    calls = []
+    model.encoder.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    outputs = {}
+    for cached in (False, True):
+        cache = {} if cached else None
+        generator = make_generator(7, TEST_CLASS)
+        calls.clear()
+        outputs[cached] = [test_script.predict_scan(model, tds, scan, TEST_CLASS, 4, torch.device("cpu"), generator,
+                                                    cache) for scan in tds.queries]
+        if cached:
+            assert sorted(cache) == sorted(int(z) for z in tds.support_slices(TEST_CLASS))
+        outputs[(cached, "calls")] = len(calls)
+    assert len(tds.queries) == 2 and tds.n_part == 3
+    assert outputs[(False, "calls")] - outputs[(True, "calls")] == 3  # 6 support passes without the cache, 3 with
+    for (pred_a, prior_a, of_a), (pred_b, prior_b, of_b) in zip(outputs[False], outputs[True]):
+        np.testing.assert_array_equal(pred_a, pred_b)
+        np.testing.assert_array_equal(prior_a, prior_b)
+        np.testing.assert_array_equal(of_a, of_b)
+
+
 def test_resume_continues_with_the_same_losses(trained: dict, small_chaos: Path, tmp_path: Path) -> None:
     half = run("train", **base_config(small_chaos, tmp_path, n_steps=2))
     resumed = run("train", **base_config(small_chaos, tmp_path, n_steps=4, resume=half["run_dir"]))
