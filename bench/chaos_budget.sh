@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU-budget comparison on real data: QAMP vs the ADNet head vs the copy-support baseline.
 #
-#   bash bench/chaos_budget.sh [--overwrite]       # the full run: ~45 min per model, ~1.6 h in all
+#   bash bench/chaos_budget.sh [--overwrite]       # the full run: ~45 min per model (both at once: ~1 h)
 #   bash bench/chaos_budget.sh --tiny              # end-to-end check in a few minutes (no results file)
 #
 # What it does: trains QAMP (model=qamp) and the ADNet head (model=adnet) with the SAME encoder,
@@ -19,11 +19,16 @@
 #     step (x0.98) at the end;
 #   - QAMP head with the CPU-sized prototype counts of the demo (fg 20 MLP + 10 query + 10 edge + 2,
 #     bg 100 MLP + 20 query + 10 edge + 2; BENCH_PROTOTYPES=reference for 50+50+50+2 / 500+100+50+2);
-#   - steps: BENCH_STEPS, or else sized for BENCH_MINUTES (45) of QAMP training on this machine from
-#     a timing of a few forward/backward passes of the QAMP model at the start (the slower of the
-#     two heads), the same number for both models. The result file states the steps used.
+#   - steps: BENCH_STEPS, or else sized for BENCH_MINUTES (45) of training per model on this machine
+#     from a timing of a few forward/backward passes of each model at the start (the slower of the
+#     two heads sets the number), the same number for both models. The result file states the steps.
+#   - BENCH_PARALLEL=1 (default): the two models train (and test) at the same time, each with
+#     BENCH_THREADS torch threads (default: half the CPUs; one core each on this 2-core machine), which
+#     wastes nothing to thread oversubscription; BENCH_PARALLEL=0 runs them one after the other with
+#     all cores each. The step timing uses the same thread count.
 # Environment knobs [default]: DATA_DIR [../shared/data]  BENCH_DIR [runs/bench_chaos_budget]
-#   BENCH_STEPS [auto]  BENCH_MINUTES [45]  BENCH_LR [0.02]  BENCH_SEED [2025]
+#   BENCH_STEPS [auto]  BENCH_MINUTES [45]  BENCH_LR [0.02]  BENCH_SEED [2025]  BENCH_PARALLEL [1]
+#   BENCH_THREADS [nproc / 2 when parallel, else nproc]
 #   BENCH_BACKBONE [resnet50]  BENCH_PRETRAINED [none]  BENCH_PROTOTYPES [cpu]
 # --tiny: 3 steps, test on the right kidney only, results kept in the run folder only.
 # Timings on a shared CPU are noisy: the result file records the load average before and after.
@@ -47,6 +52,9 @@ LR=${BENCH_LR:-0.02}
 SEED=${BENCH_SEED:-2025}
 BACKBONE=${BENCH_BACKBONE:-resnet50}
 PRETRAINED=${BENCH_PRETRAINED:-none}
+PARALLEL=${BENCH_PARALLEL:-1}
+NPROC=$(nproc)
+THREADS=${BENCH_THREADS:-$([ "$PARALLEL" = 1 ] && echo $(( NPROC > 1 ? NPROC / 2 : 1 )) || echo "$NPROC")}
 case ${BENCH_PROTOTYPES:-cpu} in
     cpu) PROTOTYPES="n_mlp_fg=40 n_keep_fg=20 n_query_fg=10 n_edge=10 n_mlp_bg=120 n_keep_bg=100 n_query_bg=20" ;;
     reference) PROTOTYPES="" ;;
@@ -75,11 +83,12 @@ elif [ -n "${BENCH_STEPS:-}" ]; then
     STEPS=$BENCH_STEPS
 else
     echo "[bench] timing the QAMP and ADNet training steps to size the budget ($MINUTES min)"
-    STEPS=$($PY - "$MINUTES" "$BACKBONE" "$PROTOTYPES" <<'EOF'
+    STEPS=$($PY - "$MINUTES" "$BACKBONE" "$PROTOTYPES" "$THREADS" <<'EOF'
 import sys, time, torch
 from config import ex
 from models import build_model, make_generator
 minutes, backbone, protos = float(sys.argv[1]), sys.argv[2], sys.argv[3].split()
+torch.set_num_threads(int(sys.argv[4]))
 base = dict(ex.configurations[0]())  # the config.py defaults
 base.update(backbone=backbone, pretrained_weights="none")
 base.update({k: int(v) for k, v in (p.split("=") for p in protos)})
@@ -104,29 +113,41 @@ print(max(10, int(minutes * 60 / (slowest * 1.1))))  # 10 % for data loading and
 EOF
 )
 fi
-echo "[bench] $STEPS steps per model; runs in $RUN_ROOT"
+echo "[bench] $STEPS steps per model, $THREADS thread(s) each, parallel=$PARALLEL; runs in $RUN_ROOT"
 
-train_model() {  # $1 = qamp | adnet; prints the training seconds
+train_model() {  # $1 = qamp | adnet; writes the training seconds to $RUN_ROOT/train_$1.seconds
     local t0=$SECONDS
-    $PY train.py with "${COMMON[@]}" model="$1" n_steps="$STEPS" optim.lr="$LR" max_iters_per_load="$STEPS" \
+    OMP_NUM_THREADS=$THREADS $PY train.py with "${COMMON[@]}" model="$1" n_steps="$STEPS" optim.lr="$LR" max_iters_per_load="$STEPS" \
         save_snapshot_every="$STEPS" print_interval=$(( STEPS < 50 ? 1 : 50 )) num_workers=0 \
         "path.log_dir=$RUN_ROOT/train_$1" > "$RUN_ROOT/train_$1.log" 2>&1 \
         || { tail -20 "$RUN_ROOT/train_$1.log" >&2; echo "[bench] training $1 failed" >&2; return 1; }
-    echo $(( SECONDS - t0 ))
+    echo $(( SECONDS - t0 )) > "$RUN_ROOT/train_$1.seconds"
 }
-test_model() {  # $1 = qamp | adnet | copy_support; prints the test seconds
+test_model() {  # $1 = qamp | adnet | copy_support; writes the test seconds to $RUN_ROOT/test_$1.seconds
     local t0=$SECONDS extra=()
     [ "$1" != copy_support ] && extra=("reload_model_path=$(ls -d "$RUN_ROOT/train_$1"/train_* | head -1)")
-    $PY test.py with "${COMMON[@]}" model="$1" "${TEST_ARGS[@]}" "${extra[@]}" \
+    OMP_NUM_THREADS=$THREADS $PY test.py with "${COMMON[@]}" model="$1" "${TEST_ARGS[@]}" "${extra[@]}" \
         "path.log_dir=$RUN_ROOT/test_$1" > "$RUN_ROOT/test_$1.log" 2>&1 \
         || { tail -20 "$RUN_ROOT/test_$1.log" >&2; echo "[bench] test of $1 failed" >&2; return 1; }
-    echo $(( SECONDS - t0 ))
+    echo $(( SECONDS - t0 )) > "$RUN_ROOT/test_$1.seconds"
+}
+both() {  # $1 = train_model | test_model: QAMP and ADNet, at the same time when PARALLEL=1
+    if [ "$PARALLEL" = 1 ]; then
+        "$1" qamp & local first=$!
+        "$1" adnet & local second=$!
+        local status=0
+        wait "$first" || status=1
+        wait "$second" || status=1
+        return $status
+    fi
+    "$1" qamp && "$1" adnet
 }
 
-echo "[bench] training QAMP";  TRAIN_QAMP=$(train_model qamp)
-echo "[bench] training ADNet"; TRAIN_ADNET=$(train_model adnet)
-echo "[bench] testing";        TEST_QAMP=$(test_model qamp); TEST_ADNET=$(test_model adnet)
-TEST_COPY=$(test_model copy_support)
+echo "[bench] training QAMP and ADNet"; both train_model
+echo "[bench] testing";                 both test_model; test_model copy_support
+TRAIN_QAMP=$(cat "$RUN_ROOT/train_qamp.seconds"); TRAIN_ADNET=$(cat "$RUN_ROOT/train_adnet.seconds")
+TEST_QAMP=$(cat "$RUN_ROOT/test_qamp.seconds"); TEST_ADNET=$(cat "$RUN_ROOT/test_adnet.seconds")
+TEST_COPY=$(cat "$RUN_ROOT/test_copy_support.seconds")
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 $PY -m utils.summarize "QAMP=$RUN_ROOT/test_qamp" "ADNet=$RUN_ROOT/test_adnet" \
     "copy_support=$RUN_ROOT/test_copy_support" --out "$RUN_ROOT/summary" > /dev/null
@@ -146,7 +167,8 @@ times = {"QAMP": {"train_s": $TRAIN_QAMP, "test_s": $TEST_QAMP},
          "copy_support": {"train_s": 0, "test_s": $TEST_COPY}}
 config = {"dataset": "CHAOST2", "fold": 0, "setting": 1, "supp_idx": 2, "steps": $STEPS, "lr": $LR,
           "seed": $SEED, "backbone": "$BACKBONE", "pretrained": "$PRETRAINED",
-          "prototypes": "${BENCH_PROTOTYPES:-cpu}", "tiny": bool($TINY)}
+          "prototypes": "${BENCH_PROTOTYPES:-cpu}", "tiny": bool($TINY), "threads_per_model": $THREADS,
+          "parallel": bool($PARALLEL)}
 result = {"name": "chaos_budget", "config": config, "dice_percent": dice, "times_s": times,
           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
           "load_average_before": "$LOAD_BEFORE", "load_average_after": "$LOAD_AFTER", "runs": root}
@@ -157,7 +179,9 @@ lines = [
     f"{result['load_average_before']}, after {result['load_average_after']} (timings are noisy).", "",
     f"Configuration: {config['backbone']} dilated encoder, pretrained weights: {config['pretrained']}, "
     f"{config['steps']} steps for each model (same seed {config['seed']}, SGD lr {config['lr']}), "
-    f"prototype counts: {config['prototypes']}; test: supp_idx 2, 3 chunks, protocol slices.", "",
+    f"prototype counts: {config['prototypes']}; test: supp_idx 2, 3 chunks, protocol slices; "
+    f"{config['threads_per_model']} torch thread(s) per model, the two models "
+    f"{'trained and tested at the same time' if config['parallel'] else 'one after the other'}.", "",
     "Dice (%) per organ (mean over the fold's query scans; std over scans):", "", table, "",
     "| Method | training (s) | test (s) |", "|---|---:|---:|",
     *[f"| {m} | {t['train_s']} | {t['test_s']} |" for m, t in times.items()], "",
