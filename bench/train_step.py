@@ -1,12 +1,13 @@
 """Training-step speed: QAMP versus the encoder alone at the same settings.
 
     .venv/bin/python bench/train_step.py [--backbone resnet101] [--size 256] [--steps 3] [--threads 2]
-                                         [--reference-mlp]
+                                         [--reference-mlp] [--direct-conv]
 
 One step = zero grads, forward of a 1-shot episode (support + query through the encoder as one
 batch), backward of the loss, SGD update. ``encoder`` does the same with the encoder alone (loss =
 mean of its features plus the threshold), so ``ratio = qamp / encoder`` is QAMP's overhead.
-``--reference-mlp`` also times QAMP with ``fast_mlp=False`` (the MLPs over the 512 x (H*W) map).
+``--reference-mlp`` also times QAMP with ``fast_mlp=False`` (the MLPs over the 512 x (H*W) map);
+``--direct-conv`` with ``decoder_winograd=False`` (the decoders' 3x3 convolutions by ``nn.Conv2d``).
 The episode is synthetic (random images, rectangular masks; speed does not depend on the content)
 and the weights random (no download). Real training runs the reverse (alignment) pass whenever the
 predicted query mask is not empty; so that every timed step does too, the foreground decoder's
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--reference-mlp", action="store_true", help="also time QAMP with fast_mlp=False")
+    parser.add_argument("--direct-conv", action="store_true", help="also time QAMP with decoder_winograd=False")
     parser.add_argument("--fg-fraction", type=float, default=0.25, help="share of the query predicted foreground")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_step.json"))
@@ -134,6 +136,9 @@ def main() -> None:
     if args.reference_mlp:
         runs["qamp_reference_mlp"] = bench_qamp({**cfg, "fast_mlp": False}, args.size, args.steps, args.warmup,
                                                 args.seed, args.fg_fraction)
+    if args.direct_conv:
+        runs["qamp_direct_conv"] = bench_qamp({**cfg, "decoder_winograd": False}, args.size, args.steps, args.warmup,
+                                              args.seed, args.fg_fraction)
     median = {name: {k: statistics.median(run[k]) for k in ("wall", "cpu")} for name, run in runs.items()}
     result = {
         "bench": "train_step",
@@ -155,6 +160,10 @@ def main() -> None:
         result["qamp_reference_mlp_s"] = round(median["qamp_reference_mlp"]["wall"], 3)
         result["qamp_reference_mlp_cpu_s"] = round(median["qamp_reference_mlp"]["cpu"], 3)
         result["ratio_reference_mlp"] = round(median["qamp_reference_mlp"]["wall"] / median["encoder"]["wall"], 3)
+    if args.direct_conv:
+        result["qamp_direct_conv_s"] = round(median["qamp_direct_conv"]["wall"], 3)
+        result["qamp_direct_conv_cpu_s"] = round(median["qamp_direct_conv"]["cpu"], 3)
+        result["ratio_direct_conv"] = round(median["qamp_direct_conv"]["wall"] / median["encoder"]["wall"], 3)
     result.update({
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
         "load_average_1min": round(os.getloadavg()[0], 2),
