@@ -67,6 +67,7 @@ def cfg():
     seed = 2025  # seeds everything: episodes, prototype sampling, dropout, test generators
     device = "auto"  # 'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:<i>'
     deterministic = True  # torch.use_deterministic_algorithms (warn-only): exact resume / repeat
+    keep_freed_memory = True  # glibc: reuse freed memory instead of mmap/munmap per step (utils/malloc.py; faster on CPU)
     num_workers = 1  # DataLoader worker processes for training episodes (0 = main process)
     path = {"log_dir": "./runs"}  # run folders are created under log_dir (see module docstring)
 

@@ -51,6 +51,7 @@ from dataloaders.test_dataset import TestDataset, to_model_input
 from models import build_model, check_state_dict, make_generator
 from train import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
 from utils.io import write_image, write_json, write_text
+from utils.malloc import keep_freed_memory
 from utils.metrics import overlap
 from utils.plots import plot_overlay
 from utils.snapshot import find_snapshot, load_snapshot
@@ -237,6 +238,8 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
     try:
         device = resolve_device(_config["device"])
         set_determinism(_config["deterministic"])
+        if _config["keep_freed_memory"]:
+            keep_freed_memory()
         torch.manual_seed(_config["seed"])
         spec = get_dataset(_config["dataset"], _config["data_dir"])
         test_label, _ = resolve_labels(_config, spec)

@@ -34,6 +34,7 @@ from config import RunFolderObserver, ex, run_commandline
 from dataloaders.datasets import get_dataset
 from dataloaders.train_dataset import StepSampler, TrainDataset, worker_init_fn
 from models import build_model, make_generator
+from utils.malloc import keep_freed_memory
 from utils.plots import plot_loss_curve
 from utils.seed import capture_rng_state, restore_rng_state
 from utils.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot, prune_snapshots,
@@ -233,6 +234,8 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
     try:
         device = resolve_device(_config["device"])
         set_determinism(_config["deterministic"])
+        if _config["keep_freed_memory"]:
+            keep_freed_memory()
         torch.manual_seed(_config["seed"])  # dropout's stream (the only global one used)
         _log.info(f"run folder {folder}; device {device}")
 

@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from utils.io import write_json  # noqa: E402
+from utils.malloc import keep_freed_memory  # noqa: E402
 
 REFERENCE_S_PER_SLICE = 7.2  # reference QAMP, ResNet-101, 256 x 256, 2 threads (issue 4)
 
@@ -80,7 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--snapshot", default=None, help="optional weights (a train.py snapshot)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "test_volume.json"))
+    parser.add_argument("--no-keep-freed-memory", action="store_true",
+                        help="leave glibc malloc as it is (config key keep_freed_memory=False)")
     args = parser.parse_args(argv)
+    if not args.no_keep_freed_memory:
+        keep_freed_memory()
 
     from dataloaders.test_dataset import TestDataset
     from models import build_model, make_generator
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "test_volume", "model": args.model, "backbone": args.backbone, "image_size": size,
         "dataset": args.dataset, "fold": args.fold, "class_id": args.class_id, "batch_size": args.batch_size,
         "n_part": tds.n_part, "volumes": len(volume_s), "slices": slices, "support_encoder_passes": tds.n_part,
+        "keep_freed_memory": not args.no_keep_freed_memory,
         "s_per_volume": round(statistics.mean(volume_s), 3), "s_per_slice": round(s_per_slice, 3),
         # CPU seconds (all threads) per slice: less sensitive to other load than wall time; divided by
         # the thread count it estimates the wall time of an otherwise idle machine.

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from models import build_model, make_generator  # noqa: E402
 from utils.io import write_json  # noqa: E402
+from utils.malloc import keep_freed_memory  # noqa: E402
 
 
 def episode(size: int, seed: int):
@@ -127,8 +128,12 @@ def main() -> None:
     parser.add_argument("--fg-fraction", type=float, default=0.25, help="share of the query predicted foreground")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train_step.json"))
+    parser.add_argument("--no-keep-freed-memory", action="store_true",
+                        help="leave glibc malloc as it is (config key keep_freed_memory=False)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.no_keep_freed_memory:
+        keep_freed_memory()
     cfg = {"backbone": args.backbone, "pretrained_weights": "none"}
 
     runs = {"encoder": bench_encoder(cfg, args.size, args.steps, args.warmup, args.seed),
@@ -153,6 +158,7 @@ def main() -> None:
         "qamp_cpu_s": round(median["qamp"]["cpu"], 3),
         "ratio_cpu": round(median["qamp"]["cpu"] / median["encoder"]["cpu"], 3),
         "ratio_target": 1.35,
+        "keep_freed_memory": not args.no_keep_freed_memory,
         "reverse_steps": runs["qamp"]["reverse_steps"],
         "predicted_fg_share": runs["qamp"]["fg_share"],
     }

@@ -20,17 +20,19 @@
 #
 # CPU-sized configuration (vs the paper): ResNet-50 instead of ResNet-101, no pretrained weights
 # (none ship offline; set DEMO_PRETRAINED and QAMP_PRETRAINED_PATH to use some), 64 x 64 phantoms
-# (DEMO_SIZE; 128 works, ~4x slower per step), 2200 episodes (DEMO_STEPS) instead of 40 000 with a
+# (DEMO_SIZE; 128 works, ~4x slower per step), 2100 episodes (DEMO_STEPS) instead of 40 000 with a
 # higher learning rate (DEMO_LR 0.02: from scratch, 0.005 had not started to segment after 200 steps),
-# multiplied by 0.25 after 1100 steps (DEMO_LR_STEP, DEMO_LR_GAMMA), fewer prototypes (fg: 20 MLP +
+# multiplied by 0.25 after 1050 steps (DEMO_LR_STEP, DEMO_LR_GAMMA), fewer prototypes (fg: 20 MLP +
 # 10 query + 10 edge + 2 MAP; bg: 100 MLP + 20 query + 10 edge + 2 MAP instead of 50+50+50+2 /
 # 500+100+50+2), min_size scaled with the pixel count. Measured on the phantoms (mean Dice over 3
-# supports): 1500 steps at a constant 0.02 gave 52.9; 2200 steps gave 66.2 with this schedule and
-# 66.1 at a constant 0.02 (copy-support: 52.6).
+# supports; copy-support 52.6): 1500 steps at a constant 0.02 gave 52.9; 2200 steps gave 66.2 (this
+# schedule, 1 thread), 66.1 (constant 0.02, 1 thread) and 60.2 (this schedule, 2 threads: the thread
+# count changes float rounding, hence the run), but took 914 s in all; 2100 steps keep the demo
+# within 15 minutes. The test runs (one per support index) run side by side, one thread each.
 #
 # Environment knobs [default]:
 #   DATA_DIR [unset]  DEMO_DATASET [CHAOST2 with DATA_DIR, else custom]  DEMO_DIR [runs/demo]
-#   DEMO_SIZE [64]  DEMO_STEPS [2200]  DEMO_LR [0.02]  DEMO_LR_STEP [1100]  DEMO_LR_GAMMA [0.25]
+#   DEMO_SIZE [64]  DEMO_STEPS [2100]  DEMO_LR [0.02]  DEMO_LR_STEP [1050]  DEMO_LR_GAMMA [0.25]
 #   DEMO_SEED [2025]  DEMO_FOLD [0]
 #   DEMO_SUPPORTS ["0 1 2"]  DEMO_BACKBONE [resnet50]  DEMO_PRETRAINED [none]  DEMO_USE_GT [False]
 # Every run gets a fresh folder $DEMO_DIR/<UTC time>/; nothing existing is overwritten.
@@ -39,9 +41,9 @@ cd "$(dirname "$0")/.."
 
 DEMO_DIR=${DEMO_DIR:-runs/demo}
 SIZE=${DEMO_SIZE:-64}
-STEPS=${DEMO_STEPS:-2200}
+STEPS=${DEMO_STEPS:-2100}
 LR=${DEMO_LR:-0.02}
-LR_STEP=${DEMO_LR_STEP:-1100}  # max_iters_per_load: the learning rate is multiplied by LR_GAMMA every LR_STEP steps
+LR_STEP=${DEMO_LR_STEP:-1050}  # max_iters_per_load: the learning rate is multiplied by LR_GAMMA every LR_STEP steps
 LR_GAMMA=${DEMO_LR_GAMMA:-0.25}
 SEED=${DEMO_SEED:-2025}
 FOLD=${DEMO_FOLD:-0}
@@ -120,22 +122,29 @@ stage "train QAMP: $STEPS steps, $BACKBONE, lr $LR (x $LR_GAMMA every $LR_STEP s
 T0=$SECONDS
 $PY train.py with "${COMMON[@]}" n_steps="$STEPS" optim.lr="$LR" min_size="$MIN_SIZE" use_gt="$USE_GT" \
     max_iters_per_load="$LR_STEP" lr_step_gamma="$LR_GAMMA" save_snapshot_every="$STEPS" print_interval=100 num_workers=0 \
-    "path.log_dir=$RUN_ROOT/train" 2>&1 | tee "$RUN_ROOT/train.log" | tr "\r" "\n" | grep --line-buffered -E "step [0-9]+:|ERROR|Error" || true
+    "path.log_dir=$RUN_ROOT/train" 2>&1 | tee "$RUN_ROOT/train.log" | sed -u "s/\r/\n/g" | grep --line-buffered -E "step [0-9]+:|ERROR|Error" || true
 TRAIN_DIR=$(ls -d "$RUN_ROOT"/train/train_* 2>/dev/null | head -1)
 [ -n "$TRAIN_DIR" ] && [ -f "$TRAIN_DIR/snapshots/final.pth" ] \
     || { tail -20 "$RUN_ROOT/train.log" >&2; fail "training failed (log: $RUN_ROOT/train.log)"; }
 TRAIN_S=$(( SECONDS - T0 ))
 
 # ------------------------------------------------------------------ test
-test_model() {  # $1 = qamp | copy_support
-    local method=$1 extra=()
+test_model() {  # $1 = qamp | copy_support: one test.py per support index, side by side (one thread each)
+    local method=$1 extra=() pids=() supp status=0
     [ "$method" = qamp ] && extra=(reload_model_path="$TRAIN_DIR")
     for supp in $SUPPORTS; do
-        $PY test.py with "${COMMON[@]}" model="$method" supp_idx="$supp" "${extra[@]}" n_overlay_slices=1 \
-            "path.log_dir=$RUN_ROOT/test_$method" >> "$RUN_ROOT/test_$method.log" 2>&1 \
-            || { tail -20 "$RUN_ROOT/test_$method.log" >&2; fail "test of $method failed (log: $RUN_ROOT/test_$method.log)"; }
-        grep "mean dice over classes" "$RUN_ROOT/test_$method.log" | tail -1 | sed "s/^.*INFO - qamp.test - /  $method supp_idx=$supp: /"
+        OMP_NUM_THREADS=1 $PY test.py with "${COMMON[@]}" model="$method" supp_idx="$supp" "${extra[@]}" \
+            n_overlay_slices=1 "path.log_dir=$RUN_ROOT/test_$method" > "$RUN_ROOT/test_${method}_supp$supp.log" 2>&1 &
+        pids+=($!)
     done
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    for supp in $SUPPORTS; do
+        local log=$RUN_ROOT/test_${method}_supp$supp.log
+        grep -q "mean dice over classes" "$log" \
+            || { tail -20 "$log" >&2; fail "test of $method (supp_idx $supp) failed (log: $log)"; }
+        grep "mean dice over classes" "$log" | tail -1 | sed "s/^.*INFO - qamp.test - /  $method supp_idx=$supp: /"
+    done
+    [ "$status" = 0 ] || fail "a test of $method failed (logs: $RUN_ROOT/test_${method}_supp*.log)"
 }
 stage "test QAMP (supports: $SUPPORTS)"
 T0=$SECONDS
