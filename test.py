@@ -158,12 +158,10 @@ def predict_scan(model: torch.nn.Module | None, tds, scan, class_id: int, batch_
             pred[chunk] = (tds.support.label[support_z] == class_id).astype(np.uint8)
             continue
         supp_img, supp_mask = support_inputs(tds.support, support_z, class_id, device)
-        feats = None if support_feats is None else support_feats.get(int(support_z))
-        if feats is None:
-            feats = model.encoder(supp_img[0])[0]  # (1, C, h, w)
-            if support_feats is not None:
-                support_feats[int(support_z)] = feats
-        state = model.encode_support(supp_img, supp_mask, generator=generator, feats=feats)
+        cached = None if support_feats is None else support_feats.get(int(support_z))
+        state = model.encode_support(supp_img, supp_mask, generator=generator, feats=cached)
+        if support_feats is not None:
+            support_feats[int(support_z)] = state.feats  # (1, C, h, w)
         for start in range(0, chunk.size, batch_size):
             zs = chunk[start:start + batch_size]
             out = model.segment(state, to_model_input(scan.image[zs]).to(device), generator=generator)
