@@ -236,8 +236,8 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
     try:
         device = resolve_device(_config["device"])
         set_determinism(_config["deterministic"])
-        if _config["keep_freed_memory"]:
-            keep_freed_memory()
+        if _config["keep_freed_memory"] and not keep_freed_memory():
+            _log.info("keep_freed_memory: this C library is not glibc; malloc is left as it is")
         torch.manual_seed(_config["seed"])
         spec = get_dataset(_config["dataset"], _config["data_dir"])
         test_label, _ = resolve_labels(_config, spec)

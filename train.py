@@ -234,8 +234,8 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
     try:
         device = resolve_device(_config["device"])
         set_determinism(_config["deterministic"])
-        if _config["keep_freed_memory"]:
-            keep_freed_memory()
+        if _config["keep_freed_memory"] and not keep_freed_memory():
+            _log.info("keep_freed_memory: this C library is not glibc; malloc is left as it is")
         torch.manual_seed(_config["seed"])  # dropout's stream (the only global one used)
         _log.info(f"run folder {folder}; device {device}")
 
