@@ -39,6 +39,7 @@ BACKBONES = ("resnet101", "resnet50")
 PRETRAINED = ("deeplabv3", "imagenet", "none")
 EVAL_MODES = ("protocol", "all_slices")
 EXCLUDE_MODES = ("any", "all")
+SUPERVOXEL_SOURCES = ("folder", "generate")
 SETTINGS_ALLOWED = (1, 2)
 
 ex = Experiment("QAMP", save_git_info=False)
@@ -84,6 +85,8 @@ def cfg():
     eval_fold = 0  # test fold of the 5-fold split (0-4); training uses every scan outside it
     min_size = 200  # minimum class area (pixels) of a training slice pair
     augment = True  # gamma / affine / elastic augmentation of training episodes
+    image_size = None  # in-plane size S the model sees; None = the dataset's native size (reference). Otherwise every slice is resampled on load (image bilinear, labels/supervoxels nearest); test Dice stays on the native grid
+    supervoxel_source = "folder"  # 'folder': supervoxel_dir's ids (nearest-resampled to image_size); 'generate': 3D Felzenszwalb on the loaded slices at image_size, min size n_sv x pixel ratio (no folder needed)
 
     # ---------------- episodes ----------------
     n_shot = 1  # support slices per episode (prototypes are averaged over shots)
@@ -128,6 +131,8 @@ def cfg():
     save_snapshot_every = 5000  # steps between full-state snapshots (a final one is always written)
     keep_snapshots = 2  # intermediate snapshots kept on disk (older ones deleted; final kept)
     resume = None  # run folder or snapshot file to continue from (same loss sequence as no break)
+    val_interval = 0  # steps between validation scores (per-class Dice on val_scans, the protocol); 0 = off
+    val_scans = None  # validation scan ids (>= 2, outside the test fold); None = the last 2 training scans. Their labels only score; with use_gt=True they are removed from training
 
     # ---------------- evaluation (test.py) ----------------
     reload_model_path = None  # snapshot file, or a training run folder (its final snapshot)
@@ -160,6 +165,33 @@ def prostate_mri():
 def cmr():
     """Cardiac MRI (MS-CMRSeg bSSFP); supervoxels_1000 by the dataset's default."""
     dataset = "CMR"
+
+
+@ex.named_config
+def cpu_budget():
+    """Self-supervised training that learns on a 2-core CPU in about an hour (see README, "CPU budget").
+
+    64 x 64 slices (native-grid Dice at test), dilated ResNet-50 from scratch, fewer prototypes,
+    SGD lr 0.02 with one x0.25 step, validation every 500 steps. Chosen on the validation curve of
+    CHAOST2 fold 0 (bench/chaos_budget.sh); the reference defaults are untouched without it.
+    """
+    image_size = 64
+    backbone = "resnet50"
+    pretrained_weights = "none"
+    n_mlp_fg = 40
+    n_keep_fg = 20
+    n_query_fg = 10
+    n_edge = 10
+    n_mlp_bg = 120
+    n_keep_bg = 100
+    n_query_bg = 20
+    optim = {"lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}
+    n_steps = 6000
+    max_iters_per_load = 3000
+    lr_step_gamma = 0.25
+    val_interval = 500
+    print_interval = 100
+    save_snapshot_every = 1000
 
 
 @ex.named_config
@@ -232,7 +264,15 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
                 f"{key}={config[key]!r}: expected an integer >= 1")
     _expect(config["n_sv"] is None or (isinstance(config["n_sv"], int) and config["n_sv"] >= 1),
             f"n_sv={config['n_sv']!r}: expected None (the dataset's) or an integer >= 1")
-    for key in ("keep_snapshots", "n_overlay_slices", "num_workers", "eval_fold", "supp_idx"):
+    _expect(config["image_size"] is None or (isinstance(config["image_size"], int) and config["image_size"] >= 16),
+            f"image_size={config['image_size']!r}: expected None (the dataset's native size) or an integer >= 16")
+    _expect(config["supervoxel_source"] in SUPERVOXEL_SOURCES,
+            f"supervoxel_source={config['supervoxel_source']!r} is unknown: expected one of {list(SUPERVOXEL_SOURCES)}")
+    val_scans = config["val_scans"]
+    _expect(val_scans is None or (isinstance(val_scans, (list, tuple)) and len(set(val_scans)) >= 2
+                                  and all(isinstance(v, int) for v in val_scans)),
+            f"val_scans={val_scans!r}: expected None (the last 2 training scans) or a list of >= 2 scan ids")
+    for key in ("keep_snapshots", "n_overlay_slices", "num_workers", "eval_fold", "supp_idx", "val_interval"):
         _expect(isinstance(config[key], int) and config[key] >= 0,
                 f"{key}={config[key]!r}: expected an integer >= 0")
     for key in ("test_label", "exclude_label"):

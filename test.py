@@ -11,6 +11,9 @@ holding the class; each other fold scan is a query, keeping only its slices hold
 uses the query's labels, as every published table does), split into ``n_part`` chunks; chunk k is
 segmented with support slice k. ``eval_mode='all_slices'`` segments every query slice instead.
 
+With ``image_size`` set, the model sees slices resampled to ``image_size`` (image bilinear, support
+mask nearest) and its class probabilities are resampled back to the scan's native grid (bilinear,
+then argmax) before Dice, NIfTI and overlays: every score is on the native grid.
 Each support slice goes through the encoder once per run (its features are cached across classes
 and query scans); per chunk the support prototypes are drawn (``model.encode_support``) and the
 chunk's query slices go through ``model.segment`` in batches of ``test_batch_size``. Prototype sampling draws from one generator per
@@ -46,10 +49,11 @@ import SimpleITK as sitk
 import torch
 
 from config import ex, run_commandline
-from dataloaders.datasets import get_dataset
-from dataloaders.test_dataset import TestDataset, to_model_input
+from dataloaders.datasets import get_dataset, model_image_size
+from dataloaders.test_dataset import TestDataset
 from models import build_model, check_state_dict, make_generator
 from train import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
+from utils.evaluate import predict_scan
 from utils.io import write_image, write_json, write_text
 from utils.malloc import keep_freed_memory
 from utils.metrics import overlap
@@ -57,7 +61,7 @@ from utils.plots import plot_overlay
 from utils.snapshot import find_snapshot, load_snapshot
 
 # Config keys that shape the network's parameters: a snapshot must have been trained with the same.
-ARCHITECTURE_KEYS = ("model", "backbone", "feature_dim", "n_mlp_fg", "n_mlp_bg", "dataset")
+ARCHITECTURE_KEYS = ("model", "backbone", "feature_dim", "n_mlp_fg", "n_mlp_bg", "dataset", "image_size")
 CSV_COLUMNS = ("fold", "supp_idx", "seed", "scan", "class", "class_name", "dice", "iou", "tp", "fp",
                "fn", "slices")
 
@@ -117,57 +121,6 @@ def load_model(config: Mapping[str, Any], image_size: int, device: torch.device,
     model.load_state_dict(snapshot["model"])
     log.info(f"loaded {path} (step {snapshot.get('step', 'unknown')})")
     return model.to(device).eval(), path
-
-
-# ----------------------------------------------------------------------------------------------
-# Prediction
-# ----------------------------------------------------------------------------------------------
-def support_inputs(support, z: int, class_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Support slice ``z`` as ``(1, 1, 3, H, W)`` image and ``(1, 1, H, W)`` {0, 1} mask of the class."""
-    image = to_model_input(support.image[[z]]).unsqueeze(0).to(device)  # (1, 1, 3, H, W)
-    mask = torch.from_numpy((support.label[[z]] == class_id).astype(np.float32)).unsqueeze(0).to(device)
-    return image, mask
-
-
-@torch.inference_mode()
-def predict_scan(model: torch.nn.Module | None, tds, scan, class_id: int, batch_size: int,
-                 device: torch.device, generator: torch.Generator | None,
-                 support_feats: dict[int, torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Segment class ``class_id`` in one query scan, chunk by chunk.
-
-    ``support_feats`` caches the encoder features of support slices by slice index: the support scan
-    is the same for every query scan and class of a run, so each support slice goes through the
-    encoder once per run (prototypes are still drawn per chunk, so the numbers do not change).
-
-    Returns:
-        ``(pred, prior, support_of)``: ``pred`` uint8 (Z, H, W) {0, 1}; ``prior`` float32 (Z, H, W)
-        QPG prior in [0, 1] (None for copy_support); ``support_of`` int (Z,) the support slice used
-        for each query slice, -1 where the slice was not segmented.
-    """
-    depth = scan.image.shape[0]
-    pred = np.zeros(scan.image.shape, dtype=np.uint8)
-    prior = None if model is None else np.zeros(scan.image.shape, dtype=np.float32)
-    support_of = np.full(depth, -1, dtype=np.int64)
-    support_slices = tds.support_slices(class_id)
-    for chunk, support_z in zip(tds.query_chunks(scan, class_id), support_slices):
-        chunk = np.asarray(chunk, dtype=np.int64)
-        if chunk.size == 0:
-            continue
-        support_of[chunk] = support_z
-        if model is None:  # copy_support: the support mask pasted onto every slice of the chunk
-            pred[chunk] = (tds.support.label[support_z] == class_id).astype(np.uint8)
-            continue
-        supp_img, supp_mask = support_inputs(tds.support, support_z, class_id, device)
-        cached = None if support_feats is None else support_feats.get(int(support_z))
-        state = model.encode_support(supp_img, supp_mask, generator=generator, feats=cached)
-        if support_feats is not None:
-            support_feats[int(support_z)] = state.feats  # (1, C, h, w)
-        for start in range(0, chunk.size, batch_size):
-            zs = chunk[start:start + batch_size]
-            out = model.segment(state, to_model_input(scan.image[zs]).to(device), generator=generator)
-            pred[zs] = out["pred"].argmax(dim=1).to(torch.uint8).cpu().numpy()  # (N, H, W)
-            prior[zs] = out["prior"].float().cpu().numpy()
-    return pred, prior, support_of
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,9 +194,11 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
         torch.manual_seed(_config["seed"])
         spec = get_dataset(_config["dataset"], _config["data_dir"])
         test_label, _ = resolve_labels(_config, spec)
-        model, snapshot = load_model(_config, spec.image_size, device, _log)
+        image_size = model_image_size(spec, _config["image_size"])
+        model, snapshot = load_model(_config, image_size, device, _log)
         tds = TestDataset(_config["dataset"], _config["data_dir"], _config["eval_fold"], _config["supp_idx"],
-                          test_label, n_part=_config["n_part"], eval_mode=_config["eval_mode"])
+                          test_label, n_part=_config["n_part"], eval_mode=_config["eval_mode"],
+                          image_size=_config["image_size"])
         _log.info(f"run folder {folder}; device {device}; support scan {tds.support.scan_id}; "
                   f"queries {[q.scan_id for q in tds.queries]}; classes {test_label}")
         (folder / "predictions").mkdir()
@@ -274,7 +229,8 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
         header = {"dataset": _config["dataset"], "fold": _config["eval_fold"], "supp_idx": _config["supp_idx"],
                   "seed": _config["seed"], "model": _config["model"], "eval_mode": _config["eval_mode"],
                   "n_part": _config["n_part"], "support_scan": tds.support.scan_id,
-                  "snapshot": None if snapshot is None else str(snapshot), "std": "population (ddof 0) over scans"}
+                  "snapshot": None if snapshot is None else str(snapshot), "std": "population (ddof 0) over scans",
+                  "model_image_size": image_size, "dice_grid": "native"}
         summary = summarize(results, header)
         write_scores(folder / "scores.csv", results)
         write_json(folder / "summary.json", summary)

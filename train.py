@@ -15,13 +15,24 @@ Outputs, in the run folder ``<path.log_dir>/train_<dataset>_setting<k>_fold<f>[_
 ``config.json``, ``run.json``, ``cout.txt``, ``metrics.json`` (Sacred; per-step loss terms and lr),
 ``logger.log``, ``loss_curve.png`` (refreshed at each snapshot), ``snapshots/step_<k>.pth`` (every
 ``save_snapshot_every`` steps, the last ``keep_snapshots`` kept) and ``snapshots/final.pth``.
+
+Monitoring: every step logs ``fg_fraction`` (fraction of query pixels predicted foreground) and
+``reverse_ran`` (1 when the reverse terms ran, i.e. the predicted query mask was not empty); a print
+interval in which no query pixel was predicted foreground is a WARNING in the log (collapse to all
+background). Every ``val_interval`` steps (and after the last step) the model is scored with the
+test protocol on ``val_scans`` (two training scans by default, never the test fold: each is the
+support of the other): per-class Dice and the mean go to ``metrics.json`` (``val_dice_<CLASS>``,
+``val_dice_mean``), the log, and ``val_curve.png`` (with the fg-fraction curve below it).
+Validation draws from its own generators in eval mode, so it does not change the training run.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,11 +42,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import RunFolderObserver, ex, run_commandline
-from dataloaders.datasets import get_dataset
+from dataloaders.datasets import discover_scans, fold_positions, get_dataset, model_image_size, resolve_image_dir
+from dataloaders.test_dataset import TestDataset
 from dataloaders.train_dataset import StepSampler, TrainDataset, worker_init_fn
 from models import build_model, make_generator
+from utils.evaluate import score_queries
 from utils.malloc import keep_freed_memory
-from utils.plots import plot_loss_curve
+from utils.plots import plot_loss_curve, plot_validation_curve
 from utils.seed import capture_rng_state, restore_rng_state
 from utils.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot, prune_snapshots,
                             save_snapshot, step_name)
@@ -43,7 +56,8 @@ from utils.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_sna
 # Keys that may differ between a run and the run it resumes (they do not change the loss sequence).
 RESUME_FREE_KEYS = {"resume", "n_steps", "path", "num_workers", "print_interval", "save_snapshot_every",
                     "keep_snapshots", "device", "reload_model_path", "supp_idx", "n_part", "eval_mode",
-                    "test_batch_size", "n_overlay_slices"}
+                    "test_batch_size", "n_overlay_slices", "val_interval"}
+MONITOR_KEYS = ("fg_fraction", "reverse_ran")  # per-step series that are not losses
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,8 +122,31 @@ def resolve_labels(config: Mapping[str, Any], spec) -> tuple[list[int], list[int
     return test_label, exclude
 
 
-def build_dataset(config: Mapping[str, Any]):
-    """The fold's training episodes and the dataset spec."""
+def validation_scan_ids(config: Mapping[str, Any], spec) -> list[int]:
+    """``val_scans``, or the last two training scans of the fold (numeric id order).
+
+    Raises:
+        ValueError: a validation scan is in the test fold (or not in the dataset).
+    """
+    files = discover_scans(resolve_image_dir(spec, config["data_dir"]))
+    test_positions = set(fold_positions(spec, len(files), config["eval_fold"]))
+    train_ids = [f.scan_id for pos, f in enumerate(files) if pos not in test_positions]
+    if config["val_scans"] is None:
+        return train_ids[-2:]
+    outside = sorted(set(config["val_scans"]) - set(train_ids))
+    if outside:
+        raise ValueError(f"val_scans={list(config['val_scans'])}: scans {outside} are not training scans of fold "
+                         f"{config['eval_fold']} (validation never touches the test fold); choose among {train_ids}")
+    return sorted(set(config["val_scans"]))
+
+
+def build_dataset(config: Mapping[str, Any], val_ids: list[int] | None = None):
+    """The fold's training episodes and the dataset spec.
+
+    With ``use_gt=True`` the validation scans ``val_ids`` are left out of training (their labels
+    would otherwise be a training signal); self-supervised training keeps them (only their
+    supervoxels are used, their labels only score).
+    """
     spec = get_dataset(config["dataset"], config["data_dir"])
     test_label, exclude_label = resolve_labels(config, spec)
     dataset = TrainDataset(
@@ -118,8 +155,43 @@ def build_dataset(config: Mapping[str, Any]):
         exclude_mode=config["exclude_mode"], n_shot=config["n_shot"], min_size=config["min_size"],
         max_iters_per_load=config["max_iters_per_load"], n_sv=config["n_sv"],
         supervoxel_dir=config["supervoxel_dir"], augment=config["augment"], seed=config["seed"],
-        n_steps=config["n_steps"])
+        n_steps=config["n_steps"], image_size=config["image_size"], supervoxel_source=config["supervoxel_source"],
+        exclude_scan_ids=(val_ids or []) if config["use_gt"] else ())
     return dataset, spec
+
+
+def build_validation(config: Mapping[str, Any], val_ids: list[int], test_label: list[int]) -> TestDataset:
+    """The validation scans as a protocol test set (support position 0; see :func:`validate`)."""
+    return TestDataset(config["dataset"], config["data_dir"], config["eval_fold"], 0, test_label,
+                       n_part=config["n_part"], eval_mode="protocol", image_size=config["image_size"],
+                       scan_ids=val_ids)
+
+
+def validate(model: torch.nn.Module, vds: TestDataset, test_label: list[int], label_names: Mapping[int, str],
+             config: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Score the model on the validation scans: each scan is the support once and the others are its
+    queries (standard protocol, native-grid 3D Dice). Eval mode, own generators (seed, class).
+
+    Returns:
+        ``{"dice": {class name: mean Dice in [0, 1]}, "mean": mean over classes,
+        "all_background": [class names predicted all background on every validation query]}``.
+    """
+    model.eval()
+    try:
+        overlaps: dict[int, list] = defaultdict(list)
+        for supp in range(len(vds.fold_scans)):
+            scores = score_queries(model, vds.with_support(supp), test_label, config["test_batch_size"], device,
+                                   lambda c: make_generator(config["seed"], c, device=device))
+            for class_id, values in scores.items():
+                overlaps[class_id].extend(values)
+    finally:
+        model.train()
+    dice = {}
+    for class_id, values in overlaps.items():
+        defined = [o.dice for o in values if not math.isnan(o.dice)]
+        dice[label_names[class_id]] = sum(defined) / len(defined) if defined else 0.0
+    empty = [label_names[c] for c, values in overlaps.items() if sum(o.tp + o.fp for o in values) == 0]
+    return {"dice": dice, "mean": sum(dice.values()) / len(dice), "all_background": empty}
 
 
 def episode_loader(dataset, start: int, n_steps: int, num_workers: int) -> DataLoader:
@@ -155,7 +227,12 @@ def to_model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                batch: Mapping[str, torch.Tensor], device: torch.device,
                generator: torch.Generator) -> dict[str, float]:
-    """One SGD step on one episode; returns the weighted total ``'loss'`` and each unweighted term."""
+    """One SGD step on one episode.
+
+    Returns the weighted total ``'loss'``, each unweighted term, ``'fg_fraction'`` (fraction of
+    query pixels predicted foreground, in [0, 1]) and ``'reverse_ran'`` (1.0 when the predicted
+    query mask is not empty, the condition under which the reverse terms run, else 0.0).
+    """
     inputs = to_model_inputs(batch, device)
     out = model(inputs["supp_imgs"], inputs["supp_masks"], inputs["qry_imgs"], inputs["qry_labels"],
                 generator=generator)
@@ -169,17 +246,20 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     scheduler.step()
     values = {"loss": loss.item()}
     values.update({name: term.item() for name, term in out["losses"].items()})
+    foreground = (out["pred"].detach().argmax(dim=1) == 1).float().mean().item()
+    values.update(fg_fraction=foreground, reverse_ran=float(foreground > 0))
     return values
 
 
 def snapshot_state(step: int, final: bool, model, optimizer, scheduler, generator: torch.Generator,
-                   history: Mapping[str, list[float]], config: Mapping[str, Any]) -> dict[str, Any]:
+                   history: Mapping[str, list[float]], config: Mapping[str, Any],
+                   val_points: list[dict[str, Any]]) -> dict[str, Any]:
     """Everything needed to continue exactly after ``step`` completed steps (see utils.snapshot)."""
     return {"format": SNAPSHOT_FORMAT, "step": step, "final": final,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": capture_rng_state(),
             "generator": generator.get_state(), "history": {k: list(v) for k, v in history.items()},
-            "config": plain_config(config)}
+            "val": list(val_points), "config": plain_config(config)}
 
 
 def take_snapshot(folder: Path, state: dict[str, Any], keep: int, history, log: logging.Logger) -> Path:
@@ -187,14 +267,16 @@ def take_snapshot(folder: Path, state: dict[str, Any], keep: int, history, log: 
     path = folder / "snapshots" / (FINAL_NAME if state["final"] else step_name(state["step"]))
     save_snapshot(path, state)
     prune_snapshots(folder / "snapshots", keep)
-    plot_loss_curve(history, folder / "loss_curve.png")
+    plot_loss_curve({k: v for k, v in history.items() if k not in MONITOR_KEYS}, folder / "loss_curve.png")
+    if state["val"] or any(k in history for k in MONITOR_KEYS):
+        plot_validation_curve(state["val"], history, folder / "val_curve.png")
     log.info(f"snapshot after step {state['step']}: {path}")
     return path
 
 
 def restore(snapshot: Mapping[str, Any], model, optimizer, scheduler, generator: torch.Generator,
-            config: Mapping[str, Any], log: logging.Logger) -> tuple[int, dict[str, list[float]]]:
-    """Load a snapshot's full state; returns ``(completed steps, loss history)``.
+            config: Mapping[str, Any], log: logging.Logger) -> tuple[int, dict[str, list[float]], list[dict]]:
+    """Load a snapshot's full state; returns ``(completed steps, per-step history, validation points)``.
 
     Raises:
         ValueError: the snapshot is not a full training snapshot, or it already has ``n_steps`` steps.
@@ -218,12 +300,34 @@ def restore(snapshot: Mapping[str, Any], model, optimizer, scheduler, generator:
     generator.set_state(snapshot["generator"])
     restore_rng_state(snapshot["rng"])
     history = defaultdict(list, {k: list(v) for k, v in snapshot["history"].items()})
-    return step, history
+    return step, history, list(snapshot.get("val", []))
 
 
 def log_interval(log: logging.Logger, step: int, window: Mapping[str, list[float]], lr: float) -> None:
+    """One line of mean loss terms and monitors over the interval; a WARNING when the model predicted
+    all background on every query of the interval (collapse: the reverse terms never ran)."""
     terms = ", ".join(f"{k}={sum(v) / len(v):.4f}" for k, v in window.items())
     log.info(f"step {step}: {terms}, lr={lr:.3e}")
+    if window.get("fg_fraction") and max(window["fg_fraction"]) == 0.0:
+        n = len(window["fg_fraction"])
+        log.warning(f"all background: no query pixel was predicted foreground in steps {step - n + 1}-{step}, "
+                    "so the reverse terms did not run (early training from scratch does this; if it persists "
+                    "the run has collapsed: see val_curve.png)")
+
+
+def log_validation(log: logging.Logger, run, step: int, point: Mapping[str, Any], seconds: float,
+                   train_seconds: float) -> None:
+    """Validation numbers to the log and Sacred's metrics (``val_dice_<CLASS>``, ``val_dice_mean``)."""
+    for name, value in point["dice"].items():
+        run.log_scalar(f"val_dice_{name}", value, step)
+    run.log_scalar("val_dice_mean", point["mean"], step)
+    per_class = ", ".join(f"{k} {100 * v:.2f}" for k, v in point["dice"].items())
+    share = 100 * seconds / train_seconds if train_seconds > 0 else float("nan")
+    log.info(f"validation after step {step}: Dice % {per_class}; mean {100 * point['mean']:.2f} "
+             f"({seconds:.1f} s, {share:.1f} % of the training time since the last validation)")
+    if point["all_background"]:
+        log.warning(f"validation after step {step}: all background predicted for {point['all_background']} "
+                    "on every validation query")
 
 
 @ex.command
@@ -239,22 +343,42 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
         torch.manual_seed(_config["seed"])  # dropout's stream (the only global one used)
         _log.info(f"run folder {folder}; device {device}")
 
-        dataset, spec = build_dataset(_config)
-        model = build_model(_config, spec.image_size).to(device).train()
+        spec = get_dataset(_config["dataset"], _config["data_dir"])
+        val_ids = validation_scan_ids(_config, spec) if _config["val_interval"] else None
+        dataset, spec = build_dataset(_config, val_ids)
+        image_size = model_image_size(spec, _config["image_size"])
+        _log.info(f"model input {image_size} x {image_size} px"
+                  + ("" if _config["image_size"] is None else f" (slices resampled from the native {spec.image_size} px)"))
+        vds = None
+        if val_ids is not None:
+            vds = build_validation(_config, val_ids, resolve_labels(_config, spec)[0])
+            _log.info(f"validation every {_config['val_interval']} steps on scans {val_ids}"
+                      + (" (left out of training: use_gt)" if _config["use_gt"] else " (labels used for scoring only)"))
+        model = build_model(_config, image_size).to(device).train()
         optimizer, scheduler = build_optimizer(model, _config)
         generator = make_generator(_config["seed"], device=device)  # sampling + dropout
-        start, history = 0, defaultdict(list)
+        start, history, val_points = 0, defaultdict(list), []
         if _config["resume"] is not None:
             source = find_snapshot(_config["resume"], which="latest")
-            start, history = restore(load_snapshot(source, map_location=device), model, optimizer,
-                                     scheduler, generator, _config, _log)
+            start, history, val_points = restore(load_snapshot(source, map_location=device), model, optimizer,
+                                                 scheduler, generator, _config, _log)
             _log.info(f"resumed from {source} after step {start}")
+
+        def run_validation(step: int, train_seconds: float) -> float:
+            t0 = time.perf_counter()
+            point = {"step": step, **validate(model, vds, resolve_labels(_config, spec)[0], spec.label_names,
+                                              _config, device)}
+            val_points.append(point)
+            seconds = time.perf_counter() - t0
+            log_validation(_log, _run, step, point, seconds, train_seconds)
+            return seconds
 
         n_steps = _config["n_steps"]
         window: dict[str, list[float]] = defaultdict(list)
         loader = episode_loader(dataset, start, n_steps, _config["num_workers"])
         bar = tqdm(loader, total=n_steps, initial=start, desc="train", dynamic_ncols=True)
         step = start
+        timer, train_since_val, val_seconds = time.perf_counter(), 0.0, 0.0
         for batch in bar:
             lr = optimizer.param_groups[0]["lr"]
             values = train_step(model, optimizer, scheduler, batch, device, generator)
@@ -262,21 +386,30 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
             for name, value in values.items():
                 history[name].append(value)
                 window[name].append(value)
-                _run.log_scalar(name if name == "loss" else f"{name}_loss", value, step)
+                _run.log_scalar(name if name == "loss" or name in MONITOR_KEYS else f"{name}_loss", value, step)
             _run.log_scalar("lr", lr, step)
+            if vds is not None and (step % _config["val_interval"] == 0 or step == n_steps):
+                now = time.perf_counter()
+                train_since_val += now - timer
+                val_seconds += run_validation(step, train_since_val)
+                train_since_val, timer = 0.0, time.perf_counter()
             bar.set_postfix(loss=f"{sum(window['loss']) / len(window['loss']):.4f}")
             if step % _config["print_interval"] == 0:
                 log_interval(_log, step, window, lr)
                 window.clear()
             if step % _config["save_snapshot_every"] == 0 and step < n_steps:
                 take_snapshot(folder, snapshot_state(step, False, model, optimizer, scheduler, generator,
-                                                     history, _config), _config["keep_snapshots"], history, _log)
+                                                     history, _config, val_points),
+                              _config["keep_snapshots"], history, _log)
         bar.close()
         final = take_snapshot(folder, snapshot_state(step, True, model, optimizer, scheduler, generator,
-                                                     history, _config), _config["keep_snapshots"], history, _log)
-        _log.info(f"end of training after {step} steps; final snapshot {final}")
+                                                     history, _config, val_points),
+                              _config["keep_snapshots"], history, _log)
+        _log.info(f"end of training after {step} steps; final snapshot {final}"
+                  + (f"; validation took {val_seconds:.1f} s in all" if vds is not None else ""))
         return {"run_dir": str(folder), "snapshot": str(final), "steps": step,
-                "last_loss": history["loss"][-1] if history["loss"] else None}
+                "last_loss": history["loss"][-1] if history["loss"] else None,
+                "val": val_points[-1] if val_points else None}
     finally:
         _log.removeHandler(handler)
         handler.close()

@@ -19,7 +19,6 @@ this 2-core machine (issue 4), the target is <= 3.6 s.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -29,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -39,23 +37,6 @@ from utils.io import write_json  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
 
 REFERENCE_S_PER_SLICE = 7.2  # reference QAMP, ResNet-101, 256 x 256, 2 threads (issue 4)
-
-
-def load_test_script():
-    """test.py, loaded by path (its module name clashes with the standard library's ``test``)."""
-    spec = importlib.util.spec_from_file_location("qamp_test_script", REPO / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def resize_scan(scan, size: int) -> None:
-    """Resample a scan's slices to ``size x size`` in place (timing only)."""
-    image = torch.from_numpy(scan.image)[:, None]  # (Z, 1, H, W)
-    scan.image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=True)[:, 0].numpy()
-    label = torch.from_numpy(scan.label)[:, None].float()
-    scan.label = F.interpolate(label, size=(size, size), mode="nearest")[:, 0].long().numpy()
 
 
 def model_config(args: argparse.Namespace) -> dict:
@@ -89,16 +70,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     from dataloaders.test_dataset import TestDataset
     from models import build_model, make_generator
+    from utils.evaluate import predict_scan
     from utils.snapshot import find_snapshot, load_snapshot
 
-    test_script = load_test_script()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    tds = TestDataset(args.dataset, args.data_dir, args.fold, args.supp_idx, [args.class_id])
-    size = args.size or tds.spec.image_size
-    if size != tds.spec.image_size:
-        for scan in [tds.support, *tds.queries]:
-            resize_scan(scan, size)
+    tds = TestDataset(args.dataset, args.data_dir, args.fold, args.supp_idx, [args.class_id], image_size=args.size)
+    size = tds.image_size
     if args.queries + 1 > len(tds.queries):
         parser.error(f"--queries {args.queries}: fold {args.fold} has {len(tds.queries)} queries (one is the warm-up)")
     model = build_model(model_config(args), size)
@@ -112,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         if i <= 1:  # a fresh cache for the warm-up volume and for the timed ones
             support_feats: dict[int, torch.Tensor] = {}
         start, cpu_start = time.perf_counter(), time.process_time()
-        _, _, support_of = test_script.predict_scan(model, tds, scan, args.class_id, args.batch_size, device,
-                                                    generator, support_feats)
+        _, _, support_of = predict_scan(model, tds, scan, args.class_id, args.batch_size, device,
+                                        generator, support_feats)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if i > 0:  # the first volume is the warm-up
             volume_s.append(elapsed)

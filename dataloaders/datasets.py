@@ -524,13 +524,29 @@ def read_label(spec: DatasetSpec, path: Path, shape: tuple[int, ...] | None = No
     return label
 
 
-def read_image(spec: DatasetSpec, path: Path) -> tuple[np.ndarray, sitk.Image]:
-    """Read an image volume: z-scored float32 (Z x H x W) and its SimpleITK image (geometry)."""
+def model_image_size(spec: DatasetSpec, image_size: int | None) -> int:
+    """The in-plane size ``S`` the model sees: the ``image_size`` config key, or the dataset's native size."""
+    if image_size is None:
+        return spec.image_size
+    if not isinstance(image_size, (int, np.integer)) or image_size < 16:
+        raise ValueError(f"image_size: expected None (the dataset's {spec.image_size} px) or an integer >= 16, "
+                         f"got {image_size!r}")
+    return int(image_size)
+
+
+def read_image(spec: DatasetSpec, path: Path, check_size: bool = True) -> tuple[np.ndarray, sitk.Image]:
+    """Read an image volume: z-scored float32 (Z x H x W) on its native grid, and its SimpleITK image.
+
+    Args:
+        check_size: require the dataset's in-plane size (``image_size=None``: the model sees the
+            native grid); False when the slices are resampled to ``image_size`` afterwards.
+    """
     raw, image = read_volume(path)
-    if raw.shape[1] != spec.image_size or raw.shape[2] != spec.image_size:
+    if check_size and (raw.shape[1] != spec.image_size or raw.shape[2] != spec.image_size):
         raise ValueError(
             f"{path}: expected in-plane size {spec.image_size} x {spec.image_size} for dataset "
-            f"{spec.name}, got {raw.shape[1]} x {raw.shape[2]}; resample/crop it (data/README.md)"
+            f"{spec.name}, got {raw.shape[1]} x {raw.shape[2]}; set the config key image_size=<S> to "
+            "resample every slice on load, or resample/crop the files (data/README.md)"
             + (" or set image_size in dataset.json" if spec.name == CUSTOM else "")
         )
     return zscore(raw, path), image
@@ -565,9 +581,10 @@ class Scan:
     reference: sitk.Image
 
 
-def load_scan(spec: DatasetSpec, files: ScanFiles) -> Scan:
-    """Read, check and normalise one scan (image z-scored float32, label int64)."""
-    image, reference = read_image(spec, files.image)
+def load_scan(spec: DatasetSpec, files: ScanFiles, check_size: bool = True) -> Scan:
+    """Read, check and normalise one scan on its native grid (image z-scored float32, label int64);
+    ``check_size`` as in :func:`read_image`."""
+    image, reference = read_image(spec, files.image, check_size)
     label = read_label(spec, files.label, image.shape).astype(np.int64)
     return Scan(files.scan_id, image, label, reference)
 

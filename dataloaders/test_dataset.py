@@ -10,6 +10,11 @@ support slice k.
 
 ``eval_mode='all_slices'``: the leak-free alternative: the query's labels are not used to choose
 slices: every slice of the query is segmented, chunks split the whole volume the same way.
+
+Scans stay on their native grid (Dice, NIfTI and overlays are native); ``image_size`` only says
+what the model sees: :meth:`TestDataset.model_images` / :meth:`TestDataset.model_masks` resample
+slices to it (image bilinear, masks nearest), and predictions go back with
+``utils.resample.resize_probabilities``.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from utils.resample import resize_image, resize_labels
 from dataloaders.datasets import (
     DatasetSpec,
     Scan,
@@ -28,6 +34,7 @@ from dataloaders.datasets import (
     fold_positions,
     get_dataset,
     load_scan,
+    model_image_size,
     resolve_image_dir,
 )
 
@@ -69,6 +76,9 @@ class TestDataset(Dataset):
         test_label: classes to evaluate (default: the dataset's test labels).
         n_part: support slices per class = query chunks.
         eval_mode: ``'protocol'`` or ``'all_slices'`` (see module docstring).
+        image_size: in-plane size the model sees (None: the dataset's native size, checked on load).
+        scan_ids: explicit scans (numeric ids) instead of fold ``eval_fold``'s, e.g. the validation
+            scans of a training run; ``supp_idx`` indexes this list in numeric order.
 
     Attributes:
         support: the support :class:`Scan`; queries: list of query :class:`Scan` (numeric id order);
@@ -86,6 +96,8 @@ class TestDataset(Dataset):
         test_label: Sequence[int] | None = None,
         n_part: int = 3,
         eval_mode: str = "protocol",
+        image_size: int | None = None,
+        scan_ids: Sequence[int] | None = None,
     ) -> None:
         self.spec: DatasetSpec = get_dataset(dataset, data_dir)
         spec = self.spec
@@ -98,14 +110,23 @@ class TestDataset(Dataset):
         self.eval_fold = spec.check_fold(eval_fold)
         self.test_label = spec.check_labels("test_label", spec.test_labels if test_label is None else test_label)
         self.image_dir = resolve_image_dir(spec, data_dir)
+        self.image_size = model_image_size(spec, image_size)
         files = discover_scans(self.image_dir)
-        fold_files = [files[pos] for pos in fold_positions(spec, len(files), self.eval_fold)]
+        if scan_ids is None:
+            fold_files = [files[pos] for pos in fold_positions(spec, len(files), self.eval_fold)]
+        else:
+            by_id = {f.scan_id: f for f in files}
+            missing = sorted({int(i) for i in scan_ids} - set(by_id))
+            if missing or len(set(scan_ids)) < 2:
+                raise ValueError(f"scan_ids: expected at least 2 distinct scan ids of {self.image_dir}, got "
+                                 f"{list(scan_ids)} (unknown: {missing}); available: {sorted(by_id)}")
+            fold_files = [by_id[i] for i in sorted({int(i) for i in scan_ids})]
         if not isinstance(supp_idx, (int, np.integer)) or not 0 <= supp_idx < len(fold_files):
             raise ValueError(
                 f"supp_idx: expected an integer in 0..{len(fold_files) - 1} (fold {self.eval_fold} "
                 f"holds scans {[f.scan_id for f in fold_files]}), got {supp_idx!r}"
             )
-        self.fold_scans: list[Scan] = [load_scan(spec, f) for f in fold_files]
+        self.fold_scans: list[Scan] = [load_scan(spec, f, check_size=image_size is None) for f in fold_files]
         self._set_support(int(supp_idx))
 
     def _set_support(self, supp_idx: int) -> None:
@@ -150,12 +171,19 @@ class TestDataset(Dataset):
         picks = (support_fractions(self.n_part) * labelled.size).astype(int)
         return [int(z) for z in labelled[picks]]
 
+    def model_images(self, slices: np.ndarray) -> torch.Tensor:
+        """Native z-scored slices ``N x H x W`` -> model input float32 ``N x 3 x S x S`` (bilinear)."""
+        return to_model_input(resize_image(slices, self.image_size))
+
+    def model_masks(self, masks: np.ndarray) -> torch.Tensor:
+        """Native binary masks ``N x H x W`` -> float32 ``N x S x S`` in {0, 1} (nearest)."""
+        return torch.from_numpy(resize_labels(np.asarray(masks, dtype=np.uint8), self.image_size).astype(np.float32))
+
     def support_input(self, class_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Support images float32 (n_part x 3 x H x W) and masks float32 (n_part x H x W) in {0, 1}."""
+        """Support images float32 (n_part x 3 x S x S) and masks float32 (n_part x S x S) in {0, 1},
+        on the model grid (``S = image_size``)."""
         z = self.support_slices(class_id)
-        images = to_model_input(self.support.image[z])
-        masks = torch.from_numpy((self.support.label[z] == class_id).astype(np.float32))
-        return images, masks
+        return self.model_images(self.support.image[z]), self.model_masks(self.support.label[z] == class_id)
 
     def query_slices(self, scan: Scan, class_id: int) -> np.ndarray:
         """Slices of ``scan`` to segment: those holding the class ('protocol') or all ('all_slices')."""

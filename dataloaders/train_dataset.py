@@ -37,14 +37,17 @@ from dataloaders.datasets import (
     find_supervoxel_dir,
     fold_positions,
     get_dataset,
+    model_image_size,
     read_image,
     read_label,
     read_supervoxels,
     resolve_image_dir,
 )
 from dataloaders.transforms import AffineElastic, gamma_transform
+from utils.resample import pixel_ratio, resize_image, resize_labels
 
 EXCLUDE_MODES = ("any", "all")
+SUPERVOXEL_SOURCES = ("folder", "generate")
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +66,7 @@ class TrainScan:
     """
 
     scan_id: int
-    image: np.ndarray
+    image: np.ndarray  # on the model grid (image_size)
     pseudo: np.ndarray
     allowed: np.ndarray
     starts: np.ndarray
@@ -203,6 +206,14 @@ class TrainDataset(Dataset):
         seed: run seed; episode ``i`` depends only on ``(seed, i)``.
         n_steps: ``__len__`` when given (total training steps).
         scan_ids: restrict training to these scan ids (must be outside the test fold).
+        exclude_scan_ids: training scans left out (e.g. validation scans when ``use_gt``).
+        image_size: in-plane size ``S`` of the episodes; None = the dataset's native size. Other
+            sizes resample every slice on load (image bilinear, labels and supervoxels nearest,
+            ids kept); ``min_size`` keeps its native-grid meaning (scaled by the pixel ratio).
+        supervoxel_source: ``'folder'``: the supervoxel folder's ids (nearest-resampled to
+            ``image_size``); ``'generate'``: 3D Felzenszwalb supervoxels computed on load from the
+            slices at ``image_size`` (in-plane spacing and ``n_sv`` scaled by the size and pixel
+            ratios, i.e. the same physical sizes; no supervoxel folder needed).
         gamma_range, rotate, shift, shear, scale, elastic_alpha, elastic_sigma: augmentation
             parameters (reference defaults).
         reverse_prob: probability of reversing the slice order.
@@ -239,6 +250,9 @@ class TrainDataset(Dataset):
         seed: int = 2025,
         n_steps: int | None = None,
         scan_ids: Sequence[int] | None = None,
+        exclude_scan_ids: Sequence[int] = (),
+        image_size: int | None = None,
+        supervoxel_source: str = "folder",
         gamma_range: tuple[float, float] = (0.5, 1.5),
         rotate: float = 5.0,
         shift: float = 5.0,
@@ -266,7 +280,13 @@ class TrainDataset(Dataset):
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         self.exclude_mode = exclude_mode
+        if supervoxel_source not in SUPERVOXEL_SOURCES:
+            raise ValueError(f"supervoxel_source: expected one of {SUPERVOXEL_SOURCES}, got {supervoxel_source!r}")
+        self.image_size = model_image_size(spec, image_size)
+        self.resampled = image_size is not None
+        self.n_sv = int(n_sv or spec.n_sv)
         self.use_gt = bool(use_gt)
+        self.regenerate = supervoxel_source == "generate" and not self.use_gt
         self.n_shot = int(n_shot)
         self.min_size = int(min_size)
         self.max_iters_per_load = int(max_iters_per_load)
@@ -279,8 +299,8 @@ class TrainDataset(Dataset):
         self.query_aug_prob = float(query_aug_prob)
 
         sv_dir = None
-        if not self.use_gt:
-            sv_dir = find_supervoxel_dir(self.image_dir, n_sv or spec.n_sv, supervoxel_dir)
+        if not self.use_gt and not self.regenerate:
+            sv_dir = find_supervoxel_dir(self.image_dir, self.n_sv, supervoxel_dir)
         self.supervoxel_dir = sv_dir
         files = discover_scans(self.image_dir, sv_dir)
         test_positions = set(fold_positions(spec, len(files), eval_fold)) if eval_fold is not None else set()
@@ -294,13 +314,16 @@ class TrainDataset(Dataset):
                     f"(training scans: {sorted(available)})"
                 )
             train_files = [f for f in train_files if f.scan_id in set(int(i) for i in scan_ids)]
+        left_out = {int(i) for i in exclude_scan_ids}
+        train_files = [f for f in train_files if f.scan_id not in left_out]
 
         with ThreadPoolExecutor(max(1, num_threads)) as pool:
             loaded = list(tqdm(pool.map(self._load, train_files), total=len(train_files),
                                desc="loading training scans", disable=not progress))
         self.scans: list[TrainScan] = [s for s in loaded if s.starts.size]
         if not self.scans:
-            source = "ground-truth classes (minus test_label)" if self.use_gt else f"supervoxels in {sv_dir}"
+            source = ("ground-truth classes (minus test_label)" if self.use_gt else
+                      f"supervoxels in {sv_dir}" if sv_dir else "supervoxels generated on load")
             raise ValueError(
                 f"min_size: no class of the {source} of the {len(train_files)} training scans has "
                 f"{self.window} consecutive slices (outside exclude_label) with at least "
@@ -319,20 +342,36 @@ class TrainDataset(Dataset):
         return self.n_shot + 1
 
     def _load(self, files: ScanFiles) -> TrainScan:
-        image, _ = read_image(self.spec, files.image)
+        image, reference = read_image(self.spec, files.image, check_size=not self.resampled)
         gt = read_label(self.spec, files.label, image.shape)
-        allowed = ~excluded_slices(gt, self.exclude_label, self.exclude_mode)
+        allowed = ~excluded_slices(gt, self.exclude_label, self.exclude_mode)  # on the native grid
+        native_hw = image.shape[1:]
+        image = resize_image(image, self.image_size)
         if self.use_gt:
             pseudo = gt.copy()
             pseudo[np.isin(pseudo, self.test_label)] = 0
+            pseudo = resize_labels(pseudo, self.image_size)
+        elif self.regenerate:
+            pseudo = self._regenerate_supervoxels(image, reference, native_hw)
         else:
-            pseudo = read_supervoxels(files.supervoxel, image.shape)
+            pseudo = resize_labels(read_supervoxels(files.supervoxel, gt.shape), self.image_size)
+        min_area = max(1, int(round(self.min_size * pixel_ratio(native_hw, self.image_size))))
         classes, areas = class_slice_areas(pseudo)
-        starts, columns, weights = valid_windows(areas, allowed, self.window, self.min_size)
+        starts, columns, weights = valid_windows(areas, allowed, self.window, min_area)
         cdf = np.cumsum(weights)
         if cdf.size:
             cdf /= cdf[-1]
         return TrainScan(files.scan_id, image, pseudo, allowed, starts, classes[columns], cdf)
+
+    def _regenerate_supervoxels(self, image: np.ndarray, reference, native_hw: tuple[int, int]) -> np.ndarray:
+        """3D Felzenszwalb supervoxels of the resized scan: in-plane spacing scaled up by the size
+        ratio, ``min_size = n_sv`` x pixel ratio (the same physical volume per supervoxel)."""
+        from data.supervoxels.generate_supervoxels import compute_supervoxels, reference_spacing
+
+        sz, sy, sx = reference_spacing(reference)
+        spacing = (sz, sy * native_hw[0] / self.image_size, sx * native_hw[1] / self.image_size)
+        n_sv = max(1, int(round(self.n_sv * pixel_ratio(native_hw, self.image_size))))
+        return compute_supervoxels(image, spacing, n_sv)
 
     # ------------------------------------------------------------------ sampling
     def __len__(self) -> int:

@@ -191,7 +191,7 @@ def test_support_feature_cache_changes_no_prediction(trained: dict, small_chaos:
         cache = {} if cached else None
         generator = make_generator(7, TEST_CLASS)
         calls.clear()
-        outputs[cached] = [test_script.predict_scan(model, tds, scan, TEST_CLASS, 4, torch.device("cpu"), generator,
+        outputs[cached] = [predict_scan(model, tds, scan, TEST_CLASS, 4, torch.device("cpu"), generator,
                                                     cache) for scan in tds.queries]
         if cached:
             assert sorted(cache) == sorted(int(z) for z in tds.support_slices(TEST_CLASS))

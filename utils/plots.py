@@ -93,3 +93,43 @@ def plot_overlay(path: str | os.PathLike, support_image: np.ndarray, support_mas
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_validation_curve(points: Sequence[Mapping], history: Mapping[str, Sequence[float]],
+                          path: str | os.PathLike, smooth: int = 50) -> None:
+    """Validation Dice per class and their mean against the step (top), and the training-time
+    collapse indicators (bottom): fraction of query pixels predicted foreground and the fraction of
+    steps whose reverse terms ran (moving averages over ``smooth`` steps).
+
+    Args:
+        points: ``[{"step": k, "dice": {class name: Dice in [0, 1]}, "mean": Dice}, ...]``.
+        history: per-step series; ``'fg_fraction'`` and ``'reverse_ran'`` are drawn when present.
+        path: destination ``.png``.
+    """
+    fig = Figure(figsize=(8, 6.5), dpi=100)
+    ax = fig.add_subplot(2, 1, 1)
+    if points:
+        steps = [p["step"] for p in points]
+        for name in points[-1]["dice"]:
+            ax.plot(steps, [100 * p["dice"].get(name, np.nan) for p in points], marker="o", markersize=3,
+                    linewidth=1.0, label=name)
+        ax.plot(steps, [100 * p["mean"] for p in points], color="black", linewidth=2.2, marker="o",
+                markersize=4, label="mean")
+    ax.set_ylabel("validation Dice (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    ax2 = fig.add_subplot(2, 1, 2, sharex=ax)
+    for name, label in (("fg_fraction", "query pixels predicted foreground"),
+                        ("reverse_ran", "steps whose reverse terms ran")):
+        values = np.asarray(history.get(name, []), dtype=np.float64)
+        if values.size:
+            smoothed = _smooth(values, min(smooth, max(1, values.size // 5)))
+            ax2.plot(np.arange(1, values.size + 1)[values.size - smoothed.size:], smoothed, label=label)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("fraction (moving average)")
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.grid(alpha=0.3)
+    ax2.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
