@@ -1,37 +1,27 @@
 #!/usr/bin/env bash
-# CPU-budget comparison on real data: QAMP vs the ADNet head vs the copy-support baseline.
+# Real-data CPU-budget comparison: QAMP vs the ADNet head vs the copy-support baseline on CHAOST2.
 #
-#   bash bench/chaos_budget.sh [--overwrite]       # the full run: ~45 min per model (both at once: ~1 h)
-#   bash bench/chaos_budget.sh --tiny              # end-to-end check in a few minutes (no results file)
+#   bash bench/chaos_budget.sh [--overwrite]     # the full run (about 75 min of training per model, both at once)
+#   bash bench/chaos_budget.sh --tiny            # end-to-end check in a few minutes (results stay in the run folder)
 #
-# What it does: trains QAMP (model=qamp) and the ADNet head (model=adnet) with the SAME encoder,
-# number of steps, learning rate and seed on CHAOST2 fold 0, Setting 1 (self-supervised on the
-# published 3D supervoxels, n_sv 5000), tests both and the copy-support baseline with the standard
-# protocol (supp_idx 2, 3 chunks, query slices holding the class), and writes
-# bench/results/chaos_budget.md (per-organ Dice, mean, training and test time) and
-# bench/results/chaos_budget.json, and prints one JSON line.
-#
-# Reduced configuration (the paper: ResNet-101 with DeepLabV3 weights, 40 000 steps, lr 1e-3):
-#   - encoder: dilated ResNet-50, no pretrained weights (none ship offline; export
-#     QAMP_PRETRAINED_PATH and set BENCH_PRETRAINED=imagenet to use ImageNet ResNet-50 weights);
-#   - native 256 x 256 CHAOST2 slices; SGD momentum 0.9, weight decay 5e-4, lr BENCH_LR (2e-2:
-#     training from scratch in few steps; 0.02 is the rate the synthetic demo learns with), one lr
-#     step (x0.98) at the end;
-#   - QAMP head with the CPU-sized prototype counts of the demo (fg 20 MLP + 10 query + 10 edge + 2,
-#     bg 100 MLP + 20 query + 10 edge + 2; BENCH_PROTOTYPES=reference for 50+50+50+2 / 500+100+50+2);
-#   - steps: BENCH_STEPS, or else sized for BENCH_MINUTES (45) of training per model on this machine
-#     from a timing of a few forward/backward passes of each model at the start (the slower of the
-#     two heads sets the number), the same number for both models. The result file states the steps.
-#   - BENCH_PARALLEL=1 (default): the two models train (and test) at the same time, each with
-#     BENCH_THREADS torch threads (default: half the CPUs; one core each on this 2-core machine), which
-#     wastes nothing to thread oversubscription; BENCH_PARALLEL=0 runs them one after the other with
-#     all cores each. The step timing uses the same thread count.
+# What it does, with the same budget and settings for both networks:
+#   - trains QAMP (model=qamp) and the ADNet head (model=adnet) on CHAOST2 fold 0, Setting 1,
+#     self-supervised on the published 3D supervoxels, from scratch, with the named configuration
+#     `cpu_budget` (config.py: 64 x 64 slices, dilated ResNet-50, fewer prototypes, lr 0.02 with
+#     one x0.25 step, validation every 500 steps on training scans 38 and 39), same seed and steps;
+#   - tests both, and the copy-support baseline, with the standard protocol (3 chunks, query
+#     slices holding the class) on supp_idx 0, 1 and 2; Dice on the native 256 x 256 grid;
+#   - writes bench/results/chaos_budget.md (table, times, validation curves) and
+#     bench/results/chaos_budget.json (dice_percent.<method>.<class|mean>, times_s.<method>.train_s,
+#     val_curve.<method>), copies both validation-curve PNGs beside them, prints one JSON line.
+# The two models train (and test) side by side with BENCH_THREADS torch threads each (default: one
+# core each on a 2-core machine), so nothing is lost to oversubscription. Keep the machine otherwise
+# idle: the result file records the load average before and after.
 # Environment knobs [default]: DATA_DIR [../shared/data]  BENCH_DIR [runs/bench_chaos_budget]
-#   BENCH_STEPS [auto]  BENCH_MINUTES [45]  BENCH_LR [0.02]  BENCH_SEED [2025]  BENCH_PARALLEL [1]
-#   BENCH_THREADS [nproc / 2 when parallel, else nproc]
-#   BENCH_BACKBONE [resnet50]  BENCH_PRETRAINED [none]  BENCH_PROTOTYPES [cpu]
-# --tiny: 3 steps, test on the right kidney only, results kept in the run folder only.
-# Timings on a shared CPU are noisy: the result file records the load average before and after.
+#   BENCH_STEPS [cpu_budget's n_steps]  BENCH_SEED [2025]  BENCH_SUPPORTS ["0 1 2"]
+#   BENCH_PARALLEL [1]  BENCH_THREADS [nproc / 2 when parallel, else nproc]  BENCH_EXTRA [""] (more
+#   `key=value` overrides for both models, e.g. "supervoxel_source=generate")
+# --tiny: 6 steps, validation every 3, test on the right kidney only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,19 +37,12 @@ done
 
 DATA_DIR=${DATA_DIR:-../shared/data}
 BENCH_DIR=${BENCH_DIR:-runs/bench_chaos_budget}
-MINUTES=${BENCH_MINUTES:-45}
-LR=${BENCH_LR:-0.02}
 SEED=${BENCH_SEED:-2025}
-BACKBONE=${BENCH_BACKBONE:-resnet50}
-PRETRAINED=${BENCH_PRETRAINED:-none}
+SUPPORTS=${BENCH_SUPPORTS:-0 1 2}
 PARALLEL=${BENCH_PARALLEL:-1}
 NPROC=$(nproc)
 THREADS=${BENCH_THREADS:-$([ "$PARALLEL" = 1 ] && echo $(( NPROC > 1 ? NPROC / 2 : 1 )) || echo "$NPROC")}
-case ${BENCH_PROTOTYPES:-cpu} in
-    cpu) PROTOTYPES="n_mlp_fg=40 n_keep_fg=20 n_query_fg=10 n_edge=10 n_mlp_bg=120 n_keep_bg=100 n_query_bg=20" ;;
-    reference) PROTOTYPES="" ;;
-    *) echo "BENCH_PROTOTYPES must be 'cpu' or 'reference', got '${BENCH_PROTOTYPES}'" >&2; exit 2 ;;
-esac
+read -r -a EXTRA <<< "${BENCH_EXTRA:-}"
 RESULTS_MD=bench/results/chaos_budget.md
 RESULTS_JSON=bench/results/chaos_budget.json
 if [ "$TINY" = 0 ] && [ "$OVERWRITE" = 0 ] && { [ -e "$RESULTS_MD" ] || [ -e "$RESULTS_JSON" ]; }; then
@@ -73,62 +56,34 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 RUN_ROOT=$BENCH_DIR/$(date -u +%Y%m%d-%H%M%S)$([ "$TINY" = 1 ] && echo _tiny || true)
 mkdir -p "$RUN_ROOT"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-COMMON=(abd_mri setting1 "data_dir=$DATA_DIR" seed="$SEED" eval_fold=0 backbone="$BACKBONE"
-        pretrained_weights="$PRETRAINED" device=cpu $PROTOTYPES)
-TEST_ARGS=(supp_idx=2 n_overlay_slices=1)
+COMMON=(abd_mri setting1 cpu_budget "data_dir=$DATA_DIR" seed="$SEED" eval_fold=0 device=cpu "${EXTRA[@]}")
+TRAIN_ARGS=(num_workers=0)
+TEST_ARGS=(n_overlay_slices=1)
 if [ "$TINY" = 1 ]; then
-    STEPS=${BENCH_STEPS:-3}
+    STEPS=${BENCH_STEPS:-6}
+    TRAIN_ARGS+=(val_interval=3 print_interval=3)
     TEST_ARGS+=("test_label=[2]")
-elif [ -n "${BENCH_STEPS:-}" ]; then
-    STEPS=$BENCH_STEPS
 else
-    echo "[bench] timing the QAMP and ADNet training steps to size the budget ($MINUTES min)"
-    STEPS=$($PY - "$MINUTES" "$BACKBONE" "$PROTOTYPES" "$THREADS" <<'EOF'
-import sys, time, torch
-from config import ex
-from models import build_model, make_generator
-minutes, backbone, protos = float(sys.argv[1]), sys.argv[2], sys.argv[3].split()
-torch.set_num_threads(int(sys.argv[4]))
-base = dict(ex.configurations[0]())  # the config.py defaults
-base.update(backbone=backbone, pretrained_weights="none")
-base.update({k: int(v) for k, v in (p.split("=") for p in protos)})
-size, slowest = 256, 0.0
-for name in ("qamp", "adnet"):
-    model = build_model({**base, "model": name}, size).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    gen = make_generator(0)
-    s_img, q_img = torch.randn(1, 1, 3, size, size), torch.randn(1, 3, size, size)
-    s_mask = torch.zeros(1, 1, size, size); s_mask[..., 96:160, 80:150] = 1
-    q_lab = torch.zeros(1, size, size, dtype=torch.long); q_lab[..., 100:164, 84:150] = 1
-    times = []
-    for _ in range(4):  # the first pass warms up the allocator: dropped
-        t = time.perf_counter()
-        model(s_img, s_mask, q_img, q_lab, generator=gen)["loss"].backward()
-        opt.step(); opt.zero_grad()
-        times.append(time.perf_counter() - t)
-    per_step = sum(times[1:]) / 3
-    print(f"[bench] {name}: {per_step:.2f} s per step", file=sys.stderr)
-    slowest = max(slowest, per_step)
-print(max(10, int(minutes * 60 / (slowest * 1.1))))  # 10 % for data loading and augmentation
-EOF
-)
+    STEPS=${BENCH_STEPS:-$($PY -c "from config import ex; print(ex.named_configs['cpu_budget']()['n_steps'])")}
 fi
-echo "[bench] $STEPS steps per model, $THREADS thread(s) each, parallel=$PARALLEL; runs in $RUN_ROOT"
+TRAIN_ARGS+=(n_steps="$STEPS" max_iters_per_load=$(( STEPS / 2 > 0 ? STEPS / 2 : 1 )) save_snapshot_every="$STEPS")
+echo "[bench] $STEPS steps per model, $THREADS thread(s) each, parallel=$PARALLEL, supports $SUPPORTS; runs in $RUN_ROOT"
 
 train_model() {  # $1 = qamp | adnet; writes the training seconds to $RUN_ROOT/train_$1.seconds
     local t0=$SECONDS
-    OMP_NUM_THREADS=$THREADS $PY train.py with "${COMMON[@]}" model="$1" n_steps="$STEPS" optim.lr="$LR" max_iters_per_load="$STEPS" \
-        save_snapshot_every="$STEPS" print_interval=$(( STEPS < 50 ? 1 : 50 )) num_workers=0 \
+    OMP_NUM_THREADS=$THREADS $PY train.py with "${COMMON[@]}" model="$1" "${TRAIN_ARGS[@]}" \
         "path.log_dir=$RUN_ROOT/train_$1" > "$RUN_ROOT/train_$1.log" 2>&1 \
         || { tail -20 "$RUN_ROOT/train_$1.log" >&2; echo "[bench] training $1 failed" >&2; return 1; }
     echo $(( SECONDS - t0 )) > "$RUN_ROOT/train_$1.seconds"
 }
-test_model() {  # $1 = qamp | adnet | copy_support; writes the test seconds to $RUN_ROOT/test_$1.seconds
-    local t0=$SECONDS extra=()
+test_model() {  # $1 = qamp | adnet | copy_support, every support; writes $RUN_ROOT/test_$1.seconds
+    local t0=$SECONDS extra=() supp
     [ "$1" != copy_support ] && extra=("reload_model_path=$(ls -d "$RUN_ROOT/train_$1"/train_* | head -1)")
-    OMP_NUM_THREADS=$THREADS $PY test.py with "${COMMON[@]}" model="$1" "${TEST_ARGS[@]}" "${extra[@]}" \
-        "path.log_dir=$RUN_ROOT/test_$1" > "$RUN_ROOT/test_$1.log" 2>&1 \
-        || { tail -20 "$RUN_ROOT/test_$1.log" >&2; echo "[bench] test of $1 failed" >&2; return 1; }
+    for supp in $SUPPORTS; do
+        OMP_NUM_THREADS=$THREADS $PY test.py with "${COMMON[@]}" model="$1" supp_idx="$supp" "${TEST_ARGS[@]}" \
+            "${extra[@]}" "path.log_dir=$RUN_ROOT/test_$1" > "$RUN_ROOT/test_$1_supp$supp.log" 2>&1 \
+            || { tail -20 "$RUN_ROOT/test_$1_supp$supp.log" >&2; echo "[bench] test of $1 (supp_idx $supp) failed" >&2; return 1; }
+    done
     echo $(( SECONDS - t0 )) > "$RUN_ROOT/test_$1.seconds"
 }
 both() {  # $1 = train_model | test_model: QAMP and ADNet, at the same time when PARALLEL=1
@@ -143,57 +98,87 @@ both() {  # $1 = train_model | test_model: QAMP and ADNet, at the same time when
     "$1" qamp && "$1" adnet
 }
 
-echo "[bench] training QAMP and ADNet"; both train_model
-echo "[bench] testing";                 both test_model; test_model copy_support
-TRAIN_QAMP=$(cat "$RUN_ROOT/train_qamp.seconds"); TRAIN_ADNET=$(cat "$RUN_ROOT/train_adnet.seconds")
-TEST_QAMP=$(cat "$RUN_ROOT/test_qamp.seconds"); TEST_ADNET=$(cat "$RUN_ROOT/test_adnet.seconds")
-TEST_COPY=$(cat "$RUN_ROOT/test_copy_support.seconds")
+echo "[bench] training QAMP and ADNet ($(date -u +%H:%M) UTC)"; both train_model
+echo "[bench] testing ($(date -u +%H:%M) UTC)";                  both test_model; test_model copy_support
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 $PY -m utils.summarize "QAMP=$RUN_ROOT/test_qamp" "ADNet=$RUN_ROOT/test_adnet" \
     "copy_support=$RUN_ROOT/test_copy_support" --out "$RUN_ROOT/summary" > /dev/null
 
-OUT_MD=$RUN_ROOT/chaos_budget.md
-OUT_JSON=$RUN_ROOT/chaos_budget.json
-$PY - "$RUN_ROOT" "$OUT_MD" "$OUT_JSON" <<EOF
-import csv, json, sys, platform, os
+$PY - "$RUN_ROOT" "$STEPS" "$SEED" "$TINY" "$THREADS" "$PARALLEL" "$LOAD_BEFORE" "$LOAD_AFTER" "$SUPPORTS" \
+    "${EXTRA[*]:-}" <<'EOF'
+import csv, glob, json, os, platform, shutil, sys
+from pathlib import Path
 from utils.io import write_json, write_text
-root, out_md, out_json = sys.argv[1:]
-rows = list(csv.DictReader(open(f"{root}/summary/summary.csv")))
-dice = {}
-for r in rows:
+from utils.snapshot import load_snapshot
+root, steps, seed, tiny, threads, parallel, load_before, load_after, supports, extra = sys.argv[1:]
+root = Path(root)
+budget_s = 90 * 60
+dice, per_support = {}, {}
+for r in csv.DictReader(open(root / "summary" / "summary.csv")):
     dice.setdefault(r["method"], {})[r["class_name"]] = round(100 * float(r["mean"]), 2)
-times = {"QAMP": {"train_s": $TRAIN_QAMP, "test_s": $TEST_QAMP},
-         "ADNet": {"train_s": $TRAIN_ADNET, "test_s": $TEST_ADNET},
-         "copy_support": {"train_s": 0, "test_s": $TEST_COPY}}
-config = {"dataset": "CHAOST2", "fold": 0, "setting": 1, "supp_idx": 2, "steps": $STEPS, "lr": $LR,
-          "seed": $SEED, "backbone": "$BACKBONE", "pretrained": "$PRETRAINED",
-          "prototypes": "${BENCH_PROTOTYPES:-cpu}", "tiny": bool($TINY), "threads_per_model": $THREADS,
-          "parallel": bool($PARALLEL)}
-result = {"name": "chaos_budget", "config": config, "dice_percent": dice, "times_s": times,
-          "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-          "load_average_before": "$LOAD_BEFORE", "load_average_after": "$LOAD_AFTER", "runs": root}
-table = open(f"{root}/summary/summary.md").read().split("\n\n")[1]
+for method, folder in (("QAMP", "test_qamp"), ("ADNet", "test_adnet"), ("copy_support", "test_copy_support")):
+    for path in sorted(glob.glob(str(root / folder / "*" / "summary.json"))):
+        summary = json.load(open(path))
+        per_support.setdefault(method, {})[str(summary["supp_idx"])] = round(100 * summary["mean_dice"], 2)
+seconds = lambda name: int(open(root / name).read())
+times = {"QAMP": {"train_s": seconds("train_qamp.seconds"), "test_s": seconds("test_qamp.seconds")},
+         "ADNet": {"train_s": seconds("train_adnet.seconds"), "test_s": seconds("test_adnet.seconds")},
+         "copy_support": {"train_s": 0, "test_s": seconds("test_copy_support.seconds")}}
+val_curve, val_share, curves = {}, {}, {}
+for method, name in (("QAMP", "qamp"), ("ADNet", "adnet")):
+    run = Path(sorted(glob.glob(str(root / f"train_{name}" / "train_*")))[0])
+    snap = load_snapshot(run / "snapshots" / "final.pth")
+    val_curve[method] = [{"step": p["step"], "mean": round(100 * p["mean"], 2),
+                          "dice": {k: round(100 * v, 2) for k, v in p["dice"].items()}} for p in snap["val"]]
+    log = (run / "logger.log").read_text().splitlines()
+    done = [l for l in log if "validation took" in l]
+    val_s = float(done[-1].split("validation took ")[1].split(" s")[0]) if done else 0.0
+    val_share[method] = round(100 * val_s / max(1, times[method]["train_s"] - val_s), 2)
+    curves[method] = run / "val_curve.png"
+config = {"dataset": "CHAOST2", "fold": 0, "setting": 1, "supervision": "supervoxels_5000 (published)",
+          "named_config": "cpu_budget", "extra_overrides": extra, "steps": int(steps), "seed": int(seed),
+          "supp_idx": [int(s) for s in supports.split()], "dice_grid": "native 256 x 256",
+          "tiny": tiny == "1", "threads_per_model": int(threads), "parallel": parallel == "1"}
+result = {"name": "chaos_budget", "config": config, "dice_percent": dice, "dice_percent_by_support": per_support,
+          "times_s": times, "val_curve": val_curve, "val_share_of_training_percent": val_share,
+          "within_90_min_training": all(t["train_s"] <= budget_s for t in times.values()),
+          "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_average_before": load_before,
+          "load_average_after": load_after, "runs": str(root)}
+table = open(root / "summary" / "summary.md").read().split("\n\n")[1]
+classes = list(next(iter(val_curve.values()))[-1]["dice"]) if val_curve["QAMP"] else []
 lines = [
-    "# CPU-budget comparison on CHAOST2 (fold 0, Setting 1, supervoxels)", "",
-    f"Command: \`bash bench/chaos_budget.sh\`; machine: {result['machine']}; load average before "
-    f"{result['load_average_before']}, after {result['load_average_after']} (timings are noisy).", "",
-    f"Configuration: {config['backbone']} dilated encoder, pretrained weights: {config['pretrained']}, "
-    f"{config['steps']} steps for each model (same seed {config['seed']}, SGD lr {config['lr']}), "
-    f"prototype counts: {config['prototypes']}; test: supp_idx 2, 3 chunks, protocol slices; "
-    f"{config['threads_per_model']} torch thread(s) per model, the two models "
-    f"{'trained and tested at the same time' if config['parallel'] else 'one after the other'}.", "",
-    "Dice (%) per organ (mean over the fold's query scans; std over scans):", "", table, "",
-    "| Method | training (s) | test (s) |", "|---|---:|---:|",
-    *[f"| {m} | {t['train_s']} | {t['test_s']} |" for m, t in times.items()], "",
+    "# CPU-budget comparison on CHAOST2 (fold 0, Setting 1, self-supervised on supervoxels)", "",
+    f"Command: `bash bench/chaos_budget.sh`; machine: {result['machine']}; load average before "
+    f"{load_before}, after {load_after}.", "",
+    f"Configuration: `with abd_mri setting1 cpu_budget` ({extra or 'no other overrides'}): 64 x 64 slices, "
+    f"dilated ResNet-50 from scratch, {steps} steps per model (seed {seed}), {threads} torch thread(s) per model, "
+    f"the two models {'side by side' if parallel == '1' else 'one after the other'}. Test: standard protocol "
+    f"(3 chunks, query slices holding the class), supp_idx {supports}, Dice on the native 256 x 256 grid.", "",
+    "Dice (%) per organ: mean over the supports of each support's mean over the 4 query scans; "
+    "std over supports:", "", table, "",
+    "| Method | " + " | ".join(f"supp_idx {s}" for s in supports.split()) + " |",
+    "|---|" + "---:|" * len(supports.split()),
+    *[f"| {m} | " + " | ".join(str(v.get(s, '')) for s in supports.split()) + " |" for m, v in per_support.items()], "",
+    "| Method | training (s) | validation share of training | test, all supports (s) |", "|---|---:|---:|---:|",
+    *[f"| {m} | {t['train_s']} | {val_share.get(m, '')}{' %' if m in val_share else ''} | {t['test_s']} |"
+      for m, t in times.items()], "",
+    "Validation curve (mean Dice %, scans 38 and 39, each the support of the other):", "",
+    "| step | " + " | ".join(val_curve) + " |", "|---:|" + "---:|" * len(val_curve),
+    *[f"| {p['step']} | " + " | ".join(str(val_curve[m][i]['mean']) if i < len(val_curve[m]) else ""
+                                       for m in val_curve) + " |" for i, p in enumerate(val_curve["QAMP"])], "",
+    "![QAMP validation curve](chaos_budget_val_qamp.png)", "", "![ADNet validation curve](chaos_budget_val_adnet.png)", "",
     f"Run folders: {root}", ""]
-write_text(out_md, "\n".join(lines))
-write_json(out_json, result)
-print(json.dumps(result))
+write_text(root / "chaos_budget.md", "\n".join(lines))
+write_json(root / "chaos_budget.json", result)
+for method, path in curves.items():
+    shutil.copyfile(path, root / f"chaos_budget_val_{method.lower()}.png")
+print(json.dumps({k: result[k] for k in ("name", "dice_percent", "times_s", "within_90_min_training")}))
 EOF
 if [ "$TINY" = 0 ]; then
-    cp "$OUT_MD" "$RESULTS_MD.tmp" && mv "$RESULTS_MD.tmp" "$RESULTS_MD"
-    cp "$OUT_JSON" "$RESULTS_JSON.tmp" && mv "$RESULTS_JSON.tmp" "$RESULTS_JSON"
-    echo "[bench] wrote $RESULTS_MD and $RESULTS_JSON" >&2
+    for name in chaos_budget.md chaos_budget.json chaos_budget_val_qamp.png chaos_budget_val_adnet.png; do
+        cp "$RUN_ROOT/$name" "bench/results/$name.tmp" && mv "bench/results/$name.tmp" "bench/results/$name"
+    done
+    echo "[bench] wrote bench/results/chaos_budget.{md,json} and the two validation-curve PNGs" >&2
 else
-    echo "[bench] tiny run: results in $OUT_MD (bench/results untouched)" >&2
+    echo "[bench] tiny run: results in $RUN_ROOT (bench/results untouched)" >&2
 fi
