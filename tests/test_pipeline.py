@@ -25,6 +25,7 @@ if str(REPO) not in sys.path:
 
 from config import ex  # noqa: E402
 import train as train_script  # noqa: E402,F401  (registers the 'train' command)
+from utils.evaluate import predict_scan  # noqa: E402
 from utils.snapshot import load_snapshot  # noqa: E402
 
 # test.py shares its module name with the standard library's `test` package: load it by path.
@@ -192,7 +193,7 @@ def test_support_feature_cache_changes_no_prediction(trained: dict, small_chaos:
         generator = make_generator(7, TEST_CLASS)
         calls.clear()
         outputs[cached] = [predict_scan(model, tds, scan, TEST_CLASS, 4, torch.device("cpu"), generator,
-                                                    cache) for scan in tds.queries]
+                                        cache) for scan in tds.queries]
         if cached:
             assert sorted(cache) == sorted(int(z) for z in tds.support_slices(TEST_CLASS))
         outputs[(cached, "calls")] = len(calls)
