@@ -125,6 +125,7 @@ def read_header(path: str | os.PathLike) -> sitk.ImageFileReader:
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
+        check_complete(path)  # a cut / corrupt gzip stream: say so precisely
         raise _image_error(path, err) from None
     return reader
 
