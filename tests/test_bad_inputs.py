@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from data.preprocess import generic
 from data.preprocess.__main__ import main as preprocess_main
 from data.preprocess.common import DATASETS as PREPROCESS_DATASETS, orientation_code
 from data.preprocess.verify import LEGACY_CLASSMAP_RULE, format_report, per_slice_counts, verify_folder
@@ -181,7 +180,10 @@ def test_nan_voxels_are_refused_by_every_reader(tmp_path, capsys):
 def die_on_scan_3(task: gen.ScanTask) -> dict:
     """Worker-side fault (module level, so spawned workers import it): scan 3 is killed (-9)."""
     if task.scan_id == "3":
-        time.sleep(1.0)  # let scans 1 and 2 finish in the other worker
+        others = [task.out.parent / gen.OUTPUT_TEMPLATE.format(i) for i in (1, 2)]
+        deadline = time.monotonic() + 30
+        while not all(p.exists() for p in others) and time.monotonic() < deadline:
+            time.sleep(0.05)  # let scans 1 and 2 finish in the other worker first
         os.kill(os.getpid(), signal.SIGKILL)
     return gen.process_scan(task)
 

@@ -332,7 +332,7 @@ def render(methods: Mapping[str, Method], std_mode: str = "auto",
            "scans of the 3D Dice), then the mean over runs; std = population std (ddof 0) over runs or "
            "over per-scan values, as noted:"]
         + [f"- {n}" for n in notes]
-        + ([f"", f"Skipped {len(skipped)} run folder(s) without per-scan scores:"]
+        + (["", f"Skipped {len(skipped)} run folder(s) without per-scan scores:"]
            + [f"- {d}: {why}" for d, why in skipped] if skipped else [])) + "\n"
     return markdown, summary_rows, per_run_rows
 
