@@ -121,6 +121,8 @@ def cfg():
     boundary_theta = 5  # boundary extension max-pool size of the boundary loss
     fast_mlp = True  # apply the MLP to the 64 x 64 features (equal up to rounding to the reference)
     decoder_winograd = True  # decoder 3x3 convs by Winograd F(2x2,3x3) on CPU (equal up to rounding; CUDA: cuDNN)
+    proto_loss_shots = "mean"  # n_shot > 1: prototype-consistency loss 'mean' over shots (ours) or 'sum' (reference)
+    empty_support_rule = "any"  # n_shot > 1: ADNet fallback when 'any' shot mask is empty (ours) or 'first' (reference)
 
     # ---------------- training (train.py) ----------------
     n_steps = 40000  # training episodes (batch 1)
@@ -285,6 +287,12 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
         if config["resume"] is not None and not Path(config["resume"]).exists():
             raise FileNotFoundError(f"resume={config['resume']!r} does not exist: pass a training run "
                                     f"folder or a snapshot file (<run>/snapshots/*.pth)")
+    if command == "test":
+        _expect(config["n_shot"] == 1,
+                f"n_shot={config['n_shot']!r} is not supported by test.py: the evaluation protocol "
+                f"implemented here is 1-shot (one support slice per query chunk, from the support scan "
+                f"supp_idx); set n_shot=1. To use more of the support scan, raise n_part (chunks per "
+                f"query volume, each with its own support slice)")
     if command == "test" and config["model"] != "copy_support":
         if config["reload_model_path"] is None:
             raise ValueError("reload_model_path is not set: pass reload_model_path=<training run folder "

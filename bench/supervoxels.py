@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
 from data.supervoxels import generate_supervoxels as gen  # noqa: E402
-from utils.io import write_json  # noqa: E402
+from utils.io import read_volume, write_json  # noqa: E402
 
 N_SV = 5000
 TARGETS = {
@@ -84,9 +84,8 @@ def bench_chaos_one_core(chaos_dir: Path, published_dir: Path, ids, order, tmp: 
         wall, cpu = time.perf_counter(), time.process_time()
         row = gen.process_scan(task)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        ours = sitk.GetArrayFromImage(sitk.ReadImage(str(task.out)))
-        published = sitk.GetArrayFromImage(
-            sitk.ReadImage(str(published_dir / gen.OUTPUT_TEMPLATE.format(sid))))
+        ours, _ = read_volume(task.out)
+        published, _ = read_volume(published_dir / gen.OUTPUT_TEMPLATE.format(sid))
         rows.append({"id": sid, "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
                      "compute_seconds": row["seconds"], "n_ids": row["n_ids"],
                      "ari": round(gen.adjusted_rand_index(ours, published), 6),

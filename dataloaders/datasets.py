@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from utils.io import read_volume
+from utils.io import read_header, read_volume
 
 N_FOLDS = 5
 SUPERVOXEL_COMMAND = "python data/supervoxels/generate_supervoxels.py --data-dir {image_dir}"
@@ -274,10 +274,7 @@ def load_custom_spec(image_dir: str | Path) -> DatasetSpec:
         folds = make_folds(len(ids))
     image_size = raw.get("image_size")
     if image_size is None:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(scans[0].image))
-        reader.ReadImageInformation()
-        image_size = int(reader.GetSize()[0])
+        image_size = int(read_header(scans[0].image).GetSize()[0])
     spec = DatasetSpec(
         name=CUSTOM,
         folder="",

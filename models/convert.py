@@ -74,7 +74,9 @@ def convert_file(ref_path: Path, out_path: Path, overwrite: bool = False) -> dic
 
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists: pass --overwrite to replace it")
-    state = torch.load(ref_path, map_location="cpu", weights_only=True)
+    from utils.snapshot import load_torch_file
+
+    state = load_torch_file(ref_path, "a reference QAMP checkpoint (state_dict)", "reference checkpoint")
     converted, leftovers = split_reference_state_dict(state)
     if "fg_mlp.fc1.weight" not in converted:
         raise ValueError(f"{ref_path}: no 'mlp1.reduce.0.weight': not a reference QAMP checkpoint")

@@ -31,6 +31,10 @@ from models.qpg import query_prior
 from models.sampling import UpsampleGrid
 
 
+PROTO_LOSS_SHOTS = ("mean", "sum")
+EMPTY_SUPPORT_RULES = ("any", "first")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Model hyper-parameters; field names are the Sacred config keys, defaults the reference's."""
@@ -59,6 +63,9 @@ class ModelConfig:
     boundary_theta: int = 5
     fast_mlp: bool = True  # fold upsampling + fill map into the MLP weight (same numbers, faster)
     decoder_winograd: bool = True  # decoder 3x3 convolutions by Winograd on the CPU (same numbers, faster)
+    # Multi-shot choices (no effect with one shot); README "Where this differs from the reference code".
+    proto_loss_shots: str = "mean"  # prototype-consistency loss over shots: "mean" (ours) | "sum" (reference)
+    empty_support_rule: str = "any"  # ADNet fallback when "any" shot's mask is empty (ours) | "first" (reference)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
@@ -79,6 +86,9 @@ class ModelConfig:
                 raise ValueError(f"{name}: expected a value in [0, 1), got {getattr(self, name)}")
         if self.edge_kernel < 1 or self.edge_kernel % 2 == 0:
             raise ValueError(f"edge_kernel: expected an odd size >= 1, got {self.edge_kernel}")
+        for name, allowed in (("proto_loss_shots", PROTO_LOSS_SHOTS), ("empty_support_rule", EMPTY_SUPPORT_RULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
         if len(self.query_loss_weights) != 2:
             raise ValueError(f"query_loss_weights: expected [background, foreground], got {self.query_loss_weights}")
 
@@ -167,7 +177,8 @@ class QAMP(nn.Module):
         """``feats: S x C x h x w``, ``masks: S x H x W`` -> SupportState."""
         cfg = self.config
         prototype = grid.masked_average(feats, masks).mean(dim=0)  # (C,) QPG's p0
-        if bool((masks.sum(dim=(-2, -1)) == 0).any()):
+        empty = masks.sum(dim=(-2, -1)) == 0  # (S,)
+        if bool(empty.any() if cfg.empty_support_rule == "any" else empty[0]):
             return SupportState(feats, masks, prototype, empty=True)  # ADNet fallback
         inner, outer = edge_bands(masks, cfg.edge_kernel, cfg.edge_iters)
         shots = range(feats.shape[0])
@@ -235,7 +246,8 @@ class QAMP(nn.Module):
             fg = regroup_by_origin(forward_out["fg_prototypes"][0], reverse["fg_prototypes"][s], cfg.n_query_fg)
             bg = regroup_by_origin(forward_out["bg_prototypes"][0], reverse["bg_prototypes"][s], cfg.n_query_bg)
             proto.append(prototype_consistency_loss(fg[0], fg[1], bg[0], bg[1]))
-        losses["proto"] = torch.stack(proto).mean()
+        proto = torch.stack(proto)
+        losses["proto"] = proto.mean() if cfg.proto_loss_shots == "mean" else proto.sum()
         return losses
 
     def weighted_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -43,11 +43,11 @@ def test_mean_and_std_over_runs(two_folds: list[Path]) -> None:
     entries, used = summarize.summarize_method(methods["qamp"], "auto")
     assert used == "runs"
     assert entries[1].mean == pytest.approx(0.75)
-    assert entries[1].std == pytest.approx(math.sqrt(2) * 0.05)  # sample std of (0.7, 0.8)
+    assert entries[1].std == pytest.approx(0.05)  # population std (ddof 0) of (0.7, 0.8)
     assert entries[2].mean == pytest.approx(0.45)
-    assert entries[2].std == pytest.approx(math.sqrt(2) * 0.15)  # (0.3, 0.6)
+    assert entries[2].std == pytest.approx(0.15)  # (0.3, 0.6)
     assert entries["mean"].mean == pytest.approx(0.6)  # runs (0.5, 0.7)
-    assert entries["mean"].std == pytest.approx(math.sqrt(2) * 0.1)
+    assert entries["mean"].std == pytest.approx(0.1)
     assert (entries[1].n_runs, entries[1].n_scans) == (2, 5)
 
 
@@ -57,7 +57,7 @@ def test_std_over_scans(two_folds: list[Path]) -> None:
     assert used == "scans"
     values = [0.8, 0.6, 0.9, 0.7, 0.8]
     m = sum(values) / 5
-    assert entries[1].std == pytest.approx(math.sqrt(sum((v - m) ** 2 for v in values) / 4))
+    assert entries[1].std == pytest.approx(math.sqrt(sum((v - m) ** 2 for v in values) / 5))
     assert entries[1].mean == pytest.approx(0.75)  # the mean stays the mean over runs
 
 
@@ -65,9 +65,9 @@ def test_single_run_auto_uses_scans(two_folds: list[Path]) -> None:
     methods = summarize.load_methods([str(two_folds[0])])
     entries, used = summarize.summarize_method(methods["qamp"], "auto")
     assert used == "scans"
-    assert entries[1].std == pytest.approx(math.sqrt(2) * 0.1)  # (0.8, 0.6)
+    assert entries[1].std == pytest.approx(0.1)  # (0.8, 0.6)
     assert entries["mean"].mean == pytest.approx(0.5)
-    assert entries["mean"].std == pytest.approx(math.sqrt(2) * 0.1)  # per-scan class means (0.6, 0.4)
+    assert entries["mean"].std == pytest.approx(0.1)  # per-scan class means (0.6, 0.4)
 
 
 def test_methods_named_and_outputs_written(two_folds: list[Path], tmp_path: Path, capsys) -> None:
@@ -76,7 +76,7 @@ def test_methods_named_and_outputs_written(two_folds: list[Path], tmp_path: Path
     rc = summarize.main([str(two_folds[0]), str(two_folds[1]), f"baseline={base}", "--out", str(out)])
     assert rc == 0
     md = (out / "summary.md").read_text()
-    assert "| qamp | 75.00 ± 7.07 | 45.00 ± 21.21 | 60.00 ± 14.14 |" in md
+    assert "| qamp | 75.00 ± 5.00 | 45.00 ± 15.00 | 60.00 ± 10.00 |" in md
     assert "| baseline | 50.00 | 10.00 | 30.00 |" in md
     assert md.strip() in capsys.readouterr().out
     rows = list(csv.DictReader(open(out / "summary.csv")))

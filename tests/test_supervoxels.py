@@ -358,7 +358,9 @@ def test_failure_mid_batch_keeps_finished_outputs_whole(tmp_path, capsys):
     out = tmp_path / "out"
     code, err = run_cli(["--data-dir", tmp_path, "--out-dir", out, "--n-sv", "50"], capsys)
     assert code == 1 and str(tmp_path / "image_2.nii.gz") in err
-    assert sorted(p.name for p in out.iterdir()) == ["superpix-MIDDLE_1.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "superpix-MIDDLE_1.nii.gz"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["id"] for row in summary["scans"]] == ["1"] and summary["incomplete"]["missing"] == ["2"]
     assert read_array(out / "superpix-MIDDLE_1.nii.gz").shape == (3, 20, 20)
 
 

@@ -4,13 +4,16 @@ Checks, per scan: the image / label pair exists, both are 3D and on the same gri
 origin, direction), label values are integers from the data set's label set, the label is not
 empty, the image is not constant, the in-plane size / spacing / orientation are what the data set
 expects, and (when the folder has our ``manifest.json``) the files' sha256 and shapes match it.
-Across scans: the scan count, one orientation for all scans, and every ``classmap_<min_tp>.json``
-(class names, scan ids, slice indices) recomputed from the labels.
+Across scans: the scan count, the orientations (several in one folder is a warning, not a failure:
+the loaders slice every scan along its stored last axis, see :func:`_orientation_check`), and every
+``classmap_<min_tp>.json`` (class names, scan ids, slice indices) recomputed from the labels.
 
 Classmap rule: folders we write use the pixel-count rule (slice listed when at least ``min_tp``
 pixels have the class); the published SSL-ALPNet folders use the legacy rule (class present in the
-slice and the *sum of label values* of the slice at least ``min_tp``). A folder without our manifest
-passes when one rule reproduces every list exactly; the table says which.
+slice and the *sum of label values* of the slice at least ``min_tp``), where the label values are
+the ones the loaders use: after the dataset's ``label_remap`` (CMR stores 200 / 500 / 600, the
+loaders and the published ``classmap_*.json`` use 1 / 2 / 3). A folder without our manifest passes
+when one rule reproduces every list exactly; the table says which.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warning: bool = False  # ok, but worth reading (printed as "warn")
 
 
 @dataclasses.dataclass
@@ -209,15 +213,47 @@ def verify_folder(folder: str | Path, dataset: str | DatasetSpec | None = None) 
                 row.problems.append(f"shape {row.shape} differs from the manifest's "
                                     f"{rec['image']['shape_zyx']}")
 
-    orientations = sorted({r.orientation for r in rows if r.orientation != "?"})
-    checks.append(Check("one orientation", len(orientations) <= 1,
-                        f"orientations {orientations}"))
-    checks.extend(_check_classmaps(folder, spec, manifest, stats))
+    checks.append(_orientation_check(rows))
+    checks.extend(_check_classmaps(folder, spec, manifest, stats, loader_label_remap(folder, spec)))
     return VerifyReport(folder, spec.name if spec else "generic", rows, checks)
 
 
+def _orientation_check(rows: list[ScanRow]) -> Check:
+    """One orientation for all scans: ok; several: a warning saying what the loaders do with them."""
+    by_code: dict[str, list[int]] = {}
+    for row in rows:
+        if row.orientation != "?":
+            by_code.setdefault(row.orientation, []).append(row.scan_id)
+    if len(by_code) <= 1:
+        return Check("orientation", True, f"all scans {next(iter(by_code), '?')}")
+    listing = "; ".join(f"{code}: scans {_ranges(ids)}" for code, ids in sorted(by_code.items()))
+    return Check(
+        "orientation", True,
+        f"mixed orientations ({listing}). The loaders do not reorient: each scan is sliced along its "
+        f"stored last array axis (Z of Z x Y x X), so these scans are cut along different anatomical "
+        f"planes and their slice spacings differ. If that is not intended, pre-process the raw scans "
+        f"with `python -m data.preprocess generic ... --orient <CODE>` (SimpleITK's orientation filter "
+        f"on the whole image: direction, spacing and axis order follow)", warning=True)
+
+
+def loader_label_remap(folder: Path, spec: DatasetSpec | None) -> dict[int, int]:
+    """Stored label value -> the value the loaders use (``dataloaders.datasets``); {} = identity."""
+    from dataloaders.datasets import CUSTOM_SPEC_FILE, DATASETS as LOADER_DATASETS
+
+    if spec is not None and spec.name in LOADER_DATASETS:
+        return dict(LOADER_DATASETS[spec.name].label_remap)
+    custom = folder / CUSTOM_SPEC_FILE
+    if custom.is_file():
+        try:
+            return {int(k): int(v) for k, v in json.loads(custom.read_text()).get("label_remap", {}).items()}
+        except (ValueError, AttributeError, TypeError):
+            return {}  # the loaders report a bad dataset.json themselves
+    return {}
+
+
 def _check_classmaps(folder: Path, spec: DatasetSpec | None, manifest: Mapping | None,
-                     stats: Mapping[int, tuple[np.ndarray, np.ndarray]]) -> list[Check]:
+                     stats: Mapping[int, tuple[np.ndarray, np.ndarray]],
+                     remap: Mapping[int, int] | None = None) -> list[Check]:
     files = sorted((int(m.group(1)), folder / n) for n in (p.name for p in folder.iterdir())
                    if (m := _CLASSMAP_RE.match(n)))
     if not files:
@@ -225,6 +261,10 @@ def _check_classmaps(folder: Path, spec: DatasetSpec | None, manifest: Mapping |
     class_names = dict(spec.class_names) if spec is not None else None
     checks = []
     ids = {str(i) for i in stats}
+    remap = dict(remap or {})
+    # per-slice sums of the label values the loaders use (after the remap), from the counts
+    loader_sums = {sid: counts @ np.array([remap.get(v, v) for v in range(counts.shape[1])], np.int64)
+                   for sid, (counts, _) in stats.items()}
     for min_tp, path in files:
         cmap = _load_json(path)
         problems: list[str] = []
@@ -238,7 +278,8 @@ def _check_classmaps(folder: Path, spec: DatasetSpec | None, manifest: Mapping |
                                 f"folder's {sorted(ids, key=int)}")
                 continue
             for sid, slices in per_scan.items():
-                counts, sums = stats[int(sid)]
+                counts, _ = stats[int(sid)]
+                sums = loader_sums[int(sid)]
                 column = _column(counts, value)
                 if slices != np.flatnonzero(column >= min_tp).tolist():
                     rules_ok[CLASSMAP_RULE] = False
@@ -248,8 +289,10 @@ def _check_classmaps(folder: Path, spec: DatasetSpec | None, manifest: Mapping |
         if not matched and not problems:
             wanted = CLASSMAP_RULE if manifest is not None else f"{CLASSMAP_RULE} or {LEGACY_CLASSMAP_RULE}"
             problems.append(f"slice lists do not follow the {wanted} rule")
-        checks.append(Check(path.name, not problems,
-                            "; ".join(problems) if problems else f"rule {matched[0]}"))
+        rule = matched[0] if matched else ""
+        if rule == LEGACY_CLASSMAP_RULE and remap:
+            rule += f" on the loaders' label values (remap {dict(sorted(remap.items()))})"
+        checks.append(Check(path.name, not problems, "; ".join(problems) if problems else f"rule {rule}"))
     if manifest is not None and (folder / PIXEL_COUNTS_NAME).is_file() and class_names:
         stored = _load_json(folder / PIXEL_COUNTS_NAME)
         good = all(stored.get(name, {}).get(str(sid)) == _column(counts, value).tolist()
@@ -284,7 +327,9 @@ def format_report(report: VerifyReport) -> str:
                      f"{_ranges(row.label_values):<16} {row.foreground_voxels:>10}  {status}")
     lines.append("")
     for check in report.checks:
-        lines.append(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
+        status = "FAIL" if not check.ok else "warn" if check.warning else "ok  "
+        lines.append(f"{status}  {check.name}: {check.detail}")
+    warnings = sum(c.warning and c.ok for c in report.checks)
     lines.append(f"{'PASS' if report.ok else 'FAIL'}: {len(report.rows)} scans, "
-                 f"{len(report.failures)} problem(s)")
+                 f"{len(report.failures)} problem(s)" + (f", {warnings} warning(s)" if warnings else ""))
     return "\n".join(lines)

@@ -7,8 +7,13 @@
 (``python -m data.supervoxels.generate_supervoxels ...`` works too.) For each ``image_<id>.nii.gz``
 it writes ``superpix-MIDDLE_<id>.nii.gz`` (int32, the image's spacing/origin/direction; 0 is
 background, supervoxel ids are positive and need not be consecutive) and, beside the outputs,
-``summary.json`` with per-scan id count, segment-size percentiles and foreground coverage.
-Existing outputs are kept (and reported) unless ``--overwrite``; every file is written atomically.
+``summary.json`` with per-scan id count, segment-size percentiles, foreground coverage and
+provenance (edge order, n_sv, kernel version, time written, seconds), merged per file: outputs kept
+from an earlier run keep their recorded provenance. Existing outputs are kept (and reported) unless
+``--overwrite``; every file is written atomically. The output folder must be writable (checked
+before any work). A worker process that dies or cannot start stops the run within seconds with an
+error naming the scan; finished outputs stay and ``summary.json`` lists them (``incomplete`` says
+what is missing).
 
 Per scan (QAMP_REFERENCE section 7):
 1. intensities rescaled to 0..255: ``255 * (x - min) / (max - min)``;
@@ -21,14 +26,18 @@ Per scan (QAMP_REFERENCE section 7):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import datetime
 import fnmatch
-import gzip
+import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
+import tempfile
 import time
-import zlib
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,14 +45,13 @@ from typing import Any, Callable, Sequence
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import nibabel
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from data.supervoxels.felzenszwalb_3d import EDGE_ORDERS
-from utils.io import read_image, write_image, write_json
+from utils.io import read_header, read_volume, write_image, write_json
 
 DEFAULT_PATTERN = "image_*.nii.gz"
 DEFAULT_N_SV = 5000  # ADNet / Q-Net / QAMP abdominal setting (1000 for cardiac MRI)
@@ -279,15 +287,10 @@ def find_scans(data_dir: Path, pattern: str = DEFAULT_PATTERN) -> list[tuple[str
 
 def check_header(path: Path) -> None:
     """Read only the header of ``path``; raise SupervoxelError unless it is a 3D scalar image."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise SupervoxelError(
-            f"cannot read {path}: the file is corrupt, truncated or not a medical image. "
-            "Re-download or re-create it (see data/README.md), or move it out of the folder."
-        ) from None
+        reader = read_header(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise SupervoxelError(str(err)) from None
     check_dimension(path, reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize())
 
 
@@ -300,52 +303,19 @@ def check_dimension(path: Path, ndim: int, components: int, size: Sequence[int])
         )
 
 
-def check_complete(path: Path) -> None:
-    """Refuse truncated files: ITK reads a cut ``.nii.gz`` without error, the missing voxels 0.
-
-    Streams the decompressed bytes of ``.gz`` files and, for NIfTI, compares their number with the
-    size the header announces.
-    """
-    name = path.name.lower()
-    expected = None
-    if name.endswith((".nii", ".nii.gz")):
-        try:
-            header = nibabel.load(path)
-            expected = int(header.dataobj.offset) + header.get_data_dtype().itemsize * int(
-                np.prod(header.shape))
-        except Exception:  # nibabel raises many types for broken headers
-            expected = None  # SimpleITK's reader gives the error message
-    try:
-        if name.endswith(".gz"):
-            actual = 0
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(1 << 22):
-                    actual += len(chunk)
-        else:
-            actual = path.stat().st_size
-    except (EOFError, OSError, zlib.error) as err:
-        raise SupervoxelError(
-            f"cannot read {path}: the file is truncated or corrupt ({err}). "
-            "Re-download or re-create it (see data/README.md), or move it out of the folder."
-        ) from None
-    if expected is not None and actual < expected:
-        raise SupervoxelError(
-            f"cannot read {path}: the file is truncated ({actual} of {expected} bytes). "
-            "Re-download or re-create it (see data/README.md), or move it out of the folder."
-        )
-
-
 def read_scan(path: Path) -> tuple[np.ndarray, sitk.Image]:
-    """The voxel array ``Z x Y x X`` and its SimpleITK image, with SupervoxelError on bad files."""
-    check_complete(path)
+    """The voxel array ``Z x Y x X`` and its SimpleITK image, read by the project's checked reader
+    (``utils.io.read_volume``: truncated / corrupt gzip data and NaN / inf voxels are refused),
+    with SupervoxelError on bad files."""
     try:
-        image = read_image(path)
+        header = read_header(path)
     except (FileNotFoundError, ValueError) as err:
         raise SupervoxelError(str(err)) from None
-    check_dimension(
-        path, image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize()
-    )
-    return sitk.GetArrayFromImage(image), image
+    check_dimension(path, header.GetDimension(), header.GetNumberOfComponents(), header.GetSize())
+    try:
+        return read_volume(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise SupervoxelError(str(err)) from None
 
 
 def write_supervoxels(sv: np.ndarray, reference: sitk.Image, path: Path) -> None:
@@ -356,8 +326,15 @@ def write_supervoxels(sv: np.ndarray, reference: sitk.Image, path: Path) -> None
     write_image(out, path)
 
 
+def provenance(task: ScanTask) -> dict[str, Any]:
+    """How an output was made: recorded per file in ``summary.json`` and kept across runs."""
+    return {"edge_order": task.edge_order, "n_sv": task.n_sv, "scale": task.scale,
+            "fg_threshold": task.fg_threshold, "kernel_version": KERNEL_VERSION,
+            "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def process_scan(task: ScanTask) -> dict[str, Any]:
-    """Compute and write one scan's supervoxels; returns its summary row."""
+    """Compute and write one scan's supervoxels; returns its summary row (with provenance)."""
     array, image = read_scan(task.image)
     start, start_cpu = time.perf_counter(), time.process_time()
     sv = compute_supervoxels(array, reference_spacing(image), task.n_sv, task.scale,
@@ -366,22 +343,162 @@ def process_scan(task: ScanTask) -> dict[str, Any]:
     write_supervoxels(sv, image, task.out)
     return {"id": task.scan_id, "image": task.image.name, "output": task.out.name,
             "status": "written", "seconds": round(seconds, 3),
-            "cpu_seconds": round(cpu_seconds, 3), **supervoxel_stats(sv)}
+            "cpu_seconds": round(cpu_seconds, 3), **provenance(task), **supervoxel_stats(sv)}
 
 
-def existing_row(task: ScanTask) -> dict[str, Any]:
-    """Summary row of an output that is already there (kept, not recomputed)."""
+UNKNOWN_PROVENANCE = {"edge_order": None, "n_sv": None, "scale": None, "fg_threshold": None,
+                      "kernel_version": None, "written_at": None}
+
+
+def existing_row(task: ScanTask, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Summary row of an output that is already there (kept, not recomputed).
+
+    Its provenance (edge order, timings, kernel version, ...) comes from ``previous``, the file's
+    row in the existing ``summary.json``; None values when no summary recorded it.
+    """
     try:
         array, _ = read_scan(task.out)
     except SupervoxelError as err:
         raise SupervoxelError(f"{err} It is an existing output: pass --overwrite to recompute it.")
+    made = {"seconds": None, "cpu_seconds": None, **UNKNOWN_PROVENANCE}
+    if previous:
+        made.update({k: previous[k] for k in made if k in previous})
     return {"id": task.scan_id, "image": task.image.name, "output": task.out.name,
-            "status": "kept", "seconds": None, "cpu_seconds": None, **supervoxel_stats(array)}
+            "status": "kept", **made, **supervoxel_stats(array)}
 
 
-def _init_worker() -> None:
-    """Pool initialiser: every worker runs on one thread."""
+def read_previous_summary(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Rows of an existing ``summary.json`` by output file name ({} when there is none)."""
+    path = out_dir / SUMMARY_NAME
+    if not path.is_file():
+        return {}
+    try:
+        rows = json.loads(path.read_text()).get("scans", [])
+        return {row["output"]: row for row in rows if isinstance(row, dict) and "output" in row}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}  # unreadable: it will be replaced by the rows of this run
+
+
+def check_out_dir(out_dir: Path) -> bool:
+    """Create ``out_dir`` if needed and prove a file can be written there, before any work.
+
+    Returns:
+        True when this call created the folder.
+
+    Raises:
+        SupervoxelError: naming the folder, the reason and the fix.
+    """
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        if created and out_dir.is_dir():
+            out_dir.rmdir()
+        raise SupervoxelError(
+            f"output folder {out_dir} is not writable ({err.__class__.__name__}: "
+            f"{err.strerror or err}): pass --out-dir with a writable folder, or fix its permissions"
+        ) from None
+    return created
+
+
+_STARTED: Any = None  # worker side: queue of (pid, scan id) announcing each scan a worker starts
+
+
+def _init_worker(started: Any = None) -> None:
+    """Pool initialiser: every worker runs on one thread and announces the scans it starts."""
+    global _STARTED
+    _STARTED = started
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _run_in_worker(process: Callable[[ScanTask], dict[str, Any]], task: ScanTask) -> dict[str, Any]:
+    if _STARTED is not None:
+        _STARTED.put((os.getpid(), task.scan_id))
+    return process(task)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _run_pool(todo: list[ScanTask], workers: int, process: Callable[[ScanTask], dict[str, Any]],
+              on_row: Callable[[dict[str, Any]], None]) -> None:
+    """Run ``process`` over ``todo`` in ``workers`` spawned processes, at most one scan per worker
+    in flight. A worker that dies or cannot start breaks the pool at once (no hang): the error
+    names the scan(s) it was processing. Results of finished scans reach ``on_row`` as they come.
+
+    Raises:
+        SupervoxelError: a worker died / could not start; or the error a scan raised.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    started = ctx.SimpleQueue()
+    queue = list(todo)
+    running: dict[concurrent.futures.Future, ScanTask] = {}
+    done_ids: set[str] = set()
+    pool = None
+    finished = False
+    try:
+        pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
+                                                      initializer=_init_worker, initargs=(started,))
+        while queue or running:
+            while queue and len(running) < workers:
+                task = queue.pop(0)
+                try:
+                    future = pool.submit(_run_in_worker, process, task)
+                except OSError as err:  # the pool could not create its processes
+                    raise SupervoxelError(
+                        f"the worker processes could not start ({err.__class__.__name__}: {err}) "
+                        f"for scan {task.scan_id}: run with --workers 1") from None
+                running[future] = task
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                task = running.pop(future)
+                on_row(future.result())
+                done_ids.add(task.scan_id)
+        finished = True
+    except BrokenProcessPool:
+        by_pid: dict[int, str] = {}
+        while not started.empty():
+            pid, scan_id = started.get()
+            by_pid[pid] = scan_id
+        processes = dict(getattr(pool, "_processes", None) or {})  # no public API to ask
+        dead = {pid: p.exitcode for pid, p in processes.items() if p.exitcode not in (None, 0)}
+        in_flight = [t.scan_id for t in todo if t.scan_id not in done_ids and t not in queue]
+        names = {t.scan_id: t.image.name for t in todo}
+        culprits = [by_pid[pid] for pid in dead if pid in by_pid and by_pid[pid] in in_flight]
+        causes = {by_pid[pid]: _describe_exit(code) for pid, code in dead.items() if pid in by_pid}
+        if not by_pid:
+            codes = ", ".join(_describe_exit(c) for c in dead.values()) or "no exit code"
+            raise SupervoxelError(
+                f"the worker processes could not start ({codes}) while scan(s) "
+                f"{', '.join(in_flight)} waited: run with --workers 1, or check that "
+                f"`{sys.executable} -c 'import data.supervoxels.generate_supervoxels'` works"
+            ) from None
+        culprits = culprits or in_flight
+        lost = [sid for sid in in_flight if sid not in culprits]
+        raise SupervoxelError(
+            "a worker process died while processing "
+            + ", ".join(f"scan {sid} ({names[sid]}, {causes.get(sid, 'no exit code')})"
+                        for sid in culprits)
+            + (f"; scan(s) {', '.join(lost)} in progress beside it were stopped" if lost else "")
+            + ": it was killed or crashed (out of memory? see `dmesg`); finished outputs are kept, "
+            "rerun the same command to compute the missing scans (or use fewer --workers)"
+        ) from None
+    finally:
+        if pool is not None:
+            if not finished:  # do not wait for scans still running after an error
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def generate_supervoxels(
@@ -396,23 +513,32 @@ def generate_supervoxels(
     edge_order: str = DEFAULT_EDGE_ORDER,
     log: Callable[[str], None] = tqdm.write,
     progress: bool = True,
+    process: Callable[[ScanTask], dict[str, Any]] = process_scan,
 ) -> dict[str, Any]:
     """Write supervoxels for every scan of ``data_dir`` and a ``summary.json``; return the summary.
+
+    ``summary.json`` is merged per output file: a file kept from an earlier run keeps its row's
+    provenance (edge order, n_sv, kernel version, time written, seconds); rows of this run's files
+    are replaced. The top-level parameters are those of the latest run.
 
     Args:
         data_dir: folder of images (``pattern``) on any grid; spacing comes from each image.
         pattern: file-name pattern with one ``*`` standing for the scan id.
         n_sv: minimum supervoxel size in voxels (5000 abdominal, 1000 cardiac in the references).
-        out_dir: output folder (default ``<data_dir>/supervoxels_<n_sv>``).
+        out_dir: output folder (default ``<data_dir>/supervoxels_<n_sv>``); must be writable.
         workers: parallel processes (each single-threaded); 1 runs in this process.
         overwrite: recompute scans whose output exists (otherwise they are kept and reported).
         scale, fg_threshold, edge_order: see :func:`compute_supervoxels`.
         log: where the per-scan lines go.
         progress: show a tqdm bar over scans.
+        process: the per-scan function (module-level, so that spawned workers can import it).
 
     Raises:
-        SupervoxelError: bad folder, pattern, image, ``n_sv`` or ``workers``, or kernel not built.
-            Outputs finished before the error stay (complete); nothing is ever half-written.
+        SupervoxelError: bad folder, pattern, image, ``n_sv`` or ``workers``, unwritable output
+            folder, kernel not built, or a worker that died / could not start (within seconds,
+            naming the scan). Outputs finished before the error stay (complete, nothing is ever
+            half-written) and ``summary.json`` then lists them, with ``incomplete`` saying what
+            is missing.
     """
     if n_sv <= 0:
         raise SupervoxelError(f"expected --n-sv > 0, got {n_sv}: pass a positive minimum size")
@@ -429,50 +555,54 @@ def generate_supervoxels(
     kept = [t for t in tasks if t not in todo]
     for task in todo:  # fail on unreadable headers / wrong dimensions before writing anything
         check_header(task.image)
+    created = False
     if todo:
         load_kernel()  # fail before any work if the extension is missing
+        created = check_out_dir(out_dir)
 
+    previous = read_previous_summary(out_dir)
     rows: dict[str, dict[str, Any]] = {}
     for task in kept:
         log(f"scan {task.scan_id}: {task.out} exists, kept (pass --overwrite to recompute)")
-        rows[task.scan_id] = existing_row(task)
+        rows[task.scan_id] = existing_row(task, previous.get(task.out.name))
+
+    def summary(error: str | None = None) -> dict[str, Any]:
+        ours = {t.out.name for t in tasks}
+        others = [row for name, row in previous.items()  # earlier rows of files this run did not touch
+                  if name not in ours and (out_dir / name).is_file()]
+        out = {"data_dir": str(data_dir), "pattern": pattern, "n_sv": n_sv, "scale": scale,
+               "fg_threshold": fg_threshold, "edge_order": edge_order,
+               "scans": [rows[t.scan_id] for t in tasks if t.scan_id in rows] + others}
+        if error is not None:
+            out["incomplete"] = {"error": error,
+                                 "missing": [t.scan_id for t in tasks if t.scan_id not in rows]}
+        return out
+
+    def on_row(row: dict[str, Any]) -> None:
+        rows[row["id"]] = row
+        log(f"scan {row['id']}: {row['n_ids']} ids, {row['seconds']:.2f} s -> {row['output']}")
+        bar.update()
 
     bar = tqdm(total=len(todo), desc="supervoxels", unit="scan", disable=not progress)
-    pool = None
     try:
         if workers == 1 or len(todo) <= 1:
-            results = map(process_scan, todo)
+            for task in todo:
+                on_row(process(task))
         else:
-            pool = multiprocessing.get_context("spawn").Pool(
-                min(workers, len(todo)), initializer=_init_worker
-            )
-            results = pool.imap_unordered(process_scan, todo)
-        for row in results:
-            rows[row["id"]] = row
-            log(f"scan {row['id']}: {row['n_ids']} ids, {row['seconds']:.2f} s -> {row['output']}")
-            bar.update()
-        if pool is not None:
-            pool.close()
-            pool.join()
-    except BaseException:
-        if pool is not None:
-            pool.terminate()
+            _run_pool(todo, workers, process, on_row)
+    except BaseException as err:
+        if len(rows) > len(kept) or kept:  # something is there: record it, and what is missing
+            write_json(out_dir / SUMMARY_NAME, summary(str(err) or err.__class__.__name__))
+        elif created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # nothing was written: leave no empty folder behind
         raise
     finally:
         bar.close()
 
-    summary = {
-        "data_dir": str(data_dir),
-        "pattern": pattern,
-        "n_sv": n_sv,
-        "scale": scale,
-        "fg_threshold": fg_threshold,
-        "edge_order": edge_order,
-        "scans": [rows[t.scan_id] for t in tasks],
-    }
+    result = summary()
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / SUMMARY_NAME, summary)
-    return summary
+    write_json(out_dir / SUMMARY_NAME, result)
+    return result
 
 
 # ----------------------------------------------------------------------------- CLI

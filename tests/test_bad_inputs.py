@@ -1,0 +1,456 @@
+"""Nothing read wrong in silence, nothing hangs (issue 12): one test per case, on synthetic data
+made here (no ``../shared`` needed). Each asserts the exit status or exception, the message, and
+that nothing was written or overwritten.
+
+Cases: truncated / corrupt gzip and NaN voxels through every reader (loaders, ``--check``,
+``verify``, supervoxels, pre-processing); a supervoxel worker that dies or cannot start; an
+unwritable supervoxel output folder; ``summary.json`` merged per file; ``utils.summarize`` with two
+datasets and a failed run; ``n_shot > 1`` at test; weights / snapshot files that are not torch
+files; ``verify`` on a CMR-like folder (classmap on remapped labels, mixed orientations); the same
+scan stored LSP and PSR reoriented to identical voxels.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from data.preprocess.__main__ import main as preprocess_main
+from data.preprocess.common import DATASETS as PREPROCESS_DATASETS, orientation_code
+from data.preprocess.verify import LEGACY_CLASSMAP_RULE, format_report, per_slice_counts, verify_folder
+from data.supervoxels import generate_supervoxels as gen
+from dataloaders import datasets
+from utils.io import ImageIntegrityError, read_volume
+
+REPO = Path(__file__).resolve().parents[1]
+SPACING = (1.25, 1.25, 7.7)
+
+
+# ----------------------------------------------------------------------------- helpers
+def scan_arrays(seed: int, shape=(6, 24, 24)) -> tuple[np.ndarray, np.ndarray]:
+    """A float32 image with a bright block and its uint8 label (class 1 in the block)."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100, 10, shape).astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    label[1:5, 6:16, 5:17] = 1
+    image[label == 1] += 200
+    return image, label
+
+
+def write(array: np.ndarray, path: Path, spacing=SPACING) -> Path:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path), True)
+    return path
+
+
+def custom_folder(folder: Path, ids=(1, 2, 3), nan_in: int | None = None) -> Path:
+    """A loader-ready custom dataset: image_<id> / label_<id> plus dataset.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        image, label = scan_arrays(i)
+        if i == nan_in:
+            image[2, 3, 4] = np.nan
+        write(image, folder / f"image_{i}.nii.gz")
+        write(label, folder / f"label_{i}.nii.gz")
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"1": "BLOCK"}, "folds": [[1, 2]] * 5}))
+    return folder
+
+
+def truncate(path: Path, keep: float = 0.75) -> None:
+    """Cut a .nii.gz as an interrupted copy does (the header stays readable)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def corrupt(path: Path) -> None:
+    """Flip one byte in the middle of the compressed data (a bad disk / transfer)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def state(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` with its sha256: compare before / after to prove nothing changed."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def assert_every_reader_refuses(folder: Path, bad: Path, words: tuple[str, ...], tmp_path: Path,
+                                capsys) -> None:
+    """The loaders, --check, verify, the supervoxel generator and pre-processing all refuse ``bad``
+    with one message naming it, and write nothing."""
+    before = state(folder)
+
+    def check(message: str) -> None:
+        assert str(bad) in message, message
+        for word in words:
+            assert word in message, message
+
+    with pytest.raises(ImageIntegrityError) as err:  # the one low-level reader
+        read_volume(bad)
+    check(str(err.value))
+    with pytest.raises(ImageIntegrityError) as err:  # the loaders (training and test.py)
+        spec = datasets.get_dataset("custom", folder)  # reads the first image's header
+        for files in datasets.discover_scans(folder):
+            datasets.load_scan(spec, files)
+    check(str(err.value))
+    result = run_module("dataloaders.datasets", "--dataset", "custom", "--data-dir", str(folder), "--check")
+    assert result.returncode != 0
+    check(result.stderr.strip().splitlines()[-1])
+    report = verify_folder(folder)  # data.preprocess verify: a failed row, never PASS
+    assert not report.ok
+    check(" ".join(report.failures))
+    assert preprocess_main(["verify", str(folder)]) == 1
+    assert f"FAIL: {len(report.rows)} scans" in capsys.readouterr().out
+    if bad.name.startswith("image_"):  # the supervoxel generator reads images only
+        sv = tmp_path / "sv"
+        assert gen.main(["--data-dir", str(folder), "--n-sv", "20", "--out-dir", str(sv)]) == 1
+        check(capsys.readouterr().err)
+        bad_id = bad.name[len("image_"):-len(".nii.gz")]
+        assert not (sv / f"superpix-MIDDLE_{bad_id}.nii.gz").exists()
+    raw = tmp_path / "raw"  # pre-processing reads the raw files through the same reader
+    (raw / "images").mkdir(parents=True)
+    (raw / "labels").mkdir(parents=True)
+    for i in (1, 2, 3):
+        for kind, sub in (("image", "images"), ("label", "labels")):
+            (raw / sub / f"case{i}.nii.gz").write_bytes((folder / f"{kind}_{i}.nii.gz").read_bytes())
+    out = tmp_path / "pre"
+    assert preprocess_main(["generic", "--raw", str(raw), "--out", str(out), "--spacing", "0", "0", "0",
+                            "--label-values", "0,1", "--no-crop", "--quiet"]) == 2
+    message = capsys.readouterr().err
+    assert str(raw / ("images" if bad.name.startswith("image_") else "labels") /
+               bad.name.replace("image_", "case").replace("label_", "case")) in message
+    assert not out.exists() or not any(out.iterdir())
+    assert state(folder) == before  # nothing written or overwritten beside the data
+
+
+# ----------------------------------------------------------------------------- 1. truncated gzip
+def test_truncated_gzip_is_refused_by_every_reader(tmp_path, capsys):
+    folder = custom_folder(tmp_path / "data")
+    clean, _ = read_volume(folder / "label_2.nii.gz")
+    truncate(folder / "label_2.nii.gz")
+    # what ITK alone makes of it: the cut part silently becomes zeros
+    silent = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "label_2.nii.gz")))
+    assert silent.sum() < clean.sum()
+    assert_every_reader_refuses(folder, folder / "label_2.nii.gz",
+                                ("truncated", "Re-download or re-create"), tmp_path, capsys)
+
+
+def test_truncated_image_is_refused_by_every_reader_and_the_supervoxel_generator(tmp_path, capsys):
+    folder = custom_folder(tmp_path / "data")
+    truncate(folder / "image_3.nii.gz", 0.9)
+    assert_every_reader_refuses(folder, folder / "image_3.nii.gz", ("truncated",), tmp_path, capsys)
+
+
+def test_corrupt_gzip_is_refused_by_every_reader(tmp_path, capsys):
+    folder = custom_folder(tmp_path / "data")
+    corrupt(folder / "image_1.nii.gz")
+    assert_every_reader_refuses(folder, folder / "image_1.nii.gz", ("corrupt",), tmp_path, capsys)
+
+
+# ----------------------------------------------------------------------------- 2. NaN voxels
+def test_nan_voxels_are_refused_by_every_reader(tmp_path, capsys):
+    folder = custom_folder(tmp_path / "data", nan_in=2)
+    # what ITK alone makes of it: NaN silently becomes 0
+    assert not np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "image_2.nii.gz")))).any()
+    assert_every_reader_refuses(folder, folder / "image_2.nii.gz",
+                                ("1 NaN", "(2, 3, 4)", "expected finite voxel values"), tmp_path, capsys)
+
+
+# ----------------------------------------------------------------------------- 3. supervoxel workers
+def die_on_scan_3(task: gen.ScanTask) -> dict:
+    """Worker-side fault (module level, so spawned workers import it): scan 3 is killed (-9)."""
+    if task.scan_id == "3":
+        others = [task.out.parent / gen.OUTPUT_TEMPLATE.format(i) for i in (1, 2)]
+        deadline = time.monotonic() + 30
+        while not all(p.exists() for p in others) and time.monotonic() < deadline:
+            time.sleep(0.05)  # let scans 1 and 2 finish in the other worker first
+        os.kill(os.getpid(), signal.SIGKILL)
+    return gen.process_scan(task)
+
+
+def must_not_run(task: gen.ScanTask) -> dict:
+    raise AssertionError(f"scan {task.scan_id} was computed although the run should have stopped first")
+
+
+def sv_folder(folder: Path, ids=(1, 2, 3, 4)) -> Path:
+    folder.mkdir(parents=True)
+    for i in ids:
+        write(scan_arrays(i, (3, 20, 20))[0], folder / f"image_{i}.nii.gz")
+    return folder
+
+
+def test_killed_supervoxel_worker_stops_the_run_within_seconds(tmp_path):
+    data = sv_folder(tmp_path / "data")
+    before = state(data)
+    start = time.perf_counter()
+    with pytest.raises(gen.SupervoxelError) as err:
+        gen.generate_supervoxels(data, n_sv=20, out_dir=tmp_path / "out", workers=2, progress=False,
+                                 log=lambda line: None, process=die_on_scan_3)
+    assert time.perf_counter() - start < 60  # the old pool hung here forever at 3/4
+    message = str(err.value)
+    assert "worker process died while processing scan 3 (image_3.nii.gz, killed by signal 9" in message
+    assert "rerun the same command" in message
+    out = tmp_path / "out"
+    finished = sorted(p.name for p in out.glob("superpix-*"))
+    assert "superpix-MIDDLE_3.nii.gz" not in finished and {"superpix-MIDDLE_1.nii.gz",
+                                                          "superpix-MIDDLE_2.nii.gz"} <= set(finished)
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(row["output"] for row in summary["scans"]) == finished  # what finished, nothing else
+    assert "3" in summary["incomplete"]["missing"] and "scan 3" in summary["incomplete"]["error"]
+    for name in finished:  # every finished output is whole
+        assert read_volume(out / name)[0].shape == (3, 20, 20)
+    assert state(data) == before
+
+
+def test_supervoxel_workers_that_cannot_start_fail_fast(tmp_path):
+    data = sv_folder(tmp_path / "data")
+    multiprocessing.set_executable("/bin/false")  # every spawned worker exits at once
+    try:
+        start = time.perf_counter()
+        with pytest.raises(gen.SupervoxelError) as err:
+            gen.generate_supervoxels(data, n_sv=20, out_dir=tmp_path / "out", workers=2,
+                                     progress=False, log=lambda line: None)
+    finally:
+        multiprocessing.set_executable(sys.executable)
+    assert time.perf_counter() - start < 60
+    assert "worker processes could not start" in str(err.value) and "--workers 1" in str(err.value)
+    assert "scan(s) 1, 2" in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing written, not even an empty folder
+
+
+def test_unwritable_supervoxel_output_folder_fails_before_any_work(tmp_path, capsys):
+    data = sv_folder(tmp_path / "data", ids=(1, 2))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(gen.SupervoxelError, match=r"output folder .*a_file/out is not writable "
+                                                  r"\(NotADirectoryError.*pass --out-dir"):
+        gen.generate_supervoxels(data, n_sv=20, out_dir=blocker / "out", progress=False,
+                                 log=lambda line: None, process=must_not_run)
+    assert gen.main(["--data-dir", str(data), "--n-sv", "20", "--out-dir", str(blocker / "out")]) == 1
+    assert "is not writable" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes into read-only folders: only the case above applies
+        readonly = tmp_path / "readonly"
+        readonly.mkdir()
+        readonly.chmod(0o555)
+        try:
+            with pytest.raises(gen.SupervoxelError, match="is not writable .*PermissionError"):
+                gen.generate_supervoxels(data, n_sv=20, out_dir=readonly, progress=False,
+                                         log=lambda line: None, process=must_not_run)
+        finally:
+            readonly.chmod(0o755)
+        assert not any(readonly.iterdir())
+    assert blocker.read_text() == "not a folder" and sorted(p.name for p in data.iterdir()) == [
+        "image_1.nii.gz", "image_2.nii.gz"]
+
+
+# ----------------------------------------------------------------------------- 6. metadata
+def test_supervoxel_summary_is_merged_per_file(tmp_path):
+    data = sv_folder(tmp_path / "data", ids=(1, 2))
+    out = tmp_path / "out"
+    quiet = {"progress": False, "log": lambda line: None}
+    first = gen.generate_supervoxels(data, n_sv=20, out_dir=out, **quiet)
+    made = {row["id"]: row for row in first["scans"]}
+    assert {row["edge_order"] for row in made.values()} == {"reference"}
+    assert all(row["seconds"] is not None and row["kernel_version"] == gen.KERNEL_VERSION
+               for row in made.values())
+    files = state(out)
+    write(scan_arrays(3, (3, 20, 20))[0], data / "image_3.nii.gz")
+    second = gen.generate_supervoxels(data, n_sv=20, out_dir=out, edge_order="stable", **quiet)
+    rows = {row["id"]: row for row in second["scans"]}
+    for sid in ("1", "2"):  # kept files keep how they were made
+        assert rows[sid]["status"] == "kept"
+        for key in ("edge_order", "seconds", "cpu_seconds", "written_at", "kernel_version", "n_sv"):
+            assert rows[sid][key] == made[sid][key], key
+    assert rows["3"]["status"] == "written" and rows["3"]["edge_order"] == "stable"
+    assert json.loads((out / "summary.json").read_text()) == second
+    assert {k: v for k, v in state(out).items() if k != "summary.json"} == {
+        **{k: v for k, v in files.items() if k != "summary.json"},
+        "superpix-MIDDLE_3.nii.gz": state(out)["superpix-MIDDLE_3.nii.gz"]}  # kept outputs untouched
+
+
+def _score_run(folder: Path, dataset: str, dice: float, status: str = "COMPLETED") -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model": "qamp", "dataset": dataset}))
+    (folder / "run.json").write_text(json.dumps({"command": "test", "status": status}))
+    with open(folder / "scores.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["fold", "supp_idx", "seed", "scan", "class", "dice"])
+        writer.writerows([[0, 2, 7, 1, 1, dice], [0, 2, 7, 2, 1, dice - 0.2]])
+    return folder
+
+
+def test_summarize_keys_runs_by_dataset_and_lists_skipped_folders(tmp_path, capsys):
+    from utils import summarize
+
+    runs = tmp_path / "runs"
+    _score_run(runs / "test_CHAOST2_fold0", "CHAOST2", 0.9)
+    _score_run(runs / "test_SABS_fold0", "SABS", 0.7)  # same fold / supp / seed / scan / class id
+    failed = runs / "test_CHAOST2_fold1"
+    failed.mkdir()
+    (failed / "config.json").write_text(json.dumps({"model": "qamp", "dataset": "CHAOST2"}))
+    (failed / "run.json").write_text(json.dumps({"command": "test", "status": "FAILED",
+                                                 "fail_trace": ["Traceback ...", "ValueError: boom\n"]}))
+    out = tmp_path / "table"
+    assert summarize.main([str(runs), "--out", str(out)]) == 0
+    md = (out / "summary.md").read_text()
+    # class 1 is LIVER in CHAOST2 and SPLEEN in SABS: two rows, never pooled (nor refused)
+    assert "| Method | LIVER | SPLEEN | Mean |" in md
+    assert "| qamp [CHAOST2] | 80.00 ± 10.00 | - | 80.00 ± 10.00 |" in md
+    assert "| qamp [SABS] | - | 60.00 ± 10.00 | 60.00 ± 10.00 |" in md
+    assert f"- {failed}: test run with status FAILED, no per-scan CSV (ValueError: boom)" in md
+    assert "population std (ddof 0)" in md
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert {r["dataset"] for r in rows} == {"CHAOST2", "SABS"} and {r["std_ddof"] for r in rows} == {"0"}
+    written = state(out)
+    assert summarize.main([str(runs), "--out", str(out)]) == 2  # never overwritten silently
+    assert "already exists" in capsys.readouterr().err and state(out) == written
+
+
+# ----------------------------------------------------------------------------- 4. n_shot at test
+def test_n_shot_above_one_at_test_is_refused(tmp_path):
+    from config import ex, validate_config
+
+    log_dir = tmp_path / "runs"
+    config = {**ex.configurations[0](), "n_shot": 3, "path": {"log_dir": str(log_dir)},
+              "model": "copy_support"}
+    with pytest.raises(ValueError, match=r"^n_shot=3 is not supported by test.py: .*1-shot.*set n_shot=1.*n_part"):
+        validate_config(config, "test")
+    assert not log_dir.exists()  # refused before any run folder (or config.json) is written
+
+
+# ----------------------------------------------------------------------------- 5. weights files
+def test_weights_and_snapshots_that_are_not_torch_files(tmp_path, monkeypatch):
+    from models import build_model
+    from utils.snapshot import load_snapshot
+
+    monkeypatch.delenv("QAMP_PRETRAINED_PATH", raising=False)
+    text = tmp_path / "weights.pth"
+    text.write_text("exit code 0; weights are at https://example.org\n")
+    before = state(tmp_path)
+    expected = r"expected a PyTorch file \(written by torch.save\) .*got a text file starting with 'exit code 0"
+    with pytest.raises(ValueError, match=rf"^pretrained_path='{re.escape(str(text))}': {expected}.*point pretrained_path at"):
+        build_model({"backbone": "resnet50", "pretrained_weights": "imagenet",
+                     "pretrained_path": str(text)}, 32)
+    with pytest.raises(ValueError, match=rf"^reload_model_path/resume='{re.escape(str(text))}': {expected}"):
+        load_snapshot(text)
+    image = write(scan_arrays(0)[0], tmp_path / "image.nii.gz")
+    with pytest.raises(ValueError, match="got gzip data"):
+        load_snapshot(image)
+    assert {k: v for k, v in state(tmp_path).items() if k != "image.nii.gz"} == before
+
+
+# ----------------------------------------------------------------------------- 7. verify / reorient
+def cmr_like_folder(folder: Path, orientations=("LPS", "LPS")) -> Path:
+    """Labels stored 200 / 500 / 600 and the published-style classmap_200.json: the legacy rule on
+    the remapped values 1 / 2 / 3."""
+    folder.mkdir(parents=True)
+    remap = {0: 0, 200: 1, 500: 2, 600: 3}
+    names = {200: "LV-MYO", 500: "LV-BP", 600: "RV"}
+    classmap: dict[str, dict[str, list[int]]] = {"BG": {}, **{n: {} for n in names.values()}}
+    for i, code in enumerate(orientations, start=1):
+        image, _ = scan_arrays(i, (4, 24, 24))
+        label = np.zeros(image.shape, np.uint16)
+        label[0:3, 4:20, 4:20] = 500
+        label[0:3, 8:12, 8:12] = 200
+        label[2, 4:8, 4:8] = 600
+        label[3, 0, 0] = 200  # one LV-MYO pixel: raw sum 200 >= 200, remapped sum 1 < 200
+        img, lab = sitk.GetImageFromArray(image), sitk.GetImageFromArray(label)
+        for im in (img, lab):
+            im.SetSpacing((1.25, 1.25, 7.99))
+        img, lab = sitk.DICOMOrient(img, code), sitk.DICOMOrient(lab, code)
+        sitk.WriteImage(img, str(folder / f"image_{i}.nii.gz"), True)
+        sitk.WriteImage(lab, str(folder / f"label_{i}.nii.gz"), True)
+        stored = sitk.GetArrayFromImage(lab).astype(np.int64)
+        loader = np.vectorize(remap.get)(stored)
+        sums = loader.reshape(loader.shape[0], -1).sum(axis=1)
+        for value, name in {0: "BG", **names}.items():
+            present = (stored == value).reshape(stored.shape[0], -1).any(axis=1)
+            classmap[name][str(i)] = np.flatnonzero(present & (sums >= 200)).tolist()
+    (folder / "classmap_200.json").write_text(json.dumps(classmap))
+    return folder
+
+
+def cmr_spec():
+    return dataclasses.replace(PREPROCESS_DATASETS["CMR"], inplane_size=None, n_scans=None,
+                               spacing=(None, None, None))
+
+
+def test_verify_checks_published_classmaps_on_the_loaders_label_values(tmp_path):
+    folder = cmr_like_folder(tmp_path / "cmr_MR_normalized")
+    before = state(folder)
+    report = verify_folder(folder, cmr_spec())
+    assert report.ok, format_report(report)
+    detail = {c.name: c.detail for c in report.checks}["classmap_200.json"]
+    assert detail.startswith(f"rule {LEGACY_CLASSMAP_RULE} on the loaders' label values")
+    # the raw values would have listed slice 3 (one LV-MYO pixel: sum 200 >= 200; remapped: 1)
+    counts = per_slice_counts(read_volume(folder / "label_1.nii.gz")[0].astype(np.int64))
+    assert counts[3, 200] == 1 and counts[3].sum() - counts[3, 0] == 1
+    assert 3 not in json.loads((folder / "classmap_200.json").read_text())["LV-MYO"]["1"]
+    assert state(folder) == before
+
+
+def test_verify_warns_on_mixed_orientations_instead_of_failing(tmp_path, capsys):
+    folder = cmr_like_folder(tmp_path / "cmr_MR_normalized", orientations=("LSP", "PSR"))
+    before = state(folder)
+    report = verify_folder(folder, cmr_spec())
+    assert report.ok, format_report(report)
+    check = {c.name: c for c in report.checks}["orientation"]
+    assert check.warning and "mixed orientations (LSP: scans 1; PSR: scans 2)" in check.detail
+    assert "The loaders do not reorient" in check.detail and "--orient" in check.detail
+    assert preprocess_main(["verify", str(folder), "--dataset", "CMR"]) in (0, 1)
+    assert "warn  orientation: mixed orientations" in capsys.readouterr().out
+    assert state(folder) == before
+
+
+def test_reorientation_makes_lsp_and_psr_copies_voxel_identical(tmp_path):
+    """The same scan stored LSP (256 slices at 1.25 mm in the issue) and PSR comes out identical
+    from ``preprocess generic --orient PSR``: SimpleITK's orientation filter on the whole image."""
+    image, label = scan_arrays(7, (12, 10, 14))  # (Z, Y, X), anisotropic in every axis
+    img, lab = sitk.GetImageFromArray(image), sitk.GetImageFromArray(label)
+    for im in (img, lab):
+        im.SetSpacing((1.25, 1.5, 3.0))
+        im.SetOrigin((10.0, -20.0, 5.0))
+    outs = {}
+    for code in ("LSP", "PSR"):
+        raw = tmp_path / f"raw_{code}"
+        (raw / "images").mkdir(parents=True)
+        (raw / "labels").mkdir(parents=True)
+        stored_img, stored_lab = sitk.DICOMOrient(img, code), sitk.DICOMOrient(lab, code)
+        assert orientation_code(stored_img) == code
+        sitk.WriteImage(stored_img, str(raw / "images" / "1.nii.gz"), True)
+        sitk.WriteImage(stored_lab, str(raw / "labels" / "1.nii.gz"), True)
+        assert preprocess_main(["generic", "--raw", str(raw), "--out", str(tmp_path / f"out_{code}"),
+                                "--orient", "PSR", "--spacing", "0", "0", "0", "--label-values", "0,1",
+                                "--no-crop", "--quiet"]) == 0
+        folder = tmp_path / f"out_{code}" / "custom_normalized"
+        outs[code] = [sitk.ReadImage(str(folder / f"{kind}_1.nii.gz")) for kind in ("image", "label")]
+    for a, b in zip(outs["LSP"], outs["PSR"]):
+        assert orientation_code(a) == orientation_code(b) == "PSR"
+        assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+        assert a.GetSize() == b.GetSize()
+        np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-9)
+        np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-6)
+        np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-9)
+    # axis order and spacing followed the filter: the stored LSP copy had another array shape
+    assert sitk.DICOMOrient(img, "LSP").GetSize() != outs["PSR"][0].GetSize()
+    assert sorted(outs["PSR"][0].GetSpacing()) == pytest.approx([1.25, 1.5, 3.0])

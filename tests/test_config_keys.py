@@ -1,0 +1,87 @@
+"""No config key is accepted and ignored: every key of config.py is read by the command that runs
+(train.py or test.py, directly or through models.build_model) or refused there by
+``config.validate_config``.
+
+Static check on the source: a key counts as read when it appears as ``config["key"]``,
+``_config["key"]``, ``cfg["key"]`` or ``cfg.get("key"`` in the files the command runs, or is a
+``ModelConfig`` field (``build_model`` receives the whole flat config). Keys read another way are
+listed in ``READ_ELSEWHERE`` with the place that reads them; keys only refused are in ``REFUSED``.
+A new key that nothing reads fails here, naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from config import ex, validate_config
+from models.qamp import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = {  # files whose code runs for each command (the model files via build_model)
+    "train": ["train.py", "models/__init__.py", "models/encoder.py", "dataloaders/train_dataset.py"],
+    "test": ["test.py", "models/__init__.py", "dataloaders/test_dataset.py"],
+}
+READ_ELSEWHERE = {  # key -> (commands, where it is read)
+    "path": (("train", "test"), "config.RunFolderObserver creates the run folder under path['log_dir']"),
+}
+REFUSED = {  # key -> {command: a value validate_config refuses there}
+    "n_way": {"train": 2, "test": 2},
+    "n_query": {"train": 2, "test": 2},
+    "n_shot": {"test": 3},
+}
+
+
+def defaults() -> dict:
+    return ex.configurations[0]()
+
+
+def _access(key: str) -> re.Pattern:
+    k = re.escape(key)
+    return re.compile(rf"""\b_?(?:config|cfg)(?:\[\s*["']{k}["']\s*\]|\.get\(\s*["']{k}["'])""")
+
+
+def readers(key: str) -> set[str]:
+    """Commands whose code reads ``key``."""
+    found = {cmd for cmd, files in SOURCES.items()
+             if any(_access(key).search((REPO / f).read_text()) for f in files if (REPO / f).is_file())}
+    if key in {f.name for f in dataclasses.fields(ModelConfig)}:
+        found |= {"train", "test"}
+    if key in READ_ELSEWHERE:
+        found |= set(READ_ELSEWHERE[key][0])
+    return found
+
+
+@pytest.mark.parametrize("key", sorted(defaults()))
+def test_every_config_key_is_read_or_refused(key: str) -> None:
+    read_by = readers(key)
+    refused_by = set(REFUSED.get(key, {}))
+    assert read_by or refused_by, (
+        f"config key {key!r} is accepted by config.py but read by neither train nor test (searched "
+        f"config[{key!r}] / _config[...] / cfg[...] / cfg.get(...) in {sorted({f for v in SOURCES.values() for f in v})} "
+        f"and the ModelConfig fields): read it where it should act, refuse it in "
+        f"config.validate_config, or remove it (if it is read another way, add it to READ_ELSEWHERE here)")
+
+
+@pytest.mark.parametrize("key,command", [(k, c) for k, cmds in REFUSED.items() for c in cmds])
+def test_refused_keys_are_refused_with_the_key_named(key: str, command: str, tmp_path: Path) -> None:
+    config = {**defaults(), key: REFUSED[key][command], "path": {"log_dir": str(tmp_path / "runs")},
+              "model": "copy_support"}
+    with pytest.raises(ValueError, match=rf"^{key}={REFUSED[key][command]} is not supported"):
+        validate_config(config, command)
+    assert not (tmp_path / "runs").exists()  # refused before anything is created
+
+
+def test_n_shot_at_test_points_to_n_part(tmp_path: Path) -> None:
+    config = {**defaults(), "n_shot": 3, "path": {"log_dir": str(tmp_path)}, "model": "copy_support"}
+    with pytest.raises(ValueError, match="n_part"):
+        validate_config(config, "test")
+    validate_config({**config, "n_shot": 1}, "test")
+    validate_config({**config, "model": "qamp", "n_shot": 3}, "train")  # training with 3 shots works
+
+
+def test_the_check_notices_an_unread_key() -> None:
+    assert readers("n_steps") == {"train"} and "test" in readers("supp_idx")
+    assert readers("no_such_key_anywhere") == set()
