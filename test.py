@@ -50,6 +50,7 @@ from dataloaders.datasets import get_dataset
 from dataloaders.test_dataset import TestDataset, to_model_input
 from models import build_model, check_state_dict, make_generator
 from train import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
+from utils.amp import Amp
 from utils.io import write_image, write_json, write_text
 from utils.malloc import keep_freed_memory
 from utils.metrics import overlap
@@ -242,6 +243,8 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
         spec = get_dataset(_config["dataset"], _config["data_dir"])
         test_label, _ = resolve_labels(_config, spec)
         model, snapshot = load_model(_config, spec.image_size, device, _log)
+        if model is not None:
+            Amp(_config["amp"], device).apply(model)  # amp != 'off': encoder under autocast (utils/amp.py)
         tds = TestDataset(_config["dataset"], _config["data_dir"], _config["eval_fold"], _config["supp_idx"],
                           test_label, n_part=_config["n_part"], eval_mode=_config["eval_mode"])
         _log.info(f"run folder {folder}; device {device}; support scan {tds.support.scan_id}; "

@@ -34,6 +34,8 @@ from config import RunFolderObserver, ex, run_commandline
 from dataloaders.datasets import get_dataset
 from dataloaders.train_dataset import StepSampler, TrainDataset, worker_init_fn
 from models import build_model, make_generator
+from utils import distributed as ddp
+from utils.amp import Amp
 from utils.malloc import keep_freed_memory
 from utils.plots import plot_loss_curve
 from utils.seed import capture_rng_state, restore_rng_state
@@ -154,8 +156,12 @@ def to_model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                batch: Mapping[str, torch.Tensor], device: torch.device,
-               generator: torch.Generator) -> dict[str, float]:
-    """One SGD step on one episode; returns the weighted total ``'loss'`` and each unweighted term."""
+               generator: torch.Generator, amp: Amp | None = None,
+               dist: ddp.Distributed | None = None) -> dict[str, float]:
+    """One SGD step on one episode; returns the weighted total ``'loss'`` and each unweighted term.
+
+    ``amp``: mixed precision (utils/amp.py); ``dist``: torchrun ranks, whose gradients are averaged
+    and whose returned values are the means over ranks (utils/distributed.py)."""
     inputs = to_model_inputs(batch, device)
     out = model(inputs["supp_imgs"], inputs["supp_masks"], inputs["qry_imgs"], inputs["qry_labels"],
                 generator=generator)
@@ -164,12 +170,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
         raise FloatingPointError(f"non-finite loss {loss.item()} (terms "
                                  f"{ {k: v.item() for k, v in out['losses'].items()} })")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    ddp.backward_step(loss, model, optimizer, amp, dist)  # backward, all-reduce (DDP), step (fp16: scaled)
     scheduler.step()
     values = {"loss": loss.item()}
     values.update({name: term.item() for name, term in out["losses"].items()})
-    return values
+    return values if dist is None else ddp.mean_values(values, dist)
 
 
 def snapshot_state(step: int, final: bool, model, optimizer, scheduler, generator: torch.Generator,
@@ -182,8 +187,10 @@ def snapshot_state(step: int, final: bool, model, optimizer, scheduler, generato
             "config": plain_config(config)}
 
 
-def take_snapshot(folder: Path, state: dict[str, Any], keep: int, history, log: logging.Logger) -> Path:
+def take_snapshot(folder: Path | None, state: dict[str, Any], keep: int, history, log: logging.Logger) -> Path:
     """Write ``state`` (final.pth or step_<k>.pth), prune old ones, refresh the loss curve."""
+    if folder is None:  # torchrun rank != 0: rank 0 alone writes
+        return None
     path = folder / "snapshots" / (FINAL_NAME if state["final"] else step_name(state["step"]))
     save_snapshot(path, state)
     prune_snapshots(folder / "snapshots", keep)
@@ -229,10 +236,11 @@ def log_interval(log: logging.Logger, step: int, window: Mapping[str, list[float
 @ex.command
 def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, Any]:
     """Train on one fold; returns the run folder, final snapshot and last loss."""
-    folder = run_folder(_run)
-    handler = attach_log_file(_log, folder / "logger.log")
+    dist = ddp.setup(_config["device"])  # torchrun world; one process without torchrun
+    folder = run_folder(_run) if dist.is_main else None  # ranks != 0 run --unobserved: no folder
+    handler = attach_log_file(_log, folder / "logger.log") if folder else logging.NullHandler()
     try:
-        device = resolve_device(_config["device"])
+        device = dist.device or resolve_device(_config["device"])
         set_determinism(_config["deterministic"])
         if _config["keep_freed_memory"] and not keep_freed_memory():
             _log.info("keep_freed_memory: this C library is not glibc; malloc is left as it is")
@@ -241,23 +249,26 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
 
         dataset, spec = build_dataset(_config)
         model = build_model(_config, spec.image_size).to(device).train()
+        ddp.broadcast_parameters(model, dist)
+        amp = Amp(_config["amp"], device).apply(model)  # encoder under autocast (amp != 'off')
         optimizer, scheduler = build_optimizer(model, _config)
-        generator = make_generator(_config["seed"], device=device)  # sampling + dropout
+        generator = make_generator(_config["seed"], *dist.generator_keys, device=device)  # sampling + dropout
         start, history = 0, defaultdict(list)
         if _config["resume"] is not None:
             source = find_snapshot(_config["resume"], which="latest")
-            start, history = restore(load_snapshot(source, map_location=device), model, optimizer,
-                                     scheduler, generator, _config, _log)
+            snapshot = load_snapshot(source, map_location=device)
+            start, history = restore(snapshot, model, optimizer, scheduler, generator, _config, _log)
+            ddp.restore_extras(snapshot, dist, generator, amp, source=str(source))  # rank states, scaler
             _log.info(f"resumed from {source} after step {start}")
 
         n_steps = _config["n_steps"]
         window: dict[str, list[float]] = defaultdict(list)
-        loader = episode_loader(dataset, start, n_steps, _config["num_workers"])
-        bar = tqdm(loader, total=n_steps, initial=start, desc="train", dynamic_ncols=True)
+        loader = episode_loader(ddp.rank_episodes(dataset, dist), start, n_steps, _config["num_workers"])
+        bar = tqdm(loader, total=n_steps, initial=start, desc="train", dynamic_ncols=True, disable=not dist.is_main)
         step = start
         for batch in bar:
             lr = optimizer.param_groups[0]["lr"]
-            values = train_step(model, optimizer, scheduler, batch, device, generator)
+            values = train_step(model, optimizer, scheduler, batch, device, generator, amp, dist)
             step += 1
             for name, value in values.items():
                 history[name].append(value)
@@ -269,17 +280,20 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
                 log_interval(_log, step, window, lr)
                 window.clear()
             if step % _config["save_snapshot_every"] == 0 and step < n_steps:
-                take_snapshot(folder, snapshot_state(step, False, model, optimizer, scheduler, generator,
-                                                     history, _config), _config["keep_snapshots"], history, _log)
+                take_snapshot(folder, snapshot_state(step, False, model, optimizer, scheduler, generator, history,
+                                                     _config) | ddp.snapshot_extras(dist, generator, amp),
+                              _config["keep_snapshots"], history, _log)
         bar.close()
-        final = take_snapshot(folder, snapshot_state(step, True, model, optimizer, scheduler, generator,
-                                                     history, _config), _config["keep_snapshots"], history, _log)
+        final = take_snapshot(folder, snapshot_state(step, True, model, optimizer, scheduler, generator, history,
+                                                     _config) | ddp.snapshot_extras(dist, generator, amp),
+                              _config["keep_snapshots"], history, _log)
         _log.info(f"end of training after {step} steps; final snapshot {final}")
         return {"run_dir": str(folder), "snapshot": str(final), "steps": step,
                 "last_loss": history["loss"][-1] if history["loss"] else None}
     finally:
         _log.removeHandler(handler)
         handler.close()
+        ddp.teardown(dist)
 
 
 if __name__ == "__main__":
