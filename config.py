@@ -31,10 +31,12 @@ from sacred.utils import apply_backspaces_and_linefeeds
 from dataloaders.datasets import CUSTOM, DATASETS
 from utils.amp import AMP_MODES
 from utils.distributed import rank_argv
+from utils.observers import install_sql_result_fix
 
 # Capture stdout/stderr through Python (not file descriptors) so that runs started in-process
 # (tests, notebooks) are captured too; tqdm's carriage returns are collapsed in cout.txt.
 SETTINGS.CAPTURE_MODE = "sys"
+install_sql_result_fix()  # Sacred's -s SQL observer: store train/test's dict results (utils/observers.py)
 
 MODELS = ("qamp", "adnet", "copy_support")
 BACKBONES = ("resnet101", "resnet50")
