@@ -5,6 +5,7 @@ The runs are a ResNet-50 QAMP at 32 x 32 on the synthetic phantoms (tests/tiny_p
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -128,3 +129,17 @@ def test_torchrun_train_rank0_folder_and_exact_resume(phantoms: Path, tmp_path: 
                              f"path.log_dir={tmp_path / 'c'}"], cwd=REPO, env=_env(), capture_output=True,
                             text=True, timeout=300)
     assert single.returncode != 0 and "written by 2 process(es) and this run has 1" in single.stderr
+
+
+def test_gpu_step_bench_runs_tiny_on_cpu(tmp_path: Path) -> None:
+    """bench/gpu_step.py at its CI setting (CPU, 2 gloo ranks, bf16): one row with finite numbers."""
+    out = tmp_path / "gpu_step.json"
+    result = subprocess.run([sys.executable, "bench/gpu_step.py", "--tiny", "--world-sizes", "2", "--amp", "bf16",
+                             "--out", str(out)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["ran_on_gpu"] is False and data["tiny"] is True and "not a GPU measurement" in data["note"]
+    (run,) = data["runs"]
+    assert (run["world_size"], run["amp"], run["backend"], run["peak_mem_kind"]) == (2, "bf16", "gloo", "cpu_max_rss")
+    assert run["loss_finite"] and run["steps_per_s"] > 0 and run["episodes_per_s"] == pytest.approx(
+        2 * run["steps_per_s"], rel=1e-2)
