@@ -6,11 +6,11 @@ it exists here so that the code path is tested without a GPU); ``fp16`` on a CPU
 
 Where the lower precision applies, and where float32 is kept
 -----------------------------------------------------------
-* **Encoder** (ResNet-50/101 layers 1-4, the 1x1 reduction and the threshold head; about 80 % of the
-  CPU time of a step at 256 px: 10.0 of 12.3 s, bench/results/train_step.json): its ``forward`` runs under ``torch.autocast(dtype)``, so
-  convolutions and matmuls run in bf16 / fp16 (other ops follow autocast's own per-op rules). Its
-  two outputs (features ``N x C x h x w`` and thresholds ``N``) are cast
-  back to **float32** before anything else sees them.
+* **Encoder** (ResNet-50/101 layers 1-4, the 1x1 reduction and the threshold head; about 80 % of
+  the CPU time of a step at 256 px: 10.0 of 12.3 s, bench/results/train_step.json): its
+  ``forward`` runs under ``torch.autocast(dtype)``, so convolutions and matmuls run in bf16 / fp16
+  (other ops follow autocast's own per-op rules). Its two outputs (features ``N x C x h x w`` and
+  thresholds ``N``) are cast back to **float32** before anything else sees them.
 * **Everything after the encoder stays float32** (autocast is not active there):
   - masked average pooling / the upsampling algebra (``models.sampling.UpsampleGrid``): sums over
     up to 65 536 positions, where bf16's 8-bit mantissa would lose the small terms;

@@ -38,9 +38,13 @@ Executors.
   (``--wait``: it waits, submitting test arrays as trainings finish, and summarises itself).
   submitit's own logs go to ``<out>/submitit/``.
 * ``submitit-local``: submitit's LocalExecutor (processes on this machine, same code path as
-  ``slurm --wait``), for trying a grid before sending it to a cluster.
+  ``slurm --wait``; every job of an array starts at once and sees the same first GPUs), for trying a
+  grid before sending it to a cluster.
 
 Sacred observers: ``-F DIR``, ``-m MONGO_URL``, ``-s SQL_URL`` are passed to every cell's command.
+
+A cell is known by its place in the grid (its id), not by its fixed keys: to rerun a finished grid
+with other fixed values (say another ``n_steps``), give it another ``--out``.
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -390,8 +394,12 @@ def _submitit_executor(args, cluster: str, kind: str):
     params: dict[str, Any] = {"timeout_min": args.time_min if kind == "train" else args.test_time_min,
                               "cpus_per_task": args.cpus_per_job, "mem_gb": args.mem_gb,
                               "name": f"qamp-{kind}", "nodes": 1, "tasks_per_node": 1}
+    gpus = args.gpus_per_job * (args.nproc_per_node if kind == "train" else 1)
+    if cluster == "local":  # submitit's LocalExecutor shows every job the first `gpus` GPUs of the machine
+        import torch
+        params["gpus_per_node"] = min(gpus, torch.cuda.device_count())
     if cluster == "slurm":
-        params["gpus_per_node"] = args.gpus_per_job * (args.nproc_per_node if kind == "train" else 1)
+        params["gpus_per_node"] = gpus
         params["slurm_array_parallelism"] = args.max_parallel
         for item in args.slurm:
             key, _, value = item.partition("=")
@@ -405,13 +413,18 @@ def run_submitit(spec: Spec, args, cluster: str, log=print) -> Optional[dict[str
     from utils import sweep as module  # pickled by reference (not __main__) for the jobs
 
     spec_path = str(spec.save())
+    threads = {"train": max(1, args.cpus_per_job // max(1, args.nproc_per_node)), "test": args.cpus_per_job}
+
+    def env(cell: Cell) -> dict[str, str]:  # torch threads = the job's CPUs (per torchrun rank)
+        return {"OMP_NUM_THREADS": str(threads[cell.kind]), "MKL_NUM_THREADS": str(threads[cell.kind])}
+
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     trains = [c for c in spec.cells.values() if c.kind == "train" and finished_run(c) is None]
     tests_of = {c.id: [t for t in spec.cells.values() if t.train == c.id and finished_run(t) is None]
                 for c in spec.cells.values() if c.kind == "train"}
     train_ex = _submitit_executor(args, cluster, "train")
     with train_ex.batch():
-        train_jobs = {c.id: train_ex.submit(module.run_cell, spec_path, c.id) for c in trains}
+        train_jobs = {c.id: train_ex.submit(module.run_cell, spec_path, c.id, env(c)) for c in trains}
     log(f"[sweep] submitted {len(train_jobs)} training cell(s): " + ", ".join(
         f"{k}={j.job_id}" for k, j in train_jobs.items()))
     ready = [t for c in spec.cells.values() if c.kind == "train" and c.id not in train_jobs for t in tests_of[c.id]]
@@ -423,7 +436,7 @@ def run_submitit(spec: Spec, args, cluster: str, log=print) -> Optional[dict[str
         if dependency and cluster == "slurm":
             test_ex.update_parameters(slurm_additional_parameters={"dependency": dependency})
         with test_ex.batch():
-            jobs = [(c.id, test_ex.submit(module.run_cell, spec_path, c.id)) for c in cells]
+            jobs = [(c.id, test_ex.submit(module.run_cell, spec_path, c.id, env(c))) for c in cells]
         log(f"[sweep] submitted {len(jobs)} test cell(s){' after ' + dependency if dependency else ''}")
         return jobs
 
