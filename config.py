@@ -29,10 +29,14 @@ from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from dataloaders.datasets import CUSTOM, DATASETS
+from utils.amp import AMP_MODES
+from utils.distributed import rank_argv
+from utils.observers import install_sql_result_fix
 
 # Capture stdout/stderr through Python (not file descriptors) so that runs started in-process
 # (tests, notebooks) are captured too; tqdm's carriage returns are collapsed in cout.txt.
 SETTINGS.CAPTURE_MODE = "sys"
+install_sql_result_fix()  # Sacred's -s SQL observer: store train/test's dict results (utils/observers.py)
 
 MODELS = ("qamp", "adnet", "copy_support")
 BACKBONES = ("resnet101", "resnet50")
@@ -71,6 +75,7 @@ def cfg():
     keep_freed_memory = True  # glibc: reuse freed memory instead of mmap/munmap per step (utils/malloc.py; faster on CPU)
     num_workers = 1  # DataLoader worker processes for training episodes (0 = main process)
     path = {"log_dir": "./runs"}  # run folders are created under log_dir (see module docstring)
+    amp = "off"  # mixed precision: 'off' (float32), 'bf16' or 'fp16' (+ GradScaler) on CUDA; encoder only, prior/sampling/losses stay float32 (utils/amp.py)
 
     # ---------------- data ----------------
     dataset = "CHAOST2"  # 'CHAOST2' (abdominal MRI), 'SABS' (abdominal CT), 'Prostate_MRI', 'CMR', 'custom'
@@ -256,6 +261,7 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
     _expect(config["dataset"] in (*DATASETS, CUSTOM),
             f"dataset={config['dataset']!r} is unknown: expected one of {[*DATASETS, CUSTOM]} ('custom' reads "
             f"dataset.json from data_dir)")
+    _expect(config["amp"] in AMP_MODES, f"amp={config['amp']!r} is unknown: expected one of {list(AMP_MODES)}")
     device = str(config["device"])
     _expect(device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None,
             f"device={device!r} is unknown: expected 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
@@ -329,7 +335,8 @@ class RunFolderObserver(FileStorageObserver):
     """
 
     def __init__(self) -> None:
-        super().__init__(basedir=".")
+        # priority 10: after Sacred's own -F / -m / -s observers, which then number runs their own way
+        super().__init__(basedir=".", priority=10)
 
     def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
         base = Path(config["path"]["log_dir"])
@@ -357,4 +364,4 @@ def run_commandline(argv: list[str], default_command: str) -> None:
     (e.g. ``print_config``); everything else is Sacred's command line."""
     if len(argv) == 1 or argv[1] == "with" or argv[1].startswith("-"):
         argv = [argv[0], default_command, *argv[1:]]
-    ex.run_commandline(argv)
+    ex.run_commandline(rank_argv(argv))  # torchrun ranks != 0: --unobserved (utils/distributed.py)

@@ -53,6 +53,7 @@ from dataloaders.datasets import get_dataset, model_image_size
 from dataloaders.test_dataset import TestDataset
 from models import build_model, check_state_dict, make_generator
 from train import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
+from utils.amp import Amp
 from utils.evaluate import predict_scan
 from utils.io import write_image, write_json, write_text
 from utils.malloc import keep_freed_memory
@@ -196,6 +197,8 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
         test_label, _ = resolve_labels(_config, spec)
         image_size = model_image_size(spec, _config["image_size"])
         model, snapshot = load_model(_config, image_size, device, _log)
+        if model is not None:
+            Amp(_config["amp"], device).apply(model)  # amp != 'off': encoder under autocast (utils/amp.py)
         tds = TestDataset(_config["dataset"], _config["data_dir"], _config["eval_fold"], _config["supp_idx"],
                           test_label, n_part=_config["n_part"], eval_mode=_config["eval_mode"],
                           image_size=_config["image_size"])

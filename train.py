@@ -46,6 +46,8 @@ from dataloaders.datasets import discover_scans, fold_positions, get_dataset, mo
 from dataloaders.test_dataset import TestDataset
 from dataloaders.train_dataset import StepSampler, TrainDataset, worker_init_fn
 from models import build_model, make_generator
+from utils import distributed as ddp
+from utils.amp import Amp
 from utils.evaluate import score_queries
 from utils.malloc import keep_freed_memory
 from utils.plots import plot_loss_curve, plot_validation_curve
@@ -226,8 +228,12 @@ def to_model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                batch: Mapping[str, torch.Tensor], device: torch.device,
-               generator: torch.Generator) -> dict[str, float]:
+               generator: torch.Generator, amp: Amp | None = None,
+               dist: ddp.Distributed | None = None) -> dict[str, float]:
     """One SGD step on one episode.
+
+    ``amp``: mixed precision (utils/amp.py); ``dist``: torchrun ranks, whose gradients are averaged
+    and whose returned values are the means over ranks (utils/distributed.py).
 
     Returns the weighted total ``'loss'``, each unweighted term, ``'fg_fraction'`` (fraction of
     query pixels predicted foreground, in [0, 1]) and ``'reverse_ran'`` (1.0 when the predicted
@@ -241,14 +247,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
         raise FloatingPointError(f"non-finite loss {loss.item()} (terms "
                                  f"{ {k: v.item() for k, v in out['losses'].items()} })")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    ddp.backward_step(loss, model, optimizer, amp, dist)  # backward, all-reduce (DDP), step (fp16: scaled)
     scheduler.step()
     values = {"loss": loss.item()}
     values.update({name: term.item() for name, term in out["losses"].items()})
     foreground = (out["pred"].detach().argmax(dim=1) == 1).float().mean().item()
     values.update(fg_fraction=foreground, reverse_ran=float(foreground > 0))
-    return values
+    return values if dist is None else ddp.mean_values(values, dist)
 
 
 def snapshot_state(step: int, final: bool, model, optimizer, scheduler, generator: torch.Generator,
@@ -262,8 +267,10 @@ def snapshot_state(step: int, final: bool, model, optimizer, scheduler, generato
             "val": list(val_points), "config": plain_config(config)}
 
 
-def take_snapshot(folder: Path, state: dict[str, Any], keep: int, history, log: logging.Logger) -> Path:
+def take_snapshot(folder: Path | None, state: dict[str, Any], keep: int, history, log: logging.Logger) -> Path:
     """Write ``state`` (final.pth or step_<k>.pth), prune old ones, refresh the loss curve."""
+    if folder is None:  # torchrun rank != 0: rank 0 alone writes
+        return None
     path = folder / "snapshots" / (FINAL_NAME if state["final"] else step_name(state["step"]))
     save_snapshot(path, state)
     prune_snapshots(folder / "snapshots", keep)
@@ -333,10 +340,11 @@ def log_validation(log: logging.Logger, run, step: int, point: Mapping[str, Any]
 @ex.command
 def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, Any]:
     """Train on one fold; returns the run folder, final snapshot and last loss."""
-    folder = run_folder(_run)
-    handler = attach_log_file(_log, folder / "logger.log")
+    dist = ddp.setup(_config["device"])  # torchrun world; one process without torchrun
+    folder = run_folder(_run) if dist.is_main else None  # ranks != 0 run --unobserved: no folder
+    handler = attach_log_file(_log, folder / "logger.log") if folder else logging.NullHandler()
     try:
-        device = resolve_device(_config["device"])
+        device = dist.device or resolve_device(_config["device"])
         set_determinism(_config["deterministic"])
         if _config["keep_freed_memory"] and not keep_freed_memory():
             _log.info("keep_freed_memory: this C library is not glibc; malloc is left as it is")
@@ -350,18 +358,21 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
         _log.info(f"model input {image_size} x {image_size} px"
                   + ("" if _config["image_size"] is None else f" (slices resampled from the native {spec.image_size} px)"))
         vds = None
-        if val_ids is not None:
+        if val_ids is not None and dist.is_main:  # rank 0 alone validates (torchrun)
             vds = build_validation(_config, val_ids, resolve_labels(_config, spec)[0])
             _log.info(f"validation every {_config['val_interval']} steps on scans {val_ids}"
                       + (" (left out of training: use_gt)" if _config["use_gt"] else " (labels used for scoring only)"))
         model = build_model(_config, image_size).to(device).train()
+        ddp.broadcast_parameters(model, dist)
+        amp = Amp(_config["amp"], device).apply(model)  # encoder under autocast (amp != 'off')
         optimizer, scheduler = build_optimizer(model, _config)
-        generator = make_generator(_config["seed"], device=device)  # sampling + dropout
+        generator = make_generator(_config["seed"], *dist.generator_keys, device=device)  # sampling + dropout
         start, history, val_points = 0, defaultdict(list), []
         if _config["resume"] is not None:
             source = find_snapshot(_config["resume"], which="latest")
-            start, history, val_points = restore(load_snapshot(source, map_location=device), model, optimizer,
-                                                 scheduler, generator, _config, _log)
+            snapshot = load_snapshot(source, map_location=device)
+            start, history, val_points = restore(snapshot, model, optimizer, scheduler, generator, _config, _log)
+            ddp.restore_extras(snapshot, dist, generator, amp, source=str(source))  # rank states, scaler
             _log.info(f"resumed from {source} after step {start}")
 
         def run_validation(step: int, train_seconds: float) -> float:
@@ -375,13 +386,13 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
 
         n_steps = _config["n_steps"]
         window: dict[str, list[float]] = defaultdict(list)
-        loader = episode_loader(dataset, start, n_steps, _config["num_workers"])
-        bar = tqdm(loader, total=n_steps, initial=start, desc="train", dynamic_ncols=True)
+        loader = episode_loader(ddp.rank_episodes(dataset, dist), start, n_steps, _config["num_workers"])
+        bar = tqdm(loader, total=n_steps, initial=start, desc="train", dynamic_ncols=True, disable=not dist.is_main)
         step = start
         timer, train_since_val, val_seconds = time.perf_counter(), 0.0, 0.0
         for batch in bar:
             lr = optimizer.param_groups[0]["lr"]
-            values = train_step(model, optimizer, scheduler, batch, device, generator)
+            values = train_step(model, optimizer, scheduler, batch, device, generator, amp, dist)
             step += 1
             for name, value in values.items():
                 history[name].append(value)
@@ -399,11 +410,11 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
                 window.clear()
             if step % _config["save_snapshot_every"] == 0 and step < n_steps:
                 take_snapshot(folder, snapshot_state(step, False, model, optimizer, scheduler, generator,
-                                                     history, _config, val_points),
+                                                     history, _config, val_points) | ddp.snapshot_extras(dist, generator, amp),
                               _config["keep_snapshots"], history, _log)
         bar.close()
         final = take_snapshot(folder, snapshot_state(step, True, model, optimizer, scheduler, generator,
-                                                     history, _config, val_points),
+                                                     history, _config, val_points) | ddp.snapshot_extras(dist, generator, amp),
                               _config["keep_snapshots"], history, _log)
         _log.info(f"end of training after {step} steps; final snapshot {final}"
                   + (f"; validation took {val_seconds:.1f} s in all" if vds is not None else ""))
@@ -413,6 +424,7 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
     finally:
         _log.removeHandler(handler)
         handler.close()
+        ddp.teardown(dist)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,179 @@
+"""Training-step throughput and peak memory for amp=off|bf16 on 1..N GPUs (data parallel).
+
+    python bench/gpu_step.py                          # ResNet-101, 256 px, amp off,bf16, 1..all GPUs
+    python bench/gpu_step.py --world-sizes 1,2,4,8 --amp off,bf16,fp16 --steps 30
+    python bench/gpu_step.py --tiny                   # CPU, ResNet-50 at 32 px, 1 and 2 gloo ranks (CI)
+
+One step is what ``train.py`` does per global step: every rank runs forward + backward of a 1-shot
+episode (its own synthetic episode: random images, rectangular masks), the gradients are averaged
+over the ranks (``utils.distributed``, NCCL on GPUs, gloo on a CPU), and SGD steps. Mixed precision
+is ``utils.amp`` (encoder under autocast, the head and losses float32). As in bench/train_step.py
+the weights are random (no download), the foreground decoder is rescaled once so that the reverse
+(alignment) pass runs in every step, and the learning rate is 0, so each step does the same work.
+
+Reported per (world size, amp): median step time over ``--steps`` timed steps after ``--warmup``
+(CUDA synchronised), global steps/s, episodes/s (= steps/s x world size), and peak memory: the
+largest ``torch.cuda.max_memory_allocated`` over the ranks on GPUs, the largest process RSS on a CPU.
+Writes ``bench/results/gpu_step.json`` (``--out``) and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from bench.train_step import episode  # noqa: E402
+from models import build_model, make_generator  # noqa: E402
+from utils import distributed as ddp  # noqa: E402
+from utils.amp import Amp  # noqa: E402
+from utils.io import write_json  # noqa: E402
+
+TINY = {"n_mlp_fg": 8, "n_keep_fg": 4, "n_query_fg": 4, "n_edge": 4, "n_mlp_bg": 16, "n_keep_bg": 8,
+        "n_query_bg": 4, "feature_dim": 64}
+
+
+@torch.no_grad()
+def predict_some_foreground(model, supp, masks, qry, fraction: float, seed: int) -> None:
+    """bench/train_step.py's rescaling of ``fg_decoder.head`` (about ``fraction`` of the query predicted
+    foreground, so the reverse pass runs), with a generator on the model's device."""
+    logits = {}
+    hooks = [getattr(model, name).head.register_forward_hook(lambda m, i, o, name=name: logits.__setitem__(name, o))
+             for name in ("fg_decoder", "bg_decoder")]
+    model(supp, masks, qry, generator=make_generator(seed, device=qry.device))
+    for hook in hooks:
+        hook.remove()
+    fg, bg = logits["fg_decoder"].flatten(), logits["bg_decoder"].flatten()
+    if (fg > 0).sum() < (fg < 0).sum():
+        fg = -fg
+        model.fg_decoder.head.weight.neg_()
+    ratio = (bg[fg > 0] / fg[fg > 0]).sort().values
+    alpha = float(ratio[min(len(ratio) - 1, int(fraction * len(fg)))].clamp(min=1e-3)) * 1.01
+    model.fg_decoder.head.weight.mul_(alpha)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, amp_mode: str, out_dir: str) -> None:
+    """One rank: build, warm up, time ``args.steps`` data-parallel steps, write its numbers."""
+    torch.set_num_threads(args.threads)
+    if world > 1:
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                           "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    dist = ddp.setup(args.device)
+    device = dist.device or torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    cfg = {"backbone": args.backbone, "pretrained_weights": "none", **(TINY if args.tiny else {})}
+    torch.manual_seed(args.seed)
+    model = build_model(cfg, args.size).to(device).train()
+    supp, masks, qry, labels = (t.to(device) for t in episode(args.size, args.seed + rank))
+    predict_some_foreground(model, supp, masks, qry, args.fg_fraction, args.seed)
+    ddp.broadcast_parameters(model, dist)
+    amp = Amp(amp_mode, device).apply(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        out = model(supp, masks, qry, labels, generator=make_generator(args.seed, rank, device=device))
+        ddp.backward_step(out["loss"], model, optimizer, amp, dist)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated(device) if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    record = {"rank": rank, "times": times, "peak_bytes": int(peak), "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+              "backend": dist.backend, "loss_finite": bool(torch.isfinite(out["loss"]))}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    ddp.teardown(dist)
+
+
+def measure(world: int, amp_mode: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        if world == 1:
+            worker(0, 1, 0, args, amp_mode, tmp)
+        else:
+            mp.spawn(worker, args=(world, free_port(), args, amp_mode, tmp), nprocs=world, join=True)
+        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    step = statistics.median(max(ts) for ts in zip(*(r["times"] for r in ranks)))  # slowest rank per step
+    return {"world_size": world, "amp": amp_mode, "step_s": round(step, 4), "steps_per_s": round(1 / step, 3),
+            "episodes_per_s": round(world / step, 3),
+            "peak_mem_gib": round(max(r["peak_bytes"] for r in ranks) / 2**30, 3),
+            "peak_mem_kind": "cuda_max_allocated" if ranks[0]["device"].startswith("cuda") else "cpu_max_rss",
+            "device": ranks[0]["device_name"], "backend": ranks[0]["backend"],
+            "loss_finite": all(r["loss_finite"] for r in ranks)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="resnet101", choices=("resnet101", "resnet50"))
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--amp", default="off,bf16", help="modes, comma separated (off, bf16, fp16)")
+    parser.add_argument("--world-sizes", default=None, help="e.g. 1,2,4 [1..number of GPUs; 1,2 on a CPU]")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per rank [cores / ranks]")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CI setting: CPU, ResNet-50 at 32 px, few prototypes, 2 steps, 1 and 2 ranks")
+    parser.add_argument("--fg-fraction", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_step.json"))
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.backbone, args.size, args.steps, args.warmup, args.device = "resnet50", 32, 2, 1, "cpu"
+        args.threads = args.threads or 1  # CI machines are small and shared
+    use_cuda = args.device != "cpu" and torch.cuda.is_available()
+    if args.world_sizes:
+        worlds = [int(w) for w in args.world_sizes.split(",")]
+    else:
+        worlds = list(range(1, torch.cuda.device_count() + 1)) if use_cuda else [1, 2]
+    if use_cuda and max(worlds) > torch.cuda.device_count():
+        parser.error(f"--world-sizes {worlds}: only {torch.cuda.device_count()} GPU(s) here")
+    cores = len(os.sched_getaffinity(0))
+    runs = []
+    for world in worlds:
+        for amp_mode in args.amp.split(","):
+            threads = args.threads or max(1, cores // world)
+            run = measure(world, amp_mode, argparse.Namespace(**{**vars(args), "threads": threads}))
+            run["threads_per_rank"] = threads
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+    result = {"bench": "gpu_step", "ran_on_gpu": use_cuda, "backbone": args.backbone, "size": args.size,
+              "steps": args.steps, "warmup": args.warmup, "tiny": args.tiny, "runs": runs,
+              "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
+              "load_average_1min": round(os.getloadavg()[0], 2)}
+    if not use_cuda:
+        result["note"] = ("CPU run (not a GPU measurement): checks the code path; times on a shared CPU are "
+                          "noisy and peak memory is the process RSS")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, result)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""utils.sweep: grid expansion, dry run, and tiny grids on the phantoms with the local executor (a
+training cell killed mid-run, then resumed) and submitit's local executor (with Sacred's SQL and
+file observers on every cell, read back afterwards)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from tiny_phantoms import TINY_ARGS, make_phantoms  # noqa: E402
+from utils import sweep  # noqa: E402
+from utils.snapshot import load_snapshot  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    return make_phantoms(tmp_path_factory.mktemp("phantoms32"))
+
+
+def grid_args(phantoms: Path, out: Path, *extra: str) -> list[str]:
+    return ["--out", str(out), "--gpus", "", *TINY_ARGS, f"data_dir={phantoms}", *extra]
+
+
+# ----------------------------------------------------------------------------------------------
+def test_split_and_ranges() -> None:
+    assert sweep.split_values("0.1,0.01") == ["0.1", "0.01"]
+    assert sweep.split_values("[1,2],[3]") == ["[1,2]", "[3]"]
+    assert sweep.split_values("'a,b',c") == ["'a,b'", "c"]
+    assert sweep.parse_int_list("0-2,4") == [0, 1, 2, 4]
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        sweep.parse_assignment("oops")
+
+
+def test_grid_expansion(tmp_path: Path) -> None:
+    cells = sweep.expand_grid(tmp_path, ["abd_mri", "abd_ct+setting2"], [1, 2], [0, 1], [0, 2], [7],
+                              ["optim.lr=0.1,0.01", "backbone=resnet50"], ["n_steps=10"], ["n_part=1"])
+    trains = [c for c in cells.values() if c.kind == "train"]
+    tests = [c for c in cells.values() if c.kind == "test"]
+    assert len(trains) == 2 * 2 * 2 * 2 and len(tests) == 2 * len(trains)
+    assert list(cells)[:len(trains)] == [c.id for c in trains]  # trainings first
+    cell = cells["abd_mri-setting2-optim.lr_0.01-seed7-fold1"]
+    assert cell.args == ["abd_mri", "setting=2", "optim.lr=0.01", "backbone=resnet50", "seed=7", "eval_fold=1",
+                         "n_steps=10"]
+    assert cell.method == "setting2 optim.lr:0.01" and cell.group == "abd_mri"
+    assert cell.log_dir == str(tmp_path.resolve() / "cells" / cell.id)
+    test = cells[cell.id + "-supp2"]
+    assert test.train == cell.id and test.args[-2:] == ["supp_idx=2", "n_part=1"]
+    assert cells["abd_ct+setting2-setting1-optim.lr_0.1-seed7-fold0"].args[:2] == ["abd_ct", "setting2"]
+    with pytest.raises(ValueError, match="set by the sweep itself"):
+        sweep.expand_grid(tmp_path, [], [1], [0], [0], [1], ["eval_fold=1,2"])
+
+
+def test_dry_run_prints_cells_and_commands(tmp_path: Path, capsys) -> None:
+    code = sweep.main(["--out", str(tmp_path), "--configs", "abd_mri", "--settings", "1,2", "--folds", "0",
+                       "--supports", "0,1", "-s", "sqlite:///runs.db", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and "2 training cell(s), 4 test cell(s)" in out
+    assert "train.py -s sqlite:///runs.db with abd_mri setting=2 seed=2025 eval_fold=0" in out
+    assert "'reload_model_path=<run folder of abd_mri-setting1-seed2025-fold0>'" in out
+    assert not (tmp_path / "cells").exists()  # nothing ran
+
+
+def _train_dir(out: Path, cell_id: str) -> Path:
+    return out / "cells" / cell_id
+
+
+def test_local_executor_kill_and_resume(phantoms: Path, tmp_path: Path) -> None:
+    """Two folds, two cells at a time (one thread each). Fold 0's training is killed after its
+    first snapshot; fold 1 finishes; fold 0's test is blocked. The rerun skips fold 1, resumes fold
+    0 from the snapshot (new run folder, same loss prefix), tests it and writes the table."""
+    out = tmp_path / "grid"
+    args = grid_args(phantoms, out, "--folds", "0,1", "--supports", "0", "--jobs", "2",
+                     "-F", str(tmp_path / "sacred_files"),
+                     "--train", "n_steps=12", "--train", "save_snapshot_every=2", "--train", "keep_snapshots=1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen([sys.executable, "-m", "utils.sweep", *args], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = _train_dir(out, "default-setting1-seed2025-fold0")
+    deadline = time.time() + 240
+    while not list(victim.glob("train_*/snapshots/step_*.pth")):
+        assert driver.poll() is None and time.time() < deadline, "no snapshot before the grid ended"
+        time.sleep(0.05)
+    os.kill(json.loads((victim / "cell.json").read_text())["pid"], signal.SIGKILL)
+    log, _ = driver.communicate(timeout=240)
+    assert driver.returncode == 1, log
+    assert "default-setting1-seed2025-fold0: failed" in log
+    assert "blocked: default-setting1-seed2025-fold0-supp0" in log
+    assert "default-setting1-seed2025-fold1-supp0: done" in log
+    killed = load_snapshot(next(victim.glob("train_*/snapshots/step_*.pth")))
+    assert not list(victim.glob("train_*/snapshots/final.pth"))
+
+    second = subprocess.run([sys.executable, "-m", "utils.sweep", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "default-setting1-seed2025-fold1: finished before, skipped" in second.stdout
+    assert "default-setting1-seed2025-fold1-supp0: finished before, skipped" in second.stdout
+    assert "default-setting1-seed2025-fold0: done" in second.stdout
+    resumed = victim / "train_custom_setting1_fold0_2"
+    config = json.loads((resumed / "config.json").read_text())
+    assert config["resume"].endswith(f"step_{killed['step']:07d}.pth")
+    final = load_snapshot(resumed / "snapshots" / "final.pth")
+    assert final["step"] == 12 and final["history"]["loss"][:killed["step"]] == killed["history"]["loss"]
+    table = (out / "summary.md").read_text()
+    assert "| setting1 |" in table and "2 run(s)" in table
+    # Sacred's file observer got every run: 2 trainings + 1 resumed + 2 tests, numbered by Sacred
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "sacred_files").glob("*/run.json")]
+    assert sorted(r["command"] for r in runs if r["status"] == "COMPLETED") == ["test", "test", "train", "train"]
+
+
+def test_submitit_local_executor_with_sql_observer(phantoms: Path, tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    out = tmp_path / "grid"
+    db = tmp_path / "runs.db"
+    code = sweep.main(grid_args(phantoms, out, "--executor", "submitit-local", "--folds", "1", "--supports", "0",
+                                "--cpus-per-job", "1", "--mem-gb", "2", "-s", f"sqlite:///{db}",
+                                "--train", "n_steps=2"))
+    assert code == 0
+    assert list((out / "submitit").glob("*/*_log.out"))  # submitit's own logs
+    cell = out / "cells" / "default-setting1-seed2025-fold1-supp0"
+    assert (cell / "test_custom_setting1_fold1_supp0" / "summary.json").is_file()
+    assert "test.py -s sqlite:///" in (cell / "cell.log").read_text()
+    assert (out / "summary.md").is_file()
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text("select command, status, config, info from run order by id")).fetchall()
+    assert [(r[0], r[1]) for r in rows] == [("train", "COMPLETED"), ("test", "COMPLETED")]
+    assert json.loads(rows[1][2])["eval_fold"] == 1
+    result = json.loads(rows[1][3])["result"]
+    assert result["run_dir"].endswith("test_custom_setting1_fold1_supp0") and "mean_dice" in result
