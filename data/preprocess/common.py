@@ -29,6 +29,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
+from data.registry import DATASETS, DatasetSpec  # noqa: F401 (the one registry; re-exported for the recipes)
 from utils.io import write_image, write_json
 
 MANIFEST_NAME = "manifest.json"
@@ -45,60 +46,6 @@ _BOX_MARGIN = 2  # voxels of zeros kept around a class's bounding box when resam
 
 class PreprocessError(ValueError):
     """A raw input that does not match what a recipe expects; the message says what and how to fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """What a pre-processed data set looks like on disk (recipes write it, ``verify`` checks it).
-
-    Attributes:
-        name: data set name used by the loaders (``CHAOST2``, ``SABS``, ...).
-        folder: default output folder name (``<prefix>_normalized``).
-        class_names: stored label value -> class name used as key in ``classmap_<min_tp>.json``.
-        inplane_size: expected ``H = W`` of every scan, or None when free.
-        spacing: expected ``(x, y, z)`` spacing in mm; None entries are free.
-        orientation: expected DICOM orientation code of every scan (e.g. ``LAS``), or None.
-        n_scans: number of scans of the complete public data set (checked only without a manifest).
-        min_tps: the ``min_tp`` values of the classmap files written by default.
-    """
-
-    name: str
-    folder: str
-    class_names: Mapping[int, str]
-    inplane_size: int | None
-    spacing: tuple[float | None, float | None, float | None]
-    orientation: str | None
-    n_scans: int | None
-    min_tps: tuple[int, ...] = (1,)
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "CHAOST2": DatasetSpec(
-        "CHAOST2", "chaos_MR_T2_normalized",
-        {0: "BG", 1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"},
-        inplane_size=256, spacing=(1.25, 1.25, 7.7), orientation="LAS", n_scans=20,
-        min_tps=(1, 100, 400)),
-    # Class names as in the published SABS classmap_1.json (including its "KID_l").
-    "SABS": DatasetSpec(
-        "SABS", "sabs_CT_normalized",
-        {0: "BGD", 1: "SPLEEN", 2: "KID_R", 3: "KID_l", 4: "GALLBLADDER", 5: "ESOPHAGUS",
-         6: "LIVER", 7: "STOMACH", 8: "AORTA", 9: "IVC", 10: "PS_VEIN", 11: "PANCREAS",
-         12: "AG_R", 13: "AG_L"},
-        inplane_size=257, spacing=(None, None, None), orientation=None, n_scans=30,
-        min_tps=(1,)),
-    # MS-CMRSeg bSSFP: values kept as stored by the challenge; loaders remap 200/500/600 -> 1/2/3.
-    "CMR": DatasetSpec(
-        "CMR", "cmr_MR_normalized",
-        {0: "BG", 200: "LV-MYO", 500: "LV-BP", 600: "RV"},
-        inplane_size=256, spacing=(1.25, 1.25, 7.99), orientation=None, n_scans=35,
-        min_tps=(1,)),
-    "Prostate_MRI": DatasetSpec(
-        "Prostate_MRI", "prostate_MR_normalized",
-        {0: "BG", 1: "BLADDER", 2: "BONE", 3: "OBTURATOR_INTERNUS", 4: "TRANSITION_ZONE",
-         5: "CENTRAL_GLAND", 6: "RECTUM", 7: "SEMINAL_VESICLE", 8: "NEUROVASCULAR_BUNDLE"},
-        inplane_size=None, spacing=(None, None, None), orientation=None, n_scans=40,
-        min_tps=(1,)),
-}
 
 
 # ----------------------------------------------------------------------------------------------

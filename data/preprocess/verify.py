@@ -91,8 +91,9 @@ def _resolve_spec(folder: Path, dataset: str | DatasetSpec | None,
         names = {int(k): v for k, v in manifest.get("class_names", {}).items()}
         expected = manifest.get("expected", {})
         spacing = tuple(expected.get("spacing_xyz") or (None, None, None))
-        return DatasetSpec(str(manifest.get("dataset")), folder.name, names,
-                           expected.get("inplane_size"), spacing, expected.get("orientation"), None)
+        return DatasetSpec(str(manifest.get("dataset")), folder.name, classmap_names=names,
+                           image_size=expected.get("inplane_size"), spacing=spacing,
+                           orientation=expected.get("orientation"), n_scans=None)
     for spec in DATASETS.values():
         if folder.name == spec.folder:
             return spec
