@@ -25,9 +25,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from data.preprocess.common import (DATASETS, Case, DatasetSpec, PreprocessError, Processed,
-                                    check_label_values, check_output_free, check_same_grid,
-                                    label_image, reorient, standardize_mr, write_dataset)
+from data.preprocess.common import (DATASETS, DatasetSpec, PreprocessError, check_label_values,
+                                    check_same_grid, label_image, reorient, standardize_mr)
+from data.preprocess.output import Case, Processed, check_output_free, write_dataset
 from data.registry import CUSTOM_SPEC_FILE  # read by dataloaders.datasets.load_custom_spec
 from utils.io import read_volume
 
