@@ -318,7 +318,10 @@ class RunFolderObserver(FileStorageObserver):
 
     The folder is ``<path.log_dir>/<run_name>``; when it exists, ``<run_name>_2``, ``_3`` ... is
     taken (created with ``mkdir``, so two runs started at once cannot share a folder).
+    ``utils.run.run_folder`` finds it by ``is_run_folder``.
     """
+
+    is_run_folder = True
 
     def __init__(self) -> None:
         super().__init__(basedir=".")

@@ -52,12 +52,12 @@ from config import ex, run_commandline
 from dataloaders.datasets import get_dataset, model_image_size
 from dataloaders.test_dataset import TestDataset
 from models import build_model, check_state_dict, make_generator
-from train import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
 from utils.evaluate import predict_scan
 from utils.io import write_image, write_json, write_text
 from utils.malloc import keep_freed_memory
 from utils.metrics import overlap
 from utils.plots import plot_overlay
+from utils.run import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
 from utils.snapshot import find_snapshot, load_snapshot
 
 # Config keys that shape the network's parameters: a snapshot must have been trained with the same.

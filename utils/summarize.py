@@ -111,18 +111,6 @@ def _run_config(csv_path: Path, stop: Path) -> dict | None:
         folder = folder.parent
 
 
-def dataset_label_names(config: Mapping | None) -> dict[int, str]:
-    """Class names from the dataset definition named in a run's config ({} when unavailable)."""
-    if not config or "dataset" not in config:
-        return {}
-    try:
-        from dataloaders.datasets import get_dataset
-        spec = get_dataset(config["dataset"], config.get("data_dir"))
-    except Exception:  # the data folder may have moved since the run; fall back to class ids
-        return {}
-    return {int(k): str(v) for k, v in spec.label_names.items()}
-
-
 def load_methods(runs: Iterable[str]) -> dict[str, Method]:
     """Read every RUN spec (``[NAME=]PATH``) into methods keyed by name, in first-seen order.
 
@@ -141,9 +129,6 @@ def load_methods(runs: Iterable[str]) -> dict[str, Method]:
             method_name = name or (config or {}).get("model") or csv_path.parent.name
             method = methods.setdefault(method_name, Method(method_name))
             method.sources.append(csv_path)
-            names = dataset_label_names(config)
-            for class_id, class_name in names.items():
-                method.class_names.setdefault(class_id, class_name)
             _read_rows(csv_path, method)
     return methods
 
