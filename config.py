@@ -28,22 +28,30 @@ from sacred import SETTINGS, Experiment
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
-from dataloaders.datasets import CUSTOM, DATASETS
+from data.registry import CUSTOM, DATASETS
+from dataloaders.test_dataset import EVAL_MODES
+from dataloaders.train_dataset import EXCLUDE_MODES, SUPERVOXEL_SOURCES
+from models import BACKBONES, ModelConfig, check_episode_config
+from models import MODELS as NETWORKS
+from models import PRETRAINED_KINDS as PRETRAINED
+from models.qamp import CT_PRIOR_THRESHOLDS
 
 # Capture stdout/stderr through Python (not file descriptors) so that runs started in-process
 # (tests, notebooks) are captured too; tqdm's carriage returns are collapsed in cout.txt.
 SETTINGS.CAPTURE_MODE = "sys"
 
-MODELS = ("qamp", "adnet", "copy_support")
-BACKBONES = ("resnet101", "resnet50")
-PRETRAINED = ("deeplabv3", "imagenet", "none")
-EVAL_MODES = ("protocol", "all_slices")
-EXCLUDE_MODES = ("any", "all")
-SUPERVOXEL_SOURCES = ("folder", "generate")
+# Choice lists live with the code that implements them; the config adds the test-only baseline.
+MODELS = (*NETWORKS, "copy_support")
 SETTINGS_ALLOWED = (1, 2)
+MODEL_DEFAULTS = ModelConfig()  # the model keys' defaults (models/qamp.py), shown by print_config
 
 ex = Experiment("QAMP", save_git_info=False)
 ex.captured_out_filter = apply_backspaces_and_linefeeds
+
+
+def is_ct(dataset: str) -> bool:
+    """A registered CT dataset (its PGQP thresholds are ``CT_PRIOR_THRESHOLDS``)."""
+    return dataset in DATASETS and DATASETS[dataset].modality == "CT"
 
 
 def _make_logger() -> logging.Logger:
@@ -95,32 +103,32 @@ def cfg():
 
     # ---------------- model (read by models.build_model) ----------------
     model = "qamp"  # 'qamp', 'adnet' (ADNet head, same encoder) or 'copy_support' (test-only baseline)
-    backbone = "resnet101"  # dilated torchvision ResNet: 'resnet101' (reference) or 'resnet50' (cheaper)
+    backbone = MODEL_DEFAULTS.backbone  # dilated torchvision ResNet: 'resnet101' (reference) or 'resnet50' (cheaper)
     pretrained_weights = "deeplabv3"  # encoder init: 'deeplabv3' (COCO), 'imagenet' or 'none'
     pretrained_path = None  # weights file for pretrained_weights (env QAMP_PRETRAINED_PATH overrides)
-    feature_dim = 512  # channels of the reduced layer3 features
-    n_mlp_fg = 100  # foreground prototypes produced by the MGSP MLP
-    n_mlp_bg = 600  # background prototypes produced by the MGSP MLP
-    n_keep_fg = 50  # MLP foreground prototypes kept at random
-    n_keep_bg = 500  # MLP background prototypes kept at random
-    n_query_fg = 50  # PGQP foreground vectors drawn where the prior > tau_fg
-    n_query_bg = 100  # PGQP background vectors drawn where 1 - prior > tau_bg
-    n_edge = 50  # vectors drawn in the inner (fg) / outer (bg) edge band of the support mask
-    edge_kernel = 3  # side of the square kernel of the edge-band erosion / dilation
-    edge_iters = 2  # erosion / dilation iterations of the edge bands
-    tau_fg = 0.7 if dataset == "SABS" else 0.5  # prior threshold for query foreground samples (CT 0.7, MR 0.5)
-    tau_bg = 0.6 if dataset == "SABS" else 0.5  # threshold on 1 - prior for query background samples (CT 0.6)
-    cos_scaler = 20.0  # scale of the cosine similarity in the QPG prior
-    prior_temperature = 0.5  # factor inside the sigmoid of the QPG prior
-    dropout = 0.2  # dropout of the MLPs and decoders
-    query_loss_weights = [0.1, 1.0]  # NLL class weights [background, foreground]
-    align_weight = 1.0  # weight of the reverse alignment loss
-    proto_weight = 0.3  # weight of the prototype consistency loss
-    boundary_weight = 0.8  # weight of the boundary F1 loss
-    boundary_theta0 = 3  # boundary extraction max-pool size of the boundary loss
-    boundary_theta = 5  # boundary extension max-pool size of the boundary loss
-    fast_mlp = True  # apply the MLP to the 64 x 64 features (equal up to rounding to the reference)
-    decoder_winograd = True  # decoder 3x3 convs by Winograd F(2x2,3x3) on CPU (equal up to rounding; CUDA: cuDNN)
+    feature_dim = MODEL_DEFAULTS.feature_dim  # channels of the reduced layer3 features
+    n_mlp_fg = MODEL_DEFAULTS.n_mlp_fg  # foreground prototypes produced by the MGSP MLP
+    n_mlp_bg = MODEL_DEFAULTS.n_mlp_bg  # background prototypes produced by the MGSP MLP
+    n_keep_fg = MODEL_DEFAULTS.n_keep_fg  # MLP foreground prototypes kept at random
+    n_keep_bg = MODEL_DEFAULTS.n_keep_bg  # MLP background prototypes kept at random
+    n_query_fg = MODEL_DEFAULTS.n_query_fg  # PGQP foreground vectors drawn where the prior > tau_fg
+    n_query_bg = MODEL_DEFAULTS.n_query_bg  # PGQP background vectors drawn where 1 - prior > tau_bg
+    n_edge = MODEL_DEFAULTS.n_edge  # vectors drawn in the inner (fg) / outer (bg) edge band of the support mask
+    edge_kernel = MODEL_DEFAULTS.edge_kernel  # side of the square kernel of the edge-band erosion / dilation
+    edge_iters = MODEL_DEFAULTS.edge_iters  # erosion / dilation iterations of the edge bands
+    tau_fg = CT_PRIOR_THRESHOLDS[0] if is_ct(dataset) else MODEL_DEFAULTS.tau_fg  # prior threshold for query foreground samples (CT 0.7, MR 0.5)
+    tau_bg = CT_PRIOR_THRESHOLDS[1] if is_ct(dataset) else MODEL_DEFAULTS.tau_bg  # threshold on 1 - prior for query background samples (CT 0.6)
+    cos_scaler = MODEL_DEFAULTS.cos_scaler  # scale of the cosine similarity in the QPG prior
+    prior_temperature = MODEL_DEFAULTS.prior_temperature  # factor inside the sigmoid of the QPG prior
+    dropout = MODEL_DEFAULTS.dropout  # dropout of the MLPs and decoders
+    query_loss_weights = list(MODEL_DEFAULTS.query_loss_weights)  # NLL class weights [background, foreground]
+    align_weight = MODEL_DEFAULTS.align_weight  # weight of the reverse alignment loss
+    proto_weight = MODEL_DEFAULTS.proto_weight  # weight of the prototype consistency loss
+    boundary_weight = MODEL_DEFAULTS.boundary_weight  # weight of the boundary F1 loss
+    boundary_theta0 = MODEL_DEFAULTS.boundary_theta0  # boundary extraction max-pool size of the boundary loss
+    boundary_theta = MODEL_DEFAULTS.boundary_theta  # boundary extension max-pool size of the boundary loss
+    fast_mlp = MODEL_DEFAULTS.fast_mlp  # apply the MLP to the 64 x 64 features (equal up to rounding to the reference)
+    decoder_winograd = MODEL_DEFAULTS.decoder_winograd  # decoder 3x3 convs by Winograd F(2x2,3x3) on CPU (equal up to rounding; CUDA: cuDNN)
 
     # ---------------- training (train.py) ----------------
     n_steps = 40000  # training episodes (batch 1)
@@ -244,9 +252,7 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
         ValueError: an unsupported or unknown value, or an unwritable ``path.log_dir``.
         FileNotFoundError: ``reload_model_path`` / ``resume`` names a path that does not exist.
     """
-    for key in ("n_way", "n_query"):
-        _expect(config[key] == 1, f"{key}={config[key]!r} is not supported: only 1-way, 1-query "
-                                  f"episodes are implemented (classes are tested one at a time); set {key}=1")
+    check_episode_config(config)
     choices = {"model": MODELS, "backbone": BACKBONES, "pretrained_weights": PRETRAINED,
                "eval_mode": EVAL_MODES, "exclude_mode": EXCLUDE_MODES, "setting": SETTINGS_ALLOWED}
     for key, allowed in choices.items():
