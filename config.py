@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sacred import SETTINGS, Experiment
+from sacred.config.config_scope import ConfigScope
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
@@ -52,6 +53,29 @@ ex.captured_out_filter = apply_backspaces_and_linefeeds
 def is_ct(dataset: str) -> bool:
     """A registered CT dataset (its PGQP thresholds are ``CT_PRIOR_THRESHOLDS``)."""
     return dataset in DATASETS and DATASETS[dataset].modality == "CT"
+
+
+class _DocumentedConfigScope(ConfigScope):
+    """A named config whose docstring documents it without becoming a config entry.
+
+    Sacred runs a config function's body as module code, so a docstring there becomes a
+    ``__doc__`` variable: the entry Sacred warns about ("Added new config entry"). The docstring
+    stays the scope's ``__doc__`` (``print_named_configs`` shows it); the entry is dropped.
+    """
+
+    def __call__(self, fixed=None, preset=None, fallback=None):
+        summary = super().__call__(fixed, preset, fallback)
+        summary.pop("__doc__", None)
+        summary.added.discard("__doc__")
+        summary.docs.pop("__doc__", None)
+        return summary
+
+
+def named_config(func) -> ConfigScope:
+    """``@ex.named_config`` without the stray ``__doc__`` entry (see :class:`_DocumentedConfigScope`)."""
+    ex.named_config(func)
+    scope = ex.named_configs[func.__name__] = _DocumentedConfigScope(func)
+    return scope
 
 
 def _make_logger() -> logging.Logger:
@@ -151,31 +175,31 @@ def cfg():
     n_overlay_slices = 3  # overlay PNGs written per query scan and class (0 = none)
 
 
-@ex.named_config
+@named_config
 def abd_mri():
     """Abdominal MRI: CHAOS T2-SPIR, classes liver / right kidney / left kidney / spleen."""
     dataset = "CHAOST2"
 
 
-@ex.named_config
+@named_config
 def abd_ct():
     """Abdominal CT: Synapse multi-atlas (SABS); the CT prior thresholds 0.7 / 0.6 follow from it."""
     dataset = "SABS"
 
 
-@ex.named_config
+@named_config
 def prostate_mri():
     """Prostate MRI."""
     dataset = "Prostate_MRI"
 
 
-@ex.named_config
+@named_config
 def cmr():
     """Cardiac MRI (MS-CMRSeg bSSFP); supervoxels_1000 by the dataset's default."""
     dataset = "CMR"
 
 
-@ex.named_config
+@named_config
 def cpu_budget():
     """Self-supervised training that learns on a 2-core CPU in about an hour (see README, "CPU budget").
 
@@ -202,13 +226,13 @@ def cpu_budget():
     save_snapshot_every = 1000
 
 
-@ex.named_config
+@named_config
 def setting1():
     """Setting 1: test classes may appear in training slices (supervoxel pseudo-labels)."""
     setting = 1
 
 
-@ex.named_config
+@named_config
 def setting2():
     """Setting 2: training slices that hold a test class are removed (exclude_label = test_label)."""
     setting = 2
@@ -354,8 +378,8 @@ ex.observers.append(RunFolderObserver())
 
 
 def run_commandline(argv: list[str], default_command: str) -> None:
-    """``python <script>.py [with KEY=VALUE ...]``: run ``default_command`` unless another is named
-    (e.g. ``print_config``); everything else is Sacred's command line."""
-    if len(argv) == 1 or argv[1] == "with" or argv[1].startswith("-"):
-        argv = [argv[0], default_command, *argv[1:]]
+    """``python <script>.py [COMMAND] [with KEY=VALUE ...]``: run ``default_command`` unless another
+    is named (e.g. ``print_config``); everything else is Sacred's command line, whose ``--help``
+    shows the script's own name and Sacred's commands."""
+    ex.default_command = default_command
     ex.run_commandline(argv)
