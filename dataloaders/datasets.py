@@ -16,12 +16,12 @@ Print the folds of a dataset::
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import json5
 import numpy as np
 import SimpleITK as sitk
 
@@ -70,17 +70,18 @@ def get_dataset(name: str, data_dir: str | Path | None = None) -> DatasetSpec:
 def load_custom_spec(image_dir: str | Path) -> DatasetSpec:
     """Read ``<image_dir>/dataset.json`` into a :class:`DatasetSpec`.
 
-    Format (only ``labels`` is required)::
+    The file is hand-written, so it is read as JSON5: plain JSON, plus ``//`` comments, trailing
+    commas and unquoted keys. Format (only ``labels`` is required)::
 
         {
-          "name": "my_data",                       # informational
-          "modality": "MR",                        # "MR" (default) or "CT"
-          "labels": {"1": "liver", "2": "spleen"}, # label id -> name, background 0 implicit
-          "test_labels": [1, 2],                   # default: every label
-          "n_sv": 5000,                            # supervoxel folder supervoxels_<n_sv>
-          "image_size": 256,                       # default: read from the first image
-          "label_remap": {"255": 1},               # stored value -> label id (optional)
-          "folds": [[1, 2, 3], [3, 4, 5], ...]     # 5 lists of scan ids (default: the fold rule)
+          "name": "my_data",                       // informational
+          "modality": "MR",                        // "MR" (default) or "CT"
+          "labels": {"1": "liver", "2": "spleen"}, // label id -> name, background 0 implicit
+          "test_labels": [1, 2],                   // default: every label
+          "n_sv": 5000,                            // supervoxel folder supervoxels_<n_sv>
+          "image_size": 256,                       // default: read from the first image
+          "label_remap": {"255": 1},               // stored value -> label id (optional)
+          "folds": [[1, 2, 3], [3, 4, 5], ...],    // 5 lists of scan ids (default: the fold rule)
         }
     """
     image_dir = Path(image_dir)
@@ -91,9 +92,11 @@ def load_custom_spec(image_dir: str | Path) -> DatasetSpec:
             'create it, e.g. {"labels": {"1": "liver"}, "test_labels": [1]} (see README)'
         )
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); fix the file") from None
+        raw = json5.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON / JSON5 ({err}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected an object {{...}} at the top level, got {type(raw).__name__}")
     allowed = {"name", "modality", "labels", "test_labels", "n_sv", "image_size", "label_remap", "folds"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
