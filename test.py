@@ -5,7 +5,7 @@
     python test.py with abd_mri eval_fold=0 reload_model_path=runs/.../snapshots/final.pth supp_idx=1
     python test.py with abd_mri eval_fold=0 model=copy_support          # baseline, no network
 
-Protocol (``eval_mode='protocol'``, QAMP_REFERENCE section 5): support = the fold's scan at position
+Protocol (``eval_mode='protocol'``, docs/METHOD.md §6): support = the fold's scan at position
 ``supp_idx``; for each class of ``test_label``, the support slices at 1/6, 1/2, 5/6 of its slices
 holding the class; each other fold scan is a query, keeping only its slices holding the class (this
 uses the query's labels, as every published table does), split into ``n_part`` chunks; chunk k is

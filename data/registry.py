@@ -6,9 +6,9 @@ size, image size) all read these entries. A researcher's own data is a folder wi
 ``dataset.json`` read by ``dataloaders.datasets.load_custom_spec`` into the same class
 (``dataset='custom'``); pre-processing builds specs for folders it writes the same way.
 
-Folds follow the protocol of the field (docs/METHOD.md §6): scans are sorted by their numeric id and
-fold ``k`` holds the positions ``k*s .. (k+1)*s`` (``s = n_scans // 5``, so adjacent folds share one
-scan); the last fold holds ``4*s .. n_scans-1`` plus position 0.
+Folds follow the protocol of the field (docs/METHOD.md §6): scans are sorted by their numeric id
+and fold ``k`` holds the positions ``k*s .. (k+1)*s`` (``s = n_scans // 5``, so adjacent folds
+share one scan); the last fold holds ``4*s .. n_scans-1`` plus position 0.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Self-supervised (supervoxel) or supervised (ground-truth) episodic training data.
 
-An episode (QAMP_REFERENCE section 4): a training scan; a class of its pseudo-label map (a
+An episode (docs/METHOD.md §5): a training scan; a class of its pseudo-label map (a
 supervoxel, or a ground-truth organ not in ``test_label`` when ``use_gt``); ``n_shot + 1``
 consecutive slices holding that class whose largest class area is at least ``min_size`` pixels
 (the first ``n_shot`` are the support, the last the query; the order is reversed with p = 0.5);

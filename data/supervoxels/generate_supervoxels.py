@@ -10,7 +10,7 @@ background, supervoxel ids are positive and need not be consecutive) and, beside
 ``summary.json`` with per-scan id count, segment-size percentiles and foreground coverage.
 Existing outputs are kept (and reported) unless ``--overwrite``; every file is written atomically.
 
-Per scan (QAMP_REFERENCE section 7):
+Per scan (docs/METHOD.md §8):
 1. intensities rescaled to 0..255: ``255 * (x - min) / (max - min)``;
 2. 3D Felzenszwalb segmentation with ``scale = 1``, ``sigma = 0``, ``min_size = n_sv`` and
    anisotropic edge weights from the image spacing (``felzenszwalb_3d_cy``), edges of equal cost
