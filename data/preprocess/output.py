@@ -88,37 +88,9 @@ def write_dataset(cases: Sequence[Case], process: Callable[[Case], Processed], *
     try:
         scans, counts = [], {}
         for case in tqdm(cases, desc=f"{spec.name} scans", unit="scan", disable=not progress):
-            result = process(case)
-            check_same_grid(result.image, result.label, f"scan {case.scan_id} image",
-                            f"scan {case.scan_id} label")
-            label_array = sitk.GetArrayFromImage(result.label)
-            values = sorted(int(v) for v in np.unique(label_array))
-            check_label_values(values, spec.class_names, f"scan {case.scan_id} (after processing)",
-                               "This is a bug in the recipe's label mapping.")
-            image_path = partial / f"image_{case.scan_id}.nii.gz"
-            label_path = partial / f"label_{case.scan_id}.nii.gz"
-            write_image(result.image, image_path)
-            write_image(result.label, label_path)
-            counts[str(case.scan_id)] = slice_pixel_counts(label_array, spec.class_names)
-            image_array = sitk.GetArrayViewFromImage(result.image)
-            scans.append({
-                "id": case.scan_id,
-                "source": case.sources,
-                "image": {"file": image_path.name, "sha256": sha256_file(image_path),
-                          **geometry_record(result.image),
-                          "intensity_range": [float(image_array.min()), float(image_array.max())]},
-                "label": {"file": label_path.name, "sha256": sha256_file(label_path),
-                          "dtype": result.label.GetPixelIDTypeAsString(), "values": values,
-                          "voxels_per_class": {str(v): int((label_array == v).sum())
-                                               for v in values}},
-                "notes": result.info,
-            })
-        for min_tp in min_tps:
-            write_json(partial / f"classmap_{min_tp}.json",
-                       classmap_from_counts(counts, spec.class_names, min_tp))
-        write_json(partial / PIXEL_COUNTS_NAME,
-                   {name: {sid: per_class[value] for sid, per_class in counts.items()}
-                    for value, name in spec.class_names.items()})
+            record, counts[str(case.scan_id)] = _write_scan(partial, case, process(case), spec)
+            scans.append(record)
+        _write_class_maps(partial, counts, spec, min_tps)
         manifest = {
             "format": MANIFEST_FORMAT,
             "dataset": spec.name,
@@ -148,6 +120,47 @@ def write_dataset(cases: Sequence[Case], process: Callable[[Case], Processed], *
     manifest["_elapsed_s"] = time.perf_counter() - started
     manifest["_folder"] = str(out)
     return manifest
+
+
+def _write_scan(partial: Path, case: Case, result: Processed,
+                spec: DatasetSpec) -> tuple[dict[str, Any], dict[int, list[int]]]:
+    """Check and write one processed scan; returns its manifest record and its per-slice pixel counts."""
+    check_same_grid(result.image, result.label, f"scan {case.scan_id} image",
+                    f"scan {case.scan_id} label")
+    label_array = sitk.GetArrayFromImage(result.label)
+    values = sorted(int(v) for v in np.unique(label_array))
+    check_label_values(values, spec.class_names, f"scan {case.scan_id} (after processing)",
+                       "This is a bug in the recipe's label mapping.")
+    image_path = partial / f"image_{case.scan_id}.nii.gz"
+    label_path = partial / f"label_{case.scan_id}.nii.gz"
+    write_image(result.image, image_path)
+    write_image(result.label, label_path)
+    counts = slice_pixel_counts(label_array, spec.class_names)
+    image_array = sitk.GetArrayViewFromImage(result.image)
+    record = {
+        "id": case.scan_id,
+        "source": case.sources,
+        "image": {"file": image_path.name, "sha256": sha256_file(image_path),
+                  **geometry_record(result.image),
+                  "intensity_range": [float(image_array.min()), float(image_array.max())]},
+        "label": {"file": label_path.name, "sha256": sha256_file(label_path),
+                  "dtype": result.label.GetPixelIDTypeAsString(), "values": values,
+                  "voxels_per_class": {str(v): int((label_array == v).sum())
+                                       for v in values}},
+        "notes": result.info,
+    }
+    return record, counts
+
+
+def _write_class_maps(partial: Path, counts: Mapping[str, Mapping[int, list[int]]], spec: DatasetSpec,
+                      min_tps: Sequence[int]) -> None:
+    """``classmap_<min_tp>.json`` for every ``min_tp`` and ``pixel_counts.json``."""
+    for min_tp in min_tps:
+        write_json(partial / f"classmap_{min_tp}.json",
+                   classmap_from_counts(counts, spec.class_names, min_tp))
+    write_json(partial / PIXEL_COUNTS_NAME,
+               {name: {sid: per_class[value] for sid, per_class in counts.items()}
+                for value, name in spec.class_names.items()})
 
 
 def _publish(partial: Path, out: Path) -> None:
