@@ -89,7 +89,7 @@ def load_custom_spec(image_dir: str | Path) -> DatasetSpec:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: a custom dataset needs {CUSTOM_SPEC_FILE} beside its image_/label_ files; "
-            'create it, e.g. {"labels": {"1": "liver"}, "test_labels": [1]} (see README)'
+            'create it, e.g. {"labels": {"1": "liver"}, "test_labels": [1]} (see data/README.md)'
         )
     try:
         raw = json5.loads(path.read_text())
