@@ -201,7 +201,8 @@ def cmr():
 
 @named_config
 def cpu_budget():
-    """Self-supervised training that learns on a 2-core CPU in about an hour (docs/CONFIG.md, "Named configurations").
+    """Self-supervised training that learns on a 2-core CPU in about an hour (docs/CONFIG.md,
+    "Named configurations").
 
     64 x 64 slices (native-grid Dice at test), dilated ResNet-50 from scratch, fewer prototypes,
     SGD lr 0.02 with one x0.25 step, validation every 500 steps. Chosen on the validation curve of
