@@ -25,10 +25,17 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sacred import SETTINGS, Experiment
+from sacred.config.config_scope import ConfigScope
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
-from dataloaders.datasets import CUSTOM, DATASETS
+from data.registry import CUSTOM, DATASETS
+from dataloaders.test_dataset import EVAL_MODES
+from dataloaders.train_dataset import EXCLUDE_MODES, SUPERVOXEL_SOURCES
+from models import BACKBONES, ModelConfig, check_episode_config
+from models import MODELS as NETWORKS
+from models import PRETRAINED_KINDS as PRETRAINED
+from models.qamp import CT_PRIOR_THRESHOLDS
 from utils.amp import AMP_MODES
 from utils.distributed import rank_argv
 from utils.observers import install_sql_result_fix
@@ -38,16 +45,41 @@ from utils.observers import install_sql_result_fix
 SETTINGS.CAPTURE_MODE = "sys"
 install_sql_result_fix()  # Sacred's -s SQL observer: store train/test's dict results (utils/observers.py)
 
-MODELS = ("qamp", "adnet", "copy_support")
-BACKBONES = ("resnet101", "resnet50")
-PRETRAINED = ("deeplabv3", "imagenet", "none")
-EVAL_MODES = ("protocol", "all_slices")
-EXCLUDE_MODES = ("any", "all")
-SUPERVOXEL_SOURCES = ("folder", "generate")
+# Choice lists live with the code that implements them; the config adds the test-only baseline.
+MODELS = (*NETWORKS, "copy_support")
 SETTINGS_ALLOWED = (1, 2)
+MODEL_DEFAULTS = ModelConfig()  # the model keys' defaults (models/qamp.py), shown by print_config
 
 ex = Experiment("QAMP", save_git_info=False)
 ex.captured_out_filter = apply_backspaces_and_linefeeds
+
+
+def is_ct(dataset: str) -> bool:
+    """A registered CT dataset (its PGQP thresholds are ``CT_PRIOR_THRESHOLDS``)."""
+    return dataset in DATASETS and DATASETS[dataset].modality == "CT"
+
+
+class _DocumentedConfigScope(ConfigScope):
+    """A named config whose docstring documents it without becoming a config entry.
+
+    Sacred runs a config function's body as module code, so a docstring there becomes a
+    ``__doc__`` variable: the entry Sacred warns about ("Added new config entry"). The docstring
+    stays the scope's ``__doc__`` (``print_named_configs`` shows it); the entry is dropped.
+    """
+
+    def __call__(self, fixed=None, preset=None, fallback=None):
+        summary = super().__call__(fixed, preset, fallback)
+        summary.pop("__doc__", None)
+        summary.added.discard("__doc__")
+        summary.docs.pop("__doc__", None)
+        return summary
+
+
+def named_config(func) -> ConfigScope:
+    """``@ex.named_config`` without the stray ``__doc__`` entry (see :class:`_DocumentedConfigScope`)."""
+    ex.named_config(func)
+    scope = ex.named_configs[func.__name__] = _DocumentedConfigScope(func)
+    return scope
 
 
 def _make_logger() -> logging.Logger:
@@ -100,34 +132,34 @@ def cfg():
 
     # ---------------- model (read by models.build_model) ----------------
     model = "qamp"  # 'qamp', 'adnet' (ADNet head, same encoder) or 'copy_support' (test-only baseline)
-    backbone = "resnet101"  # dilated torchvision ResNet: 'resnet101' (reference) or 'resnet50' (cheaper)
+    backbone = MODEL_DEFAULTS.backbone  # dilated torchvision ResNet: 'resnet101' (reference) or 'resnet50' (cheaper)
     pretrained_weights = "deeplabv3"  # encoder init: 'deeplabv3' (COCO), 'imagenet' or 'none'
     pretrained_path = None  # weights file for pretrained_weights (env QAMP_PRETRAINED_PATH overrides)
-    feature_dim = 512  # channels of the reduced layer3 features
-    n_mlp_fg = 100  # foreground prototypes produced by the MGSP MLP
-    n_mlp_bg = 600  # background prototypes produced by the MGSP MLP
-    n_keep_fg = 50  # MLP foreground prototypes kept at random
-    n_keep_bg = 500  # MLP background prototypes kept at random
-    n_query_fg = 50  # PGQP foreground vectors drawn where the prior > tau_fg
-    n_query_bg = 100  # PGQP background vectors drawn where 1 - prior > tau_bg
-    n_edge = 50  # vectors drawn in the inner (fg) / outer (bg) edge band of the support mask
-    edge_kernel = 3  # side of the square kernel of the edge-band erosion / dilation
-    edge_iters = 2  # erosion / dilation iterations of the edge bands
-    tau_fg = 0.7 if dataset == "SABS" else 0.5  # prior threshold for query foreground samples (CT 0.7, MR 0.5)
-    tau_bg = 0.6 if dataset == "SABS" else 0.5  # threshold on 1 - prior for query background samples (CT 0.6)
-    cos_scaler = 20.0  # scale of the cosine similarity in the QPG prior
-    prior_temperature = 0.5  # factor inside the sigmoid of the QPG prior
-    dropout = 0.2  # dropout of the MLPs and decoders
-    query_loss_weights = [0.1, 1.0]  # NLL class weights [background, foreground]
-    align_weight = 1.0  # weight of the reverse alignment loss
-    proto_weight = 0.3  # weight of the prototype consistency loss
-    boundary_weight = 0.8  # weight of the boundary F1 loss
-    boundary_theta0 = 3  # boundary extraction max-pool size of the boundary loss
-    boundary_theta = 5  # boundary extension max-pool size of the boundary loss
-    fast_mlp = True  # apply the MLP to the 64 x 64 features (equal up to rounding to the reference)
-    decoder_winograd = True  # decoder 3x3 convs by Winograd F(2x2,3x3) on CPU (equal up to rounding; CUDA: cuDNN)
-    proto_loss_shots = "mean"  # n_shot > 1: prototype-consistency loss 'mean' over shots (ours) or 'sum' (reference)
-    empty_support_rule = "any"  # n_shot > 1: ADNet fallback when 'any' shot mask is empty (ours) or 'first' (reference)
+    feature_dim = MODEL_DEFAULTS.feature_dim  # channels of the reduced layer3 features
+    n_mlp_fg = MODEL_DEFAULTS.n_mlp_fg  # foreground prototypes produced by the MGSP MLP
+    n_mlp_bg = MODEL_DEFAULTS.n_mlp_bg  # background prototypes produced by the MGSP MLP
+    n_keep_fg = MODEL_DEFAULTS.n_keep_fg  # MLP foreground prototypes kept at random
+    n_keep_bg = MODEL_DEFAULTS.n_keep_bg  # MLP background prototypes kept at random
+    n_query_fg = MODEL_DEFAULTS.n_query_fg  # PGQP foreground vectors drawn where the prior > tau_fg
+    n_query_bg = MODEL_DEFAULTS.n_query_bg  # PGQP background vectors drawn where 1 - prior > tau_bg
+    n_edge = MODEL_DEFAULTS.n_edge  # vectors drawn in the inner (fg) / outer (bg) edge band of the support mask
+    edge_kernel = MODEL_DEFAULTS.edge_kernel  # side of the square kernel of the edge-band erosion / dilation
+    edge_iters = MODEL_DEFAULTS.edge_iters  # erosion / dilation iterations of the edge bands
+    tau_fg = CT_PRIOR_THRESHOLDS[0] if is_ct(dataset) else MODEL_DEFAULTS.tau_fg  # prior threshold for query foreground samples (CT 0.7, MR 0.5)
+    tau_bg = CT_PRIOR_THRESHOLDS[1] if is_ct(dataset) else MODEL_DEFAULTS.tau_bg  # threshold on 1 - prior for query background samples (CT 0.6)
+    cos_scaler = MODEL_DEFAULTS.cos_scaler  # scale of the cosine similarity in the QPG prior
+    prior_temperature = MODEL_DEFAULTS.prior_temperature  # factor inside the sigmoid of the QPG prior
+    dropout = MODEL_DEFAULTS.dropout  # dropout of the MLPs and decoders
+    query_loss_weights = list(MODEL_DEFAULTS.query_loss_weights)  # NLL class weights [background, foreground]
+    align_weight = MODEL_DEFAULTS.align_weight  # weight of the reverse alignment loss
+    proto_weight = MODEL_DEFAULTS.proto_weight  # weight of the prototype consistency loss
+    boundary_weight = MODEL_DEFAULTS.boundary_weight  # weight of the boundary F1 loss
+    boundary_theta0 = MODEL_DEFAULTS.boundary_theta0  # boundary extraction max-pool size of the boundary loss
+    boundary_theta = MODEL_DEFAULTS.boundary_theta  # boundary extension max-pool size of the boundary loss
+    fast_mlp = MODEL_DEFAULTS.fast_mlp  # apply the MLP to the 64 x 64 features (equal up to rounding to the reference)
+    decoder_winograd = MODEL_DEFAULTS.decoder_winograd  # decoder 3x3 convs by Winograd F(2x2,3x3) on CPU (equal up to rounding; CUDA: cuDNN)
+    proto_loss_shots = MODEL_DEFAULTS.proto_loss_shots  # n_shot > 1: prototype-consistency loss 'mean' over shots (ours) or 'sum' (reference)
+    empty_support_rule = MODEL_DEFAULTS.empty_support_rule  # n_shot > 1: ADNet fallback when 'any' shot mask is empty (ours) or 'first' (reference)
 
     # ---------------- training (train.py) ----------------
     n_steps = 40000  # training episodes (batch 1)
@@ -150,33 +182,34 @@ def cfg():
     n_overlay_slices = 3  # overlay PNGs written per query scan and class (0 = none)
 
 
-@ex.named_config
+@named_config
 def abd_mri():
     """Abdominal MRI: CHAOS T2-SPIR, classes liver / right kidney / left kidney / spleen."""
     dataset = "CHAOST2"
 
 
-@ex.named_config
+@named_config
 def abd_ct():
     """Abdominal CT: Synapse multi-atlas (SABS); the CT prior thresholds 0.7 / 0.6 follow from it."""
     dataset = "SABS"
 
 
-@ex.named_config
+@named_config
 def prostate_mri():
     """Prostate MRI."""
     dataset = "Prostate_MRI"
 
 
-@ex.named_config
+@named_config
 def cmr():
     """Cardiac MRI (MS-CMRSeg bSSFP); supervoxels_1000 by the dataset's default."""
     dataset = "CMR"
 
 
-@ex.named_config
+@named_config
 def cpu_budget():
-    """Self-supervised training that learns on a 2-core CPU in about an hour (see README, "CPU budget").
+    """Self-supervised training that learns on a 2-core CPU in about an hour (docs/CONFIG.md,
+    "Named configurations").
 
     64 x 64 slices (native-grid Dice at test), dilated ResNet-50 from scratch, fewer prototypes,
     SGD lr 0.02 with one x0.25 step, validation every 500 steps. Chosen on the validation curve of
@@ -201,13 +234,13 @@ def cpu_budget():
     save_snapshot_every = 1000
 
 
-@ex.named_config
+@named_config
 def setting1():
     """Setting 1: test classes may appear in training slices (supervoxel pseudo-labels)."""
     setting = 1
 
 
-@ex.named_config
+@named_config
 def setting2():
     """Setting 2: training slices that hold a test class are removed (exclude_label = test_label)."""
     setting = 2
@@ -251,9 +284,7 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
         ValueError: an unsupported or unknown value, or an unwritable ``path.log_dir``.
         FileNotFoundError: ``reload_model_path`` / ``resume`` names a path that does not exist.
     """
-    for key in ("n_way", "n_query"):
-        _expect(config[key] == 1, f"{key}={config[key]!r} is not supported: only 1-way, 1-query "
-                                  f"episodes are implemented (classes are tested one at a time); set {key}=1")
+    check_episode_config(config)
     choices = {"model": MODELS, "backbone": BACKBONES, "pretrained_weights": PRETRAINED,
                "eval_mode": EVAL_MODES, "exclude_mode": EXCLUDE_MODES, "setting": SETTINGS_ALLOWED}
     for key, allowed in choices.items():
@@ -332,7 +363,10 @@ class RunFolderObserver(FileStorageObserver):
 
     The folder is ``<path.log_dir>/<run_name>``; when it exists, ``<run_name>_2``, ``_3`` ... is
     taken (created with ``mkdir``, so two runs started at once cannot share a folder).
+    ``utils.run.run_folder`` finds it by ``is_run_folder``.
     """
+
+    is_run_folder = True
 
     def __init__(self) -> None:
         # priority 10: after Sacred's own -F / -m / -s observers, which then number runs their own way
@@ -360,8 +394,8 @@ ex.observers.append(RunFolderObserver())
 
 
 def run_commandline(argv: list[str], default_command: str) -> None:
-    """``python <script>.py [with KEY=VALUE ...]``: run ``default_command`` unless another is named
-    (e.g. ``print_config``); everything else is Sacred's command line."""
-    if len(argv) == 1 or argv[1] == "with" or argv[1].startswith("-"):
-        argv = [argv[0], default_command, *argv[1:]]
+    """``python <script>.py [COMMAND] [with KEY=VALUE ...]``: run ``default_command`` unless another
+    is named (e.g. ``print_config``); everything else is Sacred's command line, whose ``--help``
+    shows the script's own name and Sacred's commands."""
+    ex.default_command = default_command
     ex.run_commandline(rank_argv(argv))  # torchrun ranks != 0: --unobserved (utils/distributed.py)

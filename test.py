@@ -5,7 +5,7 @@
     python test.py with abd_mri eval_fold=0 reload_model_path=runs/.../snapshots/final.pth supp_idx=1
     python test.py with abd_mri eval_fold=0 model=copy_support          # baseline, no network
 
-Protocol (``eval_mode='protocol'``, QAMP_REFERENCE section 5): support = the fold's scan at position
+Protocol (``eval_mode='protocol'``, docs/METHOD.md §6): support = the fold's scan at position
 ``supp_idx``; for each class of ``test_label``, the support slices at 1/6, 1/2, 5/6 of its slices
 holding the class; each other fold scan is a query, keeping only its slices holding the class (this
 uses the query's labels, as every published table does), split into ``n_part`` chunks; chunk k is
@@ -52,13 +52,13 @@ from config import ex, run_commandline
 from dataloaders.datasets import get_dataset, model_image_size
 from dataloaders.test_dataset import TestDataset
 from models import build_model, check_state_dict, make_generator
-from train import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
 from utils.amp import Amp
 from utils.evaluate import predict_scan
 from utils.io import write_image, write_json, write_text
 from utils.malloc import keep_freed_memory
 from utils.metrics import overlap
 from utils.plots import plot_overlay
+from utils.run import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
 from utils.snapshot import find_snapshot, load_snapshot
 
 # Config keys that shape the network's parameters: a snapshot must have been trained with the same.

@@ -27,10 +27,8 @@ Validation draws from its own generators in eval mode, so it does not change the
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import sys
 import time
 from collections import defaultdict
@@ -41,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from config import RunFolderObserver, ex, run_commandline
+from config import ex, run_commandline
 from dataloaders.datasets import discover_scans, fold_positions, get_dataset, model_image_size, resolve_image_dir
 from dataloaders.test_dataset import TestDataset
 from dataloaders.train_dataset import StepSampler, TrainDataset, worker_init_fn
@@ -51,6 +49,8 @@ from utils.amp import Amp
 from utils.evaluate import score_queries
 from utils.malloc import keep_freed_memory
 from utils.plots import plot_loss_curve, plot_validation_curve
+from utils.run import (attach_log_file, plain_config, resolve_device, resolve_labels,  # noqa: F401 (re-exported)
+                       run_folder, set_determinism)
 from utils.seed import capture_rng_state, restore_rng_state
 from utils.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot, prune_snapshots,
                             save_snapshot, step_name)
@@ -65,65 +65,6 @@ MONITOR_KEYS = ("fg_fraction", "reverse_ran")  # per-step series that are not lo
 # ----------------------------------------------------------------------------------------------
 # Set-up
 # ----------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    """``'auto'`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``.
-
-    Raises:
-        ValueError: a CUDA device was asked for but CUDA is not available.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here: use device='auto' or 'cpu'")
-    return device
-
-
-def set_determinism(enabled: bool) -> None:
-    """Deterministic kernels (warn-only where none exists) and no cuDNN autotuning."""
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    torch.backends.cudnn.benchmark = not enabled
-    torch.backends.cudnn.deterministic = enabled
-
-
-def run_folder(run) -> Path:
-    """The run's folder, created by :class:`config.RunFolderObserver`."""
-    for observer in run.observers:
-        if isinstance(observer, RunFolderObserver) and observer.dir is not None:
-            return Path(observer.dir)
-    raise RuntimeError("this run has no run folder: do not start it unobserved (-u / --unobserved)")
-
-
-def attach_log_file(log: logging.Logger, path: Path) -> logging.Handler:
-    """Also write ``log``'s records to ``path`` (``logger.log`` of the run folder)."""
-    handler = logging.FileHandler(path)
-    handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s"))
-    log.addHandler(handler)
-    return handler
-
-
-def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Sacred's read-only config as plain JSON types (storable with ``weights_only`` loading)."""
-    return json.loads(json.dumps(config))
-
-
-def resolve_labels(config: Mapping[str, Any], spec) -> tuple[list[int], list[int]]:
-    """``(test_label, exclude_label)`` with the defaults filled in.
-
-    ``test_label=None`` means the dataset's standard test classes; ``exclude_label=None`` follows
-    ``setting``: nothing in setting 1, the test classes in setting 2.
-    """
-    test_label = spec.check_labels("test_label", config["test_label"] or list(spec.test_labels))
-    if config["exclude_label"] is not None:
-        exclude = spec.check_labels("exclude_label", config["exclude_label"])
-    else:
-        exclude = list(test_label) if config["setting"] == 2 else []
-    return test_label, exclude
-
-
 def validation_scan_ids(config: Mapping[str, Any], spec) -> list[int]:
     """``val_scans``, or the last two training scans of the fold (numeric id order).
 

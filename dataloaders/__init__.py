@@ -23,6 +23,7 @@ _EXPORTS = {
     "resolve_image_dir": "dataloaders.datasets",
     "TestDataset": "dataloaders.test_dataset",
     "to_model_input": "dataloaders.test_dataset",
+    "Augmentation": "dataloaders.train_dataset",
     "StepSampler": "dataloaders.train_dataset",
     "TrainDataset": "dataloaders.train_dataset",
     "worker_init_fn": "dataloaders.train_dataset",

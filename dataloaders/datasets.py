@@ -1,10 +1,11 @@
 """Dataset definitions, scan discovery, folds and volume loading.
 
-Every dataset this project knows is one :class:`DatasetSpec` in :data:`DATASETS` (data, not code
-branches). A researcher's own data is a folder of ``image_<id>.nii.gz`` / ``label_<id>.nii.gz``
-files plus a ``dataset.json`` (see :func:`load_custom_spec`), used with ``dataset='custom'``.
+Every dataset this project knows is one :class:`DatasetSpec` in :data:`DATASETS`, defined in
+``data/registry.py`` (data, not code branches; re-exported here). A researcher's own data is a
+folder of ``image_<id>.nii.gz`` / ``label_<id>.nii.gz`` files plus a ``dataset.json`` (see
+:func:`load_custom_spec`), used with ``dataset='custom'``.
 
-Folds follow the protocol of the field (QAMP_REFERENCE section 5): scans are sorted by their
+Folds follow the protocol of the field (docs/METHOD.md §6): scans are sorted by their
 numeric id and fold ``k`` holds the positions ``k*s .. (k+1)*s`` (``s = n_scans // 5``, so adjacent
 folds share one scan); the last fold holds ``4*s .. n_scans-1`` plus position 0.
 
@@ -15,18 +16,18 @@ Print the folds of a dataset::
 from __future__ import annotations
 
 import argparse
-import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
+import json5
 import numpy as np
 import SimpleITK as sitk
 
+from data.registry import CUSTOM, CUSTOM_SPEC_FILE, DATASETS, N_FOLDS, DatasetSpec, make_folds  # noqa: F401 (re-exported)
 from utils.io import read_header, read_volume
 
-N_FOLDS = 5
 SUPERVOXEL_COMMAND = "python data/supervoxels/generate_supervoxels.py --data-dir {image_dir}"
 _IMAGE_RE = re.compile(r"^image_(?P<id>[^.]+)\.nii(\.gz)?$")
 _LABEL_RE = re.compile(r"^label_(?P<id>[^.]+)\.nii(\.gz)?$")
@@ -34,149 +35,8 @@ _SUPERVOXEL_RE = re.compile(r"^superpix-MIDDLE_(?P<id>[^.]+)\.nii(\.gz)?$")
 
 
 # --------------------------------------------------------------------------------------------
-# Dataset definitions
+# Dataset definitions (data/registry.py; re-exported here for the loaders' callers)
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Everything the loaders need to know about one dataset.
-
-    Attributes:
-        name: dataset key (``'CHAOST2'``, ``'SABS'``, ``'Prostate_MRI'``, ``'CMR'`` or ``'custom'``).
-        folder: name of the image folder (``<root>/<name>/<folder>``); ``''`` for custom data.
-        label_names: foreground label id -> name (background 0 is implicit and not listed).
-        test_labels: default classes evaluated (``test_label`` config key).
-        n_sv: default supervoxel ``min_size`` (picks the folder ``supervoxels_<n_sv>``).
-        image_size: in-plane size H = W every slice must have (the model's MLP width depends on it).
-        modality: ``'MR'`` or ``'CT'``.
-        folds: ``N_FOLDS`` tuples of positions in the numerically sorted scan list.
-        n_scans: the number of scans the fold table was made for.
-        label_remap: stored label value -> label id (e.g. CMR 200/500/600 -> 1/2/3); empty when
-            the stored values already are the label ids.
-    """
-
-    name: str
-    folder: str
-    label_names: Mapping[int, str]
-    test_labels: tuple[int, ...]
-    n_sv: int
-    image_size: int
-    modality: str
-    folds: tuple[tuple[int, ...], ...]
-    n_scans: int
-    label_remap: Mapping[int, int] = field(default_factory=dict)
-
-    @property
-    def stored_label_values(self) -> list[int]:
-        """Values a label file of this dataset may hold (0 is background)."""
-        return sorted({0, *(self.label_remap or self.label_names)})
-
-    def check_labels(self, key: str, labels: Sequence[int] | None) -> list[int]:
-        """Validate a list of label ids given under config key ``key``; returns it as ``list[int]``."""
-        if labels is None:
-            return []
-        if isinstance(labels, (int, np.integer)):
-            labels = [int(labels)]
-        unknown = [int(lab) for lab in labels if int(lab) not in self.label_names]
-        if unknown:
-            known = ", ".join(f"{k} {v}" for k, v in sorted(self.label_names.items()))
-            raise ValueError(
-                f"{key}: label ids {unknown} are not in dataset {self.name} (labels: {known}); "
-                f"set {key} to a subset of {sorted(self.label_names)}"
-            )
-        return [int(lab) for lab in labels]
-
-    def check_fold(self, eval_fold: int) -> int:
-        """Validate the ``eval_fold`` config key."""
-        if not isinstance(eval_fold, (int, np.integer)) or not 0 <= eval_fold < len(self.folds):
-            raise ValueError(
-                f"eval_fold: expected an integer in 0..{len(self.folds) - 1}, got {eval_fold!r}; "
-                f"set eval_fold=<0..{len(self.folds) - 1}>"
-            )
-        return int(eval_fold)
-
-
-def make_folds(n_scans: int, n_folds: int = N_FOLDS) -> tuple[tuple[int, ...], ...]:
-    """The field's fold rule: fold k = positions ``k*s .. (k+1)*s`` with ``s = n_scans // n_folds``,
-    the last fold = positions ``(n_folds-1)*s .. n_scans-1`` plus position 0.
-
-    Reproduces the published tables (CHAOST2 20 scans, SABS 30, Prostate 40, CMR 35).
-    """
-    if n_scans < n_folds:
-        raise ValueError(
-            f"expected at least {n_folds} scans to make {n_folds} folds, got {n_scans}; add scans "
-            "or give explicit 'folds' in dataset.json"
-        )
-    step = n_scans // n_folds
-    folds = [tuple(range(k * step, (k + 1) * step + 1)) for k in range(n_folds - 1)]
-    folds.append(tuple(sorted({0, *range((n_folds - 1) * step, n_scans)})))
-    return tuple(folds)
-
-
-def _fold_table(*ranges: tuple[int, int]) -> tuple[tuple[int, ...], ...]:
-    """Fold table from inclusive position ranges; the last fold also holds position 0."""
-    folds = [tuple(range(lo, hi + 1)) for lo, hi in ranges]
-    folds[-1] = tuple(sorted({0, *folds[-1]}))
-    return tuple(folds)
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "CHAOST2": DatasetSpec(
-        name="CHAOST2",
-        folder="chaos_MR_T2_normalized",
-        label_names={1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"},
-        test_labels=(1, 2, 3, 4),
-        n_sv=5000,
-        image_size=256,
-        modality="MR",
-        folds=_fold_table((0, 4), (4, 8), (8, 12), (12, 16), (16, 19)),
-        n_scans=20,
-    ),
-    "SABS": DatasetSpec(
-        name="SABS",
-        folder="sabs_CT_normalized",
-        label_names={
-            1: "SPLEEN", 2: "RK", 3: "LK", 4: "GALLBLADDER", 5: "ESOPHAGUS", 6: "LIVER",
-            7: "STOMACH", 8: "AORTA", 9: "IVC", 10: "PS_VEIN", 11: "PANCREAS", 12: "AG_R",
-            13: "AG_L",
-        },
-        test_labels=(1, 2, 3, 6),
-        n_sv=5000,
-        image_size=257,
-        modality="CT",
-        folds=_fold_table((0, 6), (6, 12), (12, 18), (18, 24), (24, 29)),
-        n_scans=30,
-    ),
-    "Prostate_MRI": DatasetSpec(
-        name="Prostate_MRI",
-        folder="prostate_MR_normalized",
-        label_names={
-            1: "BLADDER", 2: "BONE", 3: "OBTURATOR_INTERNUS", 4: "TRANSITION_ZONE",
-            5: "CENTRAL_GLAND", 6: "RECTUM", 7: "SEMINAL_VESICLE", 8: "NEUROVASCULAR_BUNDLE",
-        },
-        test_labels=(1, 2, 4, 7),
-        n_sv=5000,
-        image_size=256,
-        modality="MR",
-        folds=_fold_table((0, 8), (8, 16), (16, 24), (24, 32), (32, 39)),
-        n_scans=40,
-    ),
-    "CMR": DatasetSpec(
-        name="CMR",
-        folder="cmr_MR_normalized",
-        label_names={1: "LV-MYO", 2: "LV-BP", 3: "RV"},
-        test_labels=(1, 2, 3),
-        n_sv=1000,
-        image_size=256,
-        modality="MR",
-        folds=_fold_table((0, 7), (7, 14), (14, 21), (21, 28), (28, 34)),
-        n_scans=35,
-        label_remap={200: 1, 500: 2, 600: 3},
-    ),
-}
-CUSTOM = "custom"
-CUSTOM_SPEC_FILE = "dataset.json"
-
-
 def _unknown_dataset(name: str) -> ValueError:
     known = ", ".join([*DATASETS, CUSTOM])
     return ValueError(
@@ -210,17 +70,18 @@ def get_dataset(name: str, data_dir: str | Path | None = None) -> DatasetSpec:
 def load_custom_spec(image_dir: str | Path) -> DatasetSpec:
     """Read ``<image_dir>/dataset.json`` into a :class:`DatasetSpec`.
 
-    Format (only ``labels`` is required)::
+    The file is hand-written, so it is read as JSON5: plain JSON, plus ``//`` comments, trailing
+    commas and unquoted keys. Format (only ``labels`` is required)::
 
         {
-          "name": "my_data",                       # informational
-          "modality": "MR",                        # "MR" (default) or "CT"
-          "labels": {"1": "liver", "2": "spleen"}, # label id -> name, background 0 implicit
-          "test_labels": [1, 2],                   # default: every label
-          "n_sv": 5000,                            # supervoxel folder supervoxels_<n_sv>
-          "image_size": 256,                       # default: read from the first image
-          "label_remap": {"255": 1},               # stored value -> label id (optional)
-          "folds": [[1, 2, 3], [3, 4, 5], ...]     # 5 lists of scan ids (default: the fold rule)
+          "name": "my_data",                       // informational
+          "modality": "MR",                        // "MR" (default) or "CT"
+          "labels": {"1": "liver", "2": "spleen"}, // label id -> name, background 0 implicit
+          "test_labels": [1, 2],                   // default: every label
+          "n_sv": 5000,                            // supervoxel folder supervoxels_<n_sv>
+          "image_size": 256,                       // default: read from the first image
+          "label_remap": {"255": 1},               // stored value -> label id (optional)
+          "folds": [[1, 2, 3], [3, 4, 5], ...],    // 5 lists of scan ids (default: the fold rule)
         }
     """
     image_dir = Path(image_dir)
@@ -228,12 +89,14 @@ def load_custom_spec(image_dir: str | Path) -> DatasetSpec:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: a custom dataset needs {CUSTOM_SPEC_FILE} beside its image_/label_ files; "
-            'create it, e.g. {"labels": {"1": "liver"}, "test_labels": [1]} (see README)'
+            'create it, e.g. {"labels": {"1": "liver"}, "test_labels": [1]} (see data/README.md)'
         )
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); fix the file") from None
+        raw = json5.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON / JSON5 ({err}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected an object {{...}} at the top level, got {type(raw).__name__}")
     allowed = {"name", "modality", "labels", "test_labels", "n_sv", "image_size", "label_remap", "folds"}
     unknown = sorted(set(raw) - allowed)
     if unknown:

@@ -1,6 +1,6 @@
 """Evaluation data: one support scan and the query scans of a fold.
 
-Protocol (QAMP_REFERENCE section 5, ``eval_mode='protocol'``, the default of every table in the
+Protocol (docs/METHOD.md §6, ``eval_mode='protocol'``, the default of every table in the
 field): the fold's scans in numeric order; the support is the scan at position ``supp_idx``, the
 others are queries. For a class with ``C`` support slices holding it, the support slices are
 ``int(p * C)`` for ``p`` in ``[1/6, 1/2, 5/6]`` (``n_part`` = 3; in general

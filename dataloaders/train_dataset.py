@@ -1,6 +1,6 @@
 """Self-supervised (supervoxel) or supervised (ground-truth) episodic training data.
 
-An episode (QAMP_REFERENCE section 4): a training scan; a class of its pseudo-label map (a
+An episode (docs/METHOD.md §5): a training scan; a class of its pseudo-label map (a
 supervoxel, or a ground-truth organ not in ``test_label`` when ``use_gt``); ``n_shot + 1``
 consecutive slices holding that class whose largest class area is at least ``min_size`` pixels
 (the first ``n_shot`` are the support, the last the query; the order is reversed with p = 0.5);
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -185,6 +185,24 @@ class StepSampler(Sampler[int]):
         return max(0, self.stop - self.start)
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """How episodes are drawn and augmented; the defaults are the reference's (docs/METHOD.md §5).
+
+    Attributes:
+        gamma_range: gamma exponent range (applied to the query or the support).
+        geometric: the joint affine + elastic transform (rotation, shift, shear, scale, alpha, sigma).
+        reverse_prob: probability of reversing the slice order of an episode.
+        query_aug_prob: probability that gamma (and, drawn separately, the geometric transform) is
+            applied to the query rather than the support.
+    """
+
+    gamma_range: tuple[float, float] = (0.5, 1.5)
+    geometric: AffineElastic = field(default_factory=AffineElastic)
+    reverse_prob: float = 0.5
+    query_aug_prob: float = 0.5
+
+
 class TrainDataset(Dataset):
     """Episodic training data of one fold (every scan outside fold ``eval_fold``).
 
@@ -214,11 +232,8 @@ class TrainDataset(Dataset):
             ``image_size``); ``'generate'``: 3D Felzenszwalb supervoxels computed on load from the
             slices at ``image_size`` (in-plane spacing and ``n_sv`` scaled by the size and pixel
             ratios, i.e. the same physical sizes; no supervoxel folder needed).
-        gamma_range, rotate, shift, shear, scale, elastic_alpha, elastic_sigma: augmentation
-            parameters (reference defaults).
-        reverse_prob: probability of reversing the slice order.
-        query_aug_prob: probability that gamma (and, drawn separately, the geometric transform) is
-            applied to the query rather than the support.
+        augmentation: the :class:`Augmentation` parameters (used when ``augment``; the slice order
+            is reversed with ``augmentation.reverse_prob`` either way).
         num_threads: threads used to read volumes.
         progress: show a tqdm bar while reading.
 
@@ -253,15 +268,7 @@ class TrainDataset(Dataset):
         exclude_scan_ids: Sequence[int] = (),
         image_size: int | None = None,
         supervoxel_source: str = "folder",
-        gamma_range: tuple[float, float] = (0.5, 1.5),
-        rotate: float = 5.0,
-        shift: float = 5.0,
-        shear: float = 5.0,
-        scale: tuple[float, float] = (0.9, 1.2),
-        elastic_alpha: float = 10.0,
-        elastic_sigma: float = 5.0,
-        reverse_prob: float = 0.5,
-        query_aug_prob: float = 0.5,
+        augmentation: Augmentation = Augmentation(),
         num_threads: int = 2,
         progress: bool = False,
     ) -> None:
@@ -293,17 +300,24 @@ class TrainDataset(Dataset):
         self.n_steps = n_steps
         self.seed = int(seed)
         self.augment = bool(augment)
-        self.gamma_range = tuple(gamma_range)
-        self.geometric = AffineElastic(rotate, shift, shear, tuple(scale), elastic_alpha, elastic_sigma)
-        self.reverse_prob = float(reverse_prob)
-        self.query_aug_prob = float(query_aug_prob)
+        self.augmentation = augmentation
+        self.gamma_range = tuple(augmentation.gamma_range)
+        self.geometric = augmentation.geometric
+        self.reverse_prob = float(augmentation.reverse_prob)
+        self.query_aug_prob = float(augmentation.query_aug_prob)
 
         sv_dir = None
         if not self.use_gt and not self.regenerate:
             sv_dir = find_supervoxel_dir(self.image_dir, self.n_sv, supervoxel_dir)
         self.supervoxel_dir = sv_dir
-        files = discover_scans(self.image_dir, sv_dir)
-        test_positions = set(fold_positions(spec, len(files), eval_fold)) if eval_fold is not None else set()
+        train_files = self._training_files(discover_scans(self.image_dir, sv_dir), scan_ids, exclude_scan_ids)
+        self._load_scans(train_files, num_threads, progress)
+
+    def _training_files(self, files: list[ScanFiles], scan_ids: Sequence[int] | None,
+                        exclude_scan_ids: Sequence[int]) -> list[ScanFiles]:
+        """The scans outside the test fold, restricted to ``scan_ids`` and without ``exclude_scan_ids``."""
+        eval_fold = self.eval_fold
+        test_positions = set(fold_positions(self.spec, len(files), eval_fold)) if eval_fold is not None else set()
         train_files = [f for pos, f in enumerate(files) if pos not in test_positions]
         if scan_ids is not None:
             available = {f.scan_id for f in train_files}
@@ -315,8 +329,16 @@ class TrainDataset(Dataset):
                 )
             train_files = [f for f in train_files if f.scan_id in set(int(i) for i in scan_ids)]
         left_out = {int(i) for i in exclude_scan_ids}
-        train_files = [f for f in train_files if f.scan_id not in left_out]
+        return [f for f in train_files if f.scan_id not in left_out]
 
+    def _load_scans(self, train_files: list[ScanFiles], num_threads: int, progress: bool) -> None:
+        """Read and pre-compute every training scan (:attr:`scans`); scans without a valid window
+        are left out and named (:attr:`skipped_scan_ids`).
+
+        Raises:
+            ValueError: no training scan has a valid window.
+        """
+        sv_dir = self.supervoxel_dir
         with ThreadPoolExecutor(max(1, num_threads)) as pool:
             loaded = list(tqdm(pool.map(self._load, train_files), total=len(train_files),
                                desc="loading training scans", disable=not progress))

@@ -1,6 +1,6 @@
 """Training augmentations: gamma, and affine + elastic applied jointly to an image and its mask.
 
-Parameters default to the reference values (QAMP_REFERENCE section 4): gamma U(0.5, 1.5); rotation
+Parameters default to the reference values (docs/METHOD.md §5): gamma U(0.5, 1.5); rotation
 U(-5, 5) deg, shift U(-5, 5) px per axis, shear U(-5, 5) deg, isotropic scale U(0.9, 1.2); elastic
 displacement = Gaussian-blurred (sigma 5 px) U(-1, 1) noise times alpha 10. Every random
 transform takes an explicit ``numpy.random.Generator``; nothing draws from a global stream.

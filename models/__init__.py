@@ -14,13 +14,25 @@ import torch
 import torch.nn as nn
 
 from models.adnet import ADNet
-from models.encoder import Encoder, load_pretrained
+from models.encoder import BACKBONES, PRETRAINED_KINDS, Encoder, load_pretrained
 from models.qamp import QAMP, ModelConfig, SupportState
 
-MODELS = ("qamp", "adnet")
+MODELS = ("qamp", "adnet")  # networks; config.py adds the test-only baseline 'copy_support'
 
-__all__ = ["build_model", "load_pretrained", "make_generator", "check_state_dict", "ModelConfig", "QAMP",
-           "ADNet", "Encoder", "SupportState", "MODELS"]
+__all__ = ["build_model", "load_pretrained", "make_generator", "check_state_dict", "check_episode_config",
+           "ModelConfig", "QAMP", "ADNet", "Encoder", "SupportState", "MODELS", "BACKBONES", "PRETRAINED_KINDS"]
+
+
+def check_episode_config(cfg: Mapping[str, Any]) -> None:
+    """Only 1-way, 1-query episodes are implemented (classes are tested one at a time).
+
+    Raises:
+        ValueError: ``n_way`` or ``n_query`` other than 1 (missing keys count as 1).
+    """
+    for key in ("n_way", "n_query"):
+        if cfg.get(key, 1) != 1:
+            raise ValueError(f"{key}={cfg[key]!r} is not supported: only 1-way, 1-query episodes are implemented "
+                             f"(classes are tested one at a time); set {key}=1")
 
 
 def build_model(cfg: Mapping[str, Any], image_size: Union[int, tuple[int, int]]) -> nn.Module:
@@ -35,10 +47,7 @@ def build_model(cfg: Mapping[str, Any], image_size: Union[int, tuple[int, int]])
         ValueError: unknown model; ``n_way`` or ``n_query`` other than 1; bad hyper-parameters;
             weights problems (see ``load_pretrained``).
     """
-    for key in ("n_way", "n_query"):
-        if cfg.get(key, 1) != 1:
-            raise ValueError(f"{key}={cfg[key]} is not supported: QAMP is 1-way with one query per episode; "
-                             f"set {key}=1")
+    check_episode_config(cfg)
     name = cfg.get("model", "qamp")
     if name not in MODELS:
         raise ValueError(f"model: expected one of {MODELS}, got {name!r}")

@@ -1,4 +1,4 @@
-"""Convert a checkpoint saved by the reference QAMP code (QAMP_REFERENCE section 9) to this model.
+"""Convert a checkpoint saved by the reference QAMP code (docs/METHOD.md §10) to this model.
 
     python -m models.convert REF.pth OUT.pth [--overwrite]
 

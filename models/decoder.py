@@ -1,4 +1,4 @@
-"""Similarity maps and the prototype decoder (QAMP_REFERENCE section 2.6).
+"""Similarity maps and the prototype decoder (docs/METHOD.md §3.5).
 
 The decoder's three 3x3 convolutions dominate QAMP's head (the background decoder has ~650 channels
 at 64 x 64 and runs twice per training step). On the CPU they are computed with Winograd's minimal

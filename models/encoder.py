@@ -1,4 +1,4 @@
-"""Dilated ResNet encoder of QAMP (QAMP_REFERENCE section 1) and pretrained-weight loading.
+"""Dilated ResNet encoder of QAMP (docs/METHOD.md §2) and pretrained-weight loading.
 
 ``Encoder(x)`` returns the ``feature_dim x H/4 x W/4`` features of layer3 (through ``reduce1``)
 and one threshold scalar per image, ``t = reduce1d(fc(avgpool(layer4)))``.

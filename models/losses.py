@@ -1,4 +1,4 @@
-"""Training losses of QAMP (QAMP_REFERENCE section 3). Each returns one unweighted scalar."""
+"""Training losses of QAMP (docs/METHOD.md §4). Each returns one unweighted scalar."""
 from __future__ import annotations
 
 from typing import Optional, Sequence

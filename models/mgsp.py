@@ -1,4 +1,4 @@
-"""MGSP -- Mask Guided Support Prototypes (QAMP_REFERENCE sections 2.2, 2.3 and 2.5).
+"""MGSP -- Mask Guided Support Prototypes (docs/METHOD.md §3.2 and §3.3).
 
 For one class (foreground: mask ``M``, band ``IE``; background: mask ``1 - M``, band ``OE``) the
 support side of the prototype set is, in this order::

@@ -1,4 +1,4 @@
-"""PGQP -- Prior Guided Query Prototypes (QAMP_REFERENCE section 2.4).
+"""PGQP -- Prior Guided Query Prototypes (docs/METHOD.md §3.4).
 
 Vectors of the upsampled query features drawn where the QPG prior is confident: foreground
 where ``P0 > tau_fg``, background where ``1 - P0 > tau_bg``.

@@ -33,11 +33,15 @@ from models.sampling import UpsampleGrid
 
 PROTO_LOSS_SHOTS = ("mean", "sum")
 EMPTY_SUPPORT_RULES = ("any", "first")
+CT_PRIOR_THRESHOLDS = (0.7, 0.6)  # (tau_fg, tau_bg) of CT datasets (SABS); MR keeps the defaults
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Model hyper-parameters; field names are the Sacred config keys, defaults the reference's."""
+    """Model hyper-parameters; field names are the Sacred config keys, defaults the reference's.
+
+    The one place of these defaults: ``config.py`` takes its model keys from ``ModelConfig()``.
+    """
 
     backbone: str = "resnet101"
     feature_dim: int = 512

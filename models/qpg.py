@@ -1,4 +1,4 @@
-"""QPG -- Query Prior Generation (QAMP_REFERENCE section 2.1).
+"""QPG -- Query Prior Generation (docs/METHOD.md §3.1).
 
 ``P0 = 1 - sigmoid(temperature * (-scaler * cos(Fq, p0) - t))`` at feature resolution, where
 ``p0`` is the masked average of the upsampled support features and ``t`` the query's threshold.

@@ -526,3 +526,15 @@ def test_custom_dataset_needs_dataset_json_and_numeric_ids(tmp_path: Path) -> No
     (root / "image_1.nii.gz").rename(root / "image_case1.nii.gz")
     with pytest.raises(ValueError, match="scan ids must be integers"):
         discover_scans(root)
+
+
+def test_custom_dataset_json_may_hold_comments_and_trailing_commas(tmp_path: Path) -> None:
+    root = _toy_dataset(tmp_path / "c")
+    (root / "dataset.json").write_text(
+        '{\n  // hand-written: comments and trailing commas are fine (JSON5)\n'
+        '  "labels": {"1": "cube", "2": "slab",},\n  test_labels: [1],  // unquoted key\n  "n_sv": 50,\n}\n')
+    spec = get_dataset("custom", root)
+    assert spec.label_names == {1: "cube", 2: "slab"} and spec.test_labels == (1,) and spec.n_sv == 50
+    (root / "dataset.json").write_text('{"labels": {"1": "cube"}')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        get_dataset("custom", root)

@@ -1,4 +1,4 @@
-"""Each loss term against a hand computation (QAMP_REFERENCE section 3)."""
+"""Each loss term against a hand computation (docs/METHOD.md §4)."""
 from __future__ import annotations
 
 import math

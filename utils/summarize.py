@@ -155,18 +155,6 @@ def _run_config(csv_path: Path, stop: Path) -> dict | None:
         folder = folder.parent
 
 
-def dataset_label_names(config: Mapping | None) -> dict[int, str]:
-    """Class names from the dataset definition named in a run's config ({} when unavailable)."""
-    if not config or "dataset" not in config:
-        return {}
-    try:
-        from dataloaders.datasets import get_dataset
-        spec = get_dataset(config["dataset"], config.get("data_dir"))
-    except Exception:  # the data folder may have moved since the run; fall back to class ids
-        return {}
-    return {int(k): str(v) for k, v in spec.label_names.items()}
-
-
 def load_methods(runs: Iterable[str], skipped: list[tuple[Path, str]] | None = None) -> dict[str, Method]:
     """Read every RUN spec (``[NAME=]PATH``) into methods keyed by name, in first-seen order.
 
@@ -196,8 +184,6 @@ def load_methods(runs: Iterable[str], skipped: list[tuple[Path, str]] | None = N
         key = f"{name} [{dataset or 'unknown dataset'}]" if len(datasets) > 1 else name
         method = methods.setdefault(key, Method(key, dataset))
         method.sources.append(csv_path)
-        for class_id, class_name in dataset_label_names(config).items():
-            method.class_names.setdefault(class_id, class_name)
         _read_rows(csv_path, method)
     return methods
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from data.preprocess import chaos, generic, sabs
-from data.preprocess.common import DATASETS, PreprocessError, summary_lines
+from data.preprocess.common import DATASETS, PreprocessError
+from data.preprocess.output import summary_lines
 from data.preprocess.verify import format_report, verify_folder
 
 

@@ -25,9 +25,9 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, UnidentifiedImageError
 
-from data.preprocess.common import (DATASETS, Case, PreprocessError, Processed,
-                                    check_output_free, clip_percentile, label_image, reorient,
-                                    standardize_mr, to_float32, write_dataset)
+from data.preprocess.common import (DATASETS, PreprocessError, clip_percentile, label_image, reorient,
+                                    standardize_mr, to_float32)
+from data.preprocess.output import Case, Processed, check_output_free, write_dataset
 
 SPEC = DATASETS["CHAOST2"]
 LAYOUT = "<raw>/<id>/T2SPIR/DICOM_anon/*.dcm with <raw>/<id>/T2SPIR/Ground/*.png (one PNG per DICOM)"

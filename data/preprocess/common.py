@@ -10,26 +10,21 @@ The steps are the SSL-ALPNet recipe (see ``data/README.md`` for the deviations a
 * :func:`grid_for_spacing` + :func:`resample_image` / :func:`resample_label` -- linear resampling of
   the image; per-class linear resampling of the label (``rint``, the higher label value wins);
 * :func:`center_crop_pad_xy` -- centre crop / pad in-plane (image padded with its minimum, label 0);
-* :func:`write_dataset` -- the output folder: ``image_<id>.nii.gz``, ``label_<id>.nii.gz``,
-  ``classmap_<min_tp>.json``, ``pixel_counts.json`` and ``manifest.json``, built in a hidden
-  partial folder and renamed into place at the end, so a failed run never leaves a half folder.
+* :func:`slice_pixel_counts`, :func:`classmap_from_counts`, :func:`geometry_record` -- what the
+  output folder records (written by :func:`data.preprocess.output.write_dataset`).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import os
-import shutil
-import time
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
-from tqdm import tqdm
 
-from utils.io import write_image, write_json
+from data.registry import DATASETS, DatasetSpec  # noqa: F401 (the one registry; re-exported for the recipes)
 
 MANIFEST_NAME = "manifest.json"
 PIXEL_COUNTS_NAME = "pixel_counts.json"
@@ -45,60 +40,6 @@ _BOX_MARGIN = 2  # voxels of zeros kept around a class's bounding box when resam
 
 class PreprocessError(ValueError):
     """A raw input that does not match what a recipe expects; the message says what and how to fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """What a pre-processed data set looks like on disk (recipes write it, ``verify`` checks it).
-
-    Attributes:
-        name: data set name used by the loaders (``CHAOST2``, ``SABS``, ...).
-        folder: default output folder name (``<prefix>_normalized``).
-        class_names: stored label value -> class name used as key in ``classmap_<min_tp>.json``.
-        inplane_size: expected ``H = W`` of every scan, or None when free.
-        spacing: expected ``(x, y, z)`` spacing in mm; None entries are free.
-        orientation: expected DICOM orientation code of every scan (e.g. ``LAS``), or None.
-        n_scans: number of scans of the complete public data set (checked only without a manifest).
-        min_tps: the ``min_tp`` values of the classmap files written by default.
-    """
-
-    name: str
-    folder: str
-    class_names: Mapping[int, str]
-    inplane_size: int | None
-    spacing: tuple[float | None, float | None, float | None]
-    orientation: str | None
-    n_scans: int | None
-    min_tps: tuple[int, ...] = (1,)
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "CHAOST2": DatasetSpec(
-        "CHAOST2", "chaos_MR_T2_normalized",
-        {0: "BG", 1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"},
-        inplane_size=256, spacing=(1.25, 1.25, 7.7), orientation="LAS", n_scans=20,
-        min_tps=(1, 100, 400)),
-    # Class names as in the published SABS classmap_1.json (including its "KID_l").
-    "SABS": DatasetSpec(
-        "SABS", "sabs_CT_normalized",
-        {0: "BGD", 1: "SPLEEN", 2: "KID_R", 3: "KID_l", 4: "GALLBLADDER", 5: "ESOPHAGUS",
-         6: "LIVER", 7: "STOMACH", 8: "AORTA", 9: "IVC", 10: "PS_VEIN", 11: "PANCREAS",
-         12: "AG_R", 13: "AG_L"},
-        inplane_size=257, spacing=(None, None, None), orientation=None, n_scans=30,
-        min_tps=(1,)),
-    # MS-CMRSeg bSSFP: values kept as stored by the challenge; loaders remap 200/500/600 -> 1/2/3.
-    "CMR": DatasetSpec(
-        "CMR", "cmr_MR_normalized",
-        {0: "BG", 200: "LV-MYO", 500: "LV-BP", 600: "RV"},
-        inplane_size=256, spacing=(1.25, 1.25, 7.99), orientation=None, n_scans=35,
-        min_tps=(1,)),
-    "Prostate_MRI": DatasetSpec(
-        "Prostate_MRI", "prostate_MR_normalized",
-        {0: "BG", 1: "BLADDER", 2: "BONE", 3: "OBTURATOR_INTERNUS", 4: "TRANSITION_ZONE",
-         5: "CENTRAL_GLAND", 6: "RECTUM", 7: "SEMINAL_VESICLE", 8: "NEUROVASCULAR_BUNDLE"},
-        inplane_size=None, spacing=(None, None, None), orientation=None, n_scans=40,
-        min_tps=(1,)),
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,159 +351,3 @@ def geometry_record(image: sitk.Image) -> dict[str, Any]:
             "direction": [round(v, 6) for v in image.GetDirection()],
             "orientation": orientation_code(image),
             "dtype": image.GetPixelIDTypeAsString()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Output folder
-# ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Case:
-    """One raw scan to process: the output id plus whatever the recipe needs to read it."""
-
-    scan_id: int
-    sources: dict[str, Any]      # JSON-ready description of the raw files (paths relative to raw)
-    payload: Any = None          # recipe-specific (e.g. resolved paths)
-
-
-@dataclasses.dataclass
-class Processed:
-    """A processed scan: float32 image and integer label on the same grid, plus notes."""
-
-    image: sitk.Image
-    label: sitk.Image
-    info: dict[str, Any]
-
-
-def output_folder(out: str | os.PathLike, folder: str) -> Path:
-    return Path(out) / folder
-
-
-def check_output_free(final: Path, overwrite: bool) -> None:
-    """Refuse an existing output folder unless ``overwrite``."""
-    if final.exists() and not overwrite:
-        raise FileExistsError(
-            f"output folder {final} already exists: pass --overwrite to replace it, or choose "
-            f"another --out")
-
-
-def write_dataset(cases: Sequence[Case], process: Callable[[Case], Processed], *, out: Path,
-                  spec: DatasetSpec, recipe: str, parameters: Mapping[str, Any],
-                  raw: Path, min_tps: Sequence[int], overwrite: bool,
-                  extra_manifest: Mapping[str, Any] | None = None,
-                  extra_json: Mapping[str, Any] | None = None,
-                  progress: bool = True) -> dict[str, Any]:
-    """Process every case and publish the output folder ``out`` in one rename.
-
-    Files are written into ``.<name>.partial-<pid>`` beside ``out`` (each one atomically), the
-    folder is verified, and only then renamed to ``out`` (an existing ``out`` is replaced only when
-    ``overwrite``). On any error the partial folder is removed and ``out`` is left as it was.
-    ``extra_json`` maps file names to objects written beside the scans (e.g. ``dataset.json``).
-
-    Returns:
-        The manifest written to ``out/manifest.json``, plus ``_elapsed_s`` and ``_folder``.
-    """
-    from data.preprocess.verify import verify_folder, format_report  # local: verify imports us
-
-    check_output_free(out, overwrite)
-    if not cases:
-        raise PreprocessError(f"{raw}: no scans found to process")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir()
-    started = time.perf_counter()
-    try:
-        scans, counts = [], {}
-        for case in tqdm(cases, desc=f"{spec.name} scans", unit="scan", disable=not progress):
-            result = process(case)
-            check_same_grid(result.image, result.label, f"scan {case.scan_id} image",
-                            f"scan {case.scan_id} label")
-            label_array = sitk.GetArrayFromImage(result.label)
-            values = sorted(int(v) for v in np.unique(label_array))
-            check_label_values(values, spec.class_names, f"scan {case.scan_id} (after processing)",
-                               "This is a bug in the recipe's label mapping.")
-            image_path = partial / f"image_{case.scan_id}.nii.gz"
-            label_path = partial / f"label_{case.scan_id}.nii.gz"
-            write_image(result.image, image_path)
-            write_image(result.label, label_path)
-            counts[str(case.scan_id)] = slice_pixel_counts(label_array, spec.class_names)
-            image_array = sitk.GetArrayViewFromImage(result.image)
-            scans.append({
-                "id": case.scan_id,
-                "source": case.sources,
-                "image": {"file": image_path.name, "sha256": sha256_file(image_path),
-                          **geometry_record(result.image),
-                          "intensity_range": [float(image_array.min()), float(image_array.max())]},
-                "label": {"file": label_path.name, "sha256": sha256_file(label_path),
-                          "dtype": result.label.GetPixelIDTypeAsString(), "values": values,
-                          "voxels_per_class": {str(v): int((label_array == v).sum())
-                                               for v in values}},
-                "notes": result.info,
-            })
-        for min_tp in min_tps:
-            write_json(partial / f"classmap_{min_tp}.json",
-                       classmap_from_counts(counts, spec.class_names, min_tp))
-        write_json(partial / PIXEL_COUNTS_NAME,
-                   {name: {sid: per_class[value] for sid, per_class in counts.items()}
-                    for value, name in spec.class_names.items()})
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "dataset": spec.name,
-            "recipe": recipe,
-            "raw": str(raw),
-            "parameters": dict(parameters),
-            "class_names": {str(k): v for k, v in spec.class_names.items()},
-            "classmap_rule": CLASSMAP_RULE,
-            "classmap_min_tps": list(min_tps),
-            "expected": {"inplane_size": spec.inplane_size, "spacing_xyz": list(spec.spacing),
-                         "orientation": spec.orientation},
-            "n_scans": len(scans),
-            **(dict(extra_manifest) if extra_manifest else {}),
-            "scans": scans,
-        }
-        for name, content in (extra_json or {}).items():
-            write_json(partial / name, content)
-        write_json(partial / MANIFEST_NAME, manifest)
-        report = verify_folder(partial, spec)
-        if not report.ok:
-            raise PreprocessError("the output failed verification:\n" + format_report(report))
-        _publish(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    # Run facts for the caller's summary; not part of the written manifest.
-    manifest["_elapsed_s"] = time.perf_counter() - started
-    manifest["_folder"] = str(out)
-    return manifest
-
-
-def _publish(partial: Path, out: Path) -> None:
-    """Rename ``partial`` to ``out``, moving an existing ``out`` aside first and deleting it after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(partial, out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def summary_lines(manifest: Mapping[str, Any]) -> list[str]:
-    """Human summary of a finished run (printed by the CLI)."""
-    out = manifest.get("_folder", "?")
-    scans = manifest["scans"]
-    shapes = sorted({tuple(s["image"]["shape_zyx"]) for s in scans})
-    z = [s[0] for s in shapes]
-    spacings = sorted({tuple(s["image"]["spacing_xyz"]) for s in scans})
-    values = sorted({v for s in scans for v in s["label"]["values"]})
-    lines = [
-        f"wrote {len(scans)} scans of {manifest['dataset']} to {out}",
-        f"  shape (Z, Y, X): Z {min(z)}..{max(z)}, in-plane "
-        f"{sorted({s[1:] for s in shapes})}",
-        f"  spacing (x, y, z) mm: {spacings[0]}" + (f" .. {spacings[-1]}" if len(spacings) > 1 else ""),
-        f"  label values: {values}",
-        f"  classmaps: " + ", ".join(f"classmap_{t}.json" for t in manifest["classmap_min_tps"]),
-        f"  elapsed: {manifest.get('_elapsed_s', float('nan')):.1f} s",
-    ]
-    return lines

@@ -25,12 +25,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from data.preprocess.common import (DATASETS, Case, DatasetSpec, PreprocessError, Processed,
-                                    check_label_values, check_output_free, check_same_grid,
-                                    label_image, reorient, standardize_mr, write_dataset)
+from data.preprocess.common import (DATASETS, DatasetSpec, PreprocessError, check_label_values,
+                                    check_same_grid, label_image, reorient, standardize_mr)
+from data.preprocess.output import Case, Processed, check_output_free, write_dataset
+from data.registry import CUSTOM_SPEC_FILE  # read by dataloaders.datasets.load_custom_spec
 from utils.io import read_volume
 
-CUSTOM_SPEC_FILE = "dataset.json"  # read by dataloaders.datasets.load_custom_spec
 GENERIC_DEFAULTS: dict[str, Any] = {
     "image_pattern": r"(^|/)images?(Tr)?/(?P<id>[^/]+?)(_0000)?\.nii(\.gz)?$",
     "label_pattern": r"(^|/)labels?(Tr)?/(?P<id>[^/]+?)\.nii(\.gz)?$",
@@ -151,8 +151,8 @@ def build_spec(dataset: str, params: Mapping[str, Any],
     crop = params["crop_xy"]
     spacing = tuple(params["spacing"])
     spec = DatasetSpec(
-        name=dataset, folder=known.folder if known else f"{dataset}_normalized", class_names=names,
-        inplane_size=int(crop[0]) if crop is not None and crop[0] == crop[1] else None,
+        name=dataset, folder=known.folder if known else f"{dataset}_normalized", classmap_names=names,
+        image_size=int(crop[0]) if crop is not None and crop[0] == crop[1] else None,
         spacing=spacing, orientation=params["orientation"], n_scans=None,
         min_tps=known.min_tps if known else (1,))
     return spec, allowed

@@ -24,10 +24,10 @@ from typing import Any, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from data.preprocess.common import (DATASETS, Case, Grid, PreprocessError, Processed,
-                                    check_label_values, check_output_free, check_same_grid,
+from data.preprocess.common import (DATASETS, Grid, PreprocessError, check_label_values, check_same_grid,
                                     label_dtype, label_image, resample_image, resample_label,
-                                    window_to_uint8_range, write_dataset)
+                                    window_to_uint8_range)
+from data.preprocess.output import Case, Processed, check_output_free, write_dataset
 from utils.io import read_volume
 
 SPEC = DATASETS["SABS"]

@@ -95,8 +95,9 @@ def _resolve_spec(folder: Path, dataset: str | DatasetSpec | None,
         names = {int(k): v for k, v in manifest.get("class_names", {}).items()}
         expected = manifest.get("expected", {})
         spacing = tuple(expected.get("spacing_xyz") or (None, None, None))
-        return DatasetSpec(str(manifest.get("dataset")), folder.name, names,
-                           expected.get("inplane_size"), spacing, expected.get("orientation"), None)
+        return DatasetSpec(str(manifest.get("dataset")), folder.name, classmap_names=names,
+                           image_size=expected.get("inplane_size"), spacing=spacing,
+                           orientation=expected.get("orientation"), n_scans=None)
     for spec in DATASETS.values():
         if folder.name == spec.folder:
             return spec
@@ -133,8 +134,30 @@ def verify_folder(folder: str | Path, dataset: str | DatasetSpec | None = None) 
     manifest_path = folder / MANIFEST_NAME
     manifest = _load_json(manifest_path) if manifest_path.is_file() else None
     spec = _resolve_spec(folder, dataset, manifest)
-    checks: list[Check] = []
+    checks, image_ids, label_ids = _check_files(folder, spec, manifest)
+    records = {int(s["id"]): s for s in manifest["scans"]} if manifest is not None else {}
 
+    rows: list[ScanRow] = []
+    stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # scan -> (counts[z, value], slice sums)
+    for scan_id in sorted(set(image_ids) & set(label_ids)):
+        row, scan_stats = _check_scan(folder, scan_id, spec, records.get(scan_id))
+        rows.append(row)
+        if scan_stats is not None:
+            stats[scan_id] = scan_stats
+
+    checks.append(_orientation_check(rows))
+    checks.extend(_check_classmaps(folder, spec, manifest, stats, loader_label_remap(folder, spec)))
+    return VerifyReport(folder, spec.name if spec else "generic", rows, checks)
+
+
+def _check_files(folder: Path, spec: DatasetSpec | None,
+                 manifest: Mapping | None) -> tuple[list[Check], list[int], list[int]]:
+    """Folder-level checks of the file names: image/label pairs, scan count, manifest ids.
+
+    Returns:
+        ``(checks, image ids, label ids)``.
+    """
+    checks: list[Check] = []
     names = [p.name for p in folder.iterdir()]
     image_ids = sorted(int(m.group(1)) for n in names if (m := _IMAGE_RE.match(n)))
     label_ids = sorted(int(m.group(1)) for n in names if (m := _LABEL_RE.match(n)))
@@ -149,73 +172,74 @@ def verify_folder(folder: str | Path, dataset: str | DatasetSpec | None = None) 
         checks.append(Check("scan count", len(image_ids) == expected_n,
                             f"expected {expected_n} ({'manifest' if manifest else spec.name}), "
                             f"got {len(image_ids)}"))
-    records = {int(s["id"]): s for s in manifest["scans"]} if manifest is not None else {}
     if manifest is not None:
+        records = {int(s["id"]): s for s in manifest["scans"]}
         checks.append(Check("manifest ids", sorted(records) == image_ids,
                             f"manifest lists {sorted(records)}, folder holds {image_ids}"))
+    return checks, image_ids, label_ids
 
-    rows: list[ScanRow] = []
-    stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # scan -> (counts[z, value], slice sums)
+
+def _check_scan(folder: Path, scan_id: int, spec: DatasetSpec | None, rec: Mapping | None
+                ) -> tuple[ScanRow, tuple[np.ndarray, np.ndarray] | None]:
+    """Every per-scan check of one image / label pair (``rec``: its manifest record, if any).
+
+    Returns:
+        ``(row, (counts[z, value], slice sums))``; the statistics are None when the files cannot be read.
+    """
+    row = ScanRow(scan_id)
     allowed = set(spec.class_names) if spec is not None else None
-    for scan_id in sorted(set(image_ids) & set(label_ids)):
-        row = ScanRow(scan_id)
-        rows.append(row)
-        image_path, label_path = folder / f"image_{scan_id}.nii.gz", folder / f"label_{scan_id}.nii.gz"
-        try:
-            image_array, image = read_volume(image_path)
-            label_array, label = read_volume(label_path)
-        except (FileNotFoundError, ValueError) as err:
-            row.problems.append(str(err))
-            continue
-        row.shape = tuple(image_array.shape)
-        row.spacing = tuple(round(s, 4) for s in image.GetSpacing())
-        row.orientation = orientation_code(image)
-        if not Grid.of(image).matches(label, GEOMETRY_TOLERANCE):
-            row.problems.append(
-                f"image and label grids differ: size {image.GetSize()} vs {label.GetSize()}, "
-                f"spacing {image.GetSpacing()} vs {label.GetSpacing()}, origin {image.GetOrigin()} "
-                f"vs {label.GetOrigin()}, direction {image.GetDirection()} vs {label.GetDirection()}")
-        label_int = np.rint(label_array).astype(np.int64)
-        if not np.array_equal(label_int, label_array):
-            odd = label_array[label_int != label_array]
-            row.problems.append(f"label values must be integers, got e.g. {odd[:5].tolist()}")
-        if label_int.min() < 0:
-            row.problems.append(f"negative label values, e.g. {int(label_int.min())}")
-            label_int = np.clip(label_int, 0, None)
-        counts = per_slice_counts(label_int)
-        stats[scan_id] = (counts, label_int.reshape(label_int.shape[0], -1).sum(axis=1))
-        row.label_values = [int(v) for v in np.flatnonzero(counts.sum(axis=0))]
-        if allowed is not None and set(row.label_values) - allowed:
-            row.problems.append(f"unexpected label values {sorted(set(row.label_values) - allowed)}; "
-                                f"expected a subset of {sorted(allowed)}")
-        row.foreground_voxels = int(counts[:, 1:].sum())
-        if row.foreground_voxels == 0:
-            row.problems.append("empty label (no foreground voxel)")
-        if float(image_array.max()) == float(image_array.min()):
-            row.problems.append(f"constant image (all voxels {float(image_array.min())})")
-        if spec is not None and spec.inplane_size is not None and \
-                row.shape[1:] != (spec.inplane_size, spec.inplane_size):
-            row.problems.append(f"in-plane size: expected {spec.inplane_size} x {spec.inplane_size}, "
-                                f"got {row.shape[1]} x {row.shape[2]}")
-        if spec is not None:
-            for axis, (want, got) in enumerate(zip(spec.spacing, image.GetSpacing())):
-                if want is not None and abs(want - got) > SPACING_TOLERANCE:
-                    row.problems.append(f"spacing along {'xyz'[axis]}: expected {want}, got {got:.6g}")
-            if spec.orientation is not None and row.orientation != spec.orientation:
-                row.problems.append(f"orientation: expected {spec.orientation}, got {row.orientation}")
-        if scan_id in records:
-            rec = records[scan_id]
-            for kind, path in (("image", image_path), ("label", label_path)):
-                if sha256_file(path) != rec[kind]["sha256"]:
-                    row.problems.append(f"{path.name}: sha256 differs from {MANIFEST_NAME} "
-                                        f"(file changed after pre-processing)")
-            if list(row.shape) != rec["image"]["shape_zyx"]:
-                row.problems.append(f"shape {row.shape} differs from the manifest's "
-                                    f"{rec['image']['shape_zyx']}")
-
-    checks.append(_orientation_check(rows))
-    checks.extend(_check_classmaps(folder, spec, manifest, stats, loader_label_remap(folder, spec)))
-    return VerifyReport(folder, spec.name if spec else "generic", rows, checks)
+    image_path, label_path = folder / f"image_{scan_id}.nii.gz", folder / f"label_{scan_id}.nii.gz"
+    try:
+        image_array, image = read_volume(image_path)
+        label_array, label = read_volume(label_path)
+    except (FileNotFoundError, ValueError) as err:
+        row.problems.append(str(err))
+        return row, None
+    row.shape = tuple(image_array.shape)
+    row.spacing = tuple(round(s, 4) for s in image.GetSpacing())
+    row.orientation = orientation_code(image)
+    if not Grid.of(image).matches(label, GEOMETRY_TOLERANCE):
+        row.problems.append(
+            f"image and label grids differ: size {image.GetSize()} vs {label.GetSize()}, "
+            f"spacing {image.GetSpacing()} vs {label.GetSpacing()}, origin {image.GetOrigin()} "
+            f"vs {label.GetOrigin()}, direction {image.GetDirection()} vs {label.GetDirection()}")
+    label_int = np.rint(label_array).astype(np.int64)
+    if not np.array_equal(label_int, label_array):
+        odd = label_array[label_int != label_array]
+        row.problems.append(f"label values must be integers, got e.g. {odd[:5].tolist()}")
+    if label_int.min() < 0:
+        row.problems.append(f"negative label values, e.g. {int(label_int.min())}")
+        label_int = np.clip(label_int, 0, None)
+    counts = per_slice_counts(label_int)
+    scan_stats = (counts, label_int.reshape(label_int.shape[0], -1).sum(axis=1))
+    row.label_values = [int(v) for v in np.flatnonzero(counts.sum(axis=0))]
+    if allowed is not None and set(row.label_values) - allowed:
+        row.problems.append(f"unexpected label values {sorted(set(row.label_values) - allowed)}; "
+                            f"expected a subset of {sorted(allowed)}")
+    row.foreground_voxels = int(counts[:, 1:].sum())
+    if row.foreground_voxels == 0:
+        row.problems.append("empty label (no foreground voxel)")
+    if float(image_array.max()) == float(image_array.min()):
+        row.problems.append(f"constant image (all voxels {float(image_array.min())})")
+    if spec is not None and spec.inplane_size is not None and \
+            row.shape[1:] != (spec.inplane_size, spec.inplane_size):
+        row.problems.append(f"in-plane size: expected {spec.inplane_size} x {spec.inplane_size}, "
+                            f"got {row.shape[1]} x {row.shape[2]}")
+    if spec is not None:
+        for axis, (want, got) in enumerate(zip(spec.spacing, image.GetSpacing())):
+            if want is not None and abs(want - got) > SPACING_TOLERANCE:
+                row.problems.append(f"spacing along {'xyz'[axis]}: expected {want}, got {got:.6g}")
+        if spec.orientation is not None and row.orientation != spec.orientation:
+            row.problems.append(f"orientation: expected {spec.orientation}, got {row.orientation}")
+    if rec is not None:
+        for kind, path in (("image", image_path), ("label", label_path)):
+            if sha256_file(path) != rec[kind]["sha256"]:
+                row.problems.append(f"{path.name}: sha256 differs from {MANIFEST_NAME} "
+                                    f"(file changed after pre-processing)")
+        if list(row.shape) != rec["image"]["shape_zyx"]:
+            row.problems.append(f"shape {row.shape} differs from the manifest's "
+                                f"{rec['image']['shape_zyx']}")
+    return row, scan_stats
 
 
 def _orientation_check(rows: list[ScanRow]) -> Check:

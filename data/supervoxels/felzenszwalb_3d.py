@@ -4,7 +4,7 @@ This module is the readable definition of the algorithm and the test oracle for 
 kernel in ``felzenszwalb_3d_cy.pyx``, which must return the same labels bit for bit. It is slow
 (a Python loop over every edge): use it on small volumes only.
 
-The algorithm (QAMP_REFERENCE section 7, ADNet ``felzenszwalb_3d_cy.pyx``):
+The algorithm (docs/METHOD.md §8, ADNet ``felzenszwalb_3d_cy.pyx``):
 
 1. Graph: every voxel is joined to its 26 neighbours; the 13 offsets of :data:`EDGE_CLASSES` list
    each neighbour pair once. Edges are enumerated class by class in that order and, inside a class,

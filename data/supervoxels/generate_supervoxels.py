@@ -15,7 +15,7 @@ before any work). A worker process that dies or cannot start stops the run withi
 error naming the scan; finished outputs stay and ``summary.json`` lists them (``incomplete`` says
 what is missing).
 
-Per scan (QAMP_REFERENCE section 7):
+Per scan (docs/METHOD.md §8):
 1. intensities rescaled to 0..255: ``255 * (x - min) / (max - min)``;
 2. 3D Felzenszwalb segmentation with ``scale = 1``, ``sigma = 0``, ``min_size = n_sv`` and
    anisotropic edge weights from the image spacing (``felzenszwalb_3d_cy``), edges of equal cost

@@ -1,0 +1,197 @@
+"""The datasets this project knows: one :class:`DatasetSpec` per dataset, the facts in one place.
+
+Pre-processing (``data.preprocess``: what to write, the classmap names), ``verify`` (what a folder
+must look like) and the loaders (``dataloaders.datasets``: labels, test classes, folds, supervoxel
+size, image size) all read these entries. A researcher's own data is a folder with a
+``dataset.json`` read by ``dataloaders.datasets.load_custom_spec`` into the same class
+(``dataset='custom'``); pre-processing builds specs for folders it writes the same way.
+
+Folds follow the protocol of the field (docs/METHOD.md §6): scans are sorted by their numeric id
+and fold ``k`` holds the positions ``k*s .. (k+1)*s`` (``s = n_scans // 5``, so adjacent folds
+share one scan); the last fold holds ``4*s .. n_scans-1`` plus position 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+N_FOLDS = 5
+CUSTOM = "custom"
+CUSTOM_SPEC_FILE = "dataset.json"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the pipeline needs to know about one dataset.
+
+    Attributes:
+        name: dataset key (``'CHAOST2'``, ``'SABS'``, ``'Prostate_MRI'``, ``'CMR'`` or ``'custom'``).
+        folder: name of the image folder (``<root>/<name>/<folder>``); ``''`` for custom data.
+        label_names: foreground label id -> name (background 0 is implicit and not listed).
+        test_labels: default classes evaluated (``test_label`` config key).
+        n_sv: default supervoxel ``min_size`` (picks the folder ``supervoxels_<n_sv>``).
+        image_size: in-plane size H = W of every scan on disk (the model's MLP width depends on the
+            size the model sees, see the ``image_size`` config key); None when free (only folders
+            written by the generic recipe without a crop).
+        modality: ``'MR'`` or ``'CT'``.
+        folds: ``N_FOLDS`` tuples of positions in the numerically sorted scan list.
+        n_scans: the number of scans of the complete dataset (the fold table is made for it).
+        label_remap: stored label value -> label id (e.g. CMR 200/500/600 -> 1/2/3); empty when
+            the stored values already are the label ids.
+        classmap_names: stored value -> class name used as key in ``classmap_<min_tp>.json``,
+            background included; None: ``'BG'`` plus ``label_names`` (through ``label_remap``).
+            Given where the published files use other names (SABS: ``BGD``, ``KID_R``, ``KID_l``).
+        spacing: expected ``(x, y, z)`` spacing in mm after pre-processing; None entries are free.
+        orientation: expected DICOM orientation code of every scan (e.g. ``LAS``), or None.
+        min_tps: the ``min_tp`` values of the classmap files pre-processing writes by default.
+    """
+
+    name: str
+    folder: str
+    label_names: Mapping[int, str] = field(default_factory=dict)
+    test_labels: tuple[int, ...] = ()
+    n_sv: int = 5000
+    image_size: int | None = None
+    modality: str = "MR"
+    folds: tuple[tuple[int, ...], ...] = ()
+    n_scans: int | None = None
+    label_remap: Mapping[int, int] = field(default_factory=dict)
+    classmap_names: Mapping[int, str] | None = None
+    spacing: tuple[float | None, float | None, float | None] = (None, None, None)
+    orientation: str | None = None
+    min_tps: tuple[int, ...] = (1,)
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        """Stored label value -> classmap class name, background included (pre-processing, verify)."""
+        if self.classmap_names is not None:
+            return dict(self.classmap_names)
+        stored = {v: k for k, v in self.label_remap.items() if v != 0} if self.label_remap else {}
+        return {0: "BG", **{stored.get(k, k): v for k, v in sorted(self.label_names.items())}}
+
+    @property
+    def inplane_size(self) -> int | None:
+        """The in-plane size ``verify`` expects (pre-processing's name for :attr:`image_size`)."""
+        return self.image_size
+
+    @property
+    def stored_label_values(self) -> list[int]:
+        """Values a label file of this dataset may hold (0 is background)."""
+        return sorted({0, *(self.label_remap or self.label_names)})
+
+    def check_labels(self, key: str, labels: Sequence[int] | None) -> list[int]:
+        """Validate a list of label ids given under config key ``key``; returns it as ``list[int]``."""
+        if labels is None:
+            return []
+        if isinstance(labels, (int, np.integer)):
+            labels = [int(labels)]
+        unknown = [int(lab) for lab in labels if int(lab) not in self.label_names]
+        if unknown:
+            known = ", ".join(f"{k} {v}" for k, v in sorted(self.label_names.items()))
+            raise ValueError(
+                f"{key}: label ids {unknown} are not in dataset {self.name} (labels: {known}); "
+                f"set {key} to a subset of {sorted(self.label_names)}"
+            )
+        return [int(lab) for lab in labels]
+
+    def check_fold(self, eval_fold: int) -> int:
+        """Validate the ``eval_fold`` config key."""
+        if not isinstance(eval_fold, (int, np.integer)) or not 0 <= eval_fold < len(self.folds):
+            raise ValueError(
+                f"eval_fold: expected an integer in 0..{len(self.folds) - 1}, got {eval_fold!r}; "
+                f"set eval_fold=<0..{len(self.folds) - 1}>"
+            )
+        return int(eval_fold)
+
+
+def make_folds(n_scans: int, n_folds: int = N_FOLDS) -> tuple[tuple[int, ...], ...]:
+    """The field's fold rule: fold k = positions ``k*s .. (k+1)*s`` with ``s = n_scans // n_folds``,
+    the last fold = positions ``(n_folds-1)*s .. n_scans-1`` plus position 0.
+
+    Reproduces the published tables (CHAOST2 20 scans, SABS 30, Prostate 40, CMR 35).
+    """
+    if n_scans < n_folds:
+        raise ValueError(
+            f"expected at least {n_folds} scans to make {n_folds} folds, got {n_scans}; add scans "
+            "or give explicit 'folds' in dataset.json"
+        )
+    step = n_scans // n_folds
+    folds = [tuple(range(k * step, (k + 1) * step + 1)) for k in range(n_folds - 1)]
+    folds.append(tuple(sorted({0, *range((n_folds - 1) * step, n_scans)})))
+    return tuple(folds)
+
+
+def _fold_table(*ranges: tuple[int, int]) -> tuple[tuple[int, ...], ...]:
+    """Fold table from inclusive position ranges; the last fold also holds position 0."""
+    folds = [tuple(range(lo, hi + 1)) for lo, hi in ranges]
+    folds[-1] = tuple(sorted({0, *folds[-1]}))
+    return tuple(folds)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "CHAOST2": DatasetSpec(
+        name="CHAOST2",
+        folder="chaos_MR_T2_normalized",
+        label_names={1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"},
+        test_labels=(1, 2, 3, 4),
+        n_sv=5000,
+        image_size=256,
+        modality="MR",
+        folds=_fold_table((0, 4), (4, 8), (8, 12), (12, 16), (16, 19)),
+        n_scans=20,
+        spacing=(1.25, 1.25, 7.7),
+        orientation="LAS",
+        min_tps=(1, 100, 400),
+    ),
+    "SABS": DatasetSpec(
+        name="SABS",
+        folder="sabs_CT_normalized",
+        label_names={
+            1: "SPLEEN", 2: "RK", 3: "LK", 4: "GALLBLADDER", 5: "ESOPHAGUS", 6: "LIVER",
+            7: "STOMACH", 8: "AORTA", 9: "IVC", 10: "PS_VEIN", 11: "PANCREAS", 12: "AG_R",
+            13: "AG_L",
+        },
+        test_labels=(1, 2, 3, 6),
+        n_sv=5000,
+        image_size=257,
+        modality="CT",
+        folds=_fold_table((0, 6), (6, 12), (12, 18), (18, 24), (24, 29)),
+        n_scans=30,
+        # Class names as in the published SABS classmap_1.json (including its "KID_l").
+        classmap_names={
+            0: "BGD", 1: "SPLEEN", 2: "KID_R", 3: "KID_l", 4: "GALLBLADDER", 5: "ESOPHAGUS",
+            6: "LIVER", 7: "STOMACH", 8: "AORTA", 9: "IVC", 10: "PS_VEIN", 11: "PANCREAS",
+            12: "AG_R", 13: "AG_L",
+        },
+    ),
+    "Prostate_MRI": DatasetSpec(
+        name="Prostate_MRI",
+        folder="prostate_MR_normalized",
+        label_names={
+            1: "BLADDER", 2: "BONE", 3: "OBTURATOR_INTERNUS", 4: "TRANSITION_ZONE",
+            5: "CENTRAL_GLAND", 6: "RECTUM", 7: "SEMINAL_VESICLE", 8: "NEUROVASCULAR_BUNDLE",
+        },
+        test_labels=(1, 2, 4, 7),
+        n_sv=5000,
+        image_size=256,
+        modality="MR",
+        folds=_fold_table((0, 8), (8, 16), (16, 24), (24, 32), (32, 39)),
+        n_scans=40,
+    ),
+    # MS-CMRSeg bSSFP: values kept as stored by the challenge; loaders remap 200/500/600 -> 1/2/3.
+    "CMR": DatasetSpec(
+        name="CMR",
+        folder="cmr_MR_normalized",
+        label_names={1: "LV-MYO", 2: "LV-BP", 3: "RV"},
+        test_labels=(1, 2, 3),
+        n_sv=1000,
+        image_size=256,
+        modality="MR",
+        folds=_fold_table((0, 7), (7, 14), (14, 21), (21, 28), (28, 34)),
+        n_scans=35,
+        label_remap={200: 1, 500: 2, 600: 3},
+        spacing=(1.25, 1.25, 7.99),
+    ),
+}

@@ -1,0 +1,171 @@
+"""The code reads as one piece: one dataset registry, layered imports without circles, the command
+lines without Sacred warnings, every pinned requirement used. No external data."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PACKAGES = ("data", "dataloaders", "models", "utils")
+SCRIPTS = ("config.py", "train.py", "test.py")
+
+
+def project_modules() -> dict[str, Path]:
+    """Module name -> file of every project module (packages and the top-level scripts)."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path.name == "setup.py":
+                continue
+            parts = path.relative_to(REPO).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    for script in SCRIPTS:
+        modules[f"script:{script[:-3]}"] = REPO / script
+    return modules
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The project modules ``path`` imports anywhere (module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name in ("train", "test", "config"):
+                found.add(f"script:{name}")
+            elif name in known:
+                found.add(name)
+    return found
+
+
+def test_one_dataset_registry_for_preprocessing_verify_and_loaders() -> None:
+    import data.preprocess.common as common
+    import data.preprocess.verify as verify
+    import dataloaders.datasets as loaders
+    from data.registry import DATASETS, DatasetSpec
+
+    assert common.DATASETS is DATASETS and verify.DATASETS is DATASETS and loaders.DATASETS is DATASETS
+    assert common.DatasetSpec is DatasetSpec and loaders.DatasetSpec is DatasetSpec
+    # classmap names as in the published folders; derived from the label names unless given
+    assert DATASETS["CHAOST2"].class_names == {0: "BG", 1: "LIVER", 2: "RK", 3: "LK", 4: "SPLEEN"}
+    assert DATASETS["CMR"].class_names == {0: "BG", 200: "LV-MYO", 500: "LV-BP", 600: "RV"}
+    assert DATASETS["SABS"].class_names[0] == "BGD" and DATASETS["SABS"].class_names[3] == "KID_l"
+    for spec in DATASETS.values():
+        stored = {spec.label_remap.get(v, v) for v in spec.class_names if v != 0}
+        assert stored == set(spec.label_names), spec.name
+        assert set(spec.test_labels) <= set(spec.label_names) and len(spec.folds) == 5, spec.name
+
+
+def test_utils_imports_nothing_above_it_and_there_is_no_import_circle() -> None:
+    modules = project_modules()
+    known = set(modules)
+    graph = {name: imported_modules(path, known) for name, path in modules.items()}
+    for name, deps in graph.items():
+        if name.split(".")[0] == "utils":
+            assert all(d.split(".")[0] == "utils" for d in deps), f"{name} imports {sorted(deps)}"
+    assert "script:train" not in graph["script:test"], "test.py must not import train.py"
+
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        stack.append(name)
+        for dep in sorted(graph[name]):
+            if dep == name or name.startswith(dep + "."):  # a module importing its own package
+                continue
+            if state.get(dep) == 1:
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+
+
+def test_no_citation_of_documents_outside_the_repository() -> None:
+    offenders = []
+    for path in REPO.rglob("*"):
+        if path.suffix not in (".py", ".pyx", ".sh", ".md") or ".git" in path.parts or ".venv" in path.parts:
+            continue
+        if "QAMP_REFERENCE" in path.read_text(errors="replace") and path.name != "test_structure.py":
+            offenders.append(str(path.relative_to(REPO)))
+    assert not offenders, f"cite docs/METHOD.md instead: {offenders}"
+    method = (REPO / "docs" / "METHOD.md").read_text()
+    for path in REPO.rglob("*.py"):
+        for line in path.read_text().splitlines():
+            if "docs/METHOD.md §" in line:
+                section = line.split("docs/METHOD.md §")[1].split()[0].rstrip(").,;:")
+                assert f"## {section} " in method or f"### {section} " in method, (path, section)
+
+
+# Distribution name in requirements.txt -> the module the code imports.
+IMPORT_NAMES = {"SimpleITK": "SimpleITK", "opencv-python-headless": "cv2", "scikit-image": "skimage",
+                "pillow": "PIL", "cython": "Cython", "setuptools": "setuptools"}
+INDIRECT = {"setuptools": "pkg_resources for sacred 0.8.7", "cython": "data/supervoxels/setup.py builds the .pyx"}
+
+
+def test_every_pinned_requirement_is_used() -> None:
+    sources = [p for p in REPO.rglob("*.py") if ".venv" not in p.parts and ".git" not in p.parts]
+    text = "\n".join(p.read_text() for p in sources)
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        dist = line.split("=")[0].split(">")[0].split("<")[0].strip()
+        if dist in INDIRECT:
+            continue
+        module = IMPORT_NAMES.get(dist, dist.replace("-", "_"))
+        assert f"import {module}" in text or f"from {module}" in text, f"{dist} is pinned but never imported"
+
+
+def test_named_configs_add_no_stray_entries_and_keep_their_docs() -> None:
+    from config import ex
+
+    base = set(ex.configurations[0]())
+    for name, scope in ex.named_configs.items():
+        entries = set(scope())
+        assert "__doc__" not in entries, name
+        assert entries <= base, f"named config {name} adds {sorted(entries - base)}"
+        assert scope.__doc__, f"named config {name} has no docstring"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+@pytest.mark.parametrize("script", ["train.py", "test.py"])
+def test_help_shows_the_program_and_sacreds_commands_without_warnings(script: str) -> None:
+    result = _run(script, "--help")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    assert out.startswith("Usage:\n"), out[:200]
+    assert f"  {script} [(with UPDATE...)] [options]" in out
+    for command in ("print_config", "print_named_configs", script[:-3]):
+        assert f"  {command} " in out, command
+    assert "Warning" not in out and "unmatched" not in out and "dummy" not in out, out[:500]
+
+
+def test_print_config_with_named_configs_warns_nothing() -> None:
+    result = _run("train.py", "print_config", "with", "abd_ct", "setting2", "cpu_budget")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    assert "WARNING" not in out and "__doc__" not in out, out[:1000]
+    assert "tau_fg = 0.7" in out and "# prior threshold for query foreground samples" in out
