@@ -208,7 +208,7 @@ def snapshot_state(step: int, final: bool, model, optimizer, scheduler, generato
             "val": list(val_points), "config": plain_config(config)}
 
 
-def take_snapshot(folder: Path | None, state: dict[str, Any], keep: int, history, log: logging.Logger) -> Path:
+def take_snapshot(folder: Path | None, state: dict[str, Any], keep: int, history, log: logging.Logger) -> Path | None:
     """Write ``state`` (final.pth or step_<k>.pth), prune old ones, refresh the loss curve."""
     if folder is None:  # torchrun rank != 0: rank 0 alone writes
         return None
