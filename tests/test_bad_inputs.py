@@ -454,3 +454,22 @@ def test_reorientation_makes_lsp_and_psr_copies_voxel_identical(tmp_path):
     # axis order and spacing followed the filter: the stored LSP copy had another array shape
     assert sitk.DICOMOrient(img, "LSP").GetSize() != outs["PSR"][0].GetSize()
     assert sorted(outs["PSR"][0].GetSpacing()) == pytest.approx([1.25, 1.5, 3.0])
+
+
+def test_reader_without_libdeflate_checks_the_same(tmp_path, monkeypatch):
+    """The CRC falls back to zlib's when the system has no libdeflate: same verdicts."""
+    import zlib
+
+    from utils import io
+
+    monkeypatch.setattr(io, "_crc32", lambda crc, data: zlib.crc32(memoryview(data).cast("B"), crc))
+    full_checks = []
+    full_check = io._check_gzip_stream
+    monkeypatch.setattr(io, "_check_gzip_stream", lambda *a: full_checks.append(a) or full_check(*a))
+    image, _ = scan_arrays(4)
+    good = write(image, tmp_path / "good.nii.gz")
+    assert np.array_equal(read_volume(good)[0], image)
+    assert not full_checks  # proven by the trailer alone (the fast path)
+    truncate(good, 0.95)
+    with pytest.raises(ImageIntegrityError, match="truncated"):
+        read_volume(good)

@@ -471,7 +471,9 @@ def _run_pool(todo: list[ScanTask], workers: int, process: Callable[[ScanTask], 
             pid, scan_id = started.get()
             by_pid[pid] = scan_id
         processes = dict(getattr(pool, "_processes", None) or {})  # no public API to ask
-        dead = {pid: p.exitcode for pid, p in processes.items() if p.exitcode not in (None, 0)}
+        # SIGTERM: stopped by the pool itself once it broke, not a cause
+        dead = {pid: p.exitcode for pid, p in processes.items()
+                if p.exitcode not in (None, 0, -signal.SIGTERM)}
         in_flight = [t.scan_id for t in todo if t.scan_id not in done_ids and t not in queue]
         names = {t.scan_id: t.image.name for t in todo}
         culprits = [by_pid[pid] for pid in dead if pid in by_pid and by_pid[pid] in in_flight]
