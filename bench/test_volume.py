@@ -47,6 +47,8 @@ def model_config(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from models import BACKBONES, MODELS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="CHAOST2")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--supp-idx", type=int, default=2)
     parser.add_argument("--class-id", type=int, default=2, help="class to segment (CHAOST2 2 = right kidney)")
     parser.add_argument("--queries", type=int, default=2, help="query volumes timed (after one warm-up)")
-    parser.add_argument("--model", default="qamp", choices=["qamp", "adnet"])
-    parser.add_argument("--backbone", default="resnet101", choices=["resnet101", "resnet50"])
+    parser.add_argument("--model", default="qamp", choices=MODELS)
+    parser.add_argument("--backbone", default="resnet101", choices=BACKBONES)
     parser.add_argument("--size", type=int, default=None, help="image size (default: the data's)")
     parser.add_argument("--batch-size", type=int, default=16, help="query slices per batch (test_batch_size)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from models import build_model, make_generator  # noqa: E402
+from models import BACKBONES, build_model, make_generator  # noqa: E402
 from utils.io import write_json  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
 
@@ -118,7 +118,7 @@ def bench_encoder(cfg: dict, size: int, steps: int, warmup: int, seed: int) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", default="resnet101", choices=("resnet101", "resnet50"))
+    parser.add_argument("--backbone", default="resnet101", choices=BACKBONES)
     parser.add_argument("--size", type=int, default=256, help="image size H = W")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=2,
