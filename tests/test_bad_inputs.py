@@ -294,8 +294,9 @@ def _score_run(folder: Path, dataset: str, dice: float, status: str = "COMPLETED
     (folder / "run.json").write_text(json.dumps({"command": "test", "status": status}))
     with open(folder / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["fold", "supp_idx", "seed", "scan", "class", "dice"])
-        writer.writerows([[0, 2, 7, 1, 1, dice], [0, 2, 7, 2, 1, dice - 0.2]])
+        name = {"CHAOST2": "LIVER", "SABS": "SPLEEN"}[dataset]  # class 1, as test.py names it
+        writer.writerow(["fold", "supp_idx", "seed", "scan", "class", "class_name", "dice"])
+        writer.writerows([[0, 2, 7, 1, 1, name, dice], [0, 2, 7, 2, 1, name, dice - 0.2]])
     return folder
 
 
@@ -391,7 +392,7 @@ def cmr_like_folder(folder: Path, orientations=("LPS", "LPS")) -> Path:
 
 
 def cmr_spec():
-    return dataclasses.replace(PREPROCESS_DATASETS["CMR"], inplane_size=None, n_scans=None,
+    return dataclasses.replace(PREPROCESS_DATASETS["CMR"], image_size=None, n_scans=None,
                                spacing=(None, None, None))
 
 
