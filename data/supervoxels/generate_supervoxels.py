@@ -440,12 +440,19 @@ def _run_pool(todo: list[ScanTask], workers: int, process: Callable[[ScanTask], 
         SupervoxelError: a worker died / could not start; or the error a scan raised.
     """
     ctx = multiprocessing.get_context("spawn")
-    started = ctx.SimpleQueue()
+    try:
+        started = ctx.SimpleQueue()  # may start multiprocessing's resource tracker process
+    except OSError as err:
+        raise SupervoxelError(
+            f"the worker processes could not start ({err.__class__.__name__}: {err}) while scan(s) "
+            f"{', '.join(t.scan_id for t in todo)} waited: run with --workers 1, or check that "
+            f"`{sys.executable} -c 'import data.supervoxels.generate_supervoxels'` works") from None
     queue = list(todo)
     running: dict[concurrent.futures.Future, ScanTask] = {}
     done_ids: set[str] = set()
     pool = None
     finished = False
+    seen: dict[int, Any] = {}  # worker pid -> Process, kept: the broken pool forgets its processes
     try:
         pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
                                                       initializer=_init_worker, initargs=(started,))
@@ -455,10 +462,12 @@ def _run_pool(todo: list[ScanTask], workers: int, process: Callable[[ScanTask], 
                 try:
                     future = pool.submit(_run_in_worker, process, task)
                 except OSError as err:  # the pool could not create its processes
+                    waiting = [t.scan_id for t in todo if t.scan_id not in done_ids]
                     raise SupervoxelError(
                         f"the worker processes could not start ({err.__class__.__name__}: {err}) "
-                        f"for scan {task.scan_id}: run with --workers 1") from None
+                        f"while scan(s) {', '.join(waiting)} waited: run with --workers 1") from None
                 running[future] = task
+            seen.update(getattr(pool, "_processes", None) or {})  # no public API to ask
             done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 task = running.pop(future)
@@ -470,7 +479,9 @@ def _run_pool(todo: list[ScanTask], workers: int, process: Callable[[ScanTask], 
         while not started.empty():
             pid, scan_id = started.get()
             by_pid[pid] = scan_id
-        processes = dict(getattr(pool, "_processes", None) or {})  # no public API to ask
+        processes = {**seen, **(getattr(pool, "_processes", None) or {})}
+        for process_ in processes.values():  # a dead worker's exit code is set once it is joined
+            process_.join(timeout=2)
         # SIGTERM: stopped by the pool itself once it broke, not a cause
         dead = {pid: p.exitcode for pid, p in processes.items()
                 if p.exitcode not in (None, 0, -signal.SIGTERM)}
