@@ -25,10 +25,16 @@ SUBCOMMAND_MODULES = ("data.preprocess",)  # their first argument selects a sub-
 
 def readme_commands() -> list[str]:
     text = (REPO / "README.md").read_text()
-    commands = []
+    commands, variables = [], {}
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
+            assignment = re.fullmatch(r'([A-Z_][A-Z0-9_]*)=(".*"|\S+)', line)
+            if assignment:  # a shell variable the next lines use (e.g. GRID="..."): expanded there
+                variables[assignment.group(1)] = assignment.group(2).strip('"')
+                continue
+            for name, value in variables.items():
+                line = line.replace(f"${name}", value)
             if line:
                 commands.append(line)
     for span in re.findall(r"`([^`\n]+)`", text):
@@ -90,6 +96,9 @@ def check_sacred(script: str, args: list[str]) -> None:
 def check_command(command: str) -> None:
     tokens = split(command)
     assert tokens, command
+    if tokens[0] == "torchrun":  # torchrun [its options] script.py [args]: check the script's part
+        script = next(i for i, t in enumerate(tokens) if t.endswith(".py"))
+        tokens = ["python", *tokens[script:]]
     if tokens[0] == "bash":
         script = REPO / tokens[1]
         assert script.is_file(), f"{tokens[1]} does not exist"

@@ -2,6 +2,8 @@
 lines without Sacred warnings, every pinned requirement used. No external data."""
 from __future__ import annotations
 
+import re
+
 import ast
 import os
 import subprocess
@@ -110,7 +112,7 @@ def test_no_citation_of_documents_outside_the_repository() -> None:
     for path in REPO.rglob("*.py"):
         for line in path.read_text().splitlines():
             if "docs/METHOD.md §" in line:
-                section = line.split("docs/METHOD.md §")[1].split()[0].rstrip(").,;:")
+                section = re.match(r"[0-9.]*[0-9]", line.split("docs/METHOD.md §")[1]).group(0)
                 assert f"## {section} " in method or f"### {section} " in method, (path, section)
 
 
