@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -50,7 +51,29 @@ MODELS = (*NETWORKS, "copy_support")
 SETTINGS_ALLOWED = (1, 2)
 MODEL_DEFAULTS = ModelConfig()  # the model keys' defaults (models/qamp.py), shown by print_config
 
-ex = Experiment("QAMP", save_git_info=False)
+
+class QampExperiment(Experiment):
+    """Sacred's ``Experiment`` plus checks of the final config: functions registered with
+    :meth:`final_config_check` see the config after the config hooks and the explicit updates, and
+    run before the run starts, so a refused run creates no run folder."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.final_config_checks: list = []
+
+    def final_config_check(self, func):
+        """Decorator: ``func(config, command_name)`` raises to refuse the run."""
+        self.final_config_checks.append(func)
+        return func
+
+    def _create_run(self, command_name=None, *args, **kwargs):
+        run = super()._create_run(command_name, *args, **kwargs)
+        for check in self.final_config_checks:
+            check(run.config, run.meta_info["command"])
+        return run
+
+
+ex = QampExperiment("QAMP", save_git_info=False)
 ex.captured_out_filter = apply_backspaces_and_linefeeds
 
 
@@ -342,9 +365,34 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
 
 @ex.config_hook
 def _validate(config: dict, command_name: str, logger) -> dict:
-    """Sacred config hook: validate before any folder or model is created."""
+    """Sacred config hook: validate before any folder or model is created (a resumed run: once its
+    own config is restored, in :func:`_check_final`)."""
+    if command_name == "train" and config["resume"] is not None:
+        if not Path(config["resume"]).exists():
+            raise FileNotFoundError(f"resume={config['resume']!r} does not exist: pass a training run "
+                                    f"folder or a snapshot file (<run>/snapshots/*.pth)")
+        return {}
     validate_config(config, command_name if command_name in ("train", "test") else None)
     return {}
+
+
+@ex.config_hook
+def _from_snapshot(config: dict, command_name: str, logger) -> dict:
+    """Sacred config hook: a test run takes its model keys from its snapshot, a resumed run its whole
+    config (explicit updates still win; :func:`_check_final` refuses those that contradict it)."""
+    from utils.run_config import snapshot_updates
+
+    return snapshot_updates(config, command_name)
+
+
+@ex.final_config_check
+def _check_final(config: Mapping[str, Any], command_name: str) -> None:
+    """Refuse a run whose final config contradicts its snapshot (utils/run_config.py)."""
+    from utils.run_config import check_against_snapshot
+
+    if command_name == "train" and config["resume"] is not None:
+        validate_config(config, "train")
+    check_against_snapshot(config, command_name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,8 +419,10 @@ class RunFolderObserver(FileStorageObserver):
     def __init__(self) -> None:
         # priority 10: after Sacred's own -F / -m / -s observers, which then number runs their own way
         super().__init__(basedir=".", priority=10)
+        self.command: str | None = None
 
     def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+        self.command = command
         base = Path(config["path"]["log_dir"])
         self.basedir = str(base)
         self.resource_dir = base / "_resources"
@@ -388,6 +438,20 @@ class RunFolderObserver(FileStorageObserver):
             except FileExistsError:  # taken by a concurrent run between the check and mkdir
                 continue
         raise RuntimeError(f"no free run folder name for {name!r} under {base}")
+
+    def failed_event(self, fail_time, fail_trace):
+        """A failed test run that wrote no output leaves no folder (the error is on the console)."""
+        super().failed_event(fail_time, fail_trace)
+        if self.command == "test" and self.dir is not None and not holds_outputs(Path(self.dir)):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+RUN_BOOKKEEPING = frozenset({"config.json", "run.json", "cout.txt", "metrics.json", "logger.log"})
+
+
+def holds_outputs(folder: Path) -> bool:
+    """Whether a run folder holds any file besides Sacred's bookkeeping and ``logger.log``."""
+    return any(p.is_file() and not (p.parent == folder and p.name in RUN_BOOKKEEPING) for p in folder.rglob("*"))
 
 
 ex.observers.append(RunFolderObserver())

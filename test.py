@@ -4,6 +4,12 @@
     python test.py with abd_mri eval_fold=0 reload_model_path=runs/train_CHAOST2_setting1_fold0
     python test.py with abd_mri eval_fold=0 reload_model_path=runs/.../snapshots/final.pth supp_idx=1
     python test.py with abd_mri eval_fold=0 model=copy_support          # baseline, no network
+    python test.py with reload_model_path=runs/train_CHAOST2_setting1_fold0 supp_idx=1   # the run's own keys
+
+The model is built from the snapshot (its ``meta``: model keys, ``image_size``, backbone): model keys
+given on the command line that disagree with it are refused, naming both values, before a run folder
+exists. ``dataset``, ``data_dir``, ``setting``, ``eval_fold`` and ``test_label`` default to the
+snapshot's training values; given, they are used (e.g. another fold or dataset). See utils/run_config.py.
 
 Protocol (``eval_mode='protocol'``, docs/METHOD.md §6): support = the fold's scan at position
 ``supp_idx``; for each class of ``test_label``, the support slices at 1/6, 1/2, 5/6 of its slices
@@ -120,7 +126,8 @@ def load_model(config: Mapping[str, Any], image_size: int, device: torch.device,
         raise ValueError(f"reload_model_path={str(path)!r} does not fit the model built from this "
                          f"config (image size {image_size}): {err}{hint}") from None
     model.load_state_dict(snapshot["model"])
-    log.info(f"loaded {path} (step {snapshot.get('step', 'unknown')})")
+    log.info(f"loaded {path} (step {snapshot.get('step', 'unknown')}; model {config['model']}, backbone "
+             f"{config['backbone']}, image size {image_size})")
     return model.to(device).eval(), path
 
 

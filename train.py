@@ -3,7 +3,7 @@
 
     python train.py with abd_mri setting1 eval_fold=0
     python train.py with abd_ct setting2 eval_fold=3 n_steps=2000 backbone=resnet50
-    python train.py with resume=runs/train_CHAOST2_setting1_fold0        # continue a run
+    python train.py with resume=runs/train_CHAOST2_setting1_fold0        # continue a run, with its own config
 
 Schedule (the reference's): SGD (lr 1e-3, momentum 0.9, weight decay 5e-4), batch 1, the learning
 rate multiplied by ``lr_step_gamma`` every ``max_iters_per_load`` steps, ``n_steps`` steps. Episode
@@ -14,7 +14,14 @@ saved in every snapshot with the prototype-sampling generator.
 Outputs, in the run folder ``<path.log_dir>/train_<dataset>_setting<k>_fold<f>[_n]``:
 ``config.json``, ``run.json``, ``cout.txt``, ``metrics.json`` (Sacred; per-step loss terms and lr),
 ``logger.log``, ``loss_curve.png`` (refreshed at each snapshot), ``snapshots/step_<k>.pth`` (every
-``save_snapshot_every`` steps, the last ``keep_snapshots`` kept) and ``snapshots/final.pth``.
+``save_snapshot_every`` steps, the last ``keep_snapshots`` kept) and ``snapshots/final.pth``; each
+snapshot also holds ``meta`` (model keys, image size, normalisation, class names, orientation), so
+``test.py`` and ``predict.py`` rebuild the model from it alone.
+
+Resume (``resume=RUN``): the run continues with RUN's own config (restored by config.py); ``n_steps``
+may be raised and logging / hardware keys changed (``utils.run_config.RESUME_FREE_KEYS``), any other
+changed key (dataset, fold, setting, labels, model keys, seed, image size, optim, ...) is refused
+before a run folder exists, naming the keys.
 
 Monitoring: every step logs ``fg_fraction`` (fraction of query pixels predicted foreground) and
 ``reverse_ran`` (1 when the reverse terms ran, i.e. the predicted query mask was not empty); a print
@@ -35,6 +42,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping
 
+import SimpleITK as sitk
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -52,13 +60,9 @@ from utils.plots import plot_loss_curve, plot_validation_curve
 from utils.run import (attach_log_file, plain_config, resolve_device, resolve_labels,  # noqa: F401 (re-exported)
                        run_folder, set_determinism)
 from utils.seed import capture_rng_state, restore_rng_state
-from utils.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot, prune_snapshots,
-                            save_snapshot, step_name)
-
-# Keys that may differ between a run and the run it resumes (they do not change the loss sequence).
-RESUME_FREE_KEYS = {"resume", "n_steps", "path", "num_workers", "print_interval", "save_snapshot_every",
-                    "keep_snapshots", "device", "reload_model_path", "supp_idx", "n_part", "eval_mode",
-                    "test_batch_size", "n_overlay_slices", "val_interval"}
+from utils.run_config import RESUME_FREE_KEYS  # noqa: F401  (keys a resumed run may change; re-exported)
+from utils.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot, orientation_code,
+                            prune_snapshots, save_snapshot, snapshot_meta, step_name)
 MONITOR_KEYS = ("fg_fraction", "reverse_ran")  # per-step series that are not losses
 
 
@@ -199,13 +203,25 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
 
 def snapshot_state(step: int, final: bool, model, optimizer, scheduler, generator: torch.Generator,
                    history: Mapping[str, list[float]], config: Mapping[str, Any],
-                   val_points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything needed to continue exactly after ``step`` completed steps (see utils.snapshot)."""
+                   val_points: list[dict[str, Any]], meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to continue exactly after ``step`` completed steps, and ``meta`` (what a
+    user of the model needs: :func:`utils.snapshot.snapshot_meta`; see utils.snapshot)."""
     return {"format": SNAPSHOT_FORMAT, "step": step, "final": final,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": capture_rng_state(),
             "generator": generator.get_state(), "history": {k: list(v) for k, v in history.items()},
-            "val": list(val_points), "config": plain_config(config)}
+            "val": list(val_points), "config": plain_config(config), "meta": dict(meta or {})}
+
+
+def run_meta(config: Mapping[str, Any], spec, image_size: int) -> dict[str, Any]:
+    """The snapshots' ``meta``: model keys, image size, normalisation, class names and the
+    orientation of the training scans (read from the first scan's header)."""
+    files = discover_scans(resolve_image_dir(spec, config["data_dir"]))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(files[0].image))
+    reader.ReadImageInformation()
+    return snapshot_meta(plain_config(config), image_size, spec.label_names,
+                         orientation_code(reader.GetDirection()))
 
 
 def take_snapshot(folder: Path | None, state: dict[str, Any], keep: int, history, log: logging.Logger) -> Path | None:
@@ -226,6 +242,10 @@ def restore(snapshot: Mapping[str, Any], model, optimizer, scheduler, generator:
             config: Mapping[str, Any], log: logging.Logger) -> tuple[int, dict[str, list[float]], list[dict]]:
     """Load a snapshot's full state; returns ``(completed steps, per-step history, validation points)``.
 
+    The config of a resumed run is the snapshot's own (config.py restores it and refuses changes
+    to keys outside ``RESUME_FREE_KEYS``, utils/run_config.py); the keys that did change (logging,
+    ``n_steps``, ...) are logged, and so is the learning rate the restored optimizer continues with.
+
     Raises:
         ValueError: the snapshot is not a full training snapshot, or it already has ``n_steps`` steps.
     """
@@ -236,17 +256,19 @@ def restore(snapshot: Mapping[str, Any], model, optimizer, scheduler, generator:
     if step >= config["n_steps"]:
         raise ValueError(f"resume: the snapshot already has {step} steps and n_steps={config['n_steps']}; "
                          f"raise n_steps to train longer")
-    changed = sorted(k for k in config if k not in RESUME_FREE_KEYS
-                     and snapshot["config"].get(k) != plain_config({k: config[k]})[k])
+    current = plain_config(config)
+    changed = sorted(k for k in current if k != "resume" and k in snapshot["config"]
+                     and snapshot["config"][k] != current[k])
     if changed:
-        log.warning("resume: these keys differ from the resumed run, so the loss sequence will differ "
-                    "from an uninterrupted run: "
-                    + ", ".join(f"{k}={snapshot['config'].get(k)!r}->{config[k]!r}" for k in changed))
+        log.info("resume: changed from the resumed run (they do not change its loss sequence): "
+                 + ", ".join(f"{k} {snapshot['config'][k]!r} -> {current[k]!r}" for k in changed))
     model.load_state_dict(snapshot["model"])
     optimizer.load_state_dict(snapshot["optimizer"])
     scheduler.load_state_dict(snapshot["scheduler"])
     generator.set_state(snapshot["generator"])
     restore_rng_state(snapshot["rng"])
+    log.info(f"resume: learning rate {optimizer.param_groups[0]['lr']:.3e} (restored optimizer and schedule, "
+             f"x {config['lr_step_gamma']} every {config['max_iters_per_load']} steps)")
     history = defaultdict(list, {k: list(v) for k, v in snapshot["history"].items()})
     return step, history, list(snapshot.get("val", []))
 
@@ -303,6 +325,7 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
             vds = build_validation(_config, val_ids, resolve_labels(_config, spec)[0])
             _log.info(f"validation every {_config['val_interval']} steps on scans {val_ids}"
                       + (" (left out of training: use_gt)" if _config["use_gt"] else " (labels used for scoring only)"))
+        meta = run_meta(_config, spec, image_size)
         model = build_model(_config, image_size).to(device).train()
         ddp.broadcast_parameters(model, dist)
         amp = Amp(_config["amp"], device).apply(model)  # encoder under autocast (amp != 'off')
@@ -351,11 +374,11 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
                 window.clear()
             if step % _config["save_snapshot_every"] == 0 and step < n_steps:
                 take_snapshot(folder, snapshot_state(step, False, model, optimizer, scheduler, generator,
-                                                     history, _config, val_points) | ddp.snapshot_extras(dist, generator, amp),
+                                                     history, _config, val_points, meta) | ddp.snapshot_extras(dist, generator, amp),
                               _config["keep_snapshots"], history, _log)
         bar.close()
         final = take_snapshot(folder, snapshot_state(step, True, model, optimizer, scheduler, generator,
-                                                     history, _config, val_points) | ddp.snapshot_extras(dist, generator, amp),
+                                                     history, _config, val_points, meta) | ddp.snapshot_extras(dist, generator, amp),
                               _config["keep_snapshots"], history, _log)
         _log.info(f"end of training after {step} steps; final snapshot {final}"
                   + (f"; validation took {val_seconds:.1f} s in all" if vds is not None else ""))

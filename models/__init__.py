@@ -92,8 +92,15 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         if items:
             lines.append(f"  {title} ({len(items)}): " + "; ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
     hints = []
-    if any(k.endswith("mlp.fc1.weight") for k in reshaped_keys):
+    if any(k.endswith("mlp.fc1.weight") and own[k].shape[1] != state_dict[k].shape[1] for k in reshaped_keys):
         hints.append("the MLP input width is H*W: the snapshot was trained at another image size")
+    if any(k.endswith("mlp.fc2.weight") for k in reshaped_keys):
+        hints.append("the MLP widths differ: the snapshot has other n_mlp_fg / n_mlp_bg")
+    if any(k.startswith(("fg_decoder.", "bg_decoder.")) for k in reshaped_keys):
+        hints.append("the decoder widths differ: the snapshot has other prototype counts "
+                     "(n_query_*, n_keep_*, n_edge)")
+    if any(k.startswith("encoder.reduce") for k in reshaped_keys):
+        hints.append("the reduced feature width differs: the snapshot has another feature_dim")
     if any("backbone.layer" in k for k in missing + unexpected):
         hints.append("backbone layers differ: the snapshot uses another backbone (resnet50 / resnet101)")
     if any(k.startswith(("fg_", "bg_")) for k in missing + unexpected):

@@ -1,10 +1,15 @@
 """Convert a checkpoint saved by the reference QAMP code (docs/METHOD.md §10) to this model.
 
-    python -m models.convert REF.pth OUT.pth [--overwrite]
+    python -m models.convert REF.pth OUT.pth [--dataset CHAOST2] [--orientation LAS] [--overwrite]
 
-The output holds ``{'model': state_dict, 'image_size': [H, W], 'backbone': ..., 'converted_from': name}``;
-load it with ``build_model({... 'backbone': b, 'pretrained_weights': 'none'}, image_size)`` and
-``model.load_state_dict(ckpt['model'])``. Tensors the mapping does not know are reported, not copied.
+The output holds ``{'model': state_dict, 'meta': ..., 'config': None, 'image_size': [H, W],
+'backbone': ..., 'converted_from': name}``. ``meta`` (``utils.snapshot.snapshot_meta``) describes the
+model like a training snapshot does: the model keys (backbone, feature width and MLP widths inferred
+from the tensors, the reference's defaults for the rest), the image size, the normalisation
+(per-volume z-score, as the reference's loaders) and, with ``--dataset``, the dataset's class names,
+PGQP thresholds and the orientation of its pre-processed scans. ``test.py with
+reload_model_path=OUT.pth`` and ``predict.py --snapshot OUT.pth`` then use it as it is. Tensors the
+mapping does not know are reported, not copied.
 """
 from __future__ import annotations
 
@@ -67,10 +72,45 @@ def infer_backbone(converted: Mapping[str, torch.Tensor]) -> str:
     return "resnet101" if len(blocks) == 23 else "resnet50"
 
 
-def convert_file(ref_path: Path, out_path: Path, overwrite: bool = False) -> dict:
-    """Convert ``ref_path``, check it against a freshly built model, write ``out_path`` atomically."""
+# Orientation (ITK code) of the pre-processed scans of the datasets the reference was trained on.
+DATASET_ORIENTATION = {"CHAOST2": "LAS", "SABS": "LPS"}
+
+
+def converted_meta(cfg: Mapping, image_size: tuple[int, int], dataset: str | None,
+                   orientation: str | None) -> dict:
+    """``meta`` of a converted checkpoint: the reference's defaults plus the inferred keys; the PGQP
+    thresholds (dataset-dependent, as in config.py) and class names only with ``dataset``."""
+    from dataclasses import asdict
+
+    from dataloaders.datasets import DATASETS
+    from models.qamp import ModelConfig
+    from utils.snapshot import snapshot_meta
+
+    keys = {**asdict(ModelConfig()), "model": "qamp", **cfg}
+    if dataset is None:
+        del keys["tau_fg"], keys["tau_bg"]  # then they follow the test run's dataset
+    else:
+        keys["tau_fg"], keys["tau_bg"] = (0.7, 0.6) if dataset == "SABS" else (0.5, 0.5)
+    names = DATASETS[dataset].label_names if dataset is not None else {}
+    return snapshot_meta(keys, image_size[0], names,
+                         orientation or DATASET_ORIENTATION.get(dataset or ""), dataset=dataset)
+
+
+def convert_file(ref_path: Path, out_path: Path, overwrite: bool = False, dataset: str | None = None,
+                 orientation: str | None = None) -> dict:
+    """Convert ``ref_path``, check it against a freshly built model, write ``out_path`` atomically.
+
+    Args:
+        dataset: the dataset the checkpoint was trained on (a key of ``DATASETS``), for class names,
+            thresholds and orientation in ``meta``; None leaves them to the user of the checkpoint.
+        orientation: ITK orientation code of the training scans (default: the dataset's).
+    """
+    from dataloaders.datasets import DATASETS
     from models import build_model, check_state_dict
     from utils.io import atomic_write
+
+    if dataset is not None and dataset not in DATASETS:
+        raise ValueError(f"--dataset {dataset!r} is unknown: expected one of {list(DATASETS)}")
 
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists: pass --overwrite to replace it")
@@ -91,22 +131,29 @@ def convert_file(ref_path: Path, out_path: Path, overwrite: bool = False) -> dic
     for k in filled:
         converted[k] = own[k]
     check_state_dict(model, converted, source=str(ref_path))
+    meta = converted_meta({k: v for k, v in cfg.items() if k != "pretrained_weights"}, image_size, dataset,
+                          orientation)
     with atomic_write(out_path) as tmp:
-        torch.save({"model": converted, "image_size": list(image_size), "backbone": backbone,
-                    "converted_from": ref_path.name}, tmp)
+        torch.save({"model": converted, "meta": meta, "config": None, "image_size": list(image_size),
+                    "backbone": backbone, "converted_from": ref_path.name}, tmp)
     return {"converted": len(converted) - len(filled), "leftovers": leftovers, "image_size": list(image_size),
-            "backbone": backbone, "out": str(out_path)}
+            "backbone": backbone, "out": str(out_path), "meta": meta}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ref", type=Path, help="state dict saved by the reference QAMP code")
     parser.add_argument("out", type=Path, help="converted checkpoint to write")
+    parser.add_argument("--dataset", default=None,
+                        help="dataset the checkpoint was trained on (CHAOST2, SABS, Prostate_MRI, CMR): its class "
+                             "names, PGQP thresholds and scan orientation go into the checkpoint's meta")
+    parser.add_argument("--orientation", default=None,
+                        help="ITK orientation code of the training scans (default: the dataset's; CHAOST2 LAS, SABS LPS)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     if not args.ref.is_file():
         parser.error(f"reference checkpoint {args.ref} does not exist")
-    report = convert_file(args.ref, args.out, args.overwrite)
+    report = convert_file(args.ref, args.out, args.overwrite, args.dataset, args.orientation)
     print(f"converted {report['converted']} tensors ({report['backbone']}, image size "
           f"{report['image_size'][0]} x {report['image_size'][1]}) -> {report['out']}")
     print(f"left over ({len(report['leftovers'])}): {report['leftovers'] if report['leftovers'] else 'none'}")

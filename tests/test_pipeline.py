@@ -260,8 +260,10 @@ def test_snapshot_of_another_architecture(trained: dict, small_chaos: Path, tmp_
 
 
 def test_snapshot_of_another_image_size(trained: dict, chaos_dir: Path, tmp_path: Path) -> None:
-    config = base_config(chaos_dir, tmp_path, reload_model_path=trained["snapshot"], dataset="CHAOST2")
-    with pytest.raises(ValueError, match="image size 256"):
+    # the snapshot's model sees 64 px; image_size=None on 256 px CHAOST2 would give it 256 px slices
+    config = base_config(chaos_dir, tmp_path, reload_model_path=trained["snapshot"], dataset="CHAOST2",
+                         image_size=None)
+    with pytest.raises(ValueError, match=r"image_size=64 \(this run: None\).*256 px"):
         run("test", **config)
 
 

@@ -6,17 +6,25 @@ A snapshot is a ``torch.save``-d dict::
      'model': state_dict, 'optimizer': state_dict, 'scheduler': state_dict,
      'rng': utils.seed.capture_rng_state(), 'generator': ByteTensor (prototype-sampling generator),
      'history': {'loss': [...], '<term>': [...]}  (one value per completed step),
-     'config': dict (the run's flat config)}
+     'config': dict (the run's flat config),
+     'meta': dict (what a user of the model needs, see :func:`snapshot_meta`)}
+
+``meta`` makes a snapshot self-describing: ``test.py`` and ``predict.py`` build the model from it
+(model keys, ``image_size``, backbone), normalise inputs as it says (per-volume z-score), orient
+them as the training scans were and name classes with the dataset's names. Snapshots written before
+``meta`` existed are described from their ``config`` (:func:`describe`); a checkpoint converted from
+the reference code (``models.convert``) carries ``meta`` too (with ``config`` None).
 
 Files live in ``<run>/snapshots/``: ``step_<k>.pth`` every ``save_snapshot_every`` steps (the last
 ``keep_snapshots`` of them are kept) and ``final.pth`` at the end of training.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -24,6 +32,14 @@ from utils.io import atomic_write
 
 SNAPSHOT_FORMAT = "qamp-snapshot-v1"
 FINAL_NAME = "final.pth"
+META_VERSION = 1
+NORMALISATION = "per-volume z-score"  # what dataloaders.datasets.zscore does to every volume
+DEFAULT_ORIENTATION = "LAS"  # ITK orientation code of the pre-processed CHAOST2 / SABS volumes
+# Config keys that fix the network and what it computes (besides ModelConfig's fields): a snapshot is
+# used with its own values (test.py, predict.py); a resumed run may not change them.
+MODEL_EXTRA_KEYS = ("model", "image_size")
+# ModelConfig fields that only choose how the same numbers are computed (equal up to rounding).
+COMPUTE_ONLY_KEYS = ("fast_mlp", "decoder_winograd")
 _STEP_PATTERN = re.compile(r"step_(\d+)\.pth")
 
 
@@ -99,8 +115,8 @@ def load_snapshot(path: str | os.PathLike, map_location: str | torch.device = "c
                   key: str = "reload_model_path/resume") -> dict[str, Any]:
     """Read a snapshot with ``weights_only=True``.
 
-    Returns a dict; a plain ``state_dict`` (e.g. a converted reference checkpoint) is returned as
-    ``{'model': state_dict}``. ``key`` names the config key that gave ``path`` in errors.
+    Returns a dict: a training snapshot, a converted reference checkpoint (``{'model', 'meta', ...}``),
+    or a plain ``state_dict`` returned as ``{'model': state_dict}``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -110,10 +126,133 @@ def load_snapshot(path: str | os.PathLike, map_location: str | torch.device = "c
     if not path.is_file():
         raise FileNotFoundError(f"snapshot not found: {path}")
     obj = load_torch_file(path, "a snapshot or state_dict", key, map_location)
+    return _accept(obj, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-description
+# ----------------------------------------------------------------------------------------------
+def model_keys() -> tuple[str, ...]:
+    """Config keys that define the model of a snapshot: ``model``, ``image_size`` and the fields of
+    ``models.ModelConfig`` except the compute-only switches (``fast_mlp``, ``decoder_winograd``)."""
+    from dataclasses import fields
+
+    from models.qamp import ModelConfig
+
+    return MODEL_EXTRA_KEYS + tuple(f.name for f in fields(ModelConfig) if f.name not in COMPUTE_ONLY_KEYS)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-like plain value (tuples -> lists), for comparing and storing config values."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def orientation_code(direction) -> str:
+    """ITK's three-letter orientation code of a 3D direction matrix (e.g. ``'LAS'`` for
+    ``diag(1, -1, 1)``: axis i points towards the patient's left, j anterior, k superior;
+    the closest code for an oblique matrix)."""
+    import SimpleITK as sitk
+
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(d) for d in direction])
+
+
+def snapshot_meta(config: Mapping[str, Any], image_size: int, class_names: Mapping[int, str],
+                  orientation: str | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """The ``meta`` dict of a snapshot: everything needed to rebuild and use the model.
+
+    Args:
+        config: the run's flat config (the model keys are taken from it).
+        image_size: the in-plane size the model sees (resolved; None only for old snapshots of models
+            whose weights do not depend on it, trained at the dataset's native size).
+        class_names: label id -> name of the training dataset.
+        orientation: ITK orientation code of the training scans (:func:`orientation_code`).
+        dataset: dataset name (default ``config['dataset']``).
+    """
+    size = None if image_size is None else int(image_size)
+    keys = {k: _plain(config[k]) for k in model_keys() if k in config}
+    keys["image_size"] = size
+    return {"version": META_VERSION, "model_keys": keys, "image_size": size,
+            "backbone": keys.get("backbone"), "normalisation": NORMALISATION,
+            "class_names": {str(int(k)): str(v) for k, v in class_names.items()},
+            "dataset": dataset if dataset is not None else config.get("dataset"),
+            "orientation": orientation}
+
+
+def describe(snapshot: Mapping[str, Any], path: str | os.PathLike = "snapshot") -> dict[str, Any]:
+    """The ``meta`` of a loaded snapshot: its own, or rebuilt from its training ``config`` (snapshots
+    written before ``meta`` existed; class names and orientation unknown then), or from its tensors
+    (reference checkpoints converted before ``meta`` existed: backbone, sizes, MLP widths).
+
+    Raises:
+        ValueError: nothing describes the model (a bare state_dict): its model keys are unknown.
+    """
+    meta = snapshot.get("meta")
+    if isinstance(meta, dict) and "model_keys" in meta:
+        return dict(meta)
+    config = snapshot.get("config")
+    if isinstance(config, dict):
+        image_size = config.get("image_size") or _size_from_tensors(snapshot.get("model", {}))
+        return snapshot_meta(config, image_size, {}, None)  # image_size None: the dataset's native size
+    state = snapshot.get("model", {})
+    if "converted_from" in snapshot and "fg_mlp.fc1.weight" in state:
+        keys = {"model": "qamp", "backbone": snapshot.get("backbone"),
+                "feature_dim": int(state["encoder.reduce1.weight"].shape[0]),
+                "n_mlp_fg": int(state["fg_mlp.fc2.weight"].shape[0]),
+                "n_mlp_bg": int(state["bg_mlp.fc2.weight"].shape[0])}
+        return snapshot_meta(keys, _size_from_tensors(state), {}, None, dataset=None)
+    raise ValueError(f"{path} holds model weights only, nothing says which model they belong to (backbone, "
+                     "prototype counts, image size): use a snapshot written by train.py, or convert a reference "
+                     "checkpoint with `python -m models.convert REF.pth OUT.pth`")
+
+
+def _size_from_tensors(state: Mapping[str, torch.Tensor]) -> int | None:
+    weight = state.get("fg_mlp.fc1.weight")
+    if weight is None:
+        return None
+    side = int(round(weight.shape[1] ** 0.5))
+    return side if side * side == weight.shape[1] else None
+
+
+_HEADERS: dict[tuple, dict[str, Any]] = {}
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """``{'path', 'meta', 'config', 'step', 'final'}`` of a snapshot file, read without loading its
+    tensors into memory (memory-mapped; cached per file version), for config checks before a run.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`load_snapshot`; ValueError also when nothing
+            describes the model (see :func:`describe`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"snapshot not found: {path}")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _HEADERS:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not a zip-format file (or corrupt): the full reader gives the error
+            obj = None
+        snapshot = load_snapshot(path) if obj is None else _accept(obj, path)
+        _HEADERS.clear()  # one entry is enough: a run reads one snapshot (twice)
+        _HEADERS[key] = {"path": str(path), "meta": describe(snapshot, path), "config": snapshot.get("config"),
+                         "step": snapshot.get("step"), "final": snapshot.get("final")}
+    return copy.deepcopy(_HEADERS[key])  # callers (Sacred's config updates) may modify what they get
+
+
+def _accept(obj: Any, path: Path) -> dict[str, Any]:
+    """The checks of :func:`load_snapshot` on an already loaded object."""
     if not isinstance(obj, dict):
         raise ValueError(f"snapshot {path}: expected a dict, got {type(obj).__name__}")
     if obj.get("format") == SNAPSHOT_FORMAT:
         return obj
+    if isinstance(obj.get("model"), dict) and ("meta" in obj or "converted_from" in obj):
+        return obj  # a converted reference checkpoint (models.convert)
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"model": obj}
     raise ValueError(f"snapshot {path}: neither a {SNAPSHOT_FORMAT} snapshot nor a plain state_dict")

@@ -1,0 +1,397 @@
+#!/usr/bin/env python
+"""Segment your own scan: one annotated support scan in, the same organ(s) segmented in new scans out.
+
+    python predict.py --snapshot RUN_OR_FILE --support-image S --support-label SL \\
+        --query Q [--query Q2 ...] --out DIR [--classes 1 3] [--device auto] [--seed 2025]
+
+``RUN_OR_FILE`` is a training run folder (its ``snapshots/final.pth``), a snapshot file, or a
+reference QAMP checkpoint converted with ``python -m models.convert``: the model is rebuilt from the
+snapshot's own description (``meta``: model keys, image size, backbone, normalisation, class names,
+orientation of the training scans); no config key is needed.
+
+Inputs (``S``, ``SL``, each ``Q``) are NIfTI files or DICOM series folders of any size, spacing and
+orientation (see ``utils/predict_io.py``): each volume is re-oriented to the training scans'
+orientation, z-scored per volume, its axial slices resampled to the model's image size; the class
+probabilities go back to the query's grid (bilinear, then argmax) and the label map is written in the
+query's own orientation and geometry. The query's labels are never needed.
+
+Outputs, in ``--out`` for each query ``<name>`` (file name without extension, or the DICOM folder's):
+``<name>_pred.nii.gz`` (uint8, class ids, 0 background, the query's grid), ``<name>_pred.json``
+(per class: name, voxels, volume in mL, slice range in the query's third voxel index, support slices
+used) and ``<name>_overlay.png`` (the query's middle slices of each predicted class, contours).
+The same inputs and ``--seed`` give the same files, bit for bit. Bad input (a support label without
+a requested class, a non-3D image, a label on another grid than its image, an unreadable snapshot,
+...) is one ``error:`` line, exit code 2, and nothing written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from dataloaders.datasets import zscore
+from dataloaders.test_dataset import chunk_bounds, support_fractions
+from models import build_model, check_state_dict, make_generator
+from utils.run import resolve_device, set_determinism
+from utils.io import write_image, write_json
+from utils.predict_io import (InputError, Oriented, PlaneGrid, back_to_source, check_same_grid, label_values,
+                              orient, read_input, source_slice_index)
+from utils.snapshot import DEFAULT_ORIENTATION, NORMALISATION, describe, find_snapshot, load_snapshot
+
+RULE = (
+    "Slice matching: every query slice is segmented (or those of --query-range). The query's slices are "
+    "split, in order, into --n-part equal chunks; chunk k is segmented against the support slice at the same "
+    "relative position, (k + 1/2) / n_part, within the support's annotated extent (its slices holding the "
+    "class, in order): with the default 3 chunks the annotated support slices at 1/6, 1/2 and 5/6, the rule "
+    "of the evaluation protocol (test.py eval_mode=all_slices). Slices without the object come out empty "
+    "through the model's own prediction; the query's labels are never used.")
+log = logging.getLogger("qamp.predict")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+def load_predictor(snapshot: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], Path]:
+    """The model a snapshot describes, with its weights, in eval mode on ``device``.
+
+    Raises:
+        InputError: no snapshot there, an unreadable file, or one that does not describe its model.
+    """
+    try:
+        path = find_snapshot(snapshot, which="final")
+        state = load_snapshot(path, map_location="cpu")
+        meta = describe(state, path)
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(f"--snapshot {snapshot}: {err}") from None
+    if meta.get("normalisation", NORMALISATION) != NORMALISATION:
+        raise InputError(f"--snapshot {path}: normalisation {meta['normalisation']!r} is not supported "
+                         f"(only {NORMALISATION!r})")
+    if meta.get("image_size") is None:
+        raise InputError(f"--snapshot {path} does not state the image size its model sees (an old snapshot "
+                         "trained at a dataset's native size): test it with test.py instead")
+    if meta["model_keys"].get("model", "qamp") not in ("qamp", "adnet"):
+        raise InputError(f"--snapshot {path}: model {meta['model_keys'].get('model')!r} cannot segment")
+    model = build_model({**meta["model_keys"], "pretrained_weights": "none"}, int(meta["image_size"]))
+    try:
+        check_state_dict(model, state["model"], source=str(path))
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), meta, path
+
+
+# ----------------------------------------------------------------------------------------------
+# Volumes
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Volume:
+    """A scan in the model's orientation: z-scored ``image`` (Z, H, W), its in-plane grid mapping and
+    the value padding takes (the volume's minimum)."""
+
+    path: Path
+    oriented: Oriented
+    image: np.ndarray
+    grid: PlaneGrid
+    pad_value: float
+
+    @classmethod
+    def load(cls, path: Path, sitk_image: sitk.Image, orientation: str, image_size: int, what: str) -> "Volume":
+        oriented = orient(sitk_image, orientation)
+        try:
+            image = zscore(oriented.array, path)
+        except ValueError as err:
+            raise InputError(f"{what} {err}") from None
+        grid = PlaneGrid.make(image.shape[1:], oriented.spacing_hw, image_size)
+        return cls(path, oriented, image, grid, float(image.min()))
+
+
+def output_name(path: Path) -> str:
+    """``<name>`` of a query: the file name without its image extension, or the DICOM folder's name."""
+    name = path.name
+    if path.is_dir():
+        return name
+    return re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd|\.dcm|\.gz)$", "", name, flags=re.IGNORECASE) or name
+
+
+def support_slices(label: np.ndarray, class_id: int, n_part: int) -> list[int]:
+    """The support slices of ``class_id``: ``int(p * C)``-th of its C annotated slices for
+    ``p = (k + 1/2) / n_part`` (``dataloaders.test_dataset.support_fractions``)."""
+    labelled = np.flatnonzero((label == class_id).any(axis=(1, 2)))
+    picks = (support_fractions(n_part) * labelled.size).astype(int)
+    return [int(z) for z in labelled[picks]]
+
+
+def query_slices(query: Volume, query_range: Sequence[int] | None) -> np.ndarray:
+    """Model-frame slice indices to segment: all, or those whose source index k is in ``query_range``."""
+    depth = query.image.shape[0]
+    if query_range is None:
+        return np.arange(depth)
+    k0, k1 = int(query_range[0]), int(query_range[1])
+    nk = query.oriented.source.GetSize()[2]
+    if not 0 <= k0 <= k1 < nk:
+        raise InputError(f"--query-range {k0} {k1} is outside query {query.path} (third index 0..{nk - 1})")
+    k_of = source_slice_index(query.oriented)
+    if k_of is None:
+        raise InputError(f"--query-range: the third axis of query {query.path} is not its axial axis "
+                         f"(orientation {query.oriented.source_code}); leave --query-range out")
+    return np.flatnonzero((k_of >= k0) & (k_of <= k1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Segmentation
+# ----------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def segment(model: torch.nn.Module, support: Volume, support_label: np.ndarray, query: Volume,
+            classes: Sequence[int], slices: np.ndarray, n_part: int, batch_size: int, device: torch.device,
+            seed: int, support_feats: dict[int, torch.Tensor], bar: tqdm | None = None
+            ) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """Multi-class label map of ``query`` in the model's orientation on its native grid.
+
+    Each class is segmented on its own (generator ``make_generator(seed, class)``, so a class's result
+    depends on neither the other classes nor the other queries), chunk by chunk as in
+    ``utils.evaluate.predict_scan``: the support slice's encoder features are computed once (cached in
+    ``support_feats`` across classes and queries), its prototypes once per chunk, and the chunk's
+    query slices go through the network in batches of ``batch_size``. A voxel takes the class whose
+    foreground probability beats its background and is the highest among the classes.
+
+    Returns:
+        ``(labels uint8 (Z, H, W), {class: support slices used, one per chunk})``.
+    """
+    depth, height, width = query.image.shape
+    labels = np.zeros((depth, height, width), dtype=np.uint8)
+    best = np.zeros((depth, height, width), dtype=np.float32)
+    bounds = chunk_bounds(slices.size, n_part)
+    used: dict[int, list[int]] = {}
+    for class_id in classes:
+        generator = make_generator(seed, class_id, device=device)
+        picks = support_slices(support_label, class_id, n_part)
+        used[class_id] = picks
+        for k, support_z in enumerate(picks):
+            chunk = slices[bounds[k]:bounds[k + 1]]
+            if chunk.size == 0:
+                continue
+            supp_img = support.grid.images(support.image[[support_z]], support.pad_value).unsqueeze(0).to(device)
+            supp_mask = support.grid.masks(support_label[[support_z]] == class_id).unsqueeze(0).to(device)
+            state = model.encode_support(supp_img, supp_mask, generator=generator, feats=support_feats.get(support_z))
+            support_feats[support_z] = state.feats
+            for start in range(0, chunk.size, batch_size):
+                zs = chunk[start:start + batch_size]
+                out = model.segment(state, query.grid.images(query.image[zs], query.pad_value).to(device),
+                                    generator=generator)
+                probs = query.grid.probabilities(out["pred"]).float().cpu().numpy()  # (N, 2, H, W)
+                fg = probs[:, 1]
+                wins = (fg > probs[:, 0]) & (fg > best[zs])
+                labels[zs] = np.where(wins, np.uint8(class_id), labels[zs])
+                best[zs] = np.where(wins, fg, best[zs])
+                if bar is not None:
+                    bar.update(len(zs))
+    return labels, used
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+def support_k(support: Volume, used: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Support slices used per class as the support file's third voxel index (model frame when its
+    third axis is not the axial one)."""
+    k_of = source_slice_index(support.oriented)
+    return {c: [int(z) if k_of is None else int(k_of[z]) for z in zs] for c, zs in used.items()}
+
+
+def class_report(pred: sitk.Image, classes: Sequence[int], names: dict[int, str],
+                 used: dict[int, list[int]]) -> dict[str, Any]:
+    """Per class: name, voxels, volume in mL, slice range (third voxel index k of the output) and the
+    support slices used (one per chunk)."""
+    array = sitk.GetArrayFromImage(pred)  # (k, j, i)
+    voxel_ml = float(np.prod(pred.GetSpacing())) / 1000.0
+    report = {}
+    for class_id in classes:
+        mask = array == class_id
+        ks = np.flatnonzero(mask.any(axis=(1, 2)))
+        voxels = int(mask.sum())
+        report[str(class_id)] = {"name": names[class_id], "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 4),
+                                 "slice_range": [int(ks[0]), int(ks[-1])] if ks.size else None,
+                                 "support_slices": used[class_id]}
+    return report
+
+
+def plot_prediction(path: Path, query: Volume, labels: np.ndarray, classes: Sequence[int],
+                    names: dict[int, str], slices: np.ndarray, title: str) -> list[int]:
+    """PNG of the query's middle slices (model orientation): the middle slice of each predicted class
+    (at most 4 panels), or the middle of the segmented slices when nothing was found. Returns the slices."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from utils.io import atomic_write
+
+    picks: list[int] = []
+    for class_id in classes:
+        zs = np.flatnonzero((labels == class_id).any(axis=(1, 2)))
+        if zs.size and int(zs[zs.size // 2]) not in picks:
+            picks.append(int(zs[zs.size // 2]))
+    picks = sorted(picks[:4]) or [int(slices[slices.size // 2])]
+    colours = ["tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:cyan", "tab:olive", "tab:pink"]
+    fig = Figure(figsize=(4 * len(picks), 4.4), dpi=80)
+    for i, z in enumerate(picks):
+        ax = fig.add_subplot(1, len(picks), i + 1)
+        ax.imshow(query.image[z], cmap="gray")
+        for c, class_id in enumerate(classes):
+            mask = labels[z] == class_id
+            if mask.any():
+                ax.contour(mask.astype(float), levels=[0.5], colors=colours[c % len(colours)], linewidths=1.2)
+        ax.set_title(f"slice {z} (model frame)", fontsize=9)
+        ax.axis("off")
+    legend = ", ".join(f"{names[c]} ({colours[i % len(colours)][4:]})" for i, c in enumerate(classes))
+    fig.suptitle(f"{title}: {legend}", fontsize=9)
+    fig.tight_layout()
+    FigureCanvasAgg(fig)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=fig.dpi)
+    return picks
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="predict.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Segment query scans from one annotated support scan with a trained QAMP snapshot.",
+        epilog=RULE + "\n\nInputs may have any size, spacing and orientation: they are re-oriented to the "
+                      "training scans' orientation, z-scored per volume and their axial slices resampled to "
+                      "the model's image size; predictions are written on the query's own grid and geometry.")
+    parser.add_argument("--snapshot", required=True, help="training run folder, snapshot .pth, or converted "
+                                                         "reference checkpoint (python -m models.convert)")
+    parser.add_argument("--support-image", required=True, type=Path, help="support scan: NIfTI file or DICOM folder")
+    parser.add_argument("--support-label", required=True, type=Path,
+                        help="its label map (same grid; 0 background, class ids as integers)")
+    parser.add_argument("--query", required=True, type=Path, action="append",
+                        help="query scan (NIfTI file or DICOM folder); repeat for several")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    parser.add_argument("--classes", type=int, nargs="+", default=None,
+                        help="class ids to segment (default: every class of the support label)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:<i>")
+    parser.add_argument("--seed", type=int, default=2025, help="prototype sampling seed (default 2025)")
+    parser.add_argument("--n-part", type=int, default=3, help="query chunks, each with its own support slice (default 3)")
+    parser.add_argument("--query-range", type=int, nargs=2, default=None, metavar=("K0", "K1"),
+                        help="segment only the query slices K0..K1 (inclusive; the query's third voxel index)")
+    parser.add_argument("--batch-size", type=int, default=16, help="query slices per forward (default 16)")
+    parser.add_argument("--orientation", default=None,
+                        help="ITK orientation code the model expects (default: the snapshot's, else "
+                             f"{DEFAULT_ORIENTATION})")
+    args = parser.parse_args(argv)
+    for key in ("n_part", "batch_size"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    return args
+
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """Read and check every input before anything is written.
+
+    Raises:
+        InputError: the first problem found (see the module docstring).
+    """
+    try:
+        device = resolve_device(args.device)
+    except (RuntimeError, ValueError) as err:
+        raise InputError(f"--device {args.device}: {err}") from None
+    model, meta, snapshot = load_predictor(args.snapshot, device)
+    orientation = (args.orientation or meta.get("orientation") or DEFAULT_ORIENTATION).upper()
+    if sorted({"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}.get(a, 9) for a in orientation) != [0, 1, 2]:
+        raise InputError(f"--orientation {orientation!r}: expected an ITK code such as LAS, LPS or RAS")
+    size = int(meta["image_size"])
+
+    support_image = read_input(args.support_image, "support image")
+    support_label_image = read_input(args.support_label, "support label")
+    check_same_grid(support_image, support_label_image, str(args.support_image), str(args.support_label))
+    support = Volume.load(args.support_image, support_image, orientation, size, "support image")
+    support_label = label_values(orient(support_label_image, orientation).array, str(args.support_label))
+    present = [int(v) for v in np.unique(support_label) if v != 0]
+    if not present:
+        raise InputError(f"the support label {args.support_label} holds no annotated voxel (all 0)")
+    classes = present if args.classes is None else list(dict.fromkeys(args.classes))
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise InputError(f"the support label {args.support_label} holds no voxel of class {missing} (it holds "
+                         f"classes {present}): choose --classes among them, or annotate the support")
+    if any(not 1 <= c <= 255 for c in classes):
+        raise InputError(f"--classes {classes}: class ids must be in 1..255 (uint8 output)")
+    names = {c: meta.get("class_names", {}).get(str(c), f"class{c}") for c in classes}
+
+    queries, seen = [], {}
+    for path in args.query:
+        name = output_name(path)
+        if name in seen:
+            raise InputError(f"queries {seen[name]} and {path} would both write {name}_pred.nii.gz: rename one")
+        seen[name] = path
+        volume = Volume.load(path, read_input(path, "query"), orientation, size, "query")
+        queries.append((name, volume, query_slices(volume, args.query_range)))
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} exists and is not a folder")
+    return {"device": device, "model": model, "meta": meta, "snapshot": snapshot, "orientation": orientation,
+            "support": support, "support_label": support_label, "classes": classes, "names": names,
+            "queries": queries}
+
+
+def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Check the inputs, then segment and write every query; returns the per-query reports."""
+    set_determinism(True)
+    torch.manual_seed(args.seed)
+    job = prepare(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    support_feats: dict[int, torch.Tensor] = {}
+    reports = []
+    for name, query, slices in job["queries"]:
+        t0 = time.perf_counter()
+        with tqdm(total=slices.size * len(job["classes"]), desc=name, unit="slice", dynamic_ncols=True) as bar:
+            labels, used = segment(job["model"], job["support"], job["support_label"], query, job["classes"],
+                                   slices, args.n_part, args.batch_size, job["device"], args.seed, support_feats, bar)
+        seconds = time.perf_counter() - t0
+        pred = back_to_source(labels, query.oriented)
+        write_image(pred, args.out / f"{name}_pred.nii.gz")
+        k_of = source_slice_index(query.oriented)
+        report = {
+            "query": str(query.path), "prediction": f"{name}_pred.nii.gz",
+            "support_image": str(args.support_image), "support_label": str(args.support_label),
+            "snapshot": str(job["snapshot"]), "seed": args.seed, "n_part": args.n_part,
+            "query_range": list(args.query_range) if args.query_range else None,
+            "segmented_slices": int(slices.size),
+            "segmented_k_range": None if k_of is None else [int(k_of[slices].min()), int(k_of[slices].max())],
+            "orientation": {"query": query.oriented.source_code, "model": job["orientation"]},
+            "model_image_size": int(job["meta"]["image_size"]), "spacing_mm": list(pred.GetSpacing()),
+            "slice_range_index": "k, the third voxel index of the query and of the prediction",
+            "classes": class_report(pred, job["classes"], job["names"], support_k(job["support"], used)),
+            "rule": RULE}
+        write_json(args.out / f"{name}_pred.json", report)
+        plot_prediction(args.out / f"{name}_overlay.png", query, labels, job["classes"], job["names"], slices, name)
+        per_slice = seconds / max(1, slices.size * len(job["classes"]))
+        print(f"{name}: {slices.size} slices x {len(job['classes'])} classes in {seconds:.1f} s "
+              f"({per_slice:.3f} s per slice and class) -> {args.out / (name + '_pred.nii.gz')}; "
+              + ", ".join(f"{c['name']} {c['volume_ml']:.1f} mL" for c in report["classes"].values()))
+        reports.append({**report, "seconds": seconds, "seconds_per_slice": per_slice})
+    return reports
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        predict(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""predict.py on synthetic phantoms (no external data): geometry round trips, multi-class output,
+equality with test.py, determinism, and one clear error (nothing written) per bad input."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from config import ex  # noqa: E402
+import train as _train  # noqa: E402,F401  (registers the 'train' command)
+import predict  # noqa: E402
+from data import synthetic  # noqa: E402
+from models import build_model  # noqa: E402
+from models.convert import PREFIX_MAP, convert_file  # noqa: E402
+from utils.predict_io import PlaneGrid, read_input  # noqa: E402
+from utils.snapshot import read_header  # noqa: E402
+
+if "qamp_test_script" not in sys.modules:  # test.py clashes with the standard library's `test`
+    _spec = importlib.util.spec_from_file_location("qamp_test_script", REPO / "test.py")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _module
+    _spec.loader.exec_module(_module)
+
+NATIVE, SIZE = 48, 32
+TINY_HEAD = {"n_mlp_fg": 8, "n_keep_fg": 4, "n_query_fg": 4, "n_edge": 4, "n_mlp_bg": 16, "n_keep_bg": 8,
+             "n_query_bg": 4, "feature_dim": 64}
+
+
+def train_config(data_dir: Path, log_dir: Path, **updates) -> dict:
+    config = {"dataset": "custom", "data_dir": str(data_dir), "backbone": "resnet50", "pretrained_weights": "none",
+              "device": "cpu", "num_workers": 0, "min_size": 20, "n_steps": 4, "save_snapshot_every": 4,
+              "print_interval": 2, "max_iters_per_load": 4, "image_size": SIZE, "supervoxel_source": "generate",
+              "test_label": [1, 2], "n_overlay_slices": 0, "test_batch_size": 8, "optim.lr": 0.02,
+              "path": {"log_dir": str(log_dir)}, **TINY_HEAD}
+    config.update(updates)
+    return config
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms48")
+    synthetic.generate(out, n_scans=5, seed=3, size=NATIVE, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(phantoms: Path, tmp_path_factory) -> Path:
+    result = ex.run(command_name="train", config_updates=train_config(phantoms, tmp_path_factory.mktemp("runs")))
+    return Path(result.result["run_dir"])
+
+
+def args(run_dir: Path, phantoms: Path, out: Path, *extra: str, query: list[Path] | None = None,
+         support: int = 1) -> list[str]:
+    argv = ["--snapshot", str(run_dir), "--support-image", str(phantoms / f"image_{support}.nii.gz"),
+            "--support-label", str(phantoms / f"label_{support}.nii.gz"), "--out", str(out), "--device", "cpu",
+            "--batch-size", "8"]
+    for q in query or [phantoms / "image_2.nii.gz"]:
+        argv += ["--query", str(q)]
+    return argv + list(extra)
+
+
+def run_predict(argv: list[str]) -> int:
+    return predict.main(argv)
+
+
+def read(path: Path) -> tuple[np.ndarray, sitk.Image]:
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), image
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    assert a.GetSpacing() == pytest.approx(b.GetSpacing(), abs=1e-6)
+    assert a.GetOrigin() == pytest.approx(b.GetOrigin(), abs=1e-6)
+    assert a.GetDirection() == pytest.approx(b.GetDirection(), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def two_class(run_dir: Path, phantoms: Path, tmp_path_factory) -> Path:
+    """predict.py with classes 1 and 2 on query scan 2 (support scan 1)."""
+    out = tmp_path_factory.mktemp("pred_two_class")
+    assert run_predict(args(run_dir, phantoms, out, "--classes", "1", "2")) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def test_multi_class_outputs(two_class: Path, phantoms: Path) -> None:
+    pred, image = read(two_class / "image_2_pred.nii.gz")
+    query = sitk.ReadImage(str(phantoms / "image_2.nii.gz"))
+    same_geometry(image, query)
+    assert image.GetPixelID() == sitk.sitkUInt8 and set(np.unique(pred)) <= {0, 1, 2}
+    report = json.loads((two_class / "image_2_pred.json").read_text())
+    voxel_ml = float(np.prod(query.GetSpacing())) / 1000
+    assert list(report["classes"]) == ["1", "2"] and report["classes"]["1"]["name"] == "liver"
+    for class_id, entry in report["classes"].items():
+        mask = pred == int(class_id)
+        assert entry["voxels"] == int(mask.sum())
+        assert entry["volume_ml"] == pytest.approx(mask.sum() * voxel_ml, abs=1e-3)
+        ks = np.flatnonzero(mask.any(axis=(1, 2)))
+        assert entry["slice_range"] == ([int(ks[0]), int(ks[-1])] if ks.size else None)
+        assert len(entry["support_slices"]) == 3
+    assert "relative position" in report["rule"] and report["segmented_slices"] == pred.shape[0]
+    assert (two_class / "image_2_overlay.png").stat().st_size > 0
+
+
+def test_classes_combine_by_the_per_class_predictions(two_class: Path, run_dir: Path, phantoms: Path,
+                                                      tmp_path: Path) -> None:
+    """Each class is segmented on its own (own generator), so the multi-class map labels a voxel c only
+    where class c alone predicts it, and leaves 0 exactly where no class does."""
+    multi, _ = read(two_class / "image_2_pred.nii.gz")
+    single = {}
+    for c in (1, 2):
+        assert run_predict(args(run_dir, phantoms, tmp_path / str(c), "--classes", str(c))) == 0
+        single[c], _ = read(tmp_path / str(c) / "image_2_pred.nii.gz")
+        assert set(np.unique(single[c])) <= {0, c}
+        assert np.all(single[c][multi == c] == c)
+    np.testing.assert_array_equal(multi > 0, (single[1] > 0) | (single[2] > 0))
+    assert (multi > 0).any(), "the tiny model predicts nothing: the test would not test the combination"
+
+
+def test_same_prediction_as_test_py_all_slices(run_dir: Path, phantoms: Path, tmp_path: Path) -> None:
+    """Same model input, support slices, chunks, batches and generator as test.py eval_mode=all_slices
+    (support scan 1 = fold 0's supp_idx 0, first query scan 2)."""
+    result = ex.run(command_name="test", config_updates={
+        "reload_model_path": str(run_dir), "supp_idx": 0, "eval_mode": "all_slices", "test_label": [1],
+        "test_batch_size": 8, "n_overlay_slices": 0, "device": "cpu",
+        "path": {"log_dir": str(tmp_path / "tests")}}).result
+    expected, _ = read(Path(result["run_dir"]) / "predictions" / "scan2_class1_liver.nii.gz")
+    assert run_predict(args(run_dir, phantoms, tmp_path / "pred", "--classes", "1")) == 0
+    got, _ = read(tmp_path / "pred" / "image_2_pred.nii.gz")
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_deterministic_bit_for_bit(two_class: Path, run_dir: Path, phantoms: Path, tmp_path: Path) -> None:
+    assert run_predict(args(run_dir, phantoms, tmp_path, "--classes", "1", "2")) == 0
+    for name in ("image_2_pred.nii.gz", "image_2_pred.json"):
+        assert (tmp_path / name).read_bytes() == (two_class / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def reoriented(image: sitk.Image, code: str) -> sitk.Image:
+    """The same voxels in another storage orientation (axes permuted / flipped, same physical space)."""
+    return sitk.DICOMOrient(image, code)
+
+
+def test_reoriented_query_comes_back_on_its_own_grid(two_class: Path, run_dir: Path, phantoms: Path,
+                                                     tmp_path: Path) -> None:
+    """A query stored as RPI with its axes permuted (k not axial) gives the same labels, on its grid."""
+    original = sitk.ReadImage(str(phantoms / "image_2.nii.gz"))
+    moved = sitk.PermuteAxes(reoriented(original, "RPI"), [2, 0, 1])
+    path = tmp_path / "moved.nii.gz"
+    sitk.WriteImage(moved, str(path))
+    assert run_predict(args(run_dir, phantoms, tmp_path / "out", "--classes", "1", "2", query=[path])) == 0
+    pred, image = read(tmp_path / "out" / "moved_pred.nii.gz")
+    same_geometry(image, sitk.ReadImage(str(path)))  # the query as stored (NIfTI keeps float32 geometry)
+    reference = sitk.ReadImage(str(two_class / "image_2_pred.nii.gz"))
+    back = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(reference))
+    report = json.loads((tmp_path / "out" / "moved_pred.json").read_text())
+    assert report["orientation"]["model"] == "LAS" and report["orientation"]["query"] != "LAS"
+    assert report["segmented_k_range"] is None  # k is not the query's axial axis
+
+
+def test_resampled_rotated_query_comes_back_on_its_own_grid(run_dir: Path, phantoms: Path, tmp_path: Path) -> None:
+    """A query resampled to another size and spacing (non-square pixels) on a rotated grid."""
+    original = sitk.ReadImage(str(phantoms / "image_2.nii.gz"))
+    angle = np.deg2rad(12.0)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    direction = (rot @ np.array(original.GetDirection()).reshape(3, 3)).ravel()
+    grid = sitk.Image([40, 56, original.GetSize()[2]], original.GetPixelID())
+    grid.SetSpacing([original.GetSpacing()[0] * 1.3, original.GetSpacing()[1] * 0.9, original.GetSpacing()[2]])
+    grid.SetDirection(tuple(direction))
+    grid.SetOrigin(original.GetOrigin())
+    query = sitk.Resample(original, grid, sitk.Transform(), sitk.sitkLinear, 0)
+    path = tmp_path / "rotated.nii.gz"
+    sitk.WriteImage(query, str(path))
+    assert run_predict(args(run_dir, phantoms, tmp_path / "out", "--classes", "1", query=[path])) == 0
+    pred, image = read(tmp_path / "out" / "rotated_pred.nii.gz")
+    same_geometry(image, sitk.ReadImage(str(path)))
+    assert pred.shape == (original.GetSize()[2], 56, 40) and set(np.unique(pred)) <= {0, 1}
+
+
+def write_dicom_series(image: sitk.Image, folder: Path) -> None:
+    """``image`` as a DICOM series, one file per slice (SimpleITK's series-writing recipe)."""
+    folder.mkdir()
+    d = image.GetDirection()
+    tags = [("0008|0031", "000000"), ("0008|0021", "20260101"), ("0008|0008", "DERIVED\\SECONDARY"),
+            ("0020|000e", "1.2.826.0.1.3680043.2.1125.20260101.1"), ("0008|103e", "query"),
+            ("0020|0037", "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])))]
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(image.GetSize()[2]):
+        plane = image[:, :, z]
+        for tag, value in tags:
+            plane.SetMetaData(tag, value)
+        plane.SetMetaData("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, z))))
+        plane.SetMetaData("0020|0013", str(z))
+        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.Execute(plane)
+
+
+def test_dicom_series_query(two_class: Path, run_dir: Path, phantoms: Path, tmp_path: Path) -> None:
+    """A DICOM series folder as query gives the NIfTI query's labels, on the series' own grid."""
+    folder = tmp_path / "dicom_query"
+    write_dicom_series(sitk.ReadImage(str(phantoms / "image_2.nii.gz")), folder)
+    assert run_predict(args(run_dir, phantoms, tmp_path / "out", "--classes", "1", "2", query=[folder])) == 0
+    pred, image = read(tmp_path / "out" / "dicom_query_pred.nii.gz")
+    assert image.GetSize() == read_input(folder, "query").GetSize()
+    reference = sitk.ReadImage(str(two_class / "image_2_pred.nii.gz"))
+    back = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(reference))
+
+
+def test_plane_grid_pads_and_crops_back() -> None:
+    grid = PlaneGrid.make((40, 56), (0.9, 1.3), 32)
+    assert grid.square == (40, 81) and grid.side == 81 and grid.pad == (20, 0)  # square pixels of 0.9 mm
+    masks = np.zeros((1, 40, 56), dtype=bool)
+    masks[0, 10:30, 5:50] = True
+    assert grid.masks(masks).shape == (1, 32, 32)
+    images = grid.images(np.random.default_rng(0).normal(size=(2, 40, 56)).astype(np.float32), -3.0)
+    assert images.shape == (2, 3, 32, 32) and float(images.min()) >= -3.0 - 1e-5
+    prob = torch.softmax(torch.randn(2, 2, 32, 32), dim=1)
+    back = grid.probabilities(prob)
+    assert back.shape == (2, 2, 40, 56)
+    torch.testing.assert_close(back.sum(dim=1), torch.ones(2, 40, 56))
+
+
+def test_query_range_limits_the_segmented_slices(run_dir: Path, phantoms: Path, tmp_path: Path) -> None:
+    assert run_predict(args(run_dir, phantoms, tmp_path, "--classes", "1", "2", "--query-range", "5", "12")) == 0
+    pred, _ = read(tmp_path / "image_2_pred.nii.gz")
+    outside = np.ones(pred.shape[0], dtype=bool)
+    outside[5:13] = False
+    assert not pred[outside].any()
+    report = json.loads((tmp_path / "image_2_pred.json").read_text())
+    assert report["segmented_k_range"] == [5, 12] and report["segmented_slices"] == 8
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def expect_error(argv: list[str], out: Path, capsys, pattern: str) -> None:
+    capsys.readouterr()
+    assert run_predict(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert pattern in err[0], err[0]
+    assert not out.exists(), "a refused prediction must write nothing"
+
+
+def test_support_label_without_the_class(run_dir: Path, phantoms: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    expect_error(args(run_dir, phantoms, out, "--classes", "1", "7"), out, capsys, "holds no voxel of class [7]")
+
+
+def test_images_that_are_not_3d(run_dir: Path, phantoms: Path, tmp_path: Path, capsys) -> None:
+    image = sitk.ReadImage(str(phantoms / "image_2.nii.gz"))
+    flat = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(image[:, :, 10], str(flat))
+    out = tmp_path / "out"
+    expect_error(args(run_dir, phantoms, out, query=[flat]), out, capsys, "is not a 3D single-channel volume")
+    series = tmp_path / "four_d.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([image, image]), str(series))
+    argv = args(run_dir, phantoms, out)
+    argv[argv.index("--support-image") + 1] = str(series)
+    expect_error(argv, out, capsys, "has 4 dimensions")
+
+
+def test_label_on_another_grid(run_dir: Path, phantoms: Path, tmp_path: Path, capsys) -> None:
+    label = sitk.ReadImage(str(phantoms / "label_1.nii.gz"))
+    label.SetSpacing([s * 1.5 for s in label.GetSpacing()])
+    path = tmp_path / "label.nii.gz"
+    sitk.WriteImage(label, str(path))
+    argv = args(run_dir, phantoms, tmp_path / "out")
+    argv[argv.index("--support-label") + 1] = str(path)
+    expect_error(argv, tmp_path / "out", capsys, "is not on the grid of its image")
+
+
+def test_unreadable_snapshot(run_dir: Path, phantoms: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    argv = args(run_dir, phantoms, tmp_path / "out")
+    argv[argv.index("--snapshot") + 1] = str(bad)
+    expect_error(argv, tmp_path / "out", capsys, "cannot read snapshot")
+    (tmp_path / "empty_run" / "snapshots").mkdir(parents=True)
+    argv[argv.index("--snapshot") + 1] = str(tmp_path / "empty_run")
+    expect_error(argv, tmp_path / "out", capsys, "no final snapshot")
+
+
+def test_help_states_the_rule() -> None:
+    text = subprocess.run([sys.executable, str(REPO / "predict.py"), "--help"], capture_output=True, text=True,
+                          cwd=REPO, check=True).stdout
+    assert "same relative position" in " ".join(text.split()) and "--query-range" in text
+
+
+# ---------------------------------------------------------------------------------------------- converter
+def test_converted_reference_checkpoint_predicts(phantoms: Path, tmp_path: Path) -> None:
+    """A reference-named state dict (reference prototype counts, random weights) -> models.convert
+    --dataset CHAOST2 -> its meta describes the model, and predict.py uses it as it is."""
+    torch.manual_seed(0)
+    ours = build_model({"backbone": "resnet50", "pretrained_weights": "none"}, SIZE).state_dict()
+    inverse = {o: r for r, o in PREFIX_MAP.items()}
+    reference = {}
+    for key, value in ours.items():
+        prefix = next(p for p in inverse if key.startswith(p))
+        reference[inverse[prefix] + key[len(prefix):]] = value
+    torch.save(reference, tmp_path / "ref.pth")
+    convert_file(tmp_path / "ref.pth", tmp_path / "conv.pth", dataset="CHAOST2")
+    meta = read_header(tmp_path / "conv.pth")["meta"]
+    assert meta["backbone"] == "resnet50" and meta["image_size"] == SIZE and meta["orientation"] == "LAS"
+    assert meta["class_names"]["1"] == "LIVER" and meta["model_keys"]["tau_fg"] == 0.5
+    assert meta["model_keys"]["n_mlp_bg"] == 600 and meta["normalisation"] == "per-volume z-score"
+    assert run_predict(args(tmp_path / "conv.pth", phantoms, tmp_path / "out", "--classes", "1")) == 0
+    report = json.loads((tmp_path / "out" / "image_2_pred.json").read_text())
+    assert report["classes"]["1"]["name"] == "LIVER"

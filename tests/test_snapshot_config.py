@@ -1,0 +1,169 @@
+"""Runs that remember their own config, on synthetic phantoms (no external data): snapshot ``meta``,
+``test.py`` with only ``reload_model_path`` and data keys, model keys that contradict the snapshot,
+exact resume with ``resume=RUN`` alone, and resume refusals (no run folder left behind)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from config import ex  # noqa: E402
+import train as _train  # noqa: E402,F401  (registers the 'train' command)
+from data import synthetic  # noqa: E402
+from utils.snapshot import describe, load_snapshot  # noqa: E402
+
+if "qamp_test_script" not in sys.modules:  # test.py clashes with the standard library's `test`
+    _spec = importlib.util.spec_from_file_location("qamp_test_script", REPO / "test.py")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _module
+    _spec.loader.exec_module(_module)
+
+NATIVE, SIZE = 48, 32
+TINY_HEAD = {"n_mlp_fg": 8, "n_keep_fg": 4, "n_query_fg": 4, "n_edge": 4, "n_mlp_bg": 16, "n_keep_bg": 8,
+             "n_query_bg": 4, "feature_dim": 64}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms48")
+    synthetic.generate(out, n_scans=5, seed=3, size=NATIVE, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(phantoms: Path, tmp_path_factory) -> dict:
+    """4 steps in one go (snapshots after steps 2 and 4); lr 0.02 halved every 2 steps."""
+    config = {"dataset": "custom", "data_dir": str(phantoms), "backbone": "resnet50", "pretrained_weights": "none",
+              "device": "cpu", "num_workers": 0, "min_size": 20, "n_steps": 4, "save_snapshot_every": 2,
+              "print_interval": 2, "max_iters_per_load": 2, "lr_step_gamma": 0.5, "image_size": SIZE,
+              "supervoxel_source": "generate", "test_label": [1, 2], "n_overlay_slices": 0,
+              "test_batch_size": 8, "optim.lr": 0.02, "path": {"log_dir": str(tmp_path_factory.mktemp("runs"))},
+              **TINY_HEAD}
+    return ex.run(command_name="train", config_updates=config).result
+
+
+def run_folders(log_dir: Path) -> set[str]:
+    return {p.name for p in log_dir.iterdir() if p.is_dir() and not p.name.startswith("_")} if log_dir.exists() else set()
+
+
+# ---------------------------------------------------------------------------------------------- meta
+def test_snapshot_describes_itself(straight: dict) -> None:
+    snapshot = load_snapshot(straight["snapshot"])
+    meta = snapshot["meta"]
+    assert meta["version"] == 1 and meta["image_size"] == SIZE and meta["backbone"] == "resnet50"
+    assert meta["normalisation"] == "per-volume z-score" and meta["dataset"] == "custom"
+    assert meta["class_names"] == {"1": "liver", "2": "right_kidney", "3": "left_kidney", "4": "spleen"}
+    assert meta["orientation"] == "LAS"
+    keys = meta["model_keys"]
+    assert keys["model"] == "qamp" and keys["image_size"] == SIZE and keys["n_mlp_fg"] == 8
+    assert keys["query_loss_weights"] == [0.1, 1.0] and "fast_mlp" not in keys
+    assert snapshot["config"]["n_steps"] == 4  # the training config travels with it
+    # a snapshot written before meta existed is described from its config
+    old = {k: v for k, v in snapshot.items() if k != "meta"}
+    assert describe(old)["model_keys"] == keys
+
+
+# ---------------------------------------------------------------------------------------------- test.py
+def test_test_py_with_only_reload_model_path_and_data_keys(straight: dict, tmp_path: Path) -> None:
+    log_dir = tmp_path / "tests"
+    result = ex.run(command_name="test", config_updates={
+        "reload_model_path": straight["run_dir"], "supp_idx": 0, "test_label": [2], "n_overlay_slices": 0,
+        "device": "cpu", "path": {"log_dir": str(log_dir)}}).result
+    folder = Path(result["run_dir"])
+    assert folder.name == "test_custom_setting1_fold0_supp0"  # dataset and fold from the snapshot
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["model_image_size"] == SIZE and list(summary["classes"]) == ["2"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["backbone"] == "resnet50" and config["n_mlp_fg"] == 8 and config["image_size"] == SIZE
+    assert "image size 32" in (folder / "logger.log").read_text()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("backbone", "resnet101", "backbone='resnet50' (this run: 'resnet101')"),
+    ("n_mlp_fg", 9, "n_mlp_fg=8 (this run: 9)"),
+    ("image_size", 48, "image_size=32 (this run: 48)")])
+def test_test_py_refuses_model_keys_that_contradict_the_snapshot(straight: dict, tmp_path: Path, key: str,
+                                                                   value, message: str) -> None:
+    log_dir = tmp_path / "tests"
+    with pytest.raises(ValueError) as info:
+        ex.run(command_name="test", config_updates={
+            "reload_model_path": straight["run_dir"], "supp_idx": 0, key: value, "device": "cpu",
+            "path": {"log_dir": str(log_dir)}})
+    assert message in str(info.value) and "Drop these keys" in str(info.value)
+    assert run_folders(log_dir) == set(), "a refused test run must leave no run folder"
+
+
+def test_failed_test_run_leaves_no_folder(straight: dict, tmp_path: Path) -> None:
+    log_dir = tmp_path / "tests"
+    with pytest.raises(FileNotFoundError):
+        ex.run(command_name="test", config_updates={
+            "reload_model_path": straight["run_dir"], "data_dir": str(tmp_path / "missing"), "device": "cpu",
+            "path": {"log_dir": str(log_dir)}})
+    assert run_folders(log_dir) == set()
+
+
+# ---------------------------------------------------------------------------------------------- resume
+@pytest.fixture
+def interrupted(straight: dict, tmp_path: Path) -> Path:
+    """A copy of the straight run as if it had stopped after step 2 (no final snapshot)."""
+    folder = tmp_path / "interrupted"
+    shutil.copytree(straight["run_dir"], folder)
+    (folder / "snapshots" / "final.pth").unlink()
+    assert [p.name for p in (folder / "snapshots").iterdir()] == ["step_0000002.pth"]
+    return folder
+
+
+def test_resume_alone_continues_exactly(straight: dict, interrupted: Path) -> None:
+    result = ex.run(command_name="train", config_updates={"resume": str(interrupted)}).result
+    folder = Path(result["run_dir"])
+    assert folder.parent == Path(straight["run_dir"]).parent  # the run's own log_dir
+    assert folder.name == "train_custom_setting1_fold0_2"  # named from the restored config
+    continued, uninterrupted = load_snapshot(result["snapshot"]), load_snapshot(straight["snapshot"])
+    assert continued["step"] == 4
+    assert continued["history"]["loss"] == uninterrupted["history"]["loss"]
+    for key, value in uninterrupted["model"].items():
+        torch.testing.assert_close(continued["model"][key], value, rtol=0, atol=0, msg=key)
+    log = (folder / "logger.log").read_text()
+    assert "resume: learning rate 1.000e-02" in log  # 0.02 halved after 2 steps: the restored value
+    step4 = next(line for line in log.splitlines() if " - step 4: " in line)
+    assert step4.endswith("lr=1.000e-02")
+
+
+def test_resume_may_change_logging_keys(straight: dict, interrupted: Path, tmp_path: Path) -> None:
+    result = ex.run(command_name="train", config_updates={
+        "resume": str(interrupted), "print_interval": 1, "path": {"log_dir": str(tmp_path / "elsewhere")}}).result
+    assert Path(result["run_dir"]).parent == tmp_path / "elsewhere"
+    assert load_snapshot(result["snapshot"])["history"]["loss"] == load_snapshot(straight["snapshot"])["history"]["loss"]
+    assert "print_interval 2 -> 1" in (Path(result["run_dir"]) / "logger.log").read_text()
+
+
+@pytest.mark.parametrize("updates, listed", [
+    ({"eval_fold": 1}, ["eval_fold=0 (this run: 1)"]),
+    ({"optim.lr": 0.001, "seed": 7}, ["optim={'lr': 0.02", "'lr': 0.001", "seed=2025 (this run: 7)"]),
+    ({"backbone": "resnet101", "image_size": 48}, ["backbone='resnet50'", "image_size=32 (this run: 48)"])])
+def test_resume_refuses_keys_that_change_the_run(straight: dict, interrupted: Path, updates: dict,
+                                                 listed: list[str]) -> None:
+    log_dir = Path(straight["run_dir"]).parent
+    before = run_folders(log_dir)
+    with pytest.raises(ValueError, match="a resumed run continues with its own config") as info:
+        ex.run(command_name="train", config_updates={"resume": str(interrupted), **updates})
+    for text in listed:
+        assert text in str(info.value)
+    assert run_folders(log_dir) == before, "a refused resume must leave no run folder"
+
+
+def test_resume_of_a_finished_run_needs_more_steps(straight: dict) -> None:
+    log_dir = Path(straight["run_dir"]).parent
+    before = run_folders(log_dir)
+    with pytest.raises(ValueError, match="already has 4 steps and n_steps=4; raise n_steps"):
+        ex.run(command_name="train", config_updates={"resume": straight["run_dir"]})
+    assert run_folders(log_dir) == before
