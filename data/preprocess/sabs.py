@@ -138,7 +138,7 @@ def run(raw: Path, out: Path, *, overwrite: bool = False, min_tps: Sequence[int]
     check_output_free(final, overwrite)
     cases = discover(raw)
     id_map = {str(c.scan_id): c.sources["image"] for c in cases}
-    spec = dataclasses.replace(SPEC, inplane_size=int(params["inplane_size"]))
+    spec = dataclasses.replace(SPEC, image_size=int(params["inplane_size"]))
     return write_dataset(cases, lambda case: process(case, params), out=final, spec=spec,
                          recipe="sabs_ct", parameters=params, raw=raw,
                          min_tps=tuple(min_tps or SPEC.min_tps), overwrite=overwrite,
