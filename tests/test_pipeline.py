@@ -180,6 +180,7 @@ def test_support_feature_cache_changes_no_prediction(trained: dict, small_chaos:
     """Support slices are encoded once per run; the predictions equal those without the cache."""
     from dataloaders.test_dataset import TestDataset
     from models import build_model, make_generator
+    from utils.evaluate import predict_scan
 
     model = build_model(base_config(small_chaos, small_chaos, model="qamp"), 256 // FACTOR)
     model.load_state_dict(load_snapshot(trained["snapshot"])["model"])

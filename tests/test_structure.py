@@ -6,6 +6,7 @@ import re
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,10 +111,8 @@ def test_no_citation_of_documents_outside_the_repository() -> None:
     assert not offenders, f"cite docs/METHOD.md instead: {offenders}"
     method = (REPO / "docs" / "METHOD.md").read_text()
     for path in REPO.rglob("*.py"):
-        for line in path.read_text().splitlines():
-            if "docs/METHOD.md §" in line:
-                section = re.match(r"[0-9.]*[0-9]", line.split("docs/METHOD.md §")[1]).group(0)
-                assert f"## {section} " in method or f"### {section} " in method, (path, section)
+        for section in re.findall(r"docs/METHOD\.md §(\d+(?:\.\d+)?)", path.read_text()):
+            assert f"## {section} " in method or f"### {section} " in method, (path, section)
 
 
 # Distribution name in requirements.txt -> the module the code imports.

@@ -295,7 +295,7 @@ def run(raw: Path, out: Path, *, overwrite: bool = False, min_tps: Sequence[int]
     cases = discover(raw)
     crop = params["crop_xy"]
     spec = dataclasses.replace(SPEC, spacing=tuple(params["spacing"]),
-                               inplane_size=crop[0] if crop is not None and crop[0] == crop[1] else None,
+                               image_size=crop[0] if crop is not None and crop[0] == crop[1] else None,
                                orientation=params["orientation"])
     return write_dataset(cases, lambda case: process(case, params), out=final, spec=spec,
                          recipe="chaos_t2spir", parameters=params, raw=raw,
