@@ -2,8 +2,6 @@
 lines without Sacred warnings, every pinned requirement used. No external data."""
 from __future__ import annotations
 
-import re
-
 import ast
 import os
 import re
