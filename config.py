@@ -382,7 +382,7 @@ def _from_snapshot(config: dict, command_name: str, logger) -> dict:
     config (explicit updates still win; :func:`_check_final` refuses those that contradict it)."""
     from utils.run_config import snapshot_updates
 
-    return snapshot_updates(config, command_name)
+    return snapshot_updates(config, command_name, (*DATASETS, CUSTOM))
 
 
 @ex.final_config_check
@@ -392,7 +392,17 @@ def _check_final(config: Mapping[str, Any], command_name: str) -> None:
 
     if command_name == "train" and config["resume"] is not None:
         validate_config(config, "train")
-    check_against_snapshot(config, command_name)
+    check_against_snapshot(config, command_name, _native_size)
+
+
+def _native_size(config: Mapping[str, Any]) -> int | None:
+    """The dataset's native in-plane size (None when the dataset cannot be read)."""
+    from dataloaders.datasets import get_dataset
+
+    try:
+        return get_dataset(config["dataset"], config["data_dir"]).image_size
+    except (OSError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

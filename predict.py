@@ -10,7 +10,7 @@ snapshot's own description (``meta``: model keys, image size, backbone, normalis
 orientation of the training scans); no config key is needed.
 
 Inputs (``S``, ``SL``, each ``Q``) are NIfTI files or DICOM series folders of any size, spacing and
-orientation (see ``utils/predict_io.py``): each volume is re-oriented to the training scans'
+orientation (see ``dataloaders/predict_io.py``): each volume is re-oriented to the training scans'
 orientation, z-scored per volume, its axial slices resampled to the model's image size; the class
 probabilities go back to the query's grid (bilinear, then argmax) and the label map is written in the
 query's own orientation and geometry. The query's labels are never needed.
@@ -44,7 +44,7 @@ from dataloaders.test_dataset import chunk_bounds, support_fractions
 from models import build_model, check_state_dict, make_generator
 from utils.run import resolve_device, set_determinism
 from utils.io import write_image, write_json
-from utils.predict_io import (InputError, Oriented, PlaneGrid, back_to_source, check_same_grid, label_values,
+from dataloaders.predict_io import (InputError, Oriented, PlaneGrid, back_to_source, check_same_grid, label_values,
                               orient, read_input, source_slice_index)
 from utils.snapshot import DEFAULT_ORIENTATION, NORMALISATION, describe, find_snapshot, load_snapshot
 

@@ -114,7 +114,7 @@ def convert_file(ref_path: Path, out_path: Path, overwrite: bool = False, datase
 
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists: pass --overwrite to replace it")
-    from utils.snapshot import load_torch_file
+    from utils.io import load_torch_file
 
     state = load_torch_file(ref_path, "a reference QAMP checkpoint (state_dict)", "reference checkpoint")
     converted, leftovers = split_reference_state_dict(state)

@@ -132,7 +132,7 @@ def load_pretrained(encoder: Encoder, kind: str, path: Optional[str] = None, bac
     if kind == "none":
         return 0
     file = resolve_pretrained_path(kind, path, backbone)
-    from utils.snapshot import load_torch_file  # local: utils.snapshot is not needed to build models
+    from utils.io import load_torch_file
 
     key = PRETRAINED_ENV if os.environ.get(PRETRAINED_ENV) else "pretrained_path"
     state = _unwrap(load_torch_file(file, f"{kind} {backbone} weights (a state_dict)", key), file)

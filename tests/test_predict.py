@@ -23,7 +23,7 @@ import predict  # noqa: E402
 from data import synthetic  # noqa: E402
 from models import build_model  # noqa: E402
 from models.convert import PREFIX_MAP, convert_file  # noqa: E402
-from utils.predict_io import PlaneGrid, read_input  # noqa: E402
+from dataloaders.predict_io import PlaneGrid, read_input  # noqa: E402
 from utils.snapshot import read_header  # noqa: E402
 
 if "qamp_test_script" not in sys.modules:  # test.py clashes with the standard library's `test`
@@ -289,7 +289,7 @@ def test_unreadable_snapshot(run_dir: Path, phantoms: Path, tmp_path: Path, caps
     bad.write_bytes(b"not a checkpoint")
     argv = args(run_dir, phantoms, tmp_path / "out")
     argv[argv.index("--snapshot") + 1] = str(bad)
-    expect_error(argv, tmp_path / "out", capsys, "cannot read snapshot")
+    expect_error(argv, tmp_path / "out", capsys, "expected a PyTorch file")
     (tmp_path / "empty_run" / "snapshots").mkdir(parents=True)
     argv[argv.index("--snapshot") + 1] = str(tmp_path / "empty_run")
     expect_error(argv, tmp_path / "out", capsys, "no final snapshot")

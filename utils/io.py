@@ -396,3 +396,59 @@ def read_volume(path: str | os.PathLike, ndim: int = 3) -> tuple[np.ndarray, sit
     check_complete(path, array)
     check_finite(path, array)
     return array, image
+
+
+def _describe_content(path: Path) -> str:
+    """A short description of what a file holds, from its first bytes (for error messages)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError as err:
+        return f"an unreadable file ({err.strerror or err})"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip data (an image or an archive?)"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive that torch cannot read (truncated or not a torch.save file)"
+    if head.startswith(b"\x80"):
+        return "a pickle that torch cannot read (truncated, or saved by another program)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"binary data starting with {head[:8]!r}"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file starting with {first!r}"
+
+
+def load_torch_file(path: str | os.PathLike, what: str, key: str,
+                    map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error for files that are not torch files.
+
+    Every weights / snapshot reader (``load_snapshot``, ``models.encoder.load_pretrained``,
+    ``models.convert``) goes through here, so a text file, an image or a truncated download gets
+    the same message everywhere instead of a raw ``KeyError`` / ``UnpicklingError``.
+
+    Args:
+        path: the file.
+        what: what the file should be, e.g. ``"snapshot"``, ``"pretrained weights"``.
+        key: the config key or option that named it (used in the fix).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``"{key}={path}: expected a PyTorch file (torch.save) holding {what}, got ..."``.
+    """
+    import torch  # here, not at the top: readers of images (e.g. supervoxel workers) need no torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={str(path)!r}: {what} file not found; pass an existing file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises KeyError, UnpicklingError, RuntimeError, EOFError ...
+        detail = str(err).splitlines()[0][:200] if str(err) else ""
+        raise ValueError(
+            f"{key}={str(path)!r}: expected a PyTorch file (written by torch.save) holding {what}, "
+            f"got {_describe_content(path)} ({err.__class__.__name__}: {detail}); point {key} at "
+            f"the right .pth file (re-download or re-create it if it is damaged)"
+        ) from None

@@ -17,9 +17,9 @@ snapshot's training config when they are not given (data keys: the command line 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
-from dataloaders.datasets import CUSTOM, DATASETS, get_dataset
+
 from utils.snapshot import _plain, find_snapshot, read_header
 
 # Keys a resumed run may change: they do not change the training run's meaning or its loss sequence
@@ -53,7 +53,7 @@ def _header(config: Mapping[str, Any], kind: str) -> dict[str, Any]:
     return header
 
 
-def snapshot_updates(config: Mapping[str, Any], command: str | None) -> dict[str, Any]:
+def snapshot_updates(config: Mapping[str, Any], command: str | None, known_datasets: Sequence[str] = ()) -> dict[str, Any]:
     """Config hook: the snapshot's values of the keys this run takes from it (see module docstring)."""
     kind = _uses_snapshot(config, command)
     if kind is None:
@@ -65,19 +65,13 @@ def snapshot_updates(config: Mapping[str, Any], command: str | None) -> dict[str
     meta = header["meta"]
     updates = {k: v for k, v in meta["model_keys"].items() if k in config}
     updates.update({k: stored[k] for k in TEST_SNAPSHOT_DEFAULTS if k in stored and k in config})
-    if "dataset" not in stored and meta.get("dataset") in (*DATASETS, CUSTOM):
+    if "dataset" not in stored and meta.get("dataset") in known_datasets:
         updates["dataset"] = meta["dataset"]  # converted reference checkpoint with --dataset
     return updates
 
 
-def _native_size(config: Mapping[str, Any]) -> int | None:
-    try:
-        return get_dataset(config["dataset"], config["data_dir"]).image_size
-    except (OSError, ValueError):
-        return None
-
-
-def check_against_snapshot(config: Mapping[str, Any], command: str | None) -> None:
+def check_against_snapshot(config: Mapping[str, Any], command: str | None,
+                           native_size: Callable[[Mapping[str, Any]], int | None] = lambda config: None) -> None:
     """Refuse, before the run starts, a final config that contradicts its snapshot.
 
     Raises:
@@ -90,12 +84,13 @@ def check_against_snapshot(config: Mapping[str, Any], command: str | None) -> No
         return
     header = _header(config, kind)
     if kind == "test":
-        _check_test(config, header)
+        _check_test(config, header, native_size)
     else:
         _check_resume(config, header)
 
 
-def _check_test(config: Mapping[str, Any], header: Mapping[str, Any]) -> None:
+def _check_test(config: Mapping[str, Any], header: Mapping[str, Any],
+                native_size: Callable[[Mapping[str, Any]], int | None]) -> None:
     differing, notes = [], []
     for key, stored in header["meta"]["model_keys"].items():
         if key not in config:
@@ -105,7 +100,7 @@ def _check_test(config: Mapping[str, Any], header: Mapping[str, Any]) -> None:
             if stored is None or value == stored:
                 continue
             if value is None:
-                native = _native_size(config)
+                native = native_size(config)
                 if native == stored:
                     continue
                 notes.append(f"image_size=None means the native size of dataset {config['dataset']}"
