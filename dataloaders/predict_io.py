@@ -19,6 +19,7 @@ nothing, so the model input is exactly what ``test.py`` gives it.
 """
 from __future__ import annotations
 
+import locale
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ def read_input(path: str | os.PathLike, what: str) -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} {path} does not exist: pass a NIfTI file or a DICOM series folder")
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM sets the C locale and leaves it (ASCII text I/O after)
     try:
         if path.is_dir():
             series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
@@ -69,6 +71,8 @@ def read_input(path: str | os.PathLike, what: str) -> sitk.Image:
     except RuntimeError as err:
         last = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reader error"
         raise InputError(f"cannot read {what} {path}: not a readable medical image ({last})") from None
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{what} {path} is not a 3D single-channel volume: it has {image.GetDimension()} "
                          f"dimensions (size {image.GetSize()}) and {image.GetNumberOfComponentsPerPixel()} "
