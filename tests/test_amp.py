@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from tiny_phantoms import SIZE, make_phantoms, tiny_config  # noqa: E402
+from helpers import SIZE, make_phantoms, tiny_config  # noqa: E402
 from models import build_model, make_generator  # noqa: E402
 from utils.amp import Amp, check_amp  # noqa: E402
 

@@ -1,7 +1,7 @@
-"""torchrun data parallelism on a CPU (2 gloo ranks): identical parameters, the averaged-gradient
-step of a single process, rank 0 alone writing the run folder, exact resume and its world-size rule.
+"""torchrun data parallelism on a CPU (2 gloo ranks): train.py against one process averaging the
+gradients of the same episodes, rank 0 alone writing the run folder, exact resume and its world-size rule.
 
-The runs are a ResNet-50 QAMP at 32 x 32 on the synthetic phantoms (tests/tiny_phantoms.py).
+The runs are a ResNet-50 QAMP at 32 x 32 on the synthetic phantoms (tests/helpers.py).
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from tiny_phantoms import TINY_ARGS, make_phantoms  # noqa: E402
+from helpers import TINY_ARGS, experiment, make_phantoms, tiny_config  # noqa: E402
 from utils import distributed as ddp  # noqa: E402
 from utils.snapshot import load_snapshot  # noqa: E402
 
-N_STEPS = 3
+N_STEPS = 4
 
 
 def _env() -> dict:
@@ -69,48 +69,55 @@ def test_other_world_size_is_refused() -> None:
         ddp.check_world_size({}, ddp.Distributed(rank=0, world_size=2))
 
 
-def test_two_ranks_equal_the_averaged_gradient_step(phantoms: Path, tmp_path: Path) -> None:
-    """Both ranks hold identical parameters after each step, and those equal one process that
-    averages the gradients of the same two episodes (2k with generator (seed, 0), 2k + 1 with
-    (seed, 1)) up to float rounding."""
-    from ddp_worker import build, collate
+def build(data_dir: Path, log_dir: Path, n_steps: int):
+    """Config, dataset, model (initialised from ``seed``), optimizer and scheduler as train.py builds them."""
+    import train
+
+    config = experiment().run("print_config", config_updates=tiny_config(data_dir, log_dir, n_steps=n_steps)).config
+    dataset, spec = train.build_dataset(config)
+    torch.manual_seed(config["seed"])
+    model = train.build_model(config, spec.image_size).train()
+    optimizer, scheduler = train.build_optimizer(model, config)
+    return config, dataset, model, optimizer, scheduler
+
+
+def averaged_gradient_steps(data_dir: Path, log_dir: Path, n_steps: int) -> tuple[list[float], torch.nn.Module]:
+    """One process doing what 2 ranks should: step k averages the gradients of episodes 2k (generator
+    (seed, 0)) and 2k + 1 (generator (seed, 1)). Returns the mean losses and the model."""
     from models import make_generator
 
-    out = tmp_path / "ddp.pt"
-    result = torchrun(str(REPO / "tests" / "ddp_worker.py"), str(phantoms), str(out), str(N_STEPS))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ddp_run = torch.load(out, weights_only=True)
-    assert ddp_run["world_size"] == 2
-    assert ddp_run["same"] == [True] * (N_STEPS + 1)  # before the first step and after each one
-
-    config, dataset, model, optimizer, scheduler = build(str(phantoms), str(tmp_path), N_STEPS)
+    config, dataset, model, optimizer, scheduler = build(data_dir, log_dir, n_steps)
     generators = [make_generator(config["seed"], r) for r in range(2)]
     losses = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1): the thread count changes float rounding
-    for step in range(N_STEPS):
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for rank in range(2):
-            batch = collate(dataset[ddp.episode_index(step, rank, 2)])
-            out_ = model(batch["support_images"], batch["support_masks"], batch["query_images"][:, 0],
-                         batch["query_labels"][:, 0], generator=generators[rank])
-            (out_["loss"] / 2).backward()
-            total += out_["loss"].item() / 2
-        optimizer.step()
-        scheduler.step()
-        losses.append(total)
-    torch.set_num_threads(threads)
-    assert ddp_run["losses"] == pytest.approx(losses, rel=1e-5)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(ddp_run["params"][name], param.detach(), rtol=1e-4, atol=1e-6, msg=name)
-    # the two ranks' episodes differ (otherwise the test would prove little)
+    try:
+        for step in range(n_steps):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for rank in range(2):
+                batch = torch.utils.data.default_collate([dataset[ddp.episode_index(step, rank, 2)]])
+                out = model(batch["support_images"], batch["support_masks"], batch["query_images"][:, 0],
+                            batch["query_labels"][:, 0], generator=generators[rank])
+                (out["loss"] / 2).backward()
+                total += out["loss"].item() / 2
+            optimizer.step()
+            scheduler.step()
+            losses.append(total)
+    finally:
+        torch.set_num_threads(threads)
+    # the two ranks' episodes differ (otherwise the comparison would prove little)
     assert not torch.equal(dataset[0]["query_images"], dataset[1]["query_images"])
+    return losses, model
 
 
-def test_torchrun_train_rank0_folder_and_exact_resume(phantoms: Path, tmp_path: Path) -> None:
+def test_torchrun_train_equals_averaged_gradients_and_resumes_exactly(phantoms: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 train.py``: rank 0 alone writes the run folder; the trained weights
+    and losses equal one process averaging the gradients of the same episodes (up to float rounding:
+    the ranks' parameters stayed identical, or rank 0's would drift from it); a resume from the
+    step-2 snapshot gives the same losses and weights bit for bit; one process refuses that snapshot."""
     args = [*TINY_ARGS, f"data_dir={phantoms}", "save_snapshot_every=2", "keep_snapshots=2"]
-    full = torchrun("train.py", "with", *args, "n_steps=4", f"path.log_dir={tmp_path / 'a'}")
+    full = torchrun("train.py", "with", *args, f"n_steps={N_STEPS}", f"path.log_dir={tmp_path / 'a'}")
     assert full.returncode == 0, full.stderr[-3000:]
     folders = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name.startswith("train_"))
     assert folders == ["train_custom_setting1_fold0"]  # rank 1 made no run folder
@@ -118,28 +125,34 @@ def test_torchrun_train_rank0_folder_and_exact_resume(phantoms: Path, tmp_path: 
     final = load_snapshot(run / "snapshots" / "final.pth")
     assert final["world_size"] == 2 and len(final["rank_states"]) == 2
     assert not torch.equal(final["rank_states"][0]["generator"], final["rank_states"][1]["generator"])
-    assert len(final["history"]["loss"]) == 4
+    assert len(final["history"]["loss"]) == N_STEPS
+
+    losses, model = averaged_gradient_steps(phantoms, tmp_path / "reference", N_STEPS)
+    assert final["history"]["loss"] == pytest.approx(losses, rel=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(final["model"][name], param.detach(), rtol=1e-4, atol=1e-6, msg=name)
 
     step2 = run / "snapshots" / "step_0000002.pth"
-    resumed = torchrun("train.py", "with", *args, "n_steps=4", f"resume={step2}", f"path.log_dir={tmp_path / 'b'}")
+    resumed = torchrun("train.py", "with", *args, f"n_steps={N_STEPS}", f"resume={step2}",
+                       f"path.log_dir={tmp_path / 'b'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = load_snapshot(tmp_path / "b" / "train_custom_setting1_fold0" / "snapshots" / "final.pth")
     assert again["history"]["loss"] == final["history"]["loss"]  # exact, step by step
     for key, value in final["model"].items():
         torch.testing.assert_close(again["model"][key], value, rtol=0, atol=0, msg=key)
 
-    single = subprocess.run([sys.executable, "train.py", "with", *args, "n_steps=4", f"resume={step2}",
-                             f"path.log_dir={tmp_path / 'c'}"], cwd=REPO, env=_env(), capture_output=True,
-                            text=True, timeout=300)
-    assert single.returncode != 0 and "written by 2 process(es) and this run has 1" in single.stderr
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1"):
+        experiment().run(command_name="train", config_updates=tiny_config(
+            phantoms, tmp_path / "c", n_steps=N_STEPS, save_snapshot_every=2, keep_snapshots=2, resume=str(step2)))
 
 
 def test_gpu_step_bench_runs_tiny_on_cpu(tmp_path: Path) -> None:
-    """bench/gpu_step.py at its CI setting (CPU, 2 gloo ranks, bf16): one row with finite numbers."""
+    """bench/gpu_step.py at its CI setting (CPU, 2 gloo ranks spawned from here, bf16): one row with
+    finite numbers."""
+    from bench import gpu_step
+
     out = tmp_path / "gpu_step.json"
-    result = subprocess.run([sys.executable, "bench/gpu_step.py", "--tiny", "--world-sizes", "2", "--amp", "bf16",
-                             "--out", str(out)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert gpu_step.main(["--tiny", "--world-sizes", "2", "--amp", "bf16", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["ran_on_gpu"] is False and data["tiny"] is True and "not a GPU measurement" in data["note"]
     (run,) = data["runs"]

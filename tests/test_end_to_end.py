@@ -8,7 +8,6 @@ run with the same seed gives the same weights and the same scores.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -21,27 +20,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from data import synthetic
+from helpers import REPO, TINY_HEAD, experiment
+from utils import summarize
+from utils.snapshot import load_snapshot
 
-from config import ex  # noqa: E402
-import train as train_script  # noqa: E402,F401  (registers the 'train' command)
-from data import synthetic  # noqa: E402
-from utils import summarize  # noqa: E402
-from utils.snapshot import load_snapshot  # noqa: E402
-
-if "qamp_test_script" not in sys.modules:  # test.py clashes with the standard library's `test`
-    _spec = importlib.util.spec_from_file_location("qamp_test_script", REPO / "test.py")
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = _module
-    _spec.loader.exec_module(_module)
+ex = experiment()
 
 SIZE = 32  # phantom in-plane size (the smallest data/synthetic.py makes)
 N_SCANS = 10  # fold 0 = scans 1, 2, 3: support scan 3 (supp_idx 2), queries 1 and 2; training on 4-10
 ORGANS = ["liver", "right_kidney", "left_kidney", "spleen"]
-TINY_HEAD = {"n_mlp_fg": 8, "n_keep_fg": 4, "n_query_fg": 4, "n_edge": 4, "n_mlp_bg": 16, "n_keep_bg": 8,
-             "n_query_bg": 4, "feature_dim": 64}
 
 
 def _geometry(image: sitk.Image) -> tuple:

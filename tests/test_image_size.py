@@ -2,7 +2,6 @@
 all-background report, on synthetic phantoms (no external data)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
@@ -13,49 +12,19 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from dataloaders.train_dataset import TrainDataset
+from helpers import NATIVE, SIZE, experiment, tiny_train_config
+from utils.resample import resize_image, resize_labels, resize_probabilities
+from utils.snapshot import load_snapshot
 
-from config import ex  # noqa: E402
-import train as train_script  # noqa: E402  (registers the 'train' command)
-from data import synthetic  # noqa: E402
-from dataloaders.train_dataset import TrainDataset  # noqa: E402
-from utils.resample import resize_image, resize_labels, resize_probabilities  # noqa: E402
-from utils.snapshot import load_snapshot  # noqa: E402
-
-if "qamp_test_script" not in sys.modules:  # test.py clashes with the standard library's `test`
-    _spec = importlib.util.spec_from_file_location("qamp_test_script", REPO / "test.py")
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = _module
-    _spec.loader.exec_module(_module)
-
-NATIVE = 48  # phantom in-plane size on disk
-SIZE = 32  # what the model sees
-TINY_HEAD = {"n_mlp_fg": 8, "n_keep_fg": 4, "n_query_fg": 4, "n_edge": 4, "n_mlp_bg": 16, "n_keep_bg": 8,
-             "n_query_bg": 4, "feature_dim": 64}
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("phantoms48")
-    synthetic.generate(out, n_scans=5, seed=3, size=NATIVE, progress=False)
-    return out
+ex = experiment()
+train_script = sys.modules["train"]
+# `phantoms48` and `tiny_run` (conftest.py): 48 x 48 phantoms on disk, the model at image_size 32,
+# validation after steps 2 and 4
 
 
 def config_for(data_dir: Path, log_dir: Path, **updates) -> dict:
-    config = {"dataset": "custom", "data_dir": str(data_dir), "backbone": "resnet50", "pretrained_weights": "none",
-              "device": "cpu", "num_workers": 0, "min_size": 20, "n_steps": 4, "save_snapshot_every": 4,
-              "print_interval": 2, "max_iters_per_load": 4, "image_size": SIZE, "supervoxel_source": "generate",
-              "val_interval": 2, "test_label": [1, 2], "n_overlay_slices": 1, "test_batch_size": 8,
-              "path": {"log_dir": str(log_dir)}, **TINY_HEAD}
-    config.update(updates)
-    return config
-
-
-@pytest.fixture(scope="module")
-def trained(phantoms: Path, tmp_path_factory) -> dict:
-    return ex.run(command_name="train", config_updates=config_for(phantoms, tmp_path_factory.mktemp("runs"))).result
+    return tiny_train_config(data_dir, log_dir, n_overlay_slices=1, **updates)
 
 
 # ---------------------------------------------------------------------------------------------- resampling
@@ -81,8 +50,8 @@ def test_image_and_probability_resampling() -> None:
     torch.testing.assert_close(back.sum(dim=1), torch.ones(3, NATIVE, 50))
 
 
-def test_training_episodes_are_at_image_size(phantoms: Path) -> None:
-    ds = TrainDataset("custom", phantoms, 0, image_size=SIZE, supervoxel_source="generate", min_size=20,
+def test_training_episodes_are_at_image_size(phantoms48: Path) -> None:
+    ds = TrainDataset("custom", phantoms48, 0, image_size=SIZE, supervoxel_source="generate", min_size=20,
                       exclude_scan_ids=[5], n_steps=2)
     assert ds.image_size == SIZE and 5 not in [s.scan_id for s in ds.scans]
     episode = ds[0]
@@ -92,8 +61,8 @@ def test_training_episodes_are_at_image_size(phantoms: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def test_validation_curve_written(trained: dict) -> None:
-    folder = Path(trained["run_dir"])
+def test_validation_curve_written(tiny_run: dict) -> None:
+    folder = Path(tiny_run["run_dir"])
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["val_dice_mean"]["steps"] == [2, 4]
     for name in ("liver", "right_kidney"):
@@ -108,12 +77,12 @@ def test_validation_curve_written(trained: dict) -> None:
     assert "validation after step 2: Dice %" in log and "validation every 2 steps on scans [4, 5]" in log
     snapshot = load_snapshot(folder / "snapshots" / "final.pth")
     assert [p["step"] for p in snapshot["val"]] == [2, 4]
-    assert trained["val"]["mean"] == pytest.approx(metrics["val_dice_mean"]["values"][-1])
+    assert tiny_run["val"]["mean"] == pytest.approx(metrics["val_dice_mean"]["values"][-1])
 
 
-def test_validation_scans_never_in_test_fold(phantoms: Path, tmp_path: Path) -> None:
+def test_validation_scans_never_in_test_fold(phantoms48: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"val_scans=\[1, 4\]: scans \[1\] are not training scans of fold 0"):
-        ex.run(command_name="train", config_updates=config_for(phantoms, tmp_path, val_scans=[1, 4]))
+        ex.run(command_name="train", config_updates=config_for(phantoms48, tmp_path, val_scans=[1, 4]))
 
 
 def test_all_background_is_reported(caplog) -> None:
@@ -127,9 +96,9 @@ def test_all_background_is_reported(caplog) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- test.py
-def test_predictions_go_back_to_the_native_grid(trained: dict, phantoms: Path, tmp_path: Path) -> None:
+def test_predictions_go_back_to_the_native_grid(tiny_run: dict, phantoms48: Path, tmp_path: Path) -> None:
     result = ex.run(command_name="test", config_updates=config_for(
-        phantoms, tmp_path, reload_model_path=trained["run_dir"], supp_idx=0)).result
+        phantoms48, tmp_path, reload_model_path=tiny_run["run_dir"], supp_idx=0)).result
     folder = Path(result["run_dir"])
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["model_image_size"] == SIZE and summary["dice_grid"] == "native"
@@ -137,14 +106,14 @@ def test_predictions_go_back_to_the_native_grid(trained: dict, phantoms: Path, t
     assert [p.name for p in predictions] == ["scan2_class1_liver.nii.gz", "scan2_class2_right_kidney.nii.gz"]
     for path in predictions:
         scan_id = path.name.split("_")[0][len("scan"):]
-        pred, image = sitk.ReadImage(str(path)), sitk.ReadImage(str(phantoms / f"image_{scan_id}.nii.gz"))
+        pred, image = sitk.ReadImage(str(path)), sitk.ReadImage(str(phantoms48 / f"image_{scan_id}.nii.gz"))
         assert pred.GetSize() == image.GetSize() and pred.GetSize()[:2] == (NATIVE, NATIVE)
         assert pred.GetSpacing() == pytest.approx(image.GetSpacing())
         assert pred.GetOrigin() == pytest.approx(image.GetOrigin())
         assert pred.GetDirection() == pytest.approx(image.GetDirection())
 
 
-def test_snapshot_of_another_image_size_is_refused(trained: dict, phantoms: Path, tmp_path: Path) -> None:
+def test_snapshot_of_another_image_size_is_refused(tiny_run: dict, phantoms48: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"image_size=32 \(this run: None\)"):
         ex.run(command_name="test", config_updates=config_for(
-            phantoms, tmp_path, reload_model_path=trained["run_dir"], image_size=None, supp_idx=0))
+            phantoms48, tmp_path, reload_model_path=tiny_run["run_dir"], image_size=None, supp_idx=0))

@@ -9,7 +9,6 @@ The copy-support baseline runs on the native 256 x 256 CHAOST2 files (fold 0, 4 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,20 +18,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from helpers import REPO, experiment, load_test_script
+from utils.evaluate import predict_scan
+from utils.snapshot import load_snapshot
 
-from config import ex  # noqa: E402
-import train as train_script  # noqa: E402,F401  (registers the 'train' command)
-from utils.evaluate import predict_scan  # noqa: E402
-from utils.snapshot import load_snapshot  # noqa: E402
-
-# test.py shares its module name with the standard library's `test` package: load it by path.
-_spec = importlib.util.spec_from_file_location("qamp_test_script", REPO / "test.py")
-test_script = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = test_script
-_spec.loader.exec_module(test_script)
+ex = experiment()
+train_script = sys.modules["train"]
+test_script = load_test_script()
 
 FACTOR = 4  # in-plane downsampling of the CHAOS scans (256 -> 64)
 CHAOS_LABELS = {"1": "LIVER", "2": "RK", "3": "LK", "4": "SPLEEN"}

@@ -2,10 +2,7 @@
 equality with test.py, determinism, and one clear error (nothing written) per bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,51 +10,26 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import predict
+from models import build_model
+from models.convert import PREFIX_MAP, convert_file
+from dataloaders.predict_io import PlaneGrid, read_input
+from helpers import NATIVE, SIZE, cli_help, experiment
+from utils.snapshot import read_header
 
-from config import ex  # noqa: E402
-import train as _train  # noqa: E402,F401  (registers the 'train' command)
-import predict  # noqa: E402
-from data import synthetic  # noqa: E402
-from models import build_model  # noqa: E402
-from models.convert import PREFIX_MAP, convert_file  # noqa: E402
-from dataloaders.predict_io import PlaneGrid, read_input  # noqa: E402
-from utils.snapshot import read_header  # noqa: E402
-
-if "qamp_test_script" not in sys.modules:  # test.py clashes with the standard library's `test`
-    _spec = importlib.util.spec_from_file_location("qamp_test_script", REPO / "test.py")
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = _module
-    _spec.loader.exec_module(_module)
-
-NATIVE, SIZE = 48, 32
-TINY_HEAD = {"n_mlp_fg": 8, "n_keep_fg": 4, "n_query_fg": 4, "n_edge": 4, "n_mlp_bg": 16, "n_keep_bg": 8,
-             "n_query_bg": 4, "feature_dim": 64}
-
-
-def train_config(data_dir: Path, log_dir: Path, **updates) -> dict:
-    config = {"dataset": "custom", "data_dir": str(data_dir), "backbone": "resnet50", "pretrained_weights": "none",
-              "device": "cpu", "num_workers": 0, "min_size": 20, "n_steps": 4, "save_snapshot_every": 4,
-              "print_interval": 2, "max_iters_per_load": 4, "image_size": SIZE, "supervoxel_source": "generate",
-              "test_label": [1, 2], "n_overlay_slices": 0, "test_batch_size": 8, "optim.lr": 0.02,
-              "path": {"log_dir": str(log_dir)}, **TINY_HEAD}
-    config.update(updates)
-    return config
+ex = experiment()
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("phantoms48")
-    synthetic.generate(out, n_scans=5, seed=3, size=NATIVE, progress=False)
-    return out
+def phantoms(phantoms48: Path) -> Path:
+    """48 x 48 phantoms, 5 scans (conftest.py)."""
+    return phantoms48
 
 
 @pytest.fixture(scope="module")
-def run_dir(phantoms: Path, tmp_path_factory) -> Path:
-    result = ex.run(command_name="train", config_updates=train_config(phantoms, tmp_path_factory.mktemp("runs")))
-    return Path(result.result["run_dir"])
+def run_dir(tiny_run: dict) -> Path:
+    """The shared 4-step training run at image_size 32 (conftest.py)."""
+    return Path(tiny_run["run_dir"])
 
 
 def args(run_dir: Path, phantoms: Path, out: Path, *extra: str, query: list[Path] | None = None,
@@ -296,8 +268,7 @@ def test_unreadable_snapshot(run_dir: Path, phantoms: Path, tmp_path: Path, caps
 
 
 def test_help_states_the_rule() -> None:
-    text = subprocess.run([sys.executable, str(REPO / "predict.py"), "--help"], capture_output=True, text=True,
-                          cwd=REPO, check=True).stdout
+    text = cli_help("predict.py")
     assert "same relative position" in " ".join(text.split()) and "--query-range" in text
 
 

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import cli_help, experiment as sacred_experiment
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 SACRED_SCRIPTS = ("train.py", "test.py")
 SUBCOMMAND_MODULES = ("data.preprocess",)  # their first argument selects a sub-parser
@@ -52,22 +50,8 @@ def split(command: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def help_text(*program: str) -> str:
-    result = subprocess.run([sys.executable, *program, "--help"], cwd=REPO, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, f"{' '.join(program)} --help failed: {result.stderr[-2000:]}"
-    return result.stdout
-
-
-@functools.lru_cache(maxsize=None)
 def experiment():
-    from config import ex
-    import train  # noqa: F401  (registers 'train')
-    if "qamp_test_script" not in sys.modules:  # test.py clashes with the standard library's `test`
-        spec = importlib.util.spec_from_file_location("qamp_test_script", REPO / "test.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+    ex = sacred_experiment()
     return ex, dict(ex.configurations[0]())
 
 
@@ -119,7 +103,7 @@ def check_command(command: str) -> None:
     if program[-1] in SUBCOMMAND_MODULES and args and not args[0].startswith("-"):
         program, args = (*program, args[0]), args[1:]
     options = [a.split("=", 1)[0] for a in args if a.startswith("--")]
-    text = help_text(*program)
+    text = cli_help(*program)
     for option in options:
         assert re.search(rf"(^|[\s,\[]){re.escape(option)}\b", text), f"{' '.join(program)}: no option {option}"
 

@@ -3,52 +3,18 @@
 exact resume with ``resume=RUN`` alone, and resume refusals (no run folder left behind)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from helpers import SIZE, experiment
+from utils.snapshot import describe, load_snapshot
 
-from config import ex  # noqa: E402
-import train as _train  # noqa: E402,F401  (registers the 'train' command)
-from data import synthetic  # noqa: E402
-from utils.snapshot import describe, load_snapshot  # noqa: E402
-
-if "qamp_test_script" not in sys.modules:  # test.py clashes with the standard library's `test`
-    _spec = importlib.util.spec_from_file_location("qamp_test_script", REPO / "test.py")
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = _module
-    _spec.loader.exec_module(_module)
-
-NATIVE, SIZE = 48, 32
-TINY_HEAD = {"n_mlp_fg": 8, "n_keep_fg": 4, "n_query_fg": 4, "n_edge": 4, "n_mlp_bg": 16, "n_keep_bg": 8,
-             "n_query_bg": 4, "feature_dim": 64}
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("phantoms48")
-    synthetic.generate(out, n_scans=5, seed=3, size=NATIVE, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def straight(phantoms: Path, tmp_path_factory) -> dict:
-    """4 steps in one go (snapshots after steps 2 and 4); lr 0.02 halved every 2 steps."""
-    config = {"dataset": "custom", "data_dir": str(phantoms), "backbone": "resnet50", "pretrained_weights": "none",
-              "device": "cpu", "num_workers": 0, "min_size": 20, "n_steps": 4, "save_snapshot_every": 2,
-              "print_interval": 2, "max_iters_per_load": 2, "lr_step_gamma": 0.5, "image_size": SIZE,
-              "supervoxel_source": "generate", "test_label": [1, 2], "n_overlay_slices": 0,
-              "test_batch_size": 8, "optim.lr": 0.02, "path": {"log_dir": str(tmp_path_factory.mktemp("runs"))},
-              **TINY_HEAD}
-    return ex.run(command_name="train", config_updates=config).result
+ex = experiment()
+# `tiny_run` (conftest.py): 4 steps in one go, snapshots after steps 2 and 4, lr 0.02 halved every 2 steps
 
 
 def run_folders(log_dir: Path) -> set[str]:
@@ -56,8 +22,8 @@ def run_folders(log_dir: Path) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------- meta
-def test_snapshot_describes_itself(straight: dict) -> None:
-    snapshot = load_snapshot(straight["snapshot"])
+def test_snapshot_describes_itself(tiny_run: dict) -> None:
+    snapshot = load_snapshot(tiny_run["snapshot"])
     meta = snapshot["meta"]
     assert meta["version"] == 1 and meta["image_size"] == SIZE and meta["backbone"] == "resnet50"
     assert meta["normalisation"] == "per-volume z-score" and meta["dataset"] == "custom"
@@ -73,10 +39,10 @@ def test_snapshot_describes_itself(straight: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- test.py
-def test_test_py_with_only_reload_model_path_and_data_keys(straight: dict, tmp_path: Path) -> None:
+def test_test_py_with_only_reload_model_path_and_data_keys(tiny_run: dict, tmp_path: Path) -> None:
     log_dir = tmp_path / "tests"
     result = ex.run(command_name="test", config_updates={
-        "reload_model_path": straight["run_dir"], "supp_idx": 0, "test_label": [2], "n_overlay_slices": 0,
+        "reload_model_path": tiny_run["run_dir"], "supp_idx": 0, "test_label": [2], "n_overlay_slices": 0,
         "device": "cpu", "path": {"log_dir": str(log_dir)}}).result
     folder = Path(result["run_dir"])
     assert folder.name == "test_custom_setting1_fold0_supp0"  # dataset and fold from the snapshot
@@ -91,43 +57,43 @@ def test_test_py_with_only_reload_model_path_and_data_keys(straight: dict, tmp_p
     ("backbone", "resnet101", "backbone='resnet50' (this run: 'resnet101')"),
     ("n_mlp_fg", 9, "n_mlp_fg=8 (this run: 9)"),
     ("image_size", 48, "image_size=32 (this run: 48)")])
-def test_test_py_refuses_model_keys_that_contradict_the_snapshot(straight: dict, tmp_path: Path, key: str,
+def test_test_py_refuses_model_keys_that_contradict_the_snapshot(tiny_run: dict, tmp_path: Path, key: str,
                                                                    value, message: str) -> None:
     log_dir = tmp_path / "tests"
     with pytest.raises(ValueError) as info:
         ex.run(command_name="test", config_updates={
-            "reload_model_path": straight["run_dir"], "supp_idx": 0, key: value, "device": "cpu",
+            "reload_model_path": tiny_run["run_dir"], "supp_idx": 0, key: value, "device": "cpu",
             "path": {"log_dir": str(log_dir)}})
     assert message in str(info.value) and "Drop these keys" in str(info.value)
     assert run_folders(log_dir) == set(), "a refused test run must leave no run folder"
 
 
-def test_failed_test_run_leaves_no_folder(straight: dict, tmp_path: Path) -> None:
+def test_failed_test_run_leaves_no_folder(tiny_run: dict, tmp_path: Path) -> None:
     log_dir = tmp_path / "tests"
     with pytest.raises(FileNotFoundError):
         ex.run(command_name="test", config_updates={
-            "reload_model_path": straight["run_dir"], "data_dir": str(tmp_path / "missing"), "device": "cpu",
+            "reload_model_path": tiny_run["run_dir"], "data_dir": str(tmp_path / "missing"), "device": "cpu",
             "path": {"log_dir": str(log_dir)}})
     assert run_folders(log_dir) == set()
 
 
 # ---------------------------------------------------------------------------------------------- resume
 @pytest.fixture
-def interrupted(straight: dict, tmp_path: Path) -> Path:
-    """A copy of the straight run as if it had stopped after step 2 (no final snapshot)."""
+def interrupted(tiny_run: dict, tmp_path: Path) -> Path:
+    """A copy of the uninterrupted run as if it had stopped after step 2 (no final snapshot)."""
     folder = tmp_path / "interrupted"
-    shutil.copytree(straight["run_dir"], folder)
+    shutil.copytree(tiny_run["run_dir"], folder)
     (folder / "snapshots" / "final.pth").unlink()
     assert [p.name for p in (folder / "snapshots").iterdir()] == ["step_0000002.pth"]
     return folder
 
 
-def test_resume_alone_continues_exactly(straight: dict, interrupted: Path) -> None:
+def test_resume_alone_continues_exactly(tiny_run: dict, interrupted: Path) -> None:
     result = ex.run(command_name="train", config_updates={"resume": str(interrupted)}).result
     folder = Path(result["run_dir"])
-    assert folder.parent == Path(straight["run_dir"]).parent  # the run's own log_dir
+    assert folder.parent == Path(tiny_run["run_dir"]).parent  # the run's own log_dir
     assert folder.name == "train_custom_setting1_fold0_2"  # named from the restored config
-    continued, uninterrupted = load_snapshot(result["snapshot"]), load_snapshot(straight["snapshot"])
+    continued, uninterrupted = load_snapshot(result["snapshot"]), load_snapshot(tiny_run["snapshot"])
     assert continued["step"] == 4
     assert continued["history"]["loss"] == uninterrupted["history"]["loss"]
     for key, value in uninterrupted["model"].items():
@@ -138,11 +104,11 @@ def test_resume_alone_continues_exactly(straight: dict, interrupted: Path) -> No
     assert step4.endswith("lr=1.000e-02")
 
 
-def test_resume_may_change_logging_keys(straight: dict, interrupted: Path, tmp_path: Path) -> None:
+def test_resume_may_change_logging_keys(tiny_run: dict, interrupted: Path, tmp_path: Path) -> None:
     result = ex.run(command_name="train", config_updates={
         "resume": str(interrupted), "print_interval": 1, "path": {"log_dir": str(tmp_path / "elsewhere")}}).result
     assert Path(result["run_dir"]).parent == tmp_path / "elsewhere"
-    assert load_snapshot(result["snapshot"])["history"]["loss"] == load_snapshot(straight["snapshot"])["history"]["loss"]
+    assert load_snapshot(result["snapshot"])["history"]["loss"] == load_snapshot(tiny_run["snapshot"])["history"]["loss"]
     assert "print_interval 2 -> 1" in (Path(result["run_dir"]) / "logger.log").read_text()
 
 
@@ -150,9 +116,9 @@ def test_resume_may_change_logging_keys(straight: dict, interrupted: Path, tmp_p
     ({"eval_fold": 1}, ["eval_fold=0 (this run: 1)"]),
     ({"optim.lr": 0.001, "seed": 7}, ["optim={'lr': 0.02", "'lr': 0.001", "seed=2025 (this run: 7)"]),
     ({"backbone": "resnet101", "image_size": 48}, ["backbone='resnet50'", "image_size=32 (this run: 48)"])])
-def test_resume_refuses_keys_that_change_the_run(straight: dict, interrupted: Path, updates: dict,
+def test_resume_refuses_keys_that_change_the_run(tiny_run: dict, interrupted: Path, updates: dict,
                                                  listed: list[str]) -> None:
-    log_dir = Path(straight["run_dir"]).parent
+    log_dir = Path(tiny_run["run_dir"]).parent
     before = run_folders(log_dir)
     with pytest.raises(ValueError, match="a resumed run continues with its own config") as info:
         ex.run(command_name="train", config_updates={"resume": str(interrupted), **updates})
@@ -161,9 +127,9 @@ def test_resume_refuses_keys_that_change_the_run(straight: dict, interrupted: Pa
     assert run_folders(log_dir) == before, "a refused resume must leave no run folder"
 
 
-def test_resume_of_a_finished_run_needs_more_steps(straight: dict) -> None:
-    log_dir = Path(straight["run_dir"]).parent
+def test_resume_of_a_finished_run_needs_more_steps(tiny_run: dict) -> None:
+    log_dir = Path(tiny_run["run_dir"]).parent
     before = run_folders(log_dir)
     with pytest.raises(ValueError, match="already has 4 steps and n_steps=4; raise n_steps"):
-        ex.run(command_name="train", config_updates={"resume": straight["run_dir"]})
+        ex.run(command_name="train", config_updates={"resume": tiny_run["run_dir"]})
     assert run_folders(log_dir) == before

@@ -3,13 +3,13 @@ lines without Sacred warnings, every pinned requirement used. No external data."
 from __future__ import annotations
 
 import ast
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import experiment
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -124,7 +124,8 @@ IMPORT_NAMES = {"SimpleITK": "SimpleITK", "opencv-python-headless": "cv2", "scik
                 "pillow": "PIL", "cython": "Cython", "setuptools": "setuptools"}
 INDIRECT = {"setuptools": "pkg_resources for sacred 0.8.7", "cython": "data/supervoxels/setup.py builds the .pyx",
             "cloudpickle": "submitit's serialiser (utils/sweep.py --executor slurm / submitit-local)",
-            "sqlalchemy": "Sacred's SqlObserver (-s sqlite:///runs.db)"}
+            "sqlalchemy": "Sacred's SqlObserver (-s sqlite:///runs.db)",
+            "pytest-xdist": "scripts/test.sh runs pytest -n auto", "execnet": "pytest-xdist's transport"}
 
 
 def test_every_pinned_requirement_is_used() -> None:
@@ -136,6 +137,8 @@ def test_every_pinned_requirement_is_used() -> None:
             continue
         dist = line.split("=")[0].split(">")[0].split("<")[0].strip()
         if dist in INDIRECT:
+            if dist == "pytest-xdist":
+                assert "pytest -q -n auto" in (REPO / "scripts" / "test.sh").read_text()
             continue
         module = IMPORT_NAMES.get(dist, dist.replace("-", "_"))
         assert f"import {module}" in text or f"from {module}" in text, f"{dist} is pinned but never imported"
@@ -152,17 +155,36 @@ def test_named_configs_add_no_stray_entries_and_keep_their_docs() -> None:
         assert scope.__doc__, f"named config {name} has no docstring"
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=env)
+def run_sacred_cli(argv: list[str], capsys) -> str:
+    """``python <argv>`` for train.py / test.py, run in this process (``config.run_commandline``, as
+    their ``__main__`` block calls it): what it prints and every WARNING the experiment logs."""
+    import logging
+
+    from config import ex, run_commandline
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("qamp", "sacred", "")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    default_command, sys_argv, sys.argv = ex.default_command, sys.argv, list(argv)  # Sacred reads sys.argv[0]
+    try:
+        run_commandline(argv, argv[0][:-3])
+    except SystemExit as stop:
+        assert stop.code in (0, None), f"{' '.join(argv)} exited with {stop.code}"
+    finally:
+        ex.default_command, sys.argv = default_command, sys_argv
+        for logger in loggers:
+            logger.removeHandler(handler)
+    captured = capsys.readouterr()
+    return captured.out + captured.err + "".join(f"WARNING - {r.getMessage()}\n" for r in records)
 
 
 @pytest.mark.parametrize("script", ["train.py", "test.py"])
-def test_help_shows_the_program_and_sacreds_commands_without_warnings(script: str) -> None:
-    result = _run(script, "--help")
-    assert result.returncode == 0, result.stderr
-    out = result.stdout + result.stderr
+def test_help_shows_the_program_and_sacreds_commands_without_warnings(script: str, capsys) -> None:
+    experiment()
+    out = run_sacred_cli([script, "--help"], capsys)
     assert out.startswith("Usage:\n"), out[:200]
     assert f"  {script} [(with UPDATE...)] [options]" in out
     for command in ("print_config", "print_named_configs", script[:-3]):
@@ -170,9 +192,8 @@ def test_help_shows_the_program_and_sacreds_commands_without_warnings(script: st
     assert "Warning" not in out and "unmatched" not in out and "dummy" not in out, out[:500]
 
 
-def test_print_config_with_named_configs_warns_nothing() -> None:
-    result = _run("train.py", "print_config", "with", "abd_ct", "setting2", "cpu_budget")
-    assert result.returncode == 0, result.stderr
-    out = result.stdout + result.stderr
+def test_print_config_with_named_configs_warns_nothing(capsys) -> None:
+    experiment()
+    out = run_sacred_cli(["train.py", "print_config", "with", "abd_ct", "setting2", "cpu_budget"], capsys)
     assert "WARNING" not in out and "__doc__" not in out, out[:1000]
     assert "tau_fg = 0.7" in out and "# prior threshold for query foreground samples" in out

@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from tiny_phantoms import TINY_ARGS, make_phantoms  # noqa: E402
+from helpers import TINY_ARGS, make_phantoms  # noqa: E402
 from utils import sweep  # noqa: E402
 from utils.snapshot import load_snapshot  # noqa: E402
 
@@ -73,14 +73,59 @@ def _train_dir(out: Path, cell_id: str) -> Path:
     return out / "cells" / cell_id
 
 
-def test_local_executor_kill_and_resume(phantoms: Path, tmp_path: Path) -> None:
-    """Two folds, two cells at a time (one thread each). Fold 0's training is killed after its
-    first snapshot; fold 1 finishes; fold 0's test is blocked. The rerun skips fold 1, resumes fold
-    0 from the snapshot (new run folder, same loss prefix), tests it and writes the table."""
+FAKE_PYTHON = """#!/usr/bin/env python3
+# A stand-in interpreter for the scheduling test: `FAKE train.py|test.py [-F DIR] with KEY=V ...`
+# notes when it ran (times.json in the cell folder), sleeps a moment, then writes the run folder a
+# finished run leaves (run.json COMPLETED + the final snapshot or summary.json); eval_fold=0 trainings
+# fail instead.
+import json, os, sys, time
+script, args = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)
+start = time.time()
+time.sleep(1.0)
+json.dump({"start": start, "end": time.time()}, open(os.path.join(args["path.log_dir"], "times.json"), "w"))
+if script == "train.py" and args["eval_fold"] == "0":
+    sys.exit(3)
+kind = script[:-3]
+folder = os.path.join(args["path.log_dir"], kind + "_fake")
+os.makedirs(os.path.join(folder, "snapshots"), exist_ok=True)
+open(os.path.join(folder, "snapshots/final.pth" if kind == "train" else "summary.json"), "w").close()
+json.dump({"status": "COMPLETED"}, open(os.path.join(folder, "run.json"), "w"))
+"""
+
+
+def test_local_executor_runs_cells_side_by_side_and_isolates_a_failure(tmp_path: Path) -> None:
+    """Scheduling alone (a stand-in interpreter, no training): two folds on two slots run at the same
+    time; fold 0's training fails, so its test is blocked while fold 1 trains and tests; a rerun
+    skips what finished and retries the failed cell."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
     out = tmp_path / "grid"
-    args = grid_args(phantoms, out, "--folds", "0,1", "--supports", "0", "--jobs", "2",
-                     "-F", str(tmp_path / "sacred_files"),
-                     "--train", "n_steps=12", "--train", "save_snapshot_every=2", "--train", "keep_snapshots=1")
+    argv = ["--out", str(out), "--gpus", "", "--folds", "0,1", "--supports", "0", "--jobs", "2",
+            "--python", str(fake)]
+    assert sweep.main(argv) == 1
+    cells = out / "cells"
+    state = {p.parent.name: json.loads(p.read_text()) for p in cells.glob("*/cell.json")}
+    assert state["default-setting1-seed2025-fold0"]["status"] == "failed"
+    assert state["default-setting1-seed2025-fold1"]["status"] == "done"
+    assert state["default-setting1-seed2025-fold1-supp0"]["status"] == "done"
+    assert "default-setting1-seed2025-fold0-supp0" not in state  # blocked: never started
+    times = {p.parent.name[len("default-setting1-seed2025-"):]: json.loads(p.read_text())
+             for p in cells.glob("*/times.json")}
+    assert times["fold0"]["start"] < times["fold1"]["end"] and times["fold1"]["start"] < times["fold0"]["end"]  # together
+    assert times["fold1-supp0"]["start"] >= times["fold1"]["end"]  # a test after its training
+    assert sweep.main(argv) == 1  # rerun: fold 1 skipped, fold 0 retried (and fails again)
+    assert json.loads((cells / "default-setting1-seed2025-fold0" / "cell.json").read_text())["attempts"] == 2
+    assert json.loads((cells / "default-setting1-seed2025-fold1" / "cell.json").read_text())["attempts"] == 1
+
+
+def test_local_executor_kill_and_resume(phantoms: Path, tmp_path: Path) -> None:
+    """The real programs: a training cell killed after its first snapshot fails and blocks its test;
+    the rerun resumes it from the snapshot (new run folder, same loss prefix), tests it and writes
+    the table; a third run finds everything finished."""
+    out = tmp_path / "grid"
+    args = grid_args(phantoms, out, "--folds", "0", "--supports", "0", "-F", str(tmp_path / "sacred_files"),
+                     "--train", "n_steps=6", "--train", "save_snapshot_every=2", "--train", "keep_snapshots=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     driver = subprocess.Popen([sys.executable, "-m", "utils.sweep", *args], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -94,26 +139,30 @@ def test_local_executor_kill_and_resume(phantoms: Path, tmp_path: Path) -> None:
     assert driver.returncode == 1, log
     assert "default-setting1-seed2025-fold0: failed" in log
     assert "blocked: default-setting1-seed2025-fold0-supp0" in log
-    assert "default-setting1-seed2025-fold1-supp0: done" in log
     killed = load_snapshot(next(victim.glob("train_*/snapshots/step_*.pth")))
     assert not list(victim.glob("train_*/snapshots/final.pth"))
 
     second = subprocess.run([sys.executable, "-m", "utils.sweep", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=240)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "default-setting1-seed2025-fold1: finished before, skipped" in second.stdout
-    assert "default-setting1-seed2025-fold1-supp0: finished before, skipped" in second.stdout
     assert "default-setting1-seed2025-fold0: done" in second.stdout
+    assert "default-setting1-seed2025-fold0-supp0: done" in second.stdout
     resumed = victim / "train_custom_setting1_fold0_2"
     config = json.loads((resumed / "config.json").read_text())
     assert config["resume"].endswith(f"step_{killed['step']:07d}.pth")
     final = load_snapshot(resumed / "snapshots" / "final.pth")
-    assert final["step"] == 12 and final["history"]["loss"][:killed["step"]] == killed["history"]["loss"]
+    assert final["step"] == 6 and final["history"]["loss"][:killed["step"]] == killed["history"]["loss"]
     table = (out / "summary.md").read_text()
-    assert "| setting1 |" in table and "2 run(s)" in table
-    # Sacred's file observer got every run: 2 trainings + 1 resumed + 2 tests, numbered by Sacred
+    assert "| setting1 |" in table and "1 run(s)" in table
+    # Sacred's file observer got every run: the killed training (not completed), the resumed one, the test
     runs = [json.loads(p.read_text()) for p in (tmp_path / "sacred_files").glob("*/run.json")]
-    assert sorted(r["command"] for r in runs if r["status"] == "COMPLETED") == ["test", "test", "train", "train"]
+    assert sorted(r["command"] for r in runs if r["status"] == "COMPLETED") == ["test", "train"]
+
+    third = subprocess.run([sys.executable, "-m", "utils.sweep", *args], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "default-setting1-seed2025-fold0: finished before, skipped" in third.stdout
+    assert "default-setting1-seed2025-fold0-supp0: finished before, skipped" in third.stdout
 
 
 def test_submitit_local_executor_with_sql_observer(phantoms: Path, tmp_path: Path) -> None:

@@ -218,18 +218,6 @@ def backward_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.O
         amp.backward_step(loss, optimizer, before_step=reduce)
 
 
-def all_equal_parameters(model: nn.Module, info: Distributed) -> bool:
-    """True when every rank holds bitwise the same parameters (a check for tests and debugging)."""
-    if not info.enabled:
-        return True
-    flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
-    ref = flat.clone()
-    dist.broadcast(ref, src=0)
-    same = torch.tensor([int(torch.equal(flat, ref))], device=flat.device)
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
-    return bool(same.item())
-
-
 # ----------------------------------------------------------------------------------------------
 # Snapshots
 # ----------------------------------------------------------------------------------------------
