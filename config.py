@@ -33,7 +33,7 @@ from sacred.utils import apply_backspaces_and_linefeeds
 from data.registry import CUSTOM, DATASETS
 from dataloaders.test_dataset import EVAL_MODES
 from dataloaders.train_dataset import EXCLUDE_MODES, SUPERVOXEL_SOURCES
-from models import BACKBONES, ModelConfig, check_episode_config
+from models import BACKBONES, MODEL_KEYS, ModelConfig, check_episode_config
 from models import MODELS as NETWORKS
 from models import PRETRAINED_KINDS as PRETRAINED
 from models.qamp import CT_PRIOR_THRESHOLDS
@@ -382,7 +382,7 @@ def _from_snapshot(config: dict, command_name: str, logger) -> dict:
     config (explicit updates still win; :func:`_check_final` refuses those that contradict it)."""
     from utils.run_config import snapshot_updates
 
-    return snapshot_updates(config, command_name, (*DATASETS, CUSTOM))
+    return snapshot_updates(config, command_name, MODEL_KEYS, (*DATASETS, CUSTOM))
 
 
 @ex.final_config_check
@@ -392,7 +392,7 @@ def _check_final(config: Mapping[str, Any], command_name: str) -> None:
 
     if command_name == "train" and config["resume"] is not None:
         validate_config(config, "train")
-    check_against_snapshot(config, command_name, _native_size)
+    check_against_snapshot(config, command_name, MODEL_KEYS, _native_size)
 
 
 def _native_size(config: Mapping[str, Any]) -> int | None:

@@ -21,7 +21,7 @@ from config import ex  # noqa: E402
 import train as _train  # noqa: E402,F401  (registers the 'train' command)
 import predict  # noqa: E402
 from data import synthetic  # noqa: E402
-from models import build_model  # noqa: E402
+from models import MODEL_KEYS, build_model  # noqa: E402
 from models.convert import PREFIX_MAP, convert_file  # noqa: E402
 from dataloaders.predict_io import PlaneGrid, read_input  # noqa: E402
 from utils.snapshot import read_header  # noqa: E402
@@ -314,7 +314,7 @@ def test_converted_reference_checkpoint_predicts(phantoms: Path, tmp_path: Path)
         reference[inverse[prefix] + key[len(prefix):]] = value
     torch.save(reference, tmp_path / "ref.pth")
     convert_file(tmp_path / "ref.pth", tmp_path / "conv.pth", dataset="CHAOST2")
-    meta = read_header(tmp_path / "conv.pth")["meta"]
+    meta = read_header(tmp_path / "conv.pth", model_keys=MODEL_KEYS)["meta"]
     assert meta["backbone"] == "resnet50" and meta["image_size"] == SIZE and meta["orientation"] == "LAS"
     assert meta["class_names"]["1"] == "LIVER" and meta["model_keys"]["tau_fg"] == 0.5
     assert meta["model_keys"]["n_mlp_bg"] == 600 and meta["normalisation"] == "per-volume z-score"

@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:
 from config import ex  # noqa: E402
 import train as _train  # noqa: E402,F401  (registers the 'train' command)
 from data import synthetic  # noqa: E402
+from models import MODEL_KEYS  # noqa: E402
 from utils.snapshot import describe, load_snapshot  # noqa: E402
 
 if "qamp_test_script" not in sys.modules:  # test.py clashes with the standard library's `test`
@@ -69,7 +70,7 @@ def test_snapshot_describes_itself(straight: dict) -> None:
     assert snapshot["config"]["n_steps"] == 4  # the training config travels with it
     # a snapshot written before meta existed is described from its config
     old = {k: v for k, v in snapshot.items() if k != "meta"}
-    assert describe(old)["model_keys"] == keys
+    assert describe(old, model_keys=MODEL_KEYS)["model_keys"] == keys
 
 
 # ---------------------------------------------------------------------------------------------- test.py
