@@ -146,7 +146,7 @@ def cfg():
     min_size = 200  # minimum class area (pixels) of a training slice pair
     augment = True  # gamma / affine / elastic augmentation of training episodes
     image_size = None  # in-plane size S the model sees; None = the dataset's native size (reference). Otherwise every slice is resampled on load (image bilinear, labels/supervoxels nearest); test Dice stays on the native grid
-    supervoxel_source = "folder"  # 'folder': supervoxel_dir's ids (nearest-resampled to image_size); 'generate': 3D Felzenszwalb on the loaded slices at image_size, min size n_sv x pixel ratio (no folder needed)
+    supervoxel_source = "folder"  # 'folder': supervoxel_dir's ids (nearest-resampled to image_size); 'generate': 3D Felzenszwalb on the loaded slices at image_size, min size n_sv x pixel ratio (no folder needed; refused with use_gt=True)
 
     # ---------------- episodes ----------------
     n_shot = 1  # support slices per episode (prototypes are averaged over shots)
@@ -194,7 +194,7 @@ def cfg():
     keep_snapshots = 2  # intermediate snapshots kept on disk (older ones deleted; final kept)
     resume = None  # run folder or snapshot file to continue from (same loss sequence as no break)
     val_interval = 0  # steps between validation scores (per-class Dice on val_scans, the protocol); 0 = off
-    val_scans = None  # validation scan ids (>= 2, outside the test fold); None = the last 2 training scans. Their labels only score; with use_gt=True they are removed from training
+    val_scans = None  # validation scan ids (>= 2, outside the test fold); None = the last 2 training scans. Their labels only score; with use_gt=True they are removed from training. Needs val_interval > 0
 
     # ---------------- evaluation (test.py) ----------------
     reload_model_path = None  # snapshot file, or a training run folder (its final snapshot)
@@ -296,6 +296,18 @@ def check_writable_dir(path: str | os.PathLike, key: str = "path.log_dir") -> Pa
     return folder
 
 
+def _check_train_combinations(config: Mapping[str, Any]) -> None:
+    """Refuse a training key that another key's value makes train.py ignore (no key is accepted and
+    then ignored): ``val_scans`` without validation, ``supervoxel_source='generate'`` with ``use_gt``
+    (ground-truth classes use no supervoxels; the default ``'folder'`` is allowed)."""
+    _expect(config["val_scans"] is None or config["val_interval"] > 0,
+            f"val_scans={config['val_scans']!r} is set but val_interval={config['val_interval']!r}: validation is "
+            f"off, so no scan is scored; set val_interval>0 (e.g. val_interval=500) or drop val_scans")
+    _expect(config["supervoxel_source"] == "folder" or not config["use_gt"],
+            f"supervoxel_source={config['supervoxel_source']!r} is set but use_gt={config['use_gt']!r}: training on "
+            f"ground-truth classes uses no supervoxels; drop supervoxel_source or set use_gt=False")
+
+
 def validate_config(config: Mapping[str, Any], command: str | None = None) -> None:
     """Fail early, with the key and the fix, on values the pipeline cannot run with.
 
@@ -344,6 +356,8 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
     if command == "train":
         _expect(config["model"] != "copy_support",
                 "model='copy_support' is a test-time baseline without parameters: run test.py with it")
+        if config["resume"] is None:  # a resumed run keeps its own values (val_interval alone may change)
+            _check_train_combinations(config)
         if config["resume"] is not None and not Path(config["resume"]).exists():
             raise FileNotFoundError(f"resume={config['resume']!r} does not exist: pass a training run "
                                     f"folder or a snapshot file (<run>/snapshots/*.pth)")

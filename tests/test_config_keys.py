@@ -1,6 +1,8 @@
 """No config key is accepted and ignored: every key of config.py is read by the command that runs
 (train.py or test.py, directly or through models.build_model) or refused there by
-``config.validate_config``.
+``config.validate_config``, also where another key's value would make it do nothing
+(``REFUSED_WITH``: ``val_scans`` with ``val_interval=0``, ``supervoxel_source='generate'`` with
+``use_gt=True``).
 
 Static check on the source: a key counts as read when it appears as ``config["key"]``,
 ``_config["key"]``, ``cfg["key"]`` or ``cfg.get("key"`` in the files the command runs, or is a
@@ -32,6 +34,12 @@ REFUSED = {  # key -> {command: a value validate_config refuses there}
     "n_query": {"train": 2, "test": 2},
     "n_shot": {"test": 3},
 }
+REFUSED_WITH = {  # key -> (command, a value, the other keys' values that make train.py ignore it)
+    "val_scans": ("train", [3, 4], {"val_interval": 0}),
+    "supervoxel_source": ("train", "generate", {"use_gt": True}),
+}
+CASES = ([(key, command, value, {}) for key, values in REFUSED.items() for command, value in values.items()]
+         + [(key, command, value, others) for key, (command, value, others) in REFUSED_WITH.items()])
 
 
 def defaults() -> dict:
@@ -65,13 +73,35 @@ def test_every_config_key_is_read_or_refused(key: str) -> None:
         f"config.validate_config, or remove it (if it is read another way, add it to READ_ELSEWHERE here)")
 
 
-@pytest.mark.parametrize("key,command", [(k, c) for k, cmds in REFUSED.items() for c in cmds])
-def test_refused_keys_are_refused_with_the_key_named(key: str, command: str, tmp_path: Path) -> None:
-    config = {**defaults(), key: REFUSED[key][command], "path": {"log_dir": str(tmp_path / "runs")},
-              "model": "copy_support"}
-    with pytest.raises(ValueError, match=rf"^{key}={REFUSED[key][command]} is not supported"):
-        validate_config(config, command)
+@pytest.mark.parametrize("key,command,value,others", CASES)
+def test_refused_keys_are_refused_with_the_key_named(key: str, command: str, value, others: dict,
+                                                     tmp_path: Path) -> None:
+    config = {**defaults(), key: value, **others, "path": {"log_dir": str(tmp_path / "runs")}}
+    model = {"train": "qamp", "test": "copy_support"}  # copy_support: a test run without a snapshot
+    expected = f"{key}={value!r} is " + ("set but" if others else "not supported")
+    with pytest.raises(ValueError, match="^" + re.escape(expected)) as err:
+        validate_config({**config, "model": model[command]}, command)
+    for other, other_value in others.items():  # both keys named, and the fix
+        assert f"{other}={other_value!r}" in str(err.value) and f"drop {key}" in str(err.value), str(err.value)
     assert not (tmp_path / "runs").exists()  # refused before anything is created
+    refused_at = set(REFUSED.get(key, {})) | {command}
+    for other_command in sorted(set(model) - refused_at):  # a command that does not read the key takes it
+        validate_config({**config, "model": model[other_command]}, other_command)
+
+
+def test_keys_refused_together_pass_alone(tmp_path: Path) -> None:
+    config = {**defaults(), "path": {"log_dir": str(tmp_path)}}
+    validate_config({**config, "val_scans": [3, 4], "val_interval": 500}, "train")
+    validate_config({**config, "supervoxel_source": "generate"}, "train")
+    validate_config({**config, "use_gt": True}, "train")  # the default supervoxel_source='folder'
+    # a resumed run keeps its val_scans and may switch validation off (val_interval is resume-free)
+    validate_config({**config, "val_scans": [3, 4], "val_interval": 0, "resume": str(tmp_path)}, "train")
+
+
+@pytest.mark.parametrize("name", sorted(ex.named_configs))
+def test_named_configs_pass_the_train_checks(name: str, tmp_path: Path) -> None:
+    config = ex.run("print_config", {"path": {"log_dir": str(tmp_path)}}, named_configs=[name]).config
+    validate_config(config, "train")
 
 
 def test_n_shot_at_test_points_to_n_part(tmp_path: Path) -> None:
