@@ -31,6 +31,7 @@ from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from data.registry import CUSTOM, DATASETS
+from dataloaders.datasets import custom_modality
 from dataloaders.test_dataset import EVAL_MODES
 from dataloaders.train_dataset import EXCLUDE_MODES, SUPERVOXEL_SOURCES
 from models import BACKBONES, MODEL_KEYS, ModelConfig, check_episode_config
@@ -77,8 +78,15 @@ ex = QampExperiment("QAMP", save_git_info=False)
 ex.captured_out_filter = apply_backspaces_and_linefeeds
 
 
-def is_ct(dataset: str) -> bool:
-    """A registered CT dataset (its PGQP thresholds are ``CT_PRIOR_THRESHOLDS``)."""
+def is_ct(dataset: str, data_dir: str | os.PathLike | None = None) -> bool:
+    """A CT dataset (its PGQP thresholds are ``CT_PRIOR_THRESHOLDS``): a registered one, or
+    ``'custom'`` whose ``<data_dir>/dataset.json`` says ``"modality": "CT"`` (no such file: MR).
+
+    Raises:
+        ValueError: a bad ``dataset.json`` (the message names the file and the fix).
+    """
+    if dataset == CUSTOM:
+        return data_dir is not None and custom_modality(data_dir) == "CT"
     return dataset in DATASETS and DATASETS[dataset].modality == "CT"
 
 
@@ -168,8 +176,8 @@ def cfg():
     n_edge = MODEL_DEFAULTS.n_edge  # vectors drawn in the inner (fg) / outer (bg) edge band of the support mask
     edge_kernel = MODEL_DEFAULTS.edge_kernel  # side of the square kernel of the edge-band erosion / dilation
     edge_iters = MODEL_DEFAULTS.edge_iters  # erosion / dilation iterations of the edge bands
-    tau_fg = CT_PRIOR_THRESHOLDS[0] if is_ct(dataset) else MODEL_DEFAULTS.tau_fg  # prior threshold for query foreground samples (CT 0.7, MR 0.5)
-    tau_bg = CT_PRIOR_THRESHOLDS[1] if is_ct(dataset) else MODEL_DEFAULTS.tau_bg  # threshold on 1 - prior for query background samples (CT 0.6)
+    tau_fg = CT_PRIOR_THRESHOLDS[0] if is_ct(dataset, data_dir) else MODEL_DEFAULTS.tau_fg  # prior threshold for query foreground samples (CT 0.7, MR 0.5; custom: dataset.json's modality)
+    tau_bg = CT_PRIOR_THRESHOLDS[1] if is_ct(dataset, data_dir) else MODEL_DEFAULTS.tau_bg  # threshold on 1 - prior for query background samples (CT 0.6)
     cos_scaler = MODEL_DEFAULTS.cos_scaler  # scale of the cosine similarity in the QPG prior
     prior_temperature = MODEL_DEFAULTS.prior_temperature  # factor inside the sigmoid of the QPG prior
     dropout = MODEL_DEFAULTS.dropout  # dropout of the MLPs and decoders

@@ -8,7 +8,8 @@ Static check on the source: a key counts as read when it appears as ``config["ke
 ``_config["key"]``, ``cfg["key"]`` or ``cfg.get("key"`` in the files the command runs, or is a
 ``ModelConfig`` field (``build_model`` receives the whole flat config). Keys read another way are
 listed in ``READ_ELSEWHERE`` with the place that reads them; keys only refused are in ``REFUSED``.
-A new key that nothing reads fails here, naming the key.
+A new key that nothing reads fails here, naming the key. Last, a key's default that depends on the
+data: ``dataset=custom`` takes the prior thresholds from its ``dataset.json``'s modality.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from config import ex, validate_config
-from models.qamp import ModelConfig
+from models.qamp import CT_PRIOR_THRESHOLDS, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = {  # files whose code runs for each command (the model files via build_model)
@@ -115,3 +116,23 @@ def test_n_shot_at_test_points_to_n_part(tmp_path: Path) -> None:
 def test_the_check_notices_an_unread_key() -> None:
     assert readers("n_steps") == {"train"} and "test" in readers("supp_idx")
     assert readers("no_such_key_anywhere") == set()
+
+
+def test_custom_dataset_json_modality_sets_the_prior_thresholds(tmp_path: Path, capsys) -> None:
+    """dataset=custom: dataset.json's modality CT gives the CT thresholds (print_config shows them);
+    MR, or no dataset.json in data_dir, the MR defaults; given values win."""
+    (tmp_path / "dataset.json").write_text('{"modality": "CT", "labels": {"1": "liver"}}')
+    updates = {"dataset": "custom", "data_dir": str(tmp_path), "path": {"log_dir": str(tmp_path / "runs")}}
+
+    def thresholds(**more) -> tuple[float, float]:
+        config = ex.run("print_config", {**updates, **more}).config
+        return config["tau_fg"], config["tau_bg"]
+
+    capsys.readouterr()
+    assert thresholds() == CT_PRIOR_THRESHOLDS
+    assert f"tau_fg = {CT_PRIOR_THRESHOLDS[0]}" in capsys.readouterr().out
+    assert thresholds(tau_fg=0.55) == (0.55, CT_PRIOR_THRESHOLDS[1])
+    mr = (ModelConfig.tau_fg, ModelConfig.tau_bg)
+    assert thresholds(data_dir=str(tmp_path / "no_such_folder")) == mr
+    (tmp_path / "dataset.json").write_text('{"labels": {"1": "liver"}}')  # modality MR by default
+    assert thresholds() == mr
