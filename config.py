@@ -31,9 +31,10 @@ from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from data.registry import CUSTOM, DATASETS
+from dataloaders.datasets import custom_modality
 from dataloaders.test_dataset import EVAL_MODES
 from dataloaders.train_dataset import EXCLUDE_MODES, SUPERVOXEL_SOURCES
-from models import BACKBONES, ModelConfig, check_episode_config
+from models import BACKBONES, MODEL_KEYS, ModelConfig, check_episode_config
 from models import MODELS as NETWORKS
 from models import PRETRAINED_KINDS as PRETRAINED
 from models.qamp import CT_PRIOR_THRESHOLDS
@@ -77,8 +78,15 @@ ex = QampExperiment("QAMP", save_git_info=False)
 ex.captured_out_filter = apply_backspaces_and_linefeeds
 
 
-def is_ct(dataset: str) -> bool:
-    """A registered CT dataset (its PGQP thresholds are ``CT_PRIOR_THRESHOLDS``)."""
+def is_ct(dataset: str, data_dir: str | os.PathLike | None = None) -> bool:
+    """A CT dataset (its PGQP thresholds are ``CT_PRIOR_THRESHOLDS``): a registered one, or
+    ``'custom'`` whose ``<data_dir>/dataset.json`` says ``"modality": "CT"`` (no such file: MR).
+
+    Raises:
+        ValueError: a bad ``dataset.json`` (the message names the file and the fix).
+    """
+    if dataset == CUSTOM:
+        return data_dir is not None and custom_modality(data_dir) == "CT"
     return dataset in DATASETS and DATASETS[dataset].modality == "CT"
 
 
@@ -146,7 +154,7 @@ def cfg():
     min_size = 200  # minimum class area (pixels) of a training slice pair
     augment = True  # gamma / affine / elastic augmentation of training episodes
     image_size = None  # in-plane size S the model sees; None = the dataset's native size (reference). Otherwise every slice is resampled on load (image bilinear, labels/supervoxels nearest); test Dice stays on the native grid
-    supervoxel_source = "folder"  # 'folder': supervoxel_dir's ids (nearest-resampled to image_size); 'generate': 3D Felzenszwalb on the loaded slices at image_size, min size n_sv x pixel ratio (no folder needed)
+    supervoxel_source = "folder"  # 'folder': supervoxel_dir's ids (nearest-resampled to image_size); 'generate': 3D Felzenszwalb on the loaded slices at image_size, min size n_sv x pixel ratio (no folder needed; refused with use_gt=True)
 
     # ---------------- episodes ----------------
     n_shot = 1  # support slices per episode (prototypes are averaged over shots)
@@ -168,8 +176,8 @@ def cfg():
     n_edge = MODEL_DEFAULTS.n_edge  # vectors drawn in the inner (fg) / outer (bg) edge band of the support mask
     edge_kernel = MODEL_DEFAULTS.edge_kernel  # side of the square kernel of the edge-band erosion / dilation
     edge_iters = MODEL_DEFAULTS.edge_iters  # erosion / dilation iterations of the edge bands
-    tau_fg = CT_PRIOR_THRESHOLDS[0] if is_ct(dataset) else MODEL_DEFAULTS.tau_fg  # prior threshold for query foreground samples (CT 0.7, MR 0.5)
-    tau_bg = CT_PRIOR_THRESHOLDS[1] if is_ct(dataset) else MODEL_DEFAULTS.tau_bg  # threshold on 1 - prior for query background samples (CT 0.6)
+    tau_fg = CT_PRIOR_THRESHOLDS[0] if is_ct(dataset, data_dir) else MODEL_DEFAULTS.tau_fg  # prior threshold for query foreground samples (CT 0.7, MR 0.5; custom: dataset.json's modality)
+    tau_bg = CT_PRIOR_THRESHOLDS[1] if is_ct(dataset, data_dir) else MODEL_DEFAULTS.tau_bg  # threshold on 1 - prior for query background samples (CT 0.6)
     cos_scaler = MODEL_DEFAULTS.cos_scaler  # scale of the cosine similarity in the QPG prior
     prior_temperature = MODEL_DEFAULTS.prior_temperature  # factor inside the sigmoid of the QPG prior
     dropout = MODEL_DEFAULTS.dropout  # dropout of the MLPs and decoders
@@ -194,7 +202,7 @@ def cfg():
     keep_snapshots = 2  # intermediate snapshots kept on disk (older ones deleted; final kept)
     resume = None  # run folder or snapshot file to continue from (same loss sequence as no break)
     val_interval = 0  # steps between validation scores (per-class Dice on val_scans, the protocol); 0 = off
-    val_scans = None  # validation scan ids (>= 2, outside the test fold); None = the last 2 training scans. Their labels only score; with use_gt=True they are removed from training
+    val_scans = None  # validation scan ids (>= 2, outside the test fold); None = the last 2 training scans. Their labels only score; with use_gt=True they are removed from training. Needs val_interval > 0
 
     # ---------------- evaluation (test.py) ----------------
     reload_model_path = None  # snapshot file, or a training run folder (its final snapshot)
@@ -296,6 +304,18 @@ def check_writable_dir(path: str | os.PathLike, key: str = "path.log_dir") -> Pa
     return folder
 
 
+def _check_train_combinations(config: Mapping[str, Any]) -> None:
+    """Refuse a training key that another key's value makes train.py ignore (no key is accepted and
+    then ignored): ``val_scans`` without validation, ``supervoxel_source='generate'`` with ``use_gt``
+    (ground-truth classes use no supervoxels; the default ``'folder'`` is allowed)."""
+    _expect(config["val_scans"] is None or config["val_interval"] > 0,
+            f"val_scans={config['val_scans']!r} is set but val_interval={config['val_interval']!r}: validation is "
+            f"off, so no scan is scored; set val_interval>0 (e.g. val_interval=500) or drop val_scans")
+    _expect(config["supervoxel_source"] == "folder" or not config["use_gt"],
+            f"supervoxel_source={config['supervoxel_source']!r} is set but use_gt={config['use_gt']!r}: training on "
+            f"ground-truth classes uses no supervoxels; drop supervoxel_source or set use_gt=False")
+
+
 def validate_config(config: Mapping[str, Any], command: str | None = None) -> None:
     """Fail early, with the key and the fix, on values the pipeline cannot run with.
 
@@ -344,6 +364,8 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
     if command == "train":
         _expect(config["model"] != "copy_support",
                 "model='copy_support' is a test-time baseline without parameters: run test.py with it")
+        if config["resume"] is None:  # a resumed run keeps its own values (val_interval alone may change)
+            _check_train_combinations(config)
         if config["resume"] is not None and not Path(config["resume"]).exists():
             raise FileNotFoundError(f"resume={config['resume']!r} does not exist: pass a training run "
                                     f"folder or a snapshot file (<run>/snapshots/*.pth)")
@@ -382,7 +404,7 @@ def _from_snapshot(config: dict, command_name: str, logger) -> dict:
     config (explicit updates still win; :func:`_check_final` refuses those that contradict it)."""
     from utils.run_config import snapshot_updates
 
-    return snapshot_updates(config, command_name, (*DATASETS, CUSTOM))
+    return snapshot_updates(config, command_name, MODEL_KEYS, (*DATASETS, CUSTOM))
 
 
 @ex.final_config_check
@@ -392,7 +414,7 @@ def _check_final(config: Mapping[str, Any], command_name: str) -> None:
 
     if command_name == "train" and config["resume"] is not None:
         validate_config(config, "train")
-    check_against_snapshot(config, command_name, _native_size)
+    check_against_snapshot(config, command_name, MODEL_KEYS, _native_size)
 
 
 def _native_size(config: Mapping[str, Any]) -> int | None:

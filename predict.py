@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from dataloaders.datasets import zscore
 from dataloaders.test_dataset import chunk_bounds, support_fractions
-from models import build_model, check_state_dict, make_generator
+from models import MODEL_KEYS, build_model, check_state_dict, make_generator
 from utils.run import resolve_device, set_determinism
 from utils.io import write_image, write_json
 from dataloaders.predict_io import (InputError, Oriented, PlaneGrid, back_to_source, check_same_grid, label_values,
@@ -70,7 +70,7 @@ def load_predictor(snapshot: str | Path, device: torch.device) -> tuple[torch.nn
     try:
         path = find_snapshot(snapshot, which="final")
         state = load_snapshot(path, map_location="cpu")
-        meta = describe(state, path)
+        meta = describe(state, path, model_keys=MODEL_KEYS)
     except (FileNotFoundError, ValueError) as err:
         raise InputError(f"--snapshot {snapshot}: {err}") from None
     if meta.get("normalisation", NORMALISATION) != NORMALISATION:

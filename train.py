@@ -51,7 +51,7 @@ from config import ex, run_commandline
 from dataloaders.datasets import discover_scans, fold_positions, get_dataset, model_image_size, resolve_image_dir
 from dataloaders.test_dataset import TestDataset
 from dataloaders.train_dataset import StepSampler, TrainDataset, worker_init_fn
-from models import build_model, make_generator
+from models import MODEL_KEYS, build_model, make_generator
 from utils import distributed as ddp
 from utils.amp import Amp
 from utils.evaluate import score_queries
@@ -221,7 +221,7 @@ def run_meta(config: Mapping[str, Any], spec, image_size: int) -> dict[str, Any]
     reader.SetFileName(str(files[0].image))
     reader.ReadImageInformation()
     return snapshot_meta(plain_config(config), image_size, spec.label_names,
-                         orientation_code(reader.GetDirection()))
+                         orientation_code(reader.GetDirection()), model_keys=MODEL_KEYS)
 
 
 def take_snapshot(folder: Path | None, state: dict[str, Any], keep: int, history, log: logging.Logger) -> Path | None:

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     from config import cfg
     from dataloaders.datasets import get_dataset, resolve_image_dir
     from dataloaders.test_dataset import TestDataset
-    from models import build_model, make_generator
+    from models import MODEL_KEYS, build_model, make_generator
     from utils.evaluate import predict_scan
     from utils.snapshot import SNAPSHOT_FORMAT, save_snapshot, snapshot_meta
 
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
         path = Path(tmp) / "final.pth"
         save_snapshot(path, {"format": SNAPSHOT_FORMAT, "step": 0, "final": True, "model": model.state_dict(),
                              "config": json.loads(json.dumps(config)),
-                             "meta": snapshot_meta(config, args.size, spec.label_names, "LAS")})
+                             "meta": snapshot_meta(config, args.size, spec.label_names, "LAS",
+                                                   model_keys=MODEL_KEYS)})
         predictor, meta, _ = predict.load_predictor(path, device)
 
     def volume(scan_id: int, what: str) -> predict.Volume:

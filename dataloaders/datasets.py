@@ -19,7 +19,7 @@ import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import json5
 import numpy as np
@@ -86,6 +86,51 @@ def load_custom_spec(image_dir: str | Path) -> DatasetSpec:
     """
     image_dir = Path(image_dir)
     path = image_dir / CUSTOM_SPEC_FILE
+    raw = read_custom_json(image_dir)
+    label_names = raw["labels"]
+
+    scans = discover_scans(image_dir)
+    ids = [s.scan_id for s in scans]
+    if "folds" in raw:
+        folds_ids = raw["folds"]
+        if not isinstance(folds_ids, list) or len(folds_ids) != N_FOLDS:
+            raise ValueError(f"{path}: 'folds' must be a list of {N_FOLDS} lists of scan ids")
+        missing = sorted({int(i) for f in folds_ids for i in f} - set(ids))
+        if missing:
+            raise ValueError(f"{path}: 'folds' names scan ids {missing} with no image_<id> file in {image_dir}")
+        position = {scan_id: pos for pos, scan_id in enumerate(ids)}
+        folds = tuple(tuple(sorted(position[int(i)] for i in f)) for f in folds_ids)
+    else:
+        folds = make_folds(len(ids))
+    image_size = raw.get("image_size")
+    if image_size is None:
+        image_size = int(read_header(scans[0].image).GetSize()[0])
+    spec = DatasetSpec(
+        name=CUSTOM,
+        folder="",
+        label_names=label_names,
+        test_labels=tuple(int(x) for x in raw.get("test_labels", sorted(label_names))),
+        n_sv=int(raw.get("n_sv", 5000)),
+        image_size=int(image_size),
+        modality=raw["modality"],
+        folds=folds,
+        n_scans=len(ids),
+        label_remap=raw["label_remap"],
+    )
+    spec.check_labels(f"{path}: test_labels", spec.test_labels)
+    return spec
+
+
+def read_custom_json(image_dir: str | Path) -> dict[str, Any]:
+    """``<image_dir>/dataset.json``, read and checked: the one reader of the file (format:
+    :func:`load_custom_spec`). Returns its keys, with ``labels`` as id -> name, ``label_remap`` as
+    stored value -> id (``{}`` when not given) and ``modality`` filled in (``'MR'`` when not given).
+
+    Raises:
+        FileNotFoundError: no ``dataset.json`` in ``image_dir``.
+        ValueError: a bad ``dataset.json`` (the message names the file, the key and the fix).
+    """
+    path = Path(image_dir) / CUSTOM_SPEC_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: a custom dataset needs {CUSTOM_SPEC_FILE} beside its image_/label_ files; "
@@ -121,37 +166,19 @@ def load_custom_spec(image_dir: str | Path) -> DatasetSpec:
     modality = raw.get("modality", "MR")
     if modality not in ("MR", "CT"):
         raise ValueError(f"{path}: 'modality' must be 'MR' or 'CT', got {modality!r}")
+    return {**raw, "labels": label_names, "label_remap": label_remap, "modality": modality}
 
-    scans = discover_scans(image_dir)
-    ids = [s.scan_id for s in scans]
-    if "folds" in raw:
-        folds_ids = raw["folds"]
-        if not isinstance(folds_ids, list) or len(folds_ids) != N_FOLDS:
-            raise ValueError(f"{path}: 'folds' must be a list of {N_FOLDS} lists of scan ids")
-        missing = sorted({int(i) for f in folds_ids for i in f} - set(ids))
-        if missing:
-            raise ValueError(f"{path}: 'folds' names scan ids {missing} with no image_<id> file in {image_dir}")
-        position = {scan_id: pos for pos, scan_id in enumerate(ids)}
-        folds = tuple(tuple(sorted(position[int(i)] for i in f)) for f in folds_ids)
-    else:
-        folds = make_folds(len(ids))
-    image_size = raw.get("image_size")
-    if image_size is None:
-        image_size = int(read_header(scans[0].image).GetSize()[0])
-    spec = DatasetSpec(
-        name=CUSTOM,
-        folder="",
-        label_names=label_names,
-        test_labels=tuple(int(x) for x in raw.get("test_labels", sorted(label_names))),
-        n_sv=int(raw.get("n_sv", 5000)),
-        image_size=int(image_size),
-        modality=modality,
-        folds=folds,
-        n_scans=len(ids),
-        label_remap=label_remap,
-    )
-    spec.check_labels(f"{path}: test_labels", spec.test_labels)
-    return spec
+
+def custom_modality(image_dir: str | Path) -> str | None:
+    """``'MR'`` or ``'CT'``: the ``modality`` of ``<image_dir>/dataset.json`` (:func:`read_custom_json`),
+    for the CT prior thresholds of ``config.py``; None when there is no such file.
+
+    Raises:
+        ValueError: a bad ``dataset.json``.
+    """
+    if not (Path(image_dir) / CUSTOM_SPEC_FILE).is_file():
+        return None
+    return read_custom_json(image_dir)["modality"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ whose state goes into the snapshot for exact resume.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import fields
 from typing import Any, Mapping, Union
 
 import torch
@@ -15,12 +16,17 @@ import torch.nn as nn
 
 from models.adnet import ADNet
 from models.encoder import BACKBONES, PRETRAINED_KINDS, Encoder, load_pretrained
-from models.qamp import QAMP, ModelConfig, SupportState
+from models.qamp import COMPUTE_ONLY_KEYS, QAMP, ModelConfig, SupportState
 
 MODELS = ("qamp", "adnet")  # networks; config.py adds the test-only baseline 'copy_support'
+# Config keys that define the model of a snapshot (its meta's ``model_keys``, utils/snapshot.py): the
+# network, the image size and ModelConfig's fields except the compute-only switches. test.py and
+# predict.py build the model with a snapshot's values; callers of utils.snapshot pass this list.
+MODEL_KEYS = ("model", "image_size") + tuple(f.name for f in fields(ModelConfig) if f.name not in COMPUTE_ONLY_KEYS)
 
 __all__ = ["build_model", "load_pretrained", "make_generator", "check_state_dict", "check_episode_config",
-           "ModelConfig", "QAMP", "ADNet", "Encoder", "SupportState", "MODELS", "BACKBONES", "PRETRAINED_KINDS"]
+           "ModelConfig", "QAMP", "ADNet", "Encoder", "SupportState", "MODELS", "MODEL_KEYS", "BACKBONES",
+           "PRETRAINED_KINDS"]
 
 
 def check_episode_config(cfg: Mapping[str, Any]) -> None:

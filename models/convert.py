@@ -83,6 +83,7 @@ def converted_meta(cfg: Mapping, image_size: tuple[int, int], dataset: str | Non
     from dataclasses import asdict
 
     from dataloaders.datasets import DATASETS
+    from models import MODEL_KEYS
     from models.qamp import ModelConfig
     from utils.snapshot import snapshot_meta
 
@@ -92,8 +93,8 @@ def converted_meta(cfg: Mapping, image_size: tuple[int, int], dataset: str | Non
     else:
         keys["tau_fg"], keys["tau_bg"] = (0.7, 0.6) if dataset == "SABS" else (0.5, 0.5)
     names = DATASETS[dataset].label_names if dataset is not None else {}
-    return snapshot_meta(keys, image_size[0], names,
-                         orientation or DATASET_ORIENTATION.get(dataset or ""), dataset=dataset)
+    return snapshot_meta(keys, image_size[0], names, orientation or DATASET_ORIENTATION.get(dataset or ""),
+                         dataset=dataset, model_keys=MODEL_KEYS)
 
 
 def convert_file(ref_path: Path, out_path: Path, overwrite: bool = False, dataset: str | None = None,

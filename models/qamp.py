@@ -34,6 +34,8 @@ from models.sampling import UpsampleGrid
 PROTO_LOSS_SHOTS = ("mean", "sum")
 EMPTY_SUPPORT_RULES = ("any", "first")
 CT_PRIOR_THRESHOLDS = (0.7, 0.6)  # (tau_fg, tau_bg) of CT datasets (SABS); MR keeps the defaults
+# ModelConfig fields that only choose how the same numbers are computed (equal up to rounding).
+COMPUTE_ONLY_KEYS = ("fast_mlp", "decoder_winograd")
 
 
 @dataclass(frozen=True)

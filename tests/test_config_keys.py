@@ -1,12 +1,15 @@
 """No config key is accepted and ignored: every key of config.py is read by the command that runs
 (train.py or test.py, directly or through models.build_model) or refused there by
-``config.validate_config``.
+``config.validate_config``, also where another key's value would make it do nothing
+(``REFUSED_WITH``: ``val_scans`` with ``val_interval=0``, ``supervoxel_source='generate'`` with
+``use_gt=True``).
 
 Static check on the source: a key counts as read when it appears as ``config["key"]``,
 ``_config["key"]``, ``cfg["key"]`` or ``cfg.get("key"`` in the files the command runs, or is a
 ``ModelConfig`` field (``build_model`` receives the whole flat config). Keys read another way are
 listed in ``READ_ELSEWHERE`` with the place that reads them; keys only refused are in ``REFUSED``.
-A new key that nothing reads fails here, naming the key.
+A new key that nothing reads fails here, naming the key. Last, a key's default that depends on the
+data: ``dataset=custom`` takes the prior thresholds from its ``dataset.json``'s modality.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from config import ex, validate_config
-from models.qamp import ModelConfig
+from models.qamp import CT_PRIOR_THRESHOLDS, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = {  # files whose code runs for each command (the model files via build_model)
@@ -32,6 +35,12 @@ REFUSED = {  # key -> {command: a value validate_config refuses there}
     "n_query": {"train": 2, "test": 2},
     "n_shot": {"test": 3},
 }
+REFUSED_WITH = {  # key -> (command, a value, the other keys' values that make train.py ignore it)
+    "val_scans": ("train", [3, 4], {"val_interval": 0}),
+    "supervoxel_source": ("train", "generate", {"use_gt": True}),
+}
+CASES = ([(key, command, value, {}) for key, values in REFUSED.items() for command, value in values.items()]
+         + [(key, command, value, others) for key, (command, value, others) in REFUSED_WITH.items()])
 
 
 def defaults() -> dict:
@@ -65,13 +74,35 @@ def test_every_config_key_is_read_or_refused(key: str) -> None:
         f"config.validate_config, or remove it (if it is read another way, add it to READ_ELSEWHERE here)")
 
 
-@pytest.mark.parametrize("key,command", [(k, c) for k, cmds in REFUSED.items() for c in cmds])
-def test_refused_keys_are_refused_with_the_key_named(key: str, command: str, tmp_path: Path) -> None:
-    config = {**defaults(), key: REFUSED[key][command], "path": {"log_dir": str(tmp_path / "runs")},
-              "model": "copy_support"}
-    with pytest.raises(ValueError, match=rf"^{key}={REFUSED[key][command]} is not supported"):
-        validate_config(config, command)
+@pytest.mark.parametrize("key,command,value,others", CASES)
+def test_refused_keys_are_refused_with_the_key_named(key: str, command: str, value, others: dict,
+                                                     tmp_path: Path) -> None:
+    config = {**defaults(), key: value, **others, "path": {"log_dir": str(tmp_path / "runs")}}
+    model = {"train": "qamp", "test": "copy_support"}  # copy_support: a test run without a snapshot
+    expected = f"{key}={value!r} is " + ("set but" if others else "not supported")
+    with pytest.raises(ValueError, match="^" + re.escape(expected)) as err:
+        validate_config({**config, "model": model[command]}, command)
+    for other, other_value in others.items():  # both keys named, and the fix
+        assert f"{other}={other_value!r}" in str(err.value) and f"drop {key}" in str(err.value), str(err.value)
     assert not (tmp_path / "runs").exists()  # refused before anything is created
+    refused_at = set(REFUSED.get(key, {})) | {command}
+    for other_command in sorted(set(model) - refused_at):  # a command that does not read the key takes it
+        validate_config({**config, "model": model[other_command]}, other_command)
+
+
+def test_keys_refused_together_pass_alone(tmp_path: Path) -> None:
+    config = {**defaults(), "path": {"log_dir": str(tmp_path)}}
+    validate_config({**config, "val_scans": [3, 4], "val_interval": 500}, "train")
+    validate_config({**config, "supervoxel_source": "generate"}, "train")
+    validate_config({**config, "use_gt": True}, "train")  # the default supervoxel_source='folder'
+    # a resumed run keeps its val_scans and may switch validation off (val_interval is resume-free)
+    validate_config({**config, "val_scans": [3, 4], "val_interval": 0, "resume": str(tmp_path)}, "train")
+
+
+@pytest.mark.parametrize("name", sorted(ex.named_configs))
+def test_named_configs_pass_the_train_checks(name: str, tmp_path: Path) -> None:
+    config = ex.run("print_config", {"path": {"log_dir": str(tmp_path)}}, named_configs=[name]).config
+    validate_config(config, "train")
 
 
 def test_n_shot_at_test_points_to_n_part(tmp_path: Path) -> None:
@@ -85,3 +116,23 @@ def test_n_shot_at_test_points_to_n_part(tmp_path: Path) -> None:
 def test_the_check_notices_an_unread_key() -> None:
     assert readers("n_steps") == {"train"} and "test" in readers("supp_idx")
     assert readers("no_such_key_anywhere") == set()
+
+
+def test_custom_dataset_json_modality_sets_the_prior_thresholds(tmp_path: Path, capsys) -> None:
+    """dataset=custom: dataset.json's modality CT gives the CT thresholds (print_config shows them);
+    MR, or no dataset.json in data_dir, the MR defaults; given values win."""
+    (tmp_path / "dataset.json").write_text('{"modality": "CT", "labels": {"1": "liver"}}')
+    updates = {"dataset": "custom", "data_dir": str(tmp_path), "path": {"log_dir": str(tmp_path / "runs")}}
+
+    def thresholds(**more) -> tuple[float, float]:
+        config = ex.run("print_config", {**updates, **more}).config
+        return config["tau_fg"], config["tau_bg"]
+
+    capsys.readouterr()
+    assert thresholds() == CT_PRIOR_THRESHOLDS
+    assert f"tau_fg = {CT_PRIOR_THRESHOLDS[0]}" in capsys.readouterr().out
+    assert thresholds(tau_fg=0.55) == (0.55, CT_PRIOR_THRESHOLDS[1])
+    mr = (ModelConfig.tau_fg, ModelConfig.tau_bg)
+    assert thresholds(data_dir=str(tmp_path / "no_such_folder")) == mr
+    (tmp_path / "dataset.json").write_text('{"labels": {"1": "liver"}}')  # modality MR by default
+    assert thresholds() == mr

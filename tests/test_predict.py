@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 
 import predict
-from models import build_model
+from models import MODEL_KEYS, build_model
 from models.convert import PREFIX_MAP, convert_file
 from dataloaders.predict_io import PlaneGrid, read_input
 from helpers import NATIVE, SIZE, cli_help, experiment
@@ -285,7 +285,7 @@ def test_converted_reference_checkpoint_predicts(phantoms: Path, tmp_path: Path)
         reference[inverse[prefix] + key[len(prefix):]] = value
     torch.save(reference, tmp_path / "ref.pth")
     convert_file(tmp_path / "ref.pth", tmp_path / "conv.pth", dataset="CHAOST2")
-    meta = read_header(tmp_path / "conv.pth")["meta"]
+    meta = read_header(tmp_path / "conv.pth", model_keys=MODEL_KEYS)["meta"]
     assert meta["backbone"] == "resnet50" and meta["image_size"] == SIZE and meta["orientation"] == "LAS"
     assert meta["class_names"]["1"] == "LIVER" and meta["model_keys"]["tau_fg"] == 0.5
     assert meta["model_keys"]["n_mlp_bg"] == 600 and meta["normalisation"] == "per-volume z-score"

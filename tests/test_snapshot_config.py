@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import SIZE, experiment
+from models import MODEL_KEYS
 from utils.snapshot import describe, load_snapshot
 
 ex = experiment()
@@ -35,7 +36,7 @@ def test_snapshot_describes_itself(tiny_run: dict) -> None:
     assert snapshot["config"]["n_steps"] == 4  # the training config travels with it
     # a snapshot written before meta existed is described from its config
     old = {k: v for k, v in snapshot.items() if k != "meta"}
-    assert describe(old)["model_keys"] == keys
+    assert describe(old, model_keys=MODEL_KEYS)["model_keys"] == keys
 
 
 # ---------------------------------------------------------------------------------------------- test.py

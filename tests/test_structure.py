@@ -69,18 +69,13 @@ def test_one_dataset_registry_for_preprocessing_verify_and_loaders() -> None:
         assert set(spec.test_labels) <= set(spec.label_names) and len(spec.folds) == 5, spec.name
 
 
-# The one known exception, to be removed: the snapshot's self-description lists the model keys from
-# models.qamp.ModelConfig (a function-level import; moving snapshots under models/ is the fix).
-KNOWN_UPWARD = {"utils.snapshot": {"models.qamp"}}
-
-
 def test_utils_imports_nothing_above_it_and_there_is_no_import_circle() -> None:
     modules = project_modules()
     known = set(modules)
     graph = {name: imported_modules(path, known) for name, path in modules.items()}
     for name, deps in graph.items():
         if name.split(".")[0] == "utils":
-            above = {d for d in deps if d.split(".")[0] != "utils"} - KNOWN_UPWARD.get(name, set())
+            above = {d for d in deps if d.split(".")[0] != "utils"}
             assert not above, f"{name} imports {sorted(deps)}"
     assert "script:train" not in graph["script:test"], "test.py must not import train.py"
 

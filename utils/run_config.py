@@ -8,9 +8,9 @@ Both act at two points of Sacred's config process (``config.py`` wires them):
    after the hooks' updates, so every key the user did not give takes the snapshot's value.
 2. :func:`check_against_snapshot` runs on the final config, before the run starts (no run folder
    exists yet): a key that still differs from the snapshot was given explicitly. For ``test`` a model
-   key (:func:`utils.snapshot.model_keys`) that disagrees is an error naming both values; for a
-   resumed ``train`` run every key outside :data:`RESUME_FREE_KEYS` that changed is an error listing
-   them, and ``n_steps`` must exceed the snapshot's completed steps.
+   key (``models.MODEL_KEYS``, which config.py passes in) that disagrees is an error naming both
+   values; for a resumed ``train`` run every key outside :data:`RESUME_FREE_KEYS` that changed is an
+   error listing them, and ``n_steps`` must exceed the snapshot's completed steps.
 
 Test runs also take ``dataset``, ``data_dir``, ``setting``, ``eval_fold`` and ``test_label`` from the
 snapshot's training config when they are not given (data keys: the command line may change them).
@@ -42,10 +42,10 @@ def _uses_snapshot(config: Mapping[str, Any], command: str | None) -> str | None
     return None
 
 
-def _header(config: Mapping[str, Any], kind: str) -> dict[str, Any]:
+def _header(config: Mapping[str, Any], kind: str, model_keys: Sequence[str]) -> dict[str, Any]:
     if kind == "test":
-        return read_header(find_snapshot(config["reload_model_path"], which="final"))
-    header = read_header(find_snapshot(config["resume"], which="latest"))
+        return read_header(find_snapshot(config["reload_model_path"], which="final"), model_keys=model_keys)
+    header = read_header(find_snapshot(config["resume"], which="latest"), model_keys=model_keys)
     if not isinstance(header["config"], dict) or header["step"] is None:
         raise ValueError(f"resume={config['resume']!r}: {header['path']} holds model weights only (no training "
                          "config, optimizer or RNG state), so training cannot continue exactly; resume from a "
@@ -53,12 +53,14 @@ def _header(config: Mapping[str, Any], kind: str) -> dict[str, Any]:
     return header
 
 
-def snapshot_updates(config: Mapping[str, Any], command: str | None, known_datasets: Sequence[str] = ()) -> dict[str, Any]:
-    """Config hook: the snapshot's values of the keys this run takes from it (see module docstring)."""
+def snapshot_updates(config: Mapping[str, Any], command: str | None, model_keys: Sequence[str],
+                     known_datasets: Sequence[str] = ()) -> dict[str, Any]:
+    """Config hook: the snapshot's values of the keys this run takes from it (see module docstring);
+    ``model_keys``: the config keys that define the model (``models.MODEL_KEYS``)."""
     kind = _uses_snapshot(config, command)
     if kind is None:
         return {}
-    header = _header(config, kind)  # a deep copy: Sacred merges the explicit updates into these values
+    header = _header(config, kind, model_keys)  # a deep copy: Sacred merges the explicit updates into these values
     stored = header["config"] or {}
     if kind == "resume":
         return {k: v for k, v in stored.items() if k in config and k != "resume"}
@@ -70,9 +72,10 @@ def snapshot_updates(config: Mapping[str, Any], command: str | None, known_datas
     return updates
 
 
-def check_against_snapshot(config: Mapping[str, Any], command: str | None,
+def check_against_snapshot(config: Mapping[str, Any], command: str | None, model_keys: Sequence[str],
                            native_size: Callable[[Mapping[str, Any]], int | None] = lambda config: None) -> None:
-    """Refuse, before the run starts, a final config that contradicts its snapshot.
+    """Refuse, before the run starts, a final config that contradicts its snapshot (``model_keys``:
+    as :func:`snapshot_updates`).
 
     Raises:
         ValueError: test: model keys given that differ from the snapshot's (both values named);
@@ -82,7 +85,7 @@ def check_against_snapshot(config: Mapping[str, Any], command: str | None,
     kind = _uses_snapshot(config, command)
     if kind is None:
         return
-    header = _header(config, kind)
+    header = _header(config, kind, model_keys)
     if kind == "test":
         _check_test(config, header, native_size)
     else:

@@ -13,7 +13,9 @@ A snapshot is a ``torch.save``-d dict::
 (model keys, ``image_size``, backbone), normalise inputs as it says (per-volume z-score), orient
 them as the training scans were and name classes with the dataset's names. Snapshots written before
 ``meta`` existed are described from their ``config`` (:func:`describe`); a checkpoint converted from
-the reference code (``models.convert``) carries ``meta`` too (with ``config`` None).
+the reference code (``models.convert``) carries ``meta`` too (with ``config`` None). Which config
+keys define the model is the model's to say: callers pass ``models.MODEL_KEYS`` (``model_keys=``),
+so this module imports nothing above ``utils``.
 
 Files live in ``<run>/snapshots/``: ``step_<k>.pth`` every ``save_snapshot_every`` steps (the last
 ``keep_snapshots`` of them are kept) and ``final.pth`` at the end of training.
@@ -24,7 +26,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -35,11 +37,6 @@ FINAL_NAME = "final.pth"
 META_VERSION = 1
 NORMALISATION = "per-volume z-score"  # what dataloaders.datasets.zscore does to every volume
 DEFAULT_ORIENTATION = "LAS"  # ITK orientation code of the pre-processed CHAOST2 / SABS volumes
-# Config keys that fix the network and what it computes (besides ModelConfig's fields): a snapshot is
-# used with its own values (test.py, predict.py); a resumed run may not change them.
-MODEL_EXTRA_KEYS = ("model", "image_size")
-# ModelConfig fields that only choose how the same numbers are computed (equal up to rounding).
-COMPUTE_ONLY_KEYS = ("fast_mlp", "decoder_winograd")
 _STEP_PATTERN = re.compile(r"step_(\d+)\.pth")
 
 
@@ -78,16 +75,6 @@ def load_snapshot(path: str | os.PathLike, map_location: str | torch.device = "c
 # ----------------------------------------------------------------------------------------------
 # Self-description
 # ----------------------------------------------------------------------------------------------
-def model_keys() -> tuple[str, ...]:
-    """Config keys that define the model of a snapshot: ``model``, ``image_size`` and the fields of
-    ``models.ModelConfig`` except the compute-only switches (``fast_mlp``, ``decoder_winograd``)."""
-    from dataclasses import fields
-
-    from models.qamp import ModelConfig
-
-    return MODEL_EXTRA_KEYS + tuple(f.name for f in fields(ModelConfig) if f.name not in COMPUTE_ONLY_KEYS)
-
-
 def _plain(value: Any) -> Any:
     """JSON-like plain value (tuples -> lists), for comparing and storing config values."""
     if isinstance(value, dict):
@@ -107,7 +94,8 @@ def orientation_code(direction) -> str:
 
 
 def snapshot_meta(config: Mapping[str, Any], image_size: int, class_names: Mapping[int, str],
-                  orientation: str | None = None, dataset: str | None = None) -> dict[str, Any]:
+                  orientation: str | None = None, dataset: str | None = None, *,
+                  model_keys: Sequence[str]) -> dict[str, Any]:
     """The ``meta`` dict of a snapshot: everything needed to rebuild and use the model.
 
     Args:
@@ -117,9 +105,10 @@ def snapshot_meta(config: Mapping[str, Any], image_size: int, class_names: Mappi
         class_names: label id -> name of the training dataset.
         orientation: ITK orientation code of the training scans (:func:`orientation_code`).
         dataset: dataset name (default ``config['dataset']``).
+        model_keys: the config keys that define the model (``models.MODEL_KEYS``).
     """
     size = None if image_size is None else int(image_size)
-    keys = {k: _plain(config[k]) for k in model_keys() if k in config}
+    keys = {k: _plain(config[k]) for k in model_keys if k in config}
     keys["image_size"] = size
     return {"version": META_VERSION, "model_keys": keys, "image_size": size,
             "backbone": keys.get("backbone"), "normalisation": NORMALISATION,
@@ -128,10 +117,12 @@ def snapshot_meta(config: Mapping[str, Any], image_size: int, class_names: Mappi
             "orientation": orientation}
 
 
-def describe(snapshot: Mapping[str, Any], path: str | os.PathLike = "snapshot") -> dict[str, Any]:
+def describe(snapshot: Mapping[str, Any], path: str | os.PathLike = "snapshot", *,
+             model_keys: Sequence[str]) -> dict[str, Any]:
     """The ``meta`` of a loaded snapshot: its own, or rebuilt from its training ``config`` (snapshots
     written before ``meta`` existed; class names and orientation unknown then), or from its tensors
     (reference checkpoints converted before ``meta`` existed: backbone, sizes, MLP widths).
+    ``model_keys``: as :func:`snapshot_meta` (``models.MODEL_KEYS``).
 
     Raises:
         ValueError: nothing describes the model (a bare state_dict): its model keys are unknown.
@@ -142,14 +133,15 @@ def describe(snapshot: Mapping[str, Any], path: str | os.PathLike = "snapshot") 
     config = snapshot.get("config")
     if isinstance(config, dict):
         image_size = config.get("image_size") or _size_from_tensors(snapshot.get("model", {}))
-        return snapshot_meta(config, image_size, {}, None)  # image_size None: the dataset's native size
+        # image_size None: the dataset's native size
+        return snapshot_meta(config, image_size, {}, None, model_keys=model_keys)
     state = snapshot.get("model", {})
     if "converted_from" in snapshot and "fg_mlp.fc1.weight" in state:
         keys = {"model": "qamp", "backbone": snapshot.get("backbone"),
                 "feature_dim": int(state["encoder.reduce1.weight"].shape[0]),
                 "n_mlp_fg": int(state["fg_mlp.fc2.weight"].shape[0]),
                 "n_mlp_bg": int(state["bg_mlp.fc2.weight"].shape[0])}
-        return snapshot_meta(keys, _size_from_tensors(state), {}, None, dataset=None)
+        return snapshot_meta(keys, _size_from_tensors(state), {}, None, dataset=None, model_keys=model_keys)
     raise ValueError(f"{path} holds model weights only, nothing says which model they belong to (backbone, "
                      "prototype counts, image size): use a snapshot written by train.py, or convert a reference "
                      "checkpoint with `python -m models.convert REF.pth OUT.pth`")
@@ -166,9 +158,10 @@ def _size_from_tensors(state: Mapping[str, torch.Tensor]) -> int | None:
 _HEADERS: dict[tuple, dict[str, Any]] = {}
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
+def read_header(path: str | os.PathLike, *, model_keys: Sequence[str]) -> dict[str, Any]:
     """``{'path', 'meta', 'config', 'step', 'final'}`` of a snapshot file, read without loading its
     tensors into memory (memory-mapped; cached per file version), for config checks before a run.
+    ``model_keys``: as :func:`snapshot_meta` (``models.MODEL_KEYS``).
 
     Raises:
         FileNotFoundError / ValueError: as :func:`load_snapshot`; ValueError also when nothing
@@ -178,7 +171,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"snapshot not found: {path}")
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, tuple(model_keys))
     if key not in _HEADERS:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -186,8 +179,9 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
             obj = None
         snapshot = load_snapshot(path) if obj is None else _accept(obj, path)
         _HEADERS.clear()  # one entry is enough: a run reads one snapshot (twice)
-        _HEADERS[key] = {"path": str(path), "meta": describe(snapshot, path), "config": snapshot.get("config"),
-                         "step": snapshot.get("step"), "final": snapshot.get("final")}
+        _HEADERS[key] = {"path": str(path), "meta": describe(snapshot, path, model_keys=model_keys),
+                         "config": snapshot.get("config"), "step": snapshot.get("step"),
+                         "final": snapshot.get("final")}
     return copy.deepcopy(_HEADERS[key])  # callers (Sacred's config updates) may modify what they get
 
 
