@@ -143,8 +143,8 @@ def cfg():
     # ---------------- data ----------------
     dataset = "CHAOST2"  # 'CHAOST2' (abdominal MRI), 'SABS' (abdominal CT), 'Prostate_MRI', 'CMR', 'custom'
     data_dir = "../shared/data"  # the image folder itself, or a root holding <dataset>/<folder>
-    supervoxel_dir = None  # folder of superpix-MIDDLE_<id>.nii.gz; None = looked up next to the images
-    n_sv = None  # supervoxel folder supervoxels_<n_sv>; None = the dataset's (5000; CMR 1000; custom: dataset.json)
+    supervoxel_dir = None  # folder of superpix-MIDDLE_<id>.nii.gz; None = looked up next to the images (refused with use_gt=True)
+    n_sv = None  # supervoxel folder supervoxels_<n_sv>; None = the dataset's (5000; CMR 1000; custom: dataset.json); refused with use_gt=True
     use_gt = False  # train on ground-truth classes (minus exclude_label) instead of supervoxels
     setting = 1  # 1: test classes may appear in training slices; 2: slices holding them are removed
     test_label = None  # classes to evaluate (and to exclude in setting 2); None = the dataset's standard set
@@ -306,14 +306,18 @@ def check_writable_dir(path: str | os.PathLike, key: str = "path.log_dir") -> Pa
 
 def _check_train_combinations(config: Mapping[str, Any]) -> None:
     """Refuse a training key that another key's value makes train.py ignore (no key is accepted and
-    then ignored): ``val_scans`` without validation, ``supervoxel_source='generate'`` with ``use_gt``
-    (ground-truth classes use no supervoxels; the default ``'folder'`` is allowed)."""
+    then ignored): ``val_scans`` without validation; ``supervoxel_source='generate'``, ``supervoxel_dir``
+    or ``n_sv`` with ``use_gt`` (ground-truth classes use no supervoxels; the defaults are allowed)."""
     _expect(config["val_scans"] is None or config["val_interval"] > 0,
             f"val_scans={config['val_scans']!r} is set but val_interval={config['val_interval']!r}: validation is "
             f"off, so no scan is scored; set val_interval>0 (e.g. val_interval=500) or drop val_scans")
     _expect(config["supervoxel_source"] == "folder" or not config["use_gt"],
             f"supervoxel_source={config['supervoxel_source']!r} is set but use_gt={config['use_gt']!r}: training on "
             f"ground-truth classes uses no supervoxels; drop supervoxel_source or set use_gt=False")
+    for key in ("supervoxel_dir", "n_sv"):  # None: the dataset's, looked up only for supervoxel training
+        _expect(config[key] is None or not config["use_gt"],
+                f"{key}={config[key]!r} is set but use_gt={config['use_gt']!r}: training on ground-truth classes "
+                f"uses no supervoxels; drop {key} or set use_gt=False")
 
 
 def validate_config(config: Mapping[str, Any], command: str | None = None) -> None:

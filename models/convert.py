@@ -84,14 +84,16 @@ def converted_meta(cfg: Mapping, image_size: tuple[int, int], dataset: str | Non
 
     from dataloaders.datasets import DATASETS
     from models import MODEL_KEYS
-    from models.qamp import ModelConfig
+    from models.qamp import CT_PRIOR_THRESHOLDS, ModelConfig
     from utils.snapshot import snapshot_meta
 
     keys = {**asdict(ModelConfig()), "model": "qamp", **cfg}
     if dataset is None:
         del keys["tau_fg"], keys["tau_bg"]  # then they follow the test run's dataset
     else:
-        keys["tau_fg"], keys["tau_bg"] = (0.7, 0.6) if dataset == "SABS" else (0.5, 0.5)
+        mr = ModelConfig()
+        keys["tau_fg"], keys["tau_bg"] = (CT_PRIOR_THRESHOLDS if DATASETS[dataset].modality == "CT"
+                                          else (mr.tau_fg, mr.tau_bg))
     names = DATASETS[dataset].label_names if dataset is not None else {}
     return snapshot_meta(keys, image_size[0], names, orientation or DATASET_ORIENTATION.get(dataset or ""),
                          dataset=dataset, model_keys=MODEL_KEYS)

@@ -1,8 +1,8 @@
 """No config key is accepted and ignored: every key of config.py is read by the command that runs
 (train.py or test.py, directly or through models.build_model) or refused there by
 ``config.validate_config``, also where another key's value would make it do nothing
-(``REFUSED_WITH``: ``val_scans`` with ``val_interval=0``, ``supervoxel_source='generate'`` with
-``use_gt=True``).
+(``REFUSED_WITH``: ``val_scans`` with ``val_interval=0``; ``supervoxel_source='generate'``,
+``supervoxel_dir`` or ``n_sv`` with ``use_gt=True``).
 
 Static check on the source: a key counts as read when it appears as ``config["key"]``,
 ``_config["key"]``, ``cfg["key"]`` or ``cfg.get("key"`` in the files the command runs, or is a
@@ -38,6 +38,8 @@ REFUSED = {  # key -> {command: a value validate_config refuses there}
 REFUSED_WITH = {  # key -> (command, a value, the other keys' values that make train.py ignore it)
     "val_scans": ("train", [3, 4], {"val_interval": 0}),
     "supervoxel_source": ("train", "generate", {"use_gt": True}),
+    "supervoxel_dir": ("train", "/data/supervoxels_5000", {"use_gt": True}),
+    "n_sv": ("train", 1000, {"use_gt": True}),
 }
 CASES = ([(key, command, value, {}) for key, values in REFUSED.items() for command, value in values.items()]
          + [(key, command, value, others) for key, (command, value, others) in REFUSED_WITH.items()])

@@ -292,3 +292,6 @@ def test_converted_reference_checkpoint_predicts(phantoms: Path, tmp_path: Path)
     assert run_predict(args(tmp_path / "conv.pth", phantoms, tmp_path / "out", "--classes", "1")) == 0
     report = json.loads((tmp_path / "out" / "image_2_pred.json").read_text())
     assert report["classes"]["1"]["name"] == "LIVER"
+    convert_file(tmp_path / "ref.pth", tmp_path / "conv_ct.pth", dataset="SABS")  # a CT dataset: CT thresholds
+    keys = read_header(tmp_path / "conv_ct.pth", model_keys=MODEL_KEYS)["meta"]["model_keys"]
+    assert (keys["tau_fg"], keys["tau_bg"]) == (0.7, 0.6)

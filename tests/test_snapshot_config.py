@@ -134,3 +134,16 @@ def test_resume_of_a_finished_run_needs_more_steps(tiny_run: dict) -> None:
     with pytest.raises(ValueError, match="already has 4 steps and n_steps=4; raise n_steps"):
         ex.run(command_name="train", config_updates={"resume": tiny_run["run_dir"]})
     assert run_folders(log_dir) == before
+
+
+def test_resume_with_ground_truth_keeps_validation_on_or_off() -> None:
+    """use_gt=True leaves the validation scans out of training only while validation is on, so a
+    resume may change val_interval's value but not switch validation on or off."""
+    from utils.run_config import _check_resume
+
+    header = {"config": {"use_gt": True, "val_interval": 500}, "step": 2, "path": "run/snapshots/step_0000002.pth"}
+    _check_resume({"resume": "run", "n_steps": 10, "use_gt": True, "val_interval": 100}, header)
+    with pytest.raises(ValueError, match=r"val_interval=500 \(this run: 0; with use_gt=True"):
+        _check_resume({"resume": "run", "n_steps": 10, "use_gt": True, "val_interval": 0}, header)
+    header["config"]["use_gt"] = False  # supervoxel training: validation scans are never trained on
+    _check_resume({"resume": "run", "n_steps": 10, "use_gt": False, "val_interval": 0}, header)

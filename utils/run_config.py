@@ -124,6 +124,11 @@ def _check_resume(config: Mapping[str, Any], header: Mapping[str, Any]) -> None:
     stored = header["config"]
     changed = [f"{k}={stored[k]!r} (this run: {_plain(config[k])!r})" for k in config
                if k not in RESUME_FREE_KEYS and k in stored and _plain(config[k]) != _plain(stored[k])]
+    if stored.get("use_gt") and (stored.get("val_interval", 0) > 0) != (config["val_interval"] > 0):
+        # with ground-truth training the validation scans are left out of the training set only while
+        # validation is on: switching it on or off would change what the run trains on
+        changed.append(f"val_interval={stored.get('val_interval', 0)!r} (this run: {config['val_interval']!r}; with "
+                       f"use_gt=True, validation on or off decides whether the validation scans are trained on)")
     if changed:
         raise ValueError(
             f"resume={config['resume']!r}: a resumed run continues with its own config, and these keys differ "
