@@ -453,19 +453,24 @@ def _run_pool(todo: list[ScanTask], workers: int, process: Callable[[ScanTask], 
     pool = None
     finished = False
     seen: dict[int, Any] = {}  # worker pid -> Process, kept: the broken pool forgets its processes
+    def could_not_start(err: OSError) -> SupervoxelError:
+        waiting = [t.scan_id for t in todo if t.scan_id not in done_ids]
+        return SupervoxelError(f"the worker processes could not start ({err.__class__.__name__}: {err}) "
+                               f"while scan(s) {', '.join(waiting)} waited: run with --workers 1")
+
     try:
-        pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
-                                                      initializer=_init_worker, initargs=(started,))
+        try:  # the pool's semaphore may start multiprocessing's resource tracker process
+            pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
+                                                          initializer=_init_worker, initargs=(started,))
+        except OSError as err:
+            raise could_not_start(err) from None
         while queue or running:
             while queue and len(running) < workers:
                 task = queue.pop(0)
                 try:
                     future = pool.submit(_run_in_worker, process, task)
                 except OSError as err:  # the pool could not create its processes
-                    waiting = [t.scan_id for t in todo if t.scan_id not in done_ids]
-                    raise SupervoxelError(
-                        f"the worker processes could not start ({err.__class__.__name__}: {err}) "
-                        f"while scan(s) {', '.join(waiting)} waited: run with --workers 1") from None
+                    raise could_not_start(err) from None
                 running[future] = task
             seen.update(getattr(pool, "_processes", None) or {})  # no public API to ask
             done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
