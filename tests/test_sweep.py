@@ -1,6 +1,7 @@
-"""utils.sweep: grid expansion, dry run, and tiny grids on the phantoms with the local executor (a
-training cell killed mid-run, then resumed) and submitit's local executor (with Sacred's SQL and
-file observers on every cell, read back afterwards)."""
+"""utils.sweep: grid expansion, dry run, the local executor's scheduling (a stand-in interpreter), and
+a tiny grid on the phantoms: a training cell killed mid-run under the local executor, then resumed
+and tested through submitit's local executor, with Sacred's SQL and file observers on every cell
+(read back afterwards)."""
 from __future__ import annotations
 
 import json
@@ -119,12 +120,16 @@ def test_local_executor_runs_cells_side_by_side_and_isolates_a_failure(tmp_path:
     assert json.loads((cells / "default-setting1-seed2025-fold1" / "cell.json").read_text())["attempts"] == 1
 
 
-def test_local_executor_kill_and_resume(phantoms: Path, tmp_path: Path) -> None:
-    """The real programs: a training cell killed after its first snapshot fails and blocks its test;
-    the rerun resumes it from the snapshot (new run folder, same loss prefix), tests it and writes
-    the table; a third run finds everything finished."""
-    out = tmp_path / "grid"
+def test_kill_resume_through_submitit_with_observers(phantoms: Path, tmp_path: Path, capsys) -> None:
+    """The real programs, with Sacred's SQL and file observers on every cell: a training cell killed
+    (local executor) after its first snapshot fails and blocks its test; the rerun, through submitit's
+    local executor, resumes it from the snapshot (new run folder, same loss prefix), tests it and
+    writes the table; a third run finds everything finished."""
+    import sqlalchemy as sa
+
+    out, db = tmp_path / "grid", tmp_path / "runs.db"
     args = grid_args(phantoms, out, "--folds", "0", "--supports", "0", "-F", str(tmp_path / "sacred_files"),
+                     "-s", f"sqlite:///{db}", "--cpus-per-job", "1", "--mem-gb", "2",
                      "--train", "n_steps=6", "--train", "save_snapshot_every=2", "--train", "keep_snapshots=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     driver = subprocess.Popen([sys.executable, "-m", "utils.sweep", *args], cwd=REPO, env=env,
@@ -142,47 +147,33 @@ def test_local_executor_kill_and_resume(phantoms: Path, tmp_path: Path) -> None:
     killed = load_snapshot(next(victim.glob("train_*/snapshots/step_*.pth")))
     assert not list(victim.glob("train_*/snapshots/final.pth"))
 
-    second = subprocess.run([sys.executable, "-m", "utils.sweep", *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=240)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert "default-setting1-seed2025-fold0: done" in second.stdout
-    assert "default-setting1-seed2025-fold0-supp0: done" in second.stdout
+    assert sweep.main([*args, "--executor", "submitit-local"]) == 0, capsys.readouterr().out
+    second = capsys.readouterr().out
+    assert "default-setting1-seed2025-fold0: done" in second
+    assert "default-setting1-seed2025-fold0-supp0: done" in second
+    assert list((out / "submitit").glob("*/*_log.out"))  # submitit's own logs
     resumed = victim / "train_custom_setting1_fold0_2"
     config = json.loads((resumed / "config.json").read_text())
     assert config["resume"].endswith(f"step_{killed['step']:07d}.pth")
     final = load_snapshot(resumed / "snapshots" / "final.pth")
     assert final["step"] == 6 and final["history"]["loss"][:killed["step"]] == killed["history"]["loss"]
+    cell = out / "cells" / "default-setting1-seed2025-fold0-supp0"
+    assert (cell / "test_custom_setting1_fold0_supp0" / "summary.json").is_file()
+    assert "test.py -F " in (cell / "cell.log").read_text() and " -s sqlite:///" in (cell / "cell.log").read_text()
     table = (out / "summary.md").read_text()
     assert "| setting1 |" in table and "1 run(s)" in table
-    # Sacred's file observer got every run: the killed training (not completed), the resumed one, the test
+    # both observers got every run: the killed training (never completed), the resumed one, the test
     runs = [json.loads(p.read_text()) for p in (tmp_path / "sacred_files").glob("*/run.json")]
     assert sorted(r["command"] for r in runs if r["status"] == "COMPLETED") == ["test", "train"]
-
-    third = subprocess.run([sys.executable, "-m", "utils.sweep", *args], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=240)
-    assert third.returncode == 0, third.stdout + third.stderr
-    assert "default-setting1-seed2025-fold0: finished before, skipped" in third.stdout
-    assert "default-setting1-seed2025-fold0-supp0: finished before, skipped" in third.stdout
-
-
-def test_submitit_local_executor_with_sql_observer(phantoms: Path, tmp_path: Path) -> None:
-    import sqlalchemy as sa
-
-    out = tmp_path / "grid"
-    db = tmp_path / "runs.db"
-    code = sweep.main(grid_args(phantoms, out, "--executor", "submitit-local", "--folds", "1", "--supports", "0",
-                                "--cpus-per-job", "1", "--mem-gb", "2", "-s", f"sqlite:///{db}",
-                                "--train", "n_steps=2"))
-    assert code == 0
-    assert list((out / "submitit").glob("*/*_log.out"))  # submitit's own logs
-    cell = out / "cells" / "default-setting1-seed2025-fold1-supp0"
-    assert (cell / "test_custom_setting1_fold1_supp0" / "summary.json").is_file()
-    assert "test.py -s sqlite:///" in (cell / "cell.log").read_text()
-    assert (out / "summary.md").is_file()
     engine = sa.create_engine(f"sqlite:///{db}")
     with engine.connect() as connection:
         rows = connection.execute(sa.text("select command, status, config, info from run order by id")).fetchall()
-    assert [(r[0], r[1]) for r in rows] == [("train", "COMPLETED"), ("test", "COMPLETED")]
-    assert json.loads(rows[1][2])["eval_fold"] == 1
-    result = json.loads(rows[1][3])["result"]
-    assert result["run_dir"].endswith("test_custom_setting1_fold1_supp0") and "mean_dice" in result
+    assert [r[0] for r in rows] == ["train", "train", "test"] and [r[1] for r in rows[1:]] == ["COMPLETED"] * 2
+    assert rows[0][1] != "COMPLETED" and json.loads(rows[2][2])["eval_fold"] == 0
+    result = json.loads(rows[2][3])["result"]
+    assert result["run_dir"].endswith("test_custom_setting1_fold0_supp0") and "mean_dice" in result
+
+    assert sweep.main(args) == 0
+    third = capsys.readouterr().out
+    assert "default-setting1-seed2025-fold0: finished before, skipped" in third
+    assert "default-setting1-seed2025-fold0-supp0: finished before, skipped" in third
