@@ -36,33 +36,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from bench.train_step import episode  # noqa: E402
+from bench.train_step import episode, predict_some_foreground  # noqa: E402
 from models import build_model, make_generator  # noqa: E402
 from utils import distributed as ddp  # noqa: E402
 from utils.amp import Amp  # noqa: E402
-from utils.io import write_json  # noqa: E402
+from bench.report import emit, machine  # noqa: E402
 
 TINY = {"n_mlp_fg": 8, "n_keep_fg": 4, "n_query_fg": 4, "n_edge": 4, "n_mlp_bg": 16, "n_keep_bg": 8,
         "n_query_bg": 4, "feature_dim": 64}
-
-
-@torch.no_grad()
-def predict_some_foreground(model, supp, masks, qry, fraction: float, seed: int) -> None:
-    """bench/train_step.py's rescaling of ``fg_decoder.head`` (about ``fraction`` of the query predicted
-    foreground, so the reverse pass runs), with a generator on the model's device."""
-    logits = {}
-    hooks = [getattr(model, name).head.register_forward_hook(lambda m, i, o, name=name: logits.__setitem__(name, o))
-             for name in ("fg_decoder", "bg_decoder")]
-    model(supp, masks, qry, generator=make_generator(seed, device=qry.device))
-    for hook in hooks:
-        hook.remove()
-    fg, bg = logits["fg_decoder"].flatten(), logits["bg_decoder"].flatten()
-    if (fg > 0).sum() < (fg < 0).sum():
-        fg = -fg
-        model.fg_decoder.head.weight.neg_()
-    ratio = (bg[fg > 0] / fg[fg > 0]).sort().values
-    alpha = float(ratio[min(len(ratio) - 1, int(fraction * len(fg)))].clamp(min=1e-3)) * 1.01
-    model.fg_decoder.head.weight.mul_(alpha)
 
 
 def free_port() -> int:
@@ -164,14 +145,11 @@ def main(argv=None) -> int:
             runs.append(run)
     result = {"bench": "gpu_step", "ran_on_gpu": use_cuda, "backbone": args.backbone, "size": args.size,
               "steps": args.steps, "warmup": args.warmup, "tiny": args.tiny, "runs": runs,
-              "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
-              "load_average_1min": round(os.getloadavg()[0], 2)}
+              **machine()}
     if not use_cuda:
         result["note"] = ("CPU run (not a GPU measurement): checks the code path; times on a shared CPU are "
                           "noisy and peak memory is the process RSS")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
-    print(json.dumps(result))
+    emit(result, args.out)
     return 0
 
 

@@ -13,9 +13,6 @@ Prints one JSON line and writes ``bench/results/loader.json`` (atomically).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,7 +23,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from dataloaders.train_dataset import TrainDataset  # noqa: E402
-from utils.io import write_json  # noqa: E402
+from bench.report import emit, machine  # noqa: E402
 
 
 def main() -> None:
@@ -63,13 +60,10 @@ def main() -> None:
         "episodes_target_per_s": 20.0,
         "augment": True,
         "num_threads_load": args.num_threads,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, {platform.python_version()}",
-        "load_average_1min": round(os.getloadavg()[0], 2),
+        **machine(),
         "note": "wall-clock times are noisy when the CPU is shared (see load_average_1min)",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
-    print(json.dumps(result))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from utils.io import write_json  # noqa: E402
+from bench.report import emit, machine  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
 
 
@@ -115,12 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         "predict_s_per_slice": round(timings["predict"] / slices.size, 3),
         "test_s_per_slice": round(timings["test"] / slices.size, 3),
         "ratio": round(timings["predict"] / timings["test"], 3),
-        "threads": args.threads, "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
-    print(json.dumps(result))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
-    return result
+        "threads": args.threads, **machine()}
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

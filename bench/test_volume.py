@@ -19,9 +19,6 @@ this 2-core machine (issue 4), the target is <= 3.6 s.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from utils.io import write_json  # noqa: E402
+from bench.report import emit, machine  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
 
 REFERENCE_S_PER_SLICE = 7.2  # reference QAMP, ResNet-101, 256 x 256, 2 threads (issue 4)
@@ -110,14 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
         # the thread count it estimates the wall time of an otherwise idle machine.
         "cpu_s_per_slice": round(sum(cpu_s) / sum(slices), 3),
         "reference_s_per_slice": REFERENCE_S_PER_SLICE if (args.backbone, size) == ("resnet101", 256) else None,
-        "device": str(device), "threads": args.threads, "cpu_count": os.cpu_count(),
-        "load_avg_1min": round(os.getloadavg()[0], 2), "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
+        "device": str(device), "threads": args.threads, **machine(),
     }
-    print(json.dumps(result))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

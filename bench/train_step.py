@@ -20,9 +20,6 @@ Prints one JSON line and writes ``bench/results/train_step.json`` (atomically).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -34,7 +31,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from models import BACKBONES, build_model, make_generator  # noqa: E402
-from utils.io import write_json  # noqa: E402
+from bench.report import emit, machine  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
 
 
@@ -62,11 +59,12 @@ def time_steps(step_fn, steps: int, warmup: int) -> tuple[list[float], list[floa
 
 @torch.no_grad()
 def predict_some_foreground(model, supp, masks, qry, fraction: float, seed: int) -> None:
-    """Rescale ``fg_decoder.head`` so that ``fraction`` of the query positions have fg logit > bg logit."""
+    """Rescale ``fg_decoder.head`` so that ``fraction`` of the query positions have fg logit > bg logit
+    (the reverse pass then runs in every step). The generator lives on the query's device."""
     logits = {}
     hooks = [getattr(model, name).head.register_forward_hook(lambda m, i, o, name=name: logits.__setitem__(name, o))
              for name in ("fg_decoder", "bg_decoder")]
-    model(supp, masks, qry, generator=make_generator(seed))
+    model(supp, masks, qry, generator=make_generator(seed, device=qry.device))
     for hook in hooks:
         hook.remove()
     fg, bg = logits["fg_decoder"].flatten(), logits["bg_decoder"].flatten()
@@ -172,13 +170,10 @@ def main() -> None:
         result["qamp_direct_conv_cpu_s"] = round(median["qamp_direct_conv"]["cpu"], 3)
         result["ratio_direct_conv"] = round(median["qamp_direct_conv"]["wall"] / median["encoder"]["wall"], 3)
     result.update({
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
-        "load_average_1min": round(os.getloadavg()[0], 2),
+        **machine(),
         "note": "wall-clock times are noisy when the CPU is shared (see load_average_1min); cpu_s = process CPU time",
     })
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
-    print(json.dumps(result))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import SimpleITK as sitk
 import torch
 
 from helpers import REPO, experiment, load_test_script
-from utils.evaluate import predict_scan
 from utils.snapshot import load_snapshot
 
 ex = experiment()
