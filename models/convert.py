@@ -90,10 +90,8 @@ def converted_meta(cfg: Mapping, image_size: tuple[int, int], dataset: str | Non
     keys = {**asdict(ModelConfig()), "model": "qamp", **cfg}
     if dataset is None:
         del keys["tau_fg"], keys["tau_bg"]  # then they follow the test run's dataset
-    else:
-        mr = ModelConfig()
-        keys["tau_fg"], keys["tau_bg"] = (CT_PRIOR_THRESHOLDS if DATASETS[dataset].modality == "CT"
-                                          else (mr.tau_fg, mr.tau_bg))
+    elif DATASETS[dataset].modality == "CT":  # MR keeps ModelConfig's thresholds
+        keys["tau_fg"], keys["tau_bg"] = CT_PRIOR_THRESHOLDS
     names = DATASETS[dataset].label_names if dataset is not None else {}
     return snapshot_meta(keys, image_size[0], names, orientation or DATASET_ORIENTATION.get(dataset or ""),
                          dataset=dataset, model_keys=MODEL_KEYS)

@@ -14,7 +14,7 @@ import predict
 from models import MODEL_KEYS, build_model
 from models.convert import PREFIX_MAP, convert_file
 from dataloaders.predict_io import PlaneGrid, read_input
-from helpers import NATIVE, SIZE, cli_help, experiment
+from helpers import SIZE, cli_help, experiment
 from utils.snapshot import read_header
 
 ex = experiment()

@@ -453,6 +453,7 @@ def _run_pool(todo: list[ScanTask], workers: int, process: Callable[[ScanTask], 
     pool = None
     finished = False
     seen: dict[int, Any] = {}  # worker pid -> Process, kept: the broken pool forgets its processes
+
     def could_not_start(err: OSError) -> SupervoxelError:
         waiting = [t.scan_id for t in todo if t.scan_id not in done_ids]
         return SupervoxelError(f"the worker processes could not start ({err.__class__.__name__}: {err}) "
