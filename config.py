@@ -499,3 +499,13 @@ def run_commandline(argv: list[str], default_command: str) -> None:
     shows the script's own name and Sacred's commands."""
     ex.default_command = default_command
     ex.run_commandline(rank_argv(argv))  # torchrun ranks != 0: --unobserved (utils/distributed.py)
+
+
+def resolve_config(named_configs: list[str], updates: Mapping[str, Any]) -> dict[str, Any]:
+    """The final flat config of ``python train.py with <named_configs> <updates>``: the defaults, the
+    named configs and the updates, with the config hooks applied (what ``print_config`` shows).
+
+    Scripts read their values from here, never from a named config's own keys (a named config sets
+    only what it changes)."""
+    run = ex._create_run("print_config", config_updates=dict(updates), named_configs=list(named_configs))
+    return dict(run.config)

@@ -105,7 +105,13 @@ echo "dataset $DATASET: ${IMG_SIZE} px, n_sv $N_SV, min_size $MIN_SIZE"
 
 # ------------------------------------------------------------------ supervoxels
 stage "supervoxels"
-SV_SOURCE=$($PY -c "from config import ex; print(ex.named_configs['cpu_budget']()['supervoxel_source'])")
+# every value from the final config of the run (defaults + cpu_budget + dataset), as print_config shows it
+read -r SV_SOURCE BUDGET_STEPS < <($PY -c "
+import sys
+from config import resolve_config
+c = resolve_config(['cpu_budget'], {'dataset': sys.argv[1], 'data_dir': sys.argv[2]})
+print(c['supervoxel_source'], c['n_steps'])" "$DATASET" "$DATA_ARG")
+[ -n "${BUDGET_STEPS:-}" ] || fail "cannot resolve the cpu_budget configuration for $DATASET in $DATA_ARG"
 if [ "$BUDGET" = 1 ] && [ "$SV_SOURCE" = generate ]; then
     SV_DIR=none
     echo "cpu_budget generates the supervoxels on load at its image size (supervoxel_source=generate)"
@@ -132,9 +138,10 @@ RUN_ROOT=$DEMO_DIR/$(date -u +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_ROOT"
 if [ "$BUDGET" = 1 ]; then  # real scans: the named configuration and its own defaults
     COMMON=(dataset="$DATASET" "data_dir=$DATA_ARG" seed="$SEED" eval_fold="$FOLD" device=cpu cpu_budget)
-    [ "$SV_DIR" = none ] || COMMON+=("supervoxel_dir=$SV_DIR")
-    STEPS=${DEMO_STEPS:-$($PY -c "from config import ex; print(ex.named_configs['cpu_budget']()['n_steps'])")}
-    TRAIN_ARGS=(n_steps="$STEPS" max_iters_per_load=$(( STEPS / 2 )) save_snapshot_every="$STEPS" num_workers=0)
+    STEPS=${DEMO_STEPS:-$BUDGET_STEPS}
+    TRAIN_ARGS=(n_steps="$STEPS" max_iters_per_load=$(( (STEPS + 1) / 2 )) save_snapshot_every="$STEPS" num_workers=0)
+    # supervoxels are for training only (test.py refuses training-only keys)
+    [ "$SV_DIR" = none ] || TRAIN_ARGS+=("supervoxel_dir=$SV_DIR")
     stage "train QAMP with cpu_budget: $STEPS steps, fold $FOLD (log: $RUN_ROOT/train.log)"
 else
     COMMON=(dataset="$DATASET" "data_dir=$DATA_ARG" seed="$SEED" eval_fold="$FOLD" backbone="$BACKBONE"
