@@ -30,25 +30,24 @@ from sacred.config.config_scope import ConfigScope
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
-from data.registry import CUSTOM, DATASETS
-from dataloaders.datasets import custom_modality
-from dataloaders.test_dataset import EVAL_MODES
+from data.registry import CUSTOM, DATASETS, custom_modality
+from dataloaders.eval_dataset import EVAL_MODES
 from dataloaders.train_dataset import EXCLUDE_MODES, SUPERVOXEL_SOURCES
 from models import BACKBONES, MODEL_KEYS, ModelConfig, check_episode_config
-from models import MODELS as NETWORKS
+from models import MODELS
 from models import PRETRAINED_KINDS as PRETRAINED
 from models.qamp import CT_PRIOR_THRESHOLDS
-from utils.amp import AMP_MODES
-from utils.distributed import rank_argv
-from utils.observers import install_sql_result_fix
+from engine.amp import AMP_MODES
+from engine.distributed import rank_argv
+from engine.observers import install_sql_result_fix
 
 # Capture stdout/stderr through Python (not file descriptors) so that runs started in-process
 # (tests, notebooks) are captured too; tqdm's carriage returns are collapsed in cout.txt.
 SETTINGS.CAPTURE_MODE = "sys"
-install_sql_result_fix()  # Sacred's -s SQL observer: store train/test's dict results (utils/observers.py)
+install_sql_result_fix()  # Sacred's -s SQL observer: store train/test's dict results (engine/observers.py)
 
 # Choice lists live with the code that implements them; the config adds the test-only baseline.
-MODELS = (*NETWORKS, "copy_support")
+MODEL_CHOICES = (*MODELS, "copy_support")  # the networks plus the test-only baseline
 SETTINGS_ALLOWED = (1, 2)
 MODEL_DEFAULTS = ModelConfig()  # the model keys' defaults (models/qamp.py), shown by print_config
 
@@ -135,10 +134,10 @@ def cfg():
     seed = 2025  # seeds everything: episodes, prototype sampling, dropout, test generators
     device = "auto"  # 'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:<i>'
     deterministic = True  # torch.use_deterministic_algorithms (warn-only): exact resume / repeat
-    keep_freed_memory = True  # glibc: reuse freed memory instead of mmap/munmap per step (utils/malloc.py; faster on CPU)
+    keep_freed_memory = True  # glibc: reuse freed memory instead of mmap/munmap per step (engine/malloc.py; faster on CPU)
     num_workers = 1  # DataLoader worker processes for training episodes (0 = main process)
     path = {"log_dir": "./runs"}  # run folders are created under log_dir (see module docstring)
-    amp = "off"  # mixed precision: 'off' (float32), 'bf16' or 'fp16' (+ GradScaler) on CUDA; encoder only, prior/sampling/losses stay float32 (utils/amp.py)
+    amp = "off"  # mixed precision: 'off' (float32), 'bf16' or 'fp16' (+ GradScaler) on CUDA; encoder only, prior/sampling/losses stay float32 (engine/amp.py)
 
     # ---------------- data ----------------
     dataset = "CHAOST2"  # 'CHAOST2' (abdominal MRI), 'SABS' (abdominal CT), 'Prostate_MRI', 'CMR', 'custom'
@@ -332,7 +331,7 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
         FileNotFoundError: ``reload_model_path`` / ``resume`` names a path that does not exist.
     """
     check_episode_config(config)
-    choices = {"model": MODELS, "backbone": BACKBONES, "pretrained_weights": PRETRAINED,
+    choices = {"model": MODEL_CHOICES, "backbone": BACKBONES, "pretrained_weights": PRETRAINED,
                "eval_mode": EVAL_MODES, "exclude_mode": EXCLUDE_MODES, "setting": SETTINGS_ALLOWED}
     for key, allowed in choices.items():
         _expect(config[key] in allowed, f"{key}={config[key]!r} is unknown: expected one of {list(allowed)}")
@@ -406,15 +405,15 @@ def _validate(config: dict, command_name: str, logger) -> dict:
 def _from_snapshot(config: dict, command_name: str, logger) -> dict:
     """Sacred config hook: a test run takes its model keys from its snapshot, a resumed run its whole
     config (explicit updates still win; :func:`_check_final` refuses those that contradict it)."""
-    from utils.run_config import snapshot_updates
+    from engine.snapshot_config import snapshot_updates
 
     return snapshot_updates(config, command_name, MODEL_KEYS, (*DATASETS, CUSTOM))
 
 
 @ex.final_config_check
 def _check_final(config: Mapping[str, Any], command_name: str) -> None:
-    """Refuse a run whose final config contradicts its snapshot (utils/run_config.py)."""
-    from utils.run_config import check_against_snapshot
+    """Refuse a run whose final config contradicts its snapshot (engine/snapshot_config.py)."""
+    from engine.snapshot_config import check_against_snapshot
 
     if command_name == "train" and config["resume"] is not None:
         validate_config(config, "train")
@@ -447,7 +446,7 @@ class RunFolderObserver(FileStorageObserver):
 
     The folder is ``<path.log_dir>/<run_name>``; when it exists, ``<run_name>_2``, ``_3`` ... is
     taken (created with ``mkdir``, so two runs started at once cannot share a folder).
-    ``utils.run.run_folder`` finds it by ``is_run_folder``.
+    ``engine.runtime.run_folder`` finds it by ``is_run_folder``.
     """
 
     is_run_folder = True
@@ -498,7 +497,7 @@ def run_commandline(argv: list[str], default_command: str) -> None:
     is named (e.g. ``print_config``); everything else is Sacred's command line, whose ``--help``
     shows the script's own name and Sacred's commands."""
     ex.default_command = default_command
-    ex.run_commandline(rank_argv(argv))  # torchrun ranks != 0: --unobserved (utils/distributed.py)
+    ex.run_commandline(rank_argv(argv))  # torchrun ranks != 0: --unobserved (engine/distributed.py)
 
 
 def resolve_config(named_configs: list[str], updates: Mapping[str, Any]) -> dict[str, Any]:

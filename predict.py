@@ -5,7 +5,7 @@
         --query Q [--query Q2 ...] --out DIR [--classes 1 3] [--device auto] [--seed 2025]
 
 ``RUN_OR_FILE`` is a training run folder (its ``snapshots/final.pth``), a snapshot file, or a
-reference QAMP checkpoint converted with ``python -m models.convert``: the model is rebuilt from the
+reference QAMP checkpoint converted with ``python -m tools.convert``: the model is rebuilt from the
 snapshot's own description (``meta``: model keys, image size, backbone, normalisation, class names,
 orientation of the training scans); no config key is needed.
 
@@ -40,13 +40,13 @@ import torch
 from tqdm import tqdm
 
 from dataloaders.datasets import zscore
-from dataloaders.test_dataset import chunk_bounds, support_fractions
+from dataloaders.eval_dataset import chunk_bounds, support_fractions
 from models import MODEL_KEYS, build_model, check_state_dict, make_generator
-from utils.run import resolve_device, set_determinism
+from engine.runtime import resolve_device, set_determinism
 from utils.io import write_image, write_json
 from dataloaders.predict_io import (InputError, Oriented, PlaneGrid, back_to_source, check_same_grid, label_values,
                               orient, read_input, source_slice_index)
-from utils.snapshot import DEFAULT_ORIENTATION, NORMALISATION, describe, find_snapshot, load_snapshot
+from engine.snapshot import DEFAULT_ORIENTATION, NORMALISATION, describe, find_snapshot, load_snapshot
 
 RULE = (
     "Slice matching: every query slice is segmented (or those of --query-range). The query's slices are "
@@ -125,7 +125,7 @@ def output_name(path: Path) -> str:
 
 def support_slices(label: np.ndarray, class_id: int, n_part: int) -> list[int]:
     """The support slices of ``class_id``: ``int(p * C)``-th of its C annotated slices for
-    ``p = (k + 1/2) / n_part`` (``dataloaders.test_dataset.support_fractions``)."""
+    ``p = (k + 1/2) / n_part`` (``dataloaders.eval_dataset.support_fractions``)."""
     labelled = np.flatnonzero((label == class_id).any(axis=(1, 2)))
     picks = (support_fractions(n_part) * labelled.size).astype(int)
     return [int(z) for z in labelled[picks]]
@@ -159,7 +159,7 @@ def segment(model: torch.nn.Module, support: Volume, support_label: np.ndarray, 
 
     Each class is segmented on its own (generator ``make_generator(seed, class)``, so a class's result
     depends on neither the other classes nor the other queries), chunk by chunk as in
-    ``utils.evaluate.predict_scan``: the support slice's encoder features are computed once (cached in
+    ``engine.evaluate.predict_scan``: the support slice's encoder features are computed once (cached in
     ``support_feats`` across classes and queries), its prototypes once per chunk, and the chunk's
     query slices go through the network in batches of ``batch_size``. A voxel takes the class whose
     foreground probability beats its background and is the highest among the classes.
@@ -271,7 +271,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       "training scans' orientation, z-scored per volume and their axial slices resampled to "
                       "the model's image size; predictions are written on the query's own grid and geometry.")
     parser.add_argument("--snapshot", required=True, help="training run folder, snapshot .pth, or converted "
-                                                         "reference checkpoint (python -m models.convert)")
+                                                         "reference checkpoint (python -m tools.convert)")
     parser.add_argument("--support-image", required=True, type=Path, help="support scan: NIfTI file or DICOM folder")
     parser.add_argument("--support-label", required=True, type=Path,
                         help="its label map (same grid; 0 background, class ids as integers)")

@@ -9,7 +9,7 @@
 The model is built from the snapshot (its ``meta``: model keys, ``image_size``, backbone): model keys
 given on the command line that disagree with it are refused, naming both values, before a run folder
 exists. ``dataset``, ``data_dir``, ``setting``, ``eval_fold`` and ``test_label`` default to the
-snapshot's training values; given, they are used (e.g. another fold or dataset). See utils/run_config.py.
+snapshot's training values; given, they are used (e.g. another fold or dataset). See engine/snapshot_config.py.
 
 Protocol (``eval_mode='protocol'``, docs/METHOD.md §6): support = the fold's scan at position
 ``supp_idx``; for each class of ``test_label``, the support slices at 1/6, 1/2, 5/6 of its slices
@@ -56,16 +56,16 @@ import torch
 
 from config import ex, run_commandline
 from dataloaders.datasets import get_dataset, model_image_size
-from dataloaders.test_dataset import TestDataset
+from dataloaders.eval_dataset import EvalDataset
 from models import build_model, check_state_dict, make_generator
-from utils.amp import Amp
-from utils.evaluate import predict_scan
+from engine.amp import Amp
+from engine.evaluate import predict_scan
 from utils.io import write_image, write_json, write_text
-from utils.malloc import keep_freed_memory
+from engine.malloc import keep_freed_memory
 from utils.metrics import overlap
 from utils.plots import plot_overlay
-from utils.run import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
-from utils.snapshot import find_snapshot, load_snapshot
+from engine.runtime import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
+from engine.snapshot import find_snapshot, load_snapshot
 
 # Config keys that shape the network's parameters: a snapshot must have been trained with the same.
 ARCHITECTURE_KEYS = ("model", "backbone", "feature_dim", "n_mlp_fg", "n_mlp_bg", "dataset", "image_size")
@@ -165,7 +165,7 @@ def write_scores(path: Path, results: list[ScanResult]) -> None:
     write_text(path, buffer.getvalue())
 
 
-def summarize(results: list[ScanResult], header: Mapping[str, Any]) -> dict[str, Any]:
+def summarize_scores(results: list[ScanResult], header: Mapping[str, Any]) -> dict[str, Any]:
     """Per-class mean / std (ddof 0) over query scans and the mean over classes; ``nan`` scores
     (both masks empty, see utils.metrics) are left out and counted."""
     classes: dict[str, Any] = {}
@@ -205,8 +205,8 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
         image_size = model_image_size(spec, _config["image_size"])
         model, snapshot = load_model(_config, image_size, device, _log)
         if model is not None:
-            Amp(_config["amp"], device).apply(model)  # amp != 'off': encoder under autocast (utils/amp.py)
-        tds = TestDataset(_config["dataset"], _config["data_dir"], _config["eval_fold"], _config["supp_idx"],
+            Amp(_config["amp"], device).apply(model)  # amp != 'off': encoder under autocast (engine/amp.py)
+        tds = EvalDataset(_config["dataset"], _config["data_dir"], _config["eval_fold"], _config["supp_idx"],
                           test_label, n_part=_config["n_part"], eval_mode=_config["eval_mode"],
                           image_size=_config["image_size"])
         _log.info(f"run folder {folder}; device {device}; support scan {tds.support.scan_id}; "
@@ -241,7 +241,7 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
                   "n_part": _config["n_part"], "support_scan": tds.support.scan_id,
                   "snapshot": None if snapshot is None else str(snapshot), "std": "population (ddof 0) over scans",
                   "model_image_size": image_size, "dice_grid": "native"}
-        summary = summarize(results, header)
+        summary = summarize_scores(results, header)
         write_scores(folder / "scores.csv", results)
         write_json(folder / "summary.json", summary)
         _log.info(f"mean dice over classes {summary['mean_dice']}; outputs in {folder}")

@@ -19,7 +19,7 @@ snapshot also holds ``meta`` (model keys, image size, normalisation, class names
 ``test.py`` and ``predict.py`` rebuild the model from it alone.
 
 Resume (``resume=RUN``): the run continues with RUN's own config (restored by config.py); ``n_steps``
-may be raised and logging / hardware keys changed (``utils.run_config.RESUME_FREE_KEYS``), any other
+may be raised and logging / hardware keys changed (``engine.snapshot_config.RESUME_FREE_KEYS``), any other
 changed key (dataset, fold, setting, labels, model keys, seed, image size, optim, ...) is refused
 before a run folder exists, naming the keys.
 
@@ -49,19 +49,20 @@ from tqdm import tqdm
 
 from config import ex, run_commandline
 from dataloaders.datasets import discover_scans, fold_positions, get_dataset, model_image_size, resolve_image_dir
-from dataloaders.test_dataset import TestDataset
+from dataloaders.eval_dataset import EvalDataset
 from dataloaders.train_dataset import StepSampler, TrainDataset, worker_init_fn
 from models import MODEL_KEYS, build_model, make_generator
-from utils import distributed as ddp
-from utils.amp import Amp
-from utils.evaluate import score_queries
-from utils.malloc import keep_freed_memory
+from engine import distributed as ddp
+from engine.amp import Amp
+from engine.evaluate import score_queries
+from engine.malloc import keep_freed_memory
+from utils.io import orientation_code
 from utils.plots import plot_loss_curve, plot_validation_curve
-from utils.run import (attach_log_file, plain_config, resolve_device, resolve_labels,  # noqa: F401 (re-exported)
+from engine.runtime import (attach_log_file, plain_config, resolve_device, resolve_labels,  # noqa: F401 (re-exported)
                        run_folder, set_determinism)
 from utils.seed import capture_rng_state, restore_rng_state
-from utils.run_config import RESUME_FREE_KEYS  # noqa: F401  (keys a resumed run may change; re-exported)
-from utils.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot, orientation_code,
+from engine.snapshot_config import RESUME_FREE_KEYS  # noqa: F401  (keys a resumed run may change; re-exported)
+from engine.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot,
                             prune_snapshots, save_snapshot, snapshot_meta, step_name)
 MONITOR_KEYS = ("fg_fraction", "reverse_ran")  # per-step series that are not losses
 
@@ -107,14 +108,14 @@ def build_dataset(config: Mapping[str, Any], val_ids: list[int] | None = None):
     return dataset, spec
 
 
-def build_validation(config: Mapping[str, Any], val_ids: list[int], test_label: list[int]) -> TestDataset:
+def build_validation(config: Mapping[str, Any], val_ids: list[int], test_label: list[int]) -> EvalDataset:
     """The validation scans as a protocol test set (support position 0; see :func:`validate`)."""
-    return TestDataset(config["dataset"], config["data_dir"], config["eval_fold"], 0, test_label,
+    return EvalDataset(config["dataset"], config["data_dir"], config["eval_fold"], 0, test_label,
                        n_part=config["n_part"], eval_mode="protocol", image_size=config["image_size"],
                        scan_ids=val_ids)
 
 
-def validate(model: torch.nn.Module, vds: TestDataset, test_label: list[int], label_names: Mapping[int, str],
+def validate(model: torch.nn.Module, vds: EvalDataset, test_label: list[int], label_names: Mapping[int, str],
              config: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Score the model on the validation scans: each scan is the support once and the others are its
     queries (standard protocol, native-grid 3D Dice). Eval mode, own generators (seed, class).
@@ -177,8 +178,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
                dist: ddp.Distributed | None = None) -> dict[str, float]:
     """One SGD step on one episode.
 
-    ``amp``: mixed precision (utils/amp.py); ``dist``: torchrun ranks, whose gradients are averaged
-    and whose returned values are the means over ranks (utils/distributed.py).
+    ``amp``: mixed precision (engine/amp.py); ``dist``: torchrun ranks, whose gradients are averaged
+    and whose returned values are the means over ranks (engine/distributed.py).
 
     Returns the weighted total ``'loss'``, each unweighted term, ``'fg_fraction'`` (fraction of
     query pixels predicted foreground, in [0, 1]) and ``'reverse_ran'`` (1.0 when the predicted
@@ -205,7 +206,7 @@ def snapshot_state(step: int, final: bool, model, optimizer, scheduler, generato
                    history: Mapping[str, list[float]], config: Mapping[str, Any],
                    val_points: list[dict[str, Any]], meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything needed to continue exactly after ``step`` completed steps, and ``meta`` (what a
-    user of the model needs: :func:`utils.snapshot.snapshot_meta`; see utils.snapshot)."""
+    user of the model needs: :func:`engine.snapshot.snapshot_meta`; see engine.snapshot)."""
     return {"format": SNAPSHOT_FORMAT, "step": step, "final": final,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": capture_rng_state(),
@@ -243,7 +244,7 @@ def restore(snapshot: Mapping[str, Any], model, optimizer, scheduler, generator:
     """Load a snapshot's full state; returns ``(completed steps, per-step history, validation points)``.
 
     The config of a resumed run is the snapshot's own (config.py restores it and refuses changes
-    to keys outside ``RESUME_FREE_KEYS``, utils/run_config.py); the keys that did change (logging,
+    to keys outside ``RESUME_FREE_KEYS``, engine/snapshot_config.py); the keys that did change (logging,
     ``n_steps``, ...) are logged, and so is the learning rate the restored optimizer continues with.
 
     Raises:

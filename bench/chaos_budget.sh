@@ -101,7 +101,7 @@ both() {  # $1 = train_model | test_model: QAMP and ADNet, at the same time when
 echo "[bench] training QAMP and ADNet ($(date -u +%H:%M) UTC)"; both train_model
 echo "[bench] testing ($(date -u +%H:%M) UTC)";                  both test_model; test_model copy_support
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
-$PY -m utils.summarize "QAMP=$RUN_ROOT/test_qamp" "ADNet=$RUN_ROOT/test_adnet" \
+$PY -m tools.summarize "QAMP=$RUN_ROOT/test_qamp" "ADNet=$RUN_ROOT/test_adnet" \
     "copy_support=$RUN_ROOT/test_copy_support" --out "$RUN_ROOT/summary" > /dev/null
 
 $PY - "$RUN_ROOT" "$STEPS" "$SEED" "$TINY" "$THREADS" "$PARALLEL" "$LOAD_BEFORE" "$LOAD_AFTER" "$SUPPORTS" \
@@ -109,7 +109,7 @@ $PY - "$RUN_ROOT" "$STEPS" "$SEED" "$TINY" "$THREADS" "$PARALLEL" "$LOAD_BEFORE"
 import csv, glob, json, os, platform, shutil, sys
 from pathlib import Path
 from utils.io import write_json, write_text
-from utils.snapshot import load_snapshot
+from engine.snapshot import load_snapshot
 root, steps, seed, tiny, threads, parallel, load_before, load_after, supports, extra = sys.argv[1:]
 root = Path(root)
 budget_s = 90 * 60

@@ -6,8 +6,8 @@
 
 One step is what ``train.py`` does per global step: every rank runs forward + backward of a 1-shot
 episode (its own synthetic episode: random images, rectangular masks), the gradients are averaged
-over the ranks (``utils.distributed``, NCCL on GPUs, gloo on a CPU), and SGD steps. Mixed precision
-is ``utils.amp`` (encoder under autocast, the head and losses float32). As in bench/train_step.py
+over the ranks (``engine.distributed``, NCCL on GPUs, gloo on a CPU), and SGD steps. Mixed precision
+is ``engine.amp`` (encoder under autocast, the head and losses float32). As in bench/train_step.py
 the weights are random (no download), the foreground decoder is rescaled once so that the reverse
 (alignment) pass runs in every step, and the learning rate is 0, so each step does the same work.
 
@@ -38,8 +38,8 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from bench.train_step import episode, predict_some_foreground  # noqa: E402
 from models import build_model, make_generator  # noqa: E402
-from utils import distributed as ddp  # noqa: E402
-from utils.amp import Amp  # noqa: E402
+from engine import distributed as ddp  # noqa: E402
+from engine.amp import Amp  # noqa: E402
 from bench.report import emit, machine  # noqa: E402
 
 TINY = {"n_mlp_fg": 8, "n_keep_fg": 4, "n_query_fg": 4, "n_edge": 4, "n_mlp_bg": 16, "n_keep_bg": 8,

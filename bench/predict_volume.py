@@ -4,7 +4,7 @@
 A random-weight model (``pretrained_weights='none'``; speed does not depend on the weights) is saved
 as a self-describing snapshot; the same query slices of one CHAOST2 scan are then segmented
 (1) by ``predict.segment`` (predict.py's loop, after its reading / re-orientation / z-score) and
-(2) by ``utils.evaluate.predict_scan`` (test.py's loop, ``eval_mode='all_slices'``), each with an
+(2) by ``engine.evaluate.predict_scan`` (test.py's loop, ``eval_mode='all_slices'``), each with an
 empty support-feature cache (so both pay the 3 support encoder passes) after one untimed warm-up.
 Prints ONE JSON line and writes ``bench/results/predict_volume.json`` (atomically).
 
@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.report import emit, machine  # noqa: E402
-from utils.malloc import keep_freed_memory  # noqa: E402
+from engine.malloc import keep_freed_memory  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
     import predict
     from config import cfg
     from dataloaders.datasets import get_dataset, resolve_image_dir
-    from dataloaders.test_dataset import TestDataset
+    from dataloaders.eval_dataset import EvalDataset
     from models import MODEL_KEYS, build_model, make_generator
-    from utils.evaluate import predict_scan
-    from utils.snapshot import SNAPSHOT_FORMAT, save_snapshot, snapshot_meta
+    from engine.evaluate import predict_scan
+    from engine.snapshot import SNAPSHOT_FORMAT, save_snapshot, snapshot_meta
 
     device = torch.device("cpu")
     spec = get_dataset("CHAOST2", args.data_dir)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     slices = np.arange(max(0, mid - args.slices // 2), min(query.image.shape[0], mid - args.slices // 2 + args.slices))
 
     # test.py's loop on the same scans and slices
-    class Subset(TestDataset):
+    class Subset(EvalDataset):
         def query_slices(self, scan, class_id):
             return slices
 

@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.report import emit, machine  # noqa: E402
-from utils.malloc import keep_freed_memory  # noqa: E402
+from engine.malloc import keep_freed_memory  # noqa: E402
 
 REFERENCE_S_PER_SLICE = 7.2  # reference QAMP, ResNet-101, 256 x 256, 2 threads (issue 4)
 
@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_keep_freed_memory:
         keep_freed_memory()
 
-    from dataloaders.test_dataset import TestDataset
+    from dataloaders.eval_dataset import EvalDataset
     from models import build_model, make_generator
-    from utils.evaluate import predict_scan
-    from utils.snapshot import find_snapshot, load_snapshot
+    from engine.evaluate import predict_scan
+    from engine.snapshot import find_snapshot, load_snapshot
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    tds = TestDataset(args.dataset, args.data_dir, args.fold, args.supp_idx, [args.class_id], image_size=args.size)
+    tds = EvalDataset(args.dataset, args.data_dir, args.fold, args.supp_idx, [args.class_id], image_size=args.size)
     size = tds.image_size
     if args.queries + 1 > len(tds.queries):
         parser.error(f"--queries {args.queries}: fold {args.fold} has {len(tds.queries)} queries (one is the warm-up)")

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from models import BACKBONES, build_model, make_generator  # noqa: E402
 from bench.report import emit, machine  # noqa: E402
-from utils.malloc import keep_freed_memory  # noqa: E402
+from engine.malloc import keep_freed_memory  # noqa: E402
 
 
 def episode(size: int, seed: int):

@@ -1,4 +1,5 @@
-"""The datasets this project knows: one :class:`DatasetSpec` per dataset, the facts in one place.
+"""The datasets this project knows: one :class:`DatasetSpec` per dataset, the facts in one place,
+and the one reader of a custom dataset's ``dataset.json`` (:func:`read_custom_json`).
 
 Pre-processing (``data.preprocess``: what to write, the classmap names), ``verify`` (what a folder
 must look like) and the loaders (``dataloaders.datasets``: labels, test classes, folds, supervoxel
@@ -13,8 +14,10 @@ share one scan); the last fold holds ``4*s .. n_scans-1`` plus position 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
+import json5
 import numpy as np
 
 N_FOLDS = 5
@@ -195,3 +198,63 @@ DATASETS: dict[str, DatasetSpec] = {
         spacing=(1.25, 1.25, 7.99),
     ),
 }
+
+
+def read_custom_json(image_dir: str | Path) -> dict[str, Any]:
+    """``<image_dir>/dataset.json``, read and checked: the one reader of the file (format:
+    ``dataloaders.datasets.load_custom_spec``). Returns its keys, with ``labels`` as id -> name, ``label_remap`` as
+    stored value -> id (``{}`` when not given) and ``modality`` filled in (``'MR'`` when not given).
+
+    Raises:
+        FileNotFoundError: no ``dataset.json`` in ``image_dir``.
+        ValueError: a bad ``dataset.json`` (the message names the file, the key and the fix).
+    """
+    path = Path(image_dir) / CUSTOM_SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: a custom dataset needs {CUSTOM_SPEC_FILE} beside its image_/label_ files; "
+            'create it, e.g. {"labels": {"1": "liver"}, "test_labels": [1]} (see data/README.md)'
+        )
+    try:
+        raw = json5.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON / JSON5 ({err}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected an object {{...}} at the top level, got {type(raw).__name__}")
+    allowed = {"name", "modality", "labels", "test_labels", "n_sv", "image_size", "label_remap", "folds"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed keys are {sorted(allowed)}")
+    if not isinstance(raw.get("labels"), dict) or not raw["labels"]:
+        raise ValueError(
+            f"{path}: expected key 'labels' mapping label id -> name, e.g. "
+            f'{{"labels": {{"1": "liver"}}}}, got {raw.get("labels")!r}'
+        )
+    try:
+        label_names = {int(k): str(v) for k, v in raw["labels"].items()}
+        label_remap = {int(k): int(v) for k, v in raw.get("label_remap", {}).items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: 'labels' and 'label_remap' keys must be integers (as strings)") from None
+    if 0 in label_names:
+        raise ValueError(f"{path}: 'labels' must not list 0 (background is implicit); remove it")
+    bad_targets = sorted(set(label_remap.values()) - set(label_names) - {0})
+    if bad_targets:
+        raise ValueError(f"{path}: 'label_remap' maps to ids {bad_targets} that 'labels' does not name")
+    if label_remap and 0 not in label_remap:
+        label_remap[0] = 0
+    modality = raw.get("modality", "MR")
+    if modality not in ("MR", "CT"):
+        raise ValueError(f"{path}: 'modality' must be 'MR' or 'CT', got {modality!r}")
+    return {**raw, "labels": label_names, "label_remap": label_remap, "modality": modality}
+
+
+def custom_modality(image_dir: str | Path) -> str | None:
+    """``'MR'`` or ``'CT'``: the ``modality`` of ``<image_dir>/dataset.json`` (:func:`read_custom_json`),
+    for the CT prior thresholds of ``config.py``; None when there is no such file.
+
+    Raises:
+        ValueError: a bad ``dataset.json``.
+    """
+    if not (Path(image_dir) / CUSTOM_SPEC_FILE).is_file():
+        return None
+    return read_custom_json(image_dir)["modality"]

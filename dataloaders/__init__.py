@@ -3,7 +3,7 @@
 - :mod:`dataloaders.datasets`: dataset definitions (:data:`DATASETS`, custom ``dataset.json``),
   scan discovery, folds, volume reading; CLI ``python -m dataloaders.datasets``.
 - :mod:`dataloaders.train_dataset`: :class:`TrainDataset`, episodes as a pure function of (seed, step).
-- :mod:`dataloaders.test_dataset`: :class:`TestDataset`, the evaluation protocol.
+- :mod:`dataloaders.eval_dataset`: :class:`EvalDataset`, the evaluation protocol.
 - :mod:`dataloaders.transforms`: gamma and joint affine + elastic augmentation.
 
 Names are imported lazily, so that ``python -m dataloaders.datasets`` runs the module only once.
@@ -21,8 +21,8 @@ _EXPORTS = {
     "fold_scan_ids": "dataloaders.datasets",
     "get_dataset": "dataloaders.datasets",
     "resolve_image_dir": "dataloaders.datasets",
-    "TestDataset": "dataloaders.test_dataset",
-    "to_model_input": "dataloaders.test_dataset",
+    "EvalDataset": "dataloaders.eval_dataset",
+    "to_model_input": "dataloaders.eval_dataset",
     "Augmentation": "dataloaders.train_dataset",
     "StepSampler": "dataloaders.train_dataset",
     "TrainDataset": "dataloaders.train_dataset",

@@ -19,14 +19,14 @@ import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import json5
 import numpy as np
 import SimpleITK as sitk
 
-from data.registry import CUSTOM, CUSTOM_SPEC_FILE, DATASETS, N_FOLDS, DatasetSpec, make_folds  # noqa: F401 (re-exported)
-from utils.io import read_header, read_volume
+from data.registry import (CUSTOM, CUSTOM_SPEC_FILE, DATASETS, N_FOLDS, DatasetSpec,  # noqa: F401 (re-exported)
+                           make_folds, read_custom_json)
+from utils.io import read_image_header, read_volume
 
 SUPERVOXEL_COMMAND = "python data/supervoxels/generate_supervoxels.py --data-dir {image_dir}"
 _IMAGE_RE = re.compile(r"^image_(?P<id>[^.]+)\.nii(\.gz)?$")
@@ -104,7 +104,7 @@ def load_custom_spec(image_dir: str | Path) -> DatasetSpec:
         folds = make_folds(len(ids))
     image_size = raw.get("image_size")
     if image_size is None:
-        image_size = int(read_header(scans[0].image).GetSize()[0])
+        image_size = int(read_image_header(scans[0].image).GetSize()[0])
     spec = DatasetSpec(
         name=CUSTOM,
         folder="",
@@ -119,66 +119,6 @@ def load_custom_spec(image_dir: str | Path) -> DatasetSpec:
     )
     spec.check_labels(f"{path}: test_labels", spec.test_labels)
     return spec
-
-
-def read_custom_json(image_dir: str | Path) -> dict[str, Any]:
-    """``<image_dir>/dataset.json``, read and checked: the one reader of the file (format:
-    :func:`load_custom_spec`). Returns its keys, with ``labels`` as id -> name, ``label_remap`` as
-    stored value -> id (``{}`` when not given) and ``modality`` filled in (``'MR'`` when not given).
-
-    Raises:
-        FileNotFoundError: no ``dataset.json`` in ``image_dir``.
-        ValueError: a bad ``dataset.json`` (the message names the file, the key and the fix).
-    """
-    path = Path(image_dir) / CUSTOM_SPEC_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: a custom dataset needs {CUSTOM_SPEC_FILE} beside its image_/label_ files; "
-            'create it, e.g. {"labels": {"1": "liver"}, "test_labels": [1]} (see data/README.md)'
-        )
-    try:
-        raw = json5.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path}: not valid JSON / JSON5 ({err}); fix the file") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected an object {{...}} at the top level, got {type(raw).__name__}")
-    allowed = {"name", "modality", "labels", "test_labels", "n_sv", "image_size", "label_remap", "folds"}
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; allowed keys are {sorted(allowed)}")
-    if not isinstance(raw.get("labels"), dict) or not raw["labels"]:
-        raise ValueError(
-            f"{path}: expected key 'labels' mapping label id -> name, e.g. "
-            f'{{"labels": {{"1": "liver"}}}}, got {raw.get("labels")!r}'
-        )
-    try:
-        label_names = {int(k): str(v) for k, v in raw["labels"].items()}
-        label_remap = {int(k): int(v) for k, v in raw.get("label_remap", {}).items()}
-    except (TypeError, ValueError):
-        raise ValueError(f"{path}: 'labels' and 'label_remap' keys must be integers (as strings)") from None
-    if 0 in label_names:
-        raise ValueError(f"{path}: 'labels' must not list 0 (background is implicit); remove it")
-    bad_targets = sorted(set(label_remap.values()) - set(label_names) - {0})
-    if bad_targets:
-        raise ValueError(f"{path}: 'label_remap' maps to ids {bad_targets} that 'labels' does not name")
-    if label_remap and 0 not in label_remap:
-        label_remap[0] = 0
-    modality = raw.get("modality", "MR")
-    if modality not in ("MR", "CT"):
-        raise ValueError(f"{path}: 'modality' must be 'MR' or 'CT', got {modality!r}")
-    return {**raw, "labels": label_names, "label_remap": label_remap, "modality": modality}
-
-
-def custom_modality(image_dir: str | Path) -> str | None:
-    """``'MR'`` or ``'CT'``: the ``modality`` of ``<image_dir>/dataset.json`` (:func:`read_custom_json`),
-    for the CT prior thresholds of ``config.py``; None when there is no such file.
-
-    Raises:
-        ValueError: a bad ``dataset.json``.
-    """
-    if not (Path(image_dir) / CUSTOM_SPEC_FILE).is_file():
-        return None
-    return read_custom_json(image_dir)["modality"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +361,7 @@ def model_image_size(spec: DatasetSpec, image_size: int | None) -> int:
     return int(image_size)
 
 
-def read_image(spec: DatasetSpec, path: Path, check_size: bool = True) -> tuple[np.ndarray, sitk.Image]:
+def read_scan_image(spec: DatasetSpec, path: Path, check_size: bool = True) -> tuple[np.ndarray, sitk.Image]:
     """Read an image volume: z-scored float32 (Z x H x W) on its native grid, and its SimpleITK image.
 
     Args:
@@ -470,8 +410,8 @@ class Scan:
 
 def load_scan(spec: DatasetSpec, files: ScanFiles, check_size: bool = True) -> Scan:
     """Read, check and normalise one scan on its native grid (image z-scored float32, label int64);
-    ``check_size`` as in :func:`read_image`."""
-    image, reference = read_image(spec, files.image, check_size)
+    ``check_size`` as in :func:`read_scan_image`."""
+    image, reference = read_scan_image(spec, files.image, check_size)
     label = read_label(spec, files.label, image.shape).astype(np.int64)
     return Scan(files.scan_id, image, label, reference)
 

@@ -28,9 +28,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from dataloaders.test_dataset import to_model_input
+from dataloaders.eval_dataset import to_model_input
+from utils.io import orientation_code
 from utils.resample import resize_image, resize_labels, resize_probabilities
-from utils.snapshot import orientation_code
 
 
 class InputError(ValueError):

@@ -38,7 +38,7 @@ from dataloaders.datasets import (
     fold_positions,
     get_dataset,
     model_image_size,
-    read_image,
+    read_scan_image,
     read_label,
     read_supervoxels,
     resolve_image_dir,
@@ -364,7 +364,7 @@ class TrainDataset(Dataset):
         return self.n_shot + 1
 
     def _load(self, files: ScanFiles) -> TrainScan:
-        image, reference = read_image(self.spec, files.image, check_size=not self.resampled)
+        image, reference = read_scan_image(self.spec, files.image, check_size=not self.resampled)
         gt = read_label(self.spec, files.label, image.shape)
         allowed = ~excluded_slices(gt, self.exclude_label, self.exclude_mode)  # on the native grid
         native_hw = image.shape[1:]

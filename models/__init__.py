@@ -19,9 +19,9 @@ from models.encoder import BACKBONES, PRETRAINED_KINDS, Encoder, load_pretrained
 from models.qamp import COMPUTE_ONLY_KEYS, QAMP, ModelConfig, SupportState
 
 MODELS = ("qamp", "adnet")  # networks; config.py adds the test-only baseline 'copy_support'
-# Config keys that define the model of a snapshot (its meta's ``model_keys``, utils/snapshot.py): the
+# Config keys that define the model of a snapshot (its meta's ``model_keys``, engine/snapshot.py): the
 # network, the image size and ModelConfig's fields except the compute-only switches. test.py and
-# predict.py build the model with a snapshot's values; callers of utils.snapshot pass this list.
+# predict.py build the model with a snapshot's values; callers of engine.snapshot pass this list.
 MODEL_KEYS = ("model", "image_size") + tuple(f.name for f in fields(ModelConfig) if f.name not in COMPUTE_ONLY_KEYS)
 
 __all__ = ["build_model", "load_pretrained", "make_generator", "check_state_dict", "check_episode_config",
@@ -85,7 +85,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     """
     if any(key.startswith(("mlp1.", "decoder1.")) for key in state_dict):
         raise ValueError(f"{source} is a checkpoint of the reference QAMP code: convert it first with "
-                         "`python -m models.convert REF.pth OUT.pth`")
+                         "`python -m tools.convert REF.pth OUT.pth`")
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))

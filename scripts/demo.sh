@@ -21,7 +21,7 @@
 #   5. test of the trained model and of the copy-support baseline (the support mask of the matching
 #      chunk pasted onto every query slice) with the standard protocol, for every support index in
 #      DEMO_SUPPORTS of the fold;
-#   6. `python -m utils.summarize`: per-organ Dice (mean +- std) of both, with the run folders and
+#   6. `python -m tools.summarize`: per-organ Dice (mean +- std) of both, with the run folders and
 #      overlay PNGs named at the end.
 #
 # CPU-sized configuration (vs the paper): ResNet-50 instead of ResNet-101, no pretrained weights
@@ -188,7 +188,7 @@ test_model copy_support
 
 # ------------------------------------------------------------------ summary
 stage "summary"
-$PY -m utils.summarize "QAMP=$RUN_ROOT/test_qamp" "copy_support=$RUN_ROOT/test_copy_support" --out "$RUN_ROOT/summary"
+$PY -m tools.summarize "QAMP=$RUN_ROOT/test_qamp" "copy_support=$RUN_ROOT/test_copy_support" --out "$RUN_ROOT/summary"
 $PY - "$RUN_ROOT/summary/summary.csv" <<'EOF'
 import csv, sys
 rows = {r["method"]: float(r["mean"]) for r in csv.DictReader(open(sys.argv[1])) if r["class"] == "mean"}

@@ -1,4 +1,4 @@
-"""Mixed precision (utils/amp.py): bf16 autocast on a CPU against float32, the float32 head,
+"""Mixed precision (engine/amp.py): bf16 autocast on a CPU against float32, the float32 head,
 GradScaler passthrough when off, refusals, and train.py with amp=bf16.
 
 Tolerance: the bf16 loss of one episode is within 3 % (relative) of the float32 loss of the same
@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import SIZE, make_phantoms, tiny_config  # noqa: E402
 from models import build_model, make_generator  # noqa: E402
-from utils.amp import Amp, check_amp  # noqa: E402
+from engine.amp import Amp, check_amp  # noqa: E402
 
 LOSS_RTOL = 3e-2
 
@@ -95,7 +95,7 @@ def test_refusals() -> None:
 def test_train_with_bf16(tmp_path_factory) -> None:
     from config import ex
     import train  # noqa: F401  (registers the 'train' command)
-    from utils.snapshot import load_snapshot
+    from engine.snapshot import load_snapshot
 
     data = make_phantoms(tmp_path_factory.mktemp("phantoms32"))
     log_dir = tmp_path_factory.mktemp("runs")

@@ -4,7 +4,7 @@ that nothing was written or overwritten.
 
 Cases: truncated / corrupt gzip and NaN voxels through every reader (loaders, ``--check``,
 ``verify``, supervoxels, pre-processing); a supervoxel worker that dies or cannot start; an
-unwritable supervoxel output folder; ``summary.json`` merged per file; ``utils.summarize`` with two
+unwritable supervoxel output folder; ``summary.json`` merged per file; ``tools.summarize`` with two
 datasets and a failed run; ``n_shot > 1`` at test; weights / snapshot files that are not torch
 files; ``verify`` on a CMR-like folder (classmap on remapped labels, mixed orientations); the same
 scan stored LSP and PSR reoriented to identical voxels.
@@ -301,7 +301,7 @@ def _score_run(folder: Path, dataset: str, dice: float, status: str = "COMPLETED
 
 
 def test_summarize_keys_runs_by_dataset_and_lists_skipped_folders(tmp_path, capsys):
-    from utils import summarize
+    from tools import summarize
 
     runs = tmp_path / "runs"
     _score_run(runs / "test_CHAOST2_fold0", "CHAOST2", 0.9)
@@ -342,7 +342,7 @@ def test_n_shot_above_one_at_test_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- 5. weights files
 def test_weights_and_snapshots_that_are_not_torch_files(tmp_path, monkeypatch):
     from models import build_model
-    from utils.snapshot import load_snapshot
+    from engine.snapshot import load_snapshot
 
     monkeypatch.delenv("QAMP_PRETRAINED_PATH", raising=False)
     text = tmp_path / "weights.pth"
@@ -437,7 +437,7 @@ def test_reorientation_makes_lsp_and_psr_copies_voxel_identical(tmp_path):
         (raw / "images").mkdir(parents=True)
         (raw / "labels").mkdir(parents=True)
         stored_img, stored_lab = sitk.DICOMOrient(img, code), sitk.DICOMOrient(lab, code)
-        assert orientation_code(stored_img) == code
+        assert orientation_code(stored_img.GetDirection()) == code
         sitk.WriteImage(stored_img, str(raw / "images" / "1.nii.gz"), True)
         sitk.WriteImage(stored_lab, str(raw / "labels" / "1.nii.gz"), True)
         assert preprocess_main(["generic", "--raw", str(raw), "--out", str(tmp_path / f"out_{code}"),
@@ -446,7 +446,7 @@ def test_reorientation_makes_lsp_and_psr_copies_voxel_identical(tmp_path):
         folder = tmp_path / f"out_{code}" / "custom_normalized"
         outs[code] = [sitk.ReadImage(str(folder / f"{kind}_1.nii.gz")) for kind in ("image", "label")]
     for a, b in zip(outs["LSP"], outs["PSR"]):
-        assert orientation_code(a) == orientation_code(b) == "PSR"
+        assert orientation_code(a.GetDirection()) == orientation_code(b.GetDirection()) == "PSR"
         assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
         assert a.GetSize() == b.GetSize()
         np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-9)

@@ -24,8 +24,8 @@ from models.qamp import CT_PRIOR_THRESHOLDS, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = {  # files whose code runs for each command (the model files via build_model)
-    "train": ["train.py", "utils/run.py", "models/__init__.py", "models/encoder.py", "dataloaders/train_dataset.py"],
-    "test": ["test.py", "utils/run.py", "models/__init__.py", "dataloaders/test_dataset.py"],
+    "train": ["train.py", "engine/runtime.py", "models/__init__.py", "models/encoder.py", "dataloaders/train_dataset.py"],
+    "test": ["test.py", "engine/runtime.py", "models/__init__.py", "dataloaders/eval_dataset.py"],
 }
 READ_ELSEWHERE = {  # key -> (commands, where it is read)
     "path": (("train", "test"), "config.RunFolderObserver creates the run folder under path['log_dir']"),

@@ -22,7 +22,7 @@ from dataloaders.datasets import (
     read_label,
     resolve_image_dir,
 )
-from dataloaders.test_dataset import TestDataset, chunk_bounds, support_fractions, to_model_input
+from dataloaders.eval_dataset import EvalDataset, chunk_bounds, support_fractions, to_model_input
 from dataloaders.train_dataset import StepSampler, TrainDataset, excluded_slices, valid_windows, worker_init_fn
 from dataloaders.transforms import AffineElastic, gamma_transform, random_affine_matrix, warp_pair
 
@@ -345,7 +345,7 @@ def test_affine_shift_moves_the_mask_by_the_drawn_offset() -> None:
 
 # ------------------------------------------------------------------------------ test protocol
 def test_support_slices_follow_the_formula(chaos_dir: Path, chaos_gt: dict[int, np.ndarray]) -> None:
-    tds = TestDataset("CHAOST2", chaos_dir, eval_fold=0, supp_idx=2, test_label=[1, 2, 3, 4])
+    tds = EvalDataset("CHAOST2", chaos_dir, eval_fold=0, supp_idx=2, test_label=[1, 2, 3, 4])
     assert tds.support.scan_id == 3 and [q.scan_id for q in tds.queries] == [1, 2, 5, 8]
     np.testing.assert_allclose(support_fractions(3), [1 / 6, 1 / 2, 5 / 6])
     assert tds.support_slices(1) == [12, 18, 24]  # scan 3, liver: known values
@@ -372,7 +372,7 @@ def test_support_slices_follow_the_formula(chaos_dir: Path, chaos_gt: dict[int, 
 
 
 def test_all_slices_mode_uses_every_query_slice(chaos_dir: Path) -> None:
-    tds = TestDataset("CHAOST2", chaos_dir, eval_fold=4, supp_idx=0, eval_mode="all_slices")
+    tds = EvalDataset("CHAOST2", chaos_dir, eval_fold=4, supp_idx=0, eval_mode="all_slices")
     assert tds.support.scan_id == 1 and [q.scan_id for q in tds.queries] == [36, 37, 38, 39]
     query = tds.queries[1]
     empty = query.label.copy()
@@ -408,7 +408,7 @@ def test_custom_dataset_built_from_chaos_files(tmp_path: Path, chaos_dir: Path, 
     train = TrainDataset("custom", tmp_path, 0)
     assert sorted(s.scan_id for s in train.scans) == [13, 19, 20, 21]
     assert train.episode(0)["query_images"].shape == (1, 3, 256, 256)
-    test = TestDataset("custom", tmp_path, 0, supp_idx=1)
+    test = EvalDataset("custom", tmp_path, 0, supp_idx=1)
     assert test.support.scan_id == 10 and [q.scan_id for q in test.queries] == [2]
     assert len(test.support_slices(1)) == 3
     # explicit folds, as scan ids
@@ -425,7 +425,7 @@ def test_custom_label_remap(tmp_path: Path) -> None:
     for i in range(1, 7):
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(root / f"label_{i}.nii.gz")))
         _write(root / f"label_{i}.nii.gz", np.select([label == 1, label == 2], [200, 500], 0).astype(np.uint16))
-    tds = TestDataset("custom", root, 0, supp_idx=0, test_label=[1, 2])
+    tds = EvalDataset("custom", root, 0, supp_idx=0, test_label=[1, 2])
     assert set(np.unique(tds.support.label)) == {0, 1, 2}
 
 
@@ -486,12 +486,12 @@ def test_label_values_outside_the_map(tmp_path: Path) -> None:
     root = _toy_dataset(tmp_path / "d")
     _write(root / "label_1.nii.gz", np.full((6, 16, 16), 7, dtype=np.uint8))
     with pytest.raises(ValueError, match=r"label_1.nii.gz: label values \[7\] are outside.*dataset.json"):
-        TestDataset("custom", root, 0, supp_idx=0)
+        EvalDataset("custom", root, 0, supp_idx=0)
 
 
 def test_unknown_test_and_exclude_labels(chaos_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"test_label: label ids \[5\] are not in dataset CHAOST2"):
-        TestDataset("CHAOST2", chaos_dir, 0, 2, test_label=[1, 5])
+        EvalDataset("CHAOST2", chaos_dir, 0, 2, test_label=[1, 5])
     with pytest.raises(ValueError, match=r"exclude_label: label ids \[9\] are not in dataset CHAOST2"):
         TrainDataset("CHAOST2", chaos_dir, 0, exclude_label=[9])
     with pytest.raises(ValueError, match="exclude_mode"):
@@ -503,12 +503,12 @@ def test_eval_fold_out_of_range(fold: int, chaos_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"eval_fold: expected an integer in 0..4"):
         TrainDataset("CHAOST2", chaos_dir, fold)
     with pytest.raises(ValueError, match=r"eval_fold: expected an integer in 0..4"):
-        TestDataset("CHAOST2", chaos_dir, fold, 0)
+        EvalDataset("CHAOST2", chaos_dir, fold, 0)
 
 
 def test_supp_idx_outside_the_fold(chaos_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"supp_idx: expected an integer in 0..4 \(fold 1 holds scans \[8, 10, 13, 15, 19\]\)"):
-        TestDataset("CHAOST2", chaos_dir, 1, supp_idx=5)
+        EvalDataset("CHAOST2", chaos_dir, 1, supp_idx=5)
 
 
 def test_no_class_big_enough_for_min_size(chaos_dir: Path, chaos_sv_dir: Path) -> None:

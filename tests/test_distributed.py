@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import TINY_ARGS, experiment, make_phantoms, tiny_config  # noqa: E402
-from utils import distributed as ddp  # noqa: E402
-from utils.snapshot import load_snapshot  # noqa: E402
+from engine import distributed as ddp  # noqa: E402
+from engine.snapshot import load_snapshot  # noqa: E402
 
 N_STEPS = 4
 

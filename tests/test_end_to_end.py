@@ -1,7 +1,7 @@
 """The whole pipeline on the embedded phantoms, at a tiny size, with no external data:
 
 phantoms (``data/synthetic.py``) -> supervoxels (the real generator CLI) -> a short self-supervised
-training (``train.py``) -> ``test.py`` with the standard protocol -> ``python -m utils.summarize`` ->
+training (``train.py``) -> ``test.py`` with the standard protocol -> ``python -m tools.summarize`` ->
 the Dice table. Checks the files, their geometry, that the numbers are finite, and that a second
 run with the same seed gives the same weights and the same scores.
 """
@@ -22,8 +22,8 @@ import torch
 
 from data import synthetic
 from helpers import REPO, TINY_HEAD, experiment
-from utils import summarize
-from utils.snapshot import load_snapshot
+from tools import summarize
+from engine.snapshot import load_snapshot
 
 ex = experiment()
 

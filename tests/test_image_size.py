@@ -15,7 +15,7 @@ import torch
 from dataloaders.train_dataset import TrainDataset
 from helpers import NATIVE, SIZE, experiment, tiny_train_config
 from utils.resample import resize_image, resize_labels, resize_probabilities
-from utils.snapshot import load_snapshot
+from engine.snapshot import load_snapshot
 
 ex = experiment()
 train_script = sys.modules["train"]

@@ -1,4 +1,4 @@
-"""utils.malloc: with keep_freed_memory() a freed 64 MB block is reused without new page faults."""
+"""engine.malloc: with keep_freed_memory() a freed 64 MB block is reused without new page faults."""
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROGRAM = """
 import ctypes, resource, sys
 sys.path.insert(0, sys.argv[2])
-from utils.malloc import keep_freed_memory
+from engine.malloc import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 libc = ctypes.CDLL("libc.so.6")

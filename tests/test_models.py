@@ -14,7 +14,7 @@ import torchvision
 from scipy import ndimage
 
 from models import build_model, check_state_dict, load_pretrained, make_generator
-from models.convert import PREFIX_MAP, convert_file, main as convert_main, split_reference_state_dict
+from tools.convert import PREFIX_MAP, convert_file, main as convert_main, split_reference_state_dict
 from models.decoder import conv3x3_winograd
 from models.encoder import Encoder
 from models.mgsp import N_MAP, PrototypeMLP, edge_bands, folded_weight, mlp_prototypes
@@ -303,7 +303,7 @@ def test_check_state_dict_names_differing_tensors(model):
     resnet101_sd = build_model({**SMALL, "backbone": "resnet101"}, SIZE).state_dict()
     with pytest.raises(ValueError, match=r"(?s)unexpected \(\d+\): encoder\.backbone\.layer3\.10.*another backbone"):
         check_state_dict(model, resnet101_sd)
-    with pytest.raises(ValueError, match="models.convert"):
+    with pytest.raises(ValueError, match="tools.convert"):
         check_state_dict(model, {"mlp1.reduce.0.weight": torch.zeros(1)})
 
 

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from helpers import REPO, experiment, load_test_script
-from utils.snapshot import load_snapshot
+from engine.snapshot import load_snapshot
 
 ex = experiment()
 train_script = sys.modules["train"]
@@ -169,14 +169,14 @@ def test_same_seed_gives_identical_test_results(trained: dict, tested: dict, sma
 
 def test_support_feature_cache_changes_no_prediction(trained: dict, small_chaos: Path) -> None:
     """Support slices are encoded once per run; the predictions equal those without the cache."""
-    from dataloaders.test_dataset import TestDataset
+    from dataloaders.eval_dataset import EvalDataset
     from models import build_model, make_generator
-    from utils.evaluate import predict_scan
+    from engine.evaluate import predict_scan
 
     model = build_model(base_config(small_chaos, small_chaos, model="qamp"), 256 // FACTOR)
     model.load_state_dict(load_snapshot(trained["snapshot"])["model"])
     model.eval()
-    tds = TestDataset("custom", str(small_chaos), 0, 2, [TEST_CLASS])
+    tds = EvalDataset("custom", str(small_chaos), 0, 2, [TEST_CLASS])
     calls = []
     model.encoder.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
     outputs = {}

@@ -12,10 +12,10 @@ import torch
 
 import predict
 from models import MODEL_KEYS, build_model
-from models.convert import PREFIX_MAP, convert_file
+from tools.convert import PREFIX_MAP, convert_file
 from dataloaders.predict_io import PlaneGrid, read_input
 from helpers import SIZE, cli_help, experiment
-from utils.snapshot import read_header
+from engine.snapshot import read_snapshot_header
 
 ex = experiment()
 
@@ -274,7 +274,7 @@ def test_help_states_the_rule() -> None:
 
 # ---------------------------------------------------------------------------------------------- converter
 def test_converted_reference_checkpoint_predicts(phantoms: Path, tmp_path: Path) -> None:
-    """A reference-named state dict (reference prototype counts, random weights) -> models.convert
+    """A reference-named state dict (reference prototype counts, random weights) -> tools.convert
     --dataset CHAOST2 -> its meta describes the model, and predict.py uses it as it is."""
     torch.manual_seed(0)
     ours = build_model({"backbone": "resnet50", "pretrained_weights": "none"}, SIZE).state_dict()
@@ -285,7 +285,7 @@ def test_converted_reference_checkpoint_predicts(phantoms: Path, tmp_path: Path)
         reference[inverse[prefix] + key[len(prefix):]] = value
     torch.save(reference, tmp_path / "ref.pth")
     convert_file(tmp_path / "ref.pth", tmp_path / "conv.pth", dataset="CHAOST2")
-    meta = read_header(tmp_path / "conv.pth", model_keys=MODEL_KEYS)["meta"]
+    meta = read_snapshot_header(tmp_path / "conv.pth", model_keys=MODEL_KEYS)["meta"]
     assert meta["backbone"] == "resnet50" and meta["image_size"] == SIZE and meta["orientation"] == "LAS"
     assert meta["class_names"]["1"] == "LIVER" and meta["model_keys"]["tau_fg"] == 0.5
     assert meta["model_keys"]["n_mlp_bg"] == 600 and meta["normalisation"] == "per-volume z-score"
@@ -293,5 +293,5 @@ def test_converted_reference_checkpoint_predicts(phantoms: Path, tmp_path: Path)
     report = json.loads((tmp_path / "out" / "image_2_pred.json").read_text())
     assert report["classes"]["1"]["name"] == "LIVER"
     convert_file(tmp_path / "ref.pth", tmp_path / "conv_ct.pth", dataset="SABS")  # a CT dataset: CT thresholds
-    keys = read_header(tmp_path / "conv_ct.pth", model_keys=MODEL_KEYS)["meta"]["model_keys"]
+    keys = read_snapshot_header(tmp_path / "conv_ct.pth", model_keys=MODEL_KEYS)["meta"]["model_keys"]
     assert (keys["tau_fg"], keys["tau_bg"]) == (0.7, 0.6)

@@ -125,4 +125,4 @@ def test_the_checker_catches_a_wrong_command() -> None:
     with pytest.raises(AssertionError, match="unknown config key"):
         check_command("python train.py with optim.no_such_key=1")
     with pytest.raises(AssertionError, match="no option --no-such-option"):
-        check_command("python -m utils.summarize runs --no-such-option")
+        check_command("python -m tools.summarize runs --no-such-option")

@@ -12,7 +12,7 @@ import torch
 
 from helpers import SIZE, experiment
 from models import MODEL_KEYS
-from utils.snapshot import describe, load_snapshot
+from engine.snapshot import describe, load_snapshot
 
 ex = experiment()
 # `tiny_run` (conftest.py): 4 steps in one go, snapshots after steps 2 and 4, lr 0.02 halved every 2 steps
@@ -139,7 +139,7 @@ def test_resume_of_a_finished_run_needs_more_steps(tiny_run: dict) -> None:
 def test_resume_with_ground_truth_keeps_validation_on_or_off() -> None:
     """use_gt=True leaves the validation scans out of training only while validation is on, so a
     resume may change val_interval's value but not switch validation on or off."""
-    from utils.run_config import _check_resume
+    from engine.snapshot_config import _check_resume
 
     header = {"config": {"use_gt": True, "val_interval": 500}, "step": 2, "path": "run/snapshots/step_0000002.pth"}
     _check_resume({"resume": "run", "n_steps": 10, "use_gt": True, "val_interval": 100}, header)

@@ -15,7 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-PACKAGES = ("data", "dataloaders", "models", "utils")
+PACKAGES = ("data", "dataloaders", "models", "utils", "engine", "tools")
+# Layers, lowest first: a package imports only packages before it (and itself). utils: small helpers;
+# data: the registry, dataset.json, pre-processing, supervoxels; dataloaders: scans and episodes;
+# models: the networks; engine: run machinery; tools: command-line tools over runs. The top-level
+# scripts (config, train, test, predict) may import any package; test.py never imports train.py.
+LAYERS = ("utils", "data", "dataloaders", "models", "engine", "tools")
 SCRIPTS = ("config.py", "train.py", "test.py")
 
 
@@ -69,14 +74,19 @@ def test_one_dataset_registry_for_preprocessing_verify_and_loaders() -> None:
         assert set(spec.test_labels) <= set(spec.label_names) and len(spec.folds) == 5, spec.name
 
 
-def test_utils_imports_nothing_above_it_and_there_is_no_import_circle() -> None:
+def test_every_package_imports_only_the_layers_below_it_and_there_is_no_import_circle() -> None:
     modules = project_modules()
     known = set(modules)
     graph = {name: imported_modules(path, known) for name, path in modules.items()}
+    assert set(PACKAGES) == set(LAYERS)
+    upward = []
     for name, deps in graph.items():
-        if name.split(".")[0] == "utils":
-            above = {d for d in deps if d.split(".")[0] != "utils"}
-            assert not above, f"{name} imports {sorted(deps)}"
+        package = name.split(".")[0]
+        if package.startswith("script:"):
+            continue
+        allowed = set(LAYERS[:LAYERS.index(package) + 1])
+        upward += [f"{name} -> {d}" for d in sorted(deps) if d.split(".")[0] not in allowed]
+    assert not upward, f"imports from a higher layer: {upward}"
     assert "script:train" not in graph["script:test"], "test.py must not import train.py"
 
     state: dict[str, int] = {}
@@ -118,7 +128,7 @@ def test_no_citation_of_documents_outside_the_repository() -> None:
 IMPORT_NAMES = {"SimpleITK": "SimpleITK", "opencv-python-headless": "cv2", "scikit-image": "skimage",
                 "pillow": "PIL", "cython": "Cython", "setuptools": "setuptools"}
 INDIRECT = {"setuptools": "pkg_resources for sacred 0.8.7", "cython": "data/supervoxels/setup.py builds the .pyx",
-            "cloudpickle": "submitit's serialiser (utils/sweep.py --executor slurm / submitit-local)",
+            "cloudpickle": "submitit's serialiser (tools/sweep.py --executor slurm / submitit-local)",
             "sqlalchemy": "Sacred's SqlObserver (-s sqlite:///runs.db)",
             "pytest-xdist": "scripts/test.sh runs pytest -n auto", "execnet": "pytest-xdist's transport"}
 

@@ -1,4 +1,4 @@
-"""utils.summarize: aggregation of hand-made per-scan CSVs against hand-computed numbers."""
+"""tools.summarize: aggregation of hand-made per-scan CSVs against hand-computed numbers."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import summarize
+from tools import summarize
 
 COLUMNS = ["fold", "supp_idx", "seed", "scan", "class", "dice", "iou", "tp", "fp", "fn", "slices"]
 

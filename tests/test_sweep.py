@@ -1,4 +1,4 @@
-"""utils.sweep: grid expansion, dry run, the local executor's scheduling (a stand-in interpreter), and
+"""tools.sweep: grid expansion, dry run, the local executor's scheduling (a stand-in interpreter), and
 a tiny grid on the phantoms: a training cell killed mid-run under the local executor, then resumed
 and tested through submitit's local executor, with Sacred's SQL and file observers on every cell
 (read back afterwards)."""
@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import TINY_ARGS, make_phantoms  # noqa: E402
-from utils import sweep  # noqa: E402
-from utils.snapshot import load_snapshot  # noqa: E402
+from tools import sweep  # noqa: E402
+from engine.snapshot import load_snapshot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_kill_resume_through_submitit_with_observers(phantoms: Path, tmp_path: P
                      "-s", f"sqlite:///{db}", "--cpus-per-job", "1", "--mem-gb", "2",
                      "--train", "n_steps=6", "--train", "save_snapshot_every=2", "--train", "keep_snapshots=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    driver = subprocess.Popen([sys.executable, "-m", "utils.sweep", *args], cwd=REPO, env=env,
+    driver = subprocess.Popen([sys.executable, "-m", "tools.sweep", *args], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = _train_dir(out, "default-setting1-seed2025-fold0")
     deadline = time.time() + 240

@@ -1,1 +1,2 @@
-"""Small shared helpers: atomic file writes, image I/O with geometry, seeding, metrics."""
+"""Small helpers with no project imports: atomic file writes and checked image I/O (io),
+resampling (resample), overlap metrics (metrics), RNG state capture (seed), plots (plots)."""

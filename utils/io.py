@@ -5,7 +5,7 @@ temporary file in the destination folder and renamed into place, so a crash neve
 half-written file under the final name, and readers never see one.
 
 Every image this project reads goes through :func:`read_volume` / :func:`read_image` (headers only:
-:func:`read_header`). ITK alone reads a truncated ``.nii.gz`` without an error (the missing voxels
+:func:`read_image_header`). ITK alone reads a truncated ``.nii.gz`` without an error (the missing voxels
 become 0) and its NIfTI reader turns NaN / inf voxels into 0; here both raise
 :class:`ImageIntegrityError` naming the file, the problem and the fix. The proof is cheap: the
 CRC-32 and length of the decoded header + voxels must equal the gzip trailer (one pass over memory,
@@ -79,6 +79,13 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
         sitk.WriteImage(image, str(tmp), True)
 
 
+def orientation_code(direction) -> str:
+    """ITK's three-letter orientation code of a 3D direction matrix (e.g. ``'LAS'`` for
+    ``diag(1, -1, 1)``: axis i points towards the patient's left, j anterior, k superior;
+    the closest code for an oblique matrix)."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(d) for d in direction])
+
+
 class ImageIntegrityError(ValueError):
     """A medical image that decodes but whose content cannot be trusted.
 
@@ -114,7 +121,7 @@ def _image_error(path: Path, err: RuntimeError) -> ValueError:
     )
 
 
-def read_header(path: str | os.PathLike) -> sitk.ImageFileReader:
+def read_image_header(path: str | os.PathLike) -> sitk.ImageFileReader:
     """Read only the header of an image (size, spacing, pixel type, ...); no voxel is decoded.
 
     Returns:
@@ -426,7 +433,7 @@ def load_torch_file(path: str | os.PathLike, what: str, key: str,
     """``torch.load(path, weights_only=True)`` with one clear error for files that are not torch files.
 
     Every weights / snapshot reader (``load_snapshot``, ``models.encoder.load_pretrained``,
-    ``models.convert``) goes through here, so a text file, an image or a truncated download gets
+    ``tools.convert``) goes through here, so a text file, an image or a truncated download gets
     the same message everywhere instead of a raw ``KeyError`` / ``UnpicklingError``.
 
     Args:

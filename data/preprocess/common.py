@@ -25,6 +25,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from data.registry import DATASETS, DatasetSpec  # noqa: F401 (the one registry; re-exported for the recipes)
+from utils.io import orientation_code  # noqa: F401 (re-exported for the recipes)
 
 MANIFEST_NAME = "manifest.json"
 PIXEL_COUNTS_NAME = "pixel_counts.json"
@@ -78,14 +79,9 @@ def window_to_uint8_range(image: sitk.Image, low: float, high: float,
                                    0.0, float(out_max))
 
 
-def orientation_code(image: sitk.Image) -> str:
-    """DICOM orientation code of the nearest axis-aligned frame (identity direction = ``LPS``)."""
-    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-
-
 def reorient(image: sitk.Image, code: str | None) -> sitk.Image:
     """Permute / flip the voxel array so that ``orientation_code(out) == code`` (geometry kept)."""
-    if code is None or orientation_code(image) == code:
+    if code is None or orientation_code(image.GetDirection()) == code:
         return image
     return sitk.DICOMOrient(image, code)
 
@@ -349,5 +345,5 @@ def geometry_record(image: sitk.Image) -> dict[str, Any]:
             "spacing_xyz": [round(v, 6) for v in image.GetSpacing()],
             "origin_xyz": [round(v, 4) for v in image.GetOrigin()],
             "direction": [round(v, 6) for v in image.GetDirection()],
-            "orientation": orientation_code(image),
+            "orientation": orientation_code(image.GetDirection()),
             "dtype": image.GetPixelIDTypeAsString()}

@@ -28,6 +28,7 @@ import numpy as np
 from data.preprocess.common import (CLASSMAP_RULE, DATASETS, GEOMETRY_TOLERANCE, MANIFEST_NAME,
                                     PIXEL_COUNTS_NAME, DatasetSpec, Grid, orientation_code,
                                     sha256_file)
+from data.registry import CUSTOM_SPEC_FILE, read_custom_json
 from utils.io import read_volume
 
 SPACING_TOLERANCE = 1e-3  # mm, against the data set's expected spacing
@@ -197,7 +198,7 @@ def _check_scan(folder: Path, scan_id: int, spec: DatasetSpec | None, rec: Mappi
         return row, None
     row.shape = tuple(image_array.shape)
     row.spacing = tuple(round(s, 4) for s in image.GetSpacing())
-    row.orientation = orientation_code(image)
+    row.orientation = orientation_code(image.GetDirection())
     if not Grid.of(image).matches(label, GEOMETRY_TOLERANCE):
         row.problems.append(
             f"image and label grids differ: size {image.GetSize()} vs {label.GetSize()}, "
@@ -262,16 +263,13 @@ def _orientation_check(rows: list[ScanRow]) -> Check:
 
 def loader_label_remap(folder: Path, spec: DatasetSpec | None) -> dict[int, int]:
     """Stored label value -> the value the loaders use (``dataloaders.datasets``); {} = identity."""
-    from dataloaders.datasets import CUSTOM_SPEC_FILE, DATASETS as LOADER_DATASETS
-
-    if spec is not None and spec.name in LOADER_DATASETS:
-        return dict(LOADER_DATASETS[spec.name].label_remap)
-    custom = folder / CUSTOM_SPEC_FILE
-    if custom.is_file():
+    if spec is not None and spec.name in DATASETS:
+        return dict(DATASETS[spec.name].label_remap)
+    if (folder / CUSTOM_SPEC_FILE).is_file():
         try:
-            return {int(k): int(v) for k, v in json.loads(custom.read_text()).get("label_remap", {}).items()}
-        except (ValueError, AttributeError, TypeError):
-            return {}  # the loaders report a bad dataset.json themselves
+            return dict(read_custom_json(folder)["label_remap"])
+        except ValueError:
+            return {}  # the loaders report a bad dataset.json themselves, naming the fix
     return {}
 
 

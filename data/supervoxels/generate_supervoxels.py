@@ -51,7 +51,7 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from data.supervoxels.felzenszwalb_3d import EDGE_ORDERS
-from utils.io import read_header, read_volume, write_image, write_json
+from utils.io import read_image_header, read_volume, write_image, write_json
 
 DEFAULT_PATTERN = "image_*.nii.gz"
 DEFAULT_N_SV = 5000  # ADNet / Q-Net / QAMP abdominal setting (1000 for cardiac MRI)
@@ -288,7 +288,7 @@ def find_scans(data_dir: Path, pattern: str = DEFAULT_PATTERN) -> list[tuple[str
 def check_header(path: Path) -> None:
     """Read only the header of ``path``; raise SupervoxelError unless it is a 3D scalar image."""
     try:
-        reader = read_header(path)
+        reader = read_image_header(path)
     except (FileNotFoundError, ValueError) as err:
         raise SupervoxelError(str(err)) from None
     check_dimension(path, reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize())
@@ -308,7 +308,7 @@ def read_scan(path: Path) -> tuple[np.ndarray, sitk.Image]:
     (``utils.io.read_volume``: truncated / corrupt gzip data and NaN / inf voxels are refused),
     with SupervoxelError on bad files."""
     try:
-        header = read_header(path)
+        header = read_image_header(path)
     except (FileNotFoundError, ValueError) as err:
         raise SupervoxelError(str(err)) from None
     check_dimension(path, header.GetDimension(), header.GetNumberOfComponents(), header.GetSize())

@@ -12,7 +12,7 @@ support slice k.
 slices: every slice of the query is segmented, chunks split the whole volume the same way.
 
 Scans stay on their native grid (Dice, NIfTI and overlays are native); ``image_size`` only says
-what the model sees: :meth:`TestDataset.model_images` / :meth:`TestDataset.model_masks` resample
+what the model sees: :meth:`EvalDataset.model_images` / :meth:`EvalDataset.model_masks` resample
 slices to it (image bilinear, masks nearest), and predictions go back with
 ``utils.resample.resize_probabilities``.
 """
@@ -40,7 +40,7 @@ from dataloaders.datasets import (
 
 EVAL_MODES = ("protocol", "all_slices")
 
-__all__ = ["EVAL_MODES", "Scan", "TestDataset", "chunk_bounds", "support_fractions", "to_model_input"]
+__all__ = ["EVAL_MODES", "Scan", "EvalDataset", "chunk_bounds", "support_fractions", "to_model_input"]
 
 
 def support_fractions(n_part: int) -> np.ndarray:
@@ -65,7 +65,7 @@ def to_model_input(slices: np.ndarray) -> torch.Tensor:
     return tensor.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
-class TestDataset(Dataset):
+class EvalDataset(Dataset):
     """Support and query scans of fold ``eval_fold``; ``ds[i]`` is query :class:`Scan` i.
 
     Args:
@@ -85,7 +85,6 @@ class TestDataset(Dataset):
         fold_scans: every scan of the fold (numeric id order).
     """
 
-    __test__ = False  # not a pytest test class despite its name
 
     def __init__(
         self,
@@ -134,7 +133,7 @@ class TestDataset(Dataset):
         self.support: Scan = self.fold_scans[supp_idx]
         self.queries: list[Scan] = [s for i, s in enumerate(self.fold_scans) if i != supp_idx]
 
-    def with_support(self, supp_idx: int) -> "TestDataset":
+    def with_support(self, supp_idx: int) -> "EvalDataset":
         """The same fold with another support scan, sharing the loaded volumes (for averaging over
         every ``supp_idx``)."""
         if not isinstance(supp_idx, (int, np.integer)) or not 0 <= supp_idx < len(self.fold_scans):

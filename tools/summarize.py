@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m utils.summarize RUN [RUN ...] [--out DIR] [--std auto|runs|scans] [--overwrite]
+    python -m tools.summarize RUN [RUN ...] [--out DIR] [--std auto|runs|scans] [--overwrite]
 
 Each ``RUN`` is ``[NAME=]PATH`` where PATH is a test-run folder written by ``test.py``, a folder
 holding several of them, or a per-scan CSV. Every CSV found under PATH whose header holds the
@@ -362,7 +362,7 @@ def write_outputs(out_dir: Path, markdown: str, summary_rows: list[dict], per_ru
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="See the module docstring (python -m pydoc utils.summarize) "
+                                     epilog="See the module docstring (python -m pydoc tools.summarize) "
                                             "for the aggregation formula.")
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="[NAME=]PATH: a test-run folder, a folder of them, or a per-scan CSV")

@@ -13,7 +13,7 @@ A snapshot is a ``torch.save``-d dict::
 (model keys, ``image_size``, backbone), normalise inputs as it says (per-volume z-score), orient
 them as the training scans were and name classes with the dataset's names. Snapshots written before
 ``meta`` existed are described from their ``config`` (:func:`describe`); a checkpoint converted from
-the reference code (``models.convert``) carries ``meta`` too (with ``config`` None). Which config
+the reference code (``tools.convert``) carries ``meta`` too (with ``config`` None). Which config
 keys define the model is the model's to say: callers pass ``models.MODEL_KEYS`` (``model_keys=``),
 so this module imports nothing above ``utils``.
 
@@ -84,15 +84,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def orientation_code(direction) -> str:
-    """ITK's three-letter orientation code of a 3D direction matrix (e.g. ``'LAS'`` for
-    ``diag(1, -1, 1)``: axis i points towards the patient's left, j anterior, k superior;
-    the closest code for an oblique matrix)."""
-    import SimpleITK as sitk
-
-    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(d) for d in direction])
-
-
 def snapshot_meta(config: Mapping[str, Any], image_size: int, class_names: Mapping[int, str],
                   orientation: str | None = None, dataset: str | None = None, *,
                   model_keys: Sequence[str]) -> dict[str, Any]:
@@ -103,7 +94,7 @@ def snapshot_meta(config: Mapping[str, Any], image_size: int, class_names: Mappi
         image_size: the in-plane size the model sees (resolved; None only for old snapshots of models
             whose weights do not depend on it, trained at the dataset's native size).
         class_names: label id -> name of the training dataset.
-        orientation: ITK orientation code of the training scans (:func:`orientation_code`).
+        orientation: ITK orientation code of the training scans (``utils.io.orientation_code``).
         dataset: dataset name (default ``config['dataset']``).
         model_keys: the config keys that define the model (``models.MODEL_KEYS``).
     """
@@ -144,7 +135,7 @@ def describe(snapshot: Mapping[str, Any], path: str | os.PathLike = "snapshot", 
         return snapshot_meta(keys, _size_from_tensors(state), {}, None, dataset=None, model_keys=model_keys)
     raise ValueError(f"{path} holds model weights only, nothing says which model they belong to (backbone, "
                      "prototype counts, image size): use a snapshot written by train.py, or convert a reference "
-                     "checkpoint with `python -m models.convert REF.pth OUT.pth`")
+                     "checkpoint with `python -m tools.convert REF.pth OUT.pth`")
 
 
 def _size_from_tensors(state: Mapping[str, torch.Tensor]) -> int | None:
@@ -158,7 +149,7 @@ def _size_from_tensors(state: Mapping[str, torch.Tensor]) -> int | None:
 _HEADERS: dict[tuple, dict[str, Any]] = {}
 
 
-def read_header(path: str | os.PathLike, *, model_keys: Sequence[str]) -> dict[str, Any]:
+def read_snapshot_header(path: str | os.PathLike, *, model_keys: Sequence[str]) -> dict[str, Any]:
     """``{'path', 'meta', 'config', 'step', 'final'}`` of a snapshot file, read without loading its
     tensors into memory (memory-mapped; cached per file version), for config checks before a run.
     ``model_keys``: as :func:`snapshot_meta` (``models.MODEL_KEYS``).
@@ -192,7 +183,7 @@ def _accept(obj: Any, path: Path) -> dict[str, Any]:
     if obj.get("format") == SNAPSHOT_FORMAT:
         return obj
     if isinstance(obj.get("model"), dict) and ("meta" in obj or "converted_from" in obj):
-        return obj  # a converted reference checkpoint (models.convert)
+        return obj  # a converted reference checkpoint (tools.convert)
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"model": obj}
     raise ValueError(f"snapshot {path}: neither a {SNAPSHOT_FORMAT} snapshot nor a plain state_dict")

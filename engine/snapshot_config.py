@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 
-from utils.snapshot import _plain, find_snapshot, read_header
+from engine.snapshot import _plain, find_snapshot, read_snapshot_header
 
 # Keys a resumed run may change: they do not change the training run's meaning or its loss sequence
 # (n_steps only where training stops; data_dir: the same data moved elsewhere; the rest: logging,
@@ -44,8 +44,8 @@ def _uses_snapshot(config: Mapping[str, Any], command: str | None) -> str | None
 
 def _header(config: Mapping[str, Any], kind: str, model_keys: Sequence[str]) -> dict[str, Any]:
     if kind == "test":
-        return read_header(find_snapshot(config["reload_model_path"], which="final"), model_keys=model_keys)
-    header = read_header(find_snapshot(config["resume"], which="latest"), model_keys=model_keys)
+        return read_snapshot_header(find_snapshot(config["reload_model_path"], which="final"), model_keys=model_keys)
+    header = read_snapshot_header(find_snapshot(config["resume"], which="latest"), model_keys=model_keys)
     if not isinstance(header["config"], dict) or header["step"] is None:
         raise ValueError(f"resume={config['resume']!r}: {header['path']} holds model weights only (no training "
                          "config, optimizer or RNG state), so training cannot continue exactly; resume from a "

@@ -1,7 +1,7 @@
 """Segment query scans chunk by chunk with the FSMIS protocol; shared by ``test.py`` and the
 validation curve of ``train.py``.
 
-``tds`` is a ``dataloaders.test_dataset.TestDataset`` (support scan, query scans, chunks, and the
+``tds`` is a ``dataloaders.eval_dataset.EvalDataset`` (support scan, query scans, chunks, and the
 resampling to the model grid); ``model`` has ``encode_support`` / ``segment`` (QAMP or the ADNet
 head), or is None for the copy-support baseline. Scans stay on their native grid: the model sees
 ``image_size`` slices and its class probabilities are resampled back (bilinear, then argmax), so

@@ -1,9 +1,9 @@
 """Convert a checkpoint saved by the reference QAMP code (docs/METHOD.md §10) to this model.
 
-    python -m models.convert REF.pth OUT.pth [--dataset CHAOST2] [--orientation LAS] [--overwrite]
+    python -m tools.convert REF.pth OUT.pth [--dataset CHAOST2] [--orientation LAS] [--overwrite]
 
 The output holds ``{'model': state_dict, 'meta': ..., 'config': None, 'image_size': [H, W],
-'backbone': ..., 'converted_from': name}``. ``meta`` (``utils.snapshot.snapshot_meta``) describes the
+'backbone': ..., 'converted_from': name}``. ``meta`` (``engine.snapshot.snapshot_meta``) describes the
 model like a training snapshot does: the model keys (backbone, feature width and MLP widths inferred
 from the tensors, the reference's defaults for the rest), the image size, the normalisation
 (per-volume z-score, as the reference's loaders) and, with ``--dataset``, the dataset's class names,
@@ -85,7 +85,7 @@ def converted_meta(cfg: Mapping, image_size: tuple[int, int], dataset: str | Non
     from dataloaders.datasets import DATASETS
     from models import MODEL_KEYS
     from models.qamp import CT_PRIOR_THRESHOLDS, ModelConfig
-    from utils.snapshot import snapshot_meta
+    from engine.snapshot import snapshot_meta
 
     keys = {**asdict(ModelConfig()), "model": "qamp", **cfg}
     if dataset is None:

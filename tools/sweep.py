@@ -1,9 +1,9 @@
 """Run a grid of train.py / test.py runs (a paper table) on one machine or a SLURM cluster.
 
-    python -m utils.sweep --out runs/table1 --configs abd_mri,abd_ct,prostate_mri --settings 1,2 \\
+    python -m tools.sweep --out runs/table1 --configs abd_mri,abd_ct,prostate_mri --settings 1,2 \\
         --folds 0,1,2,3,4 --supports 0,1,2 --executor local                    # one run per GPU
-    python -m utils.sweep --out runs/table1 ... --executor slurm --slurm partition=gpu --time-min 2880
-    python -m utils.sweep --out runs/table1 ... --dry-run                      # print cells and commands
+    python -m tools.sweep --out runs/table1 ... --executor slurm --slurm partition=gpu --time-min 2880
+    python -m tools.sweep --out runs/table1 ... --dry-run                      # print cells and commands
 
 Grid. Every combination of ``--configs`` (named configs of config.py; ``a+b`` applies several;
 none given: the config's defaults), ``--settings``, ``--folds``, ``--seeds`` and every positional
@@ -20,7 +20,7 @@ folder has ``snapshots/final.pth`` and Sacred's ``run.json`` with status COMPLET
 whose run folder has ``summary.json`` and COMPLETED. A failed or killed training cell is rerun with
 ``resume=`` its newest snapshot (training continues exactly: same losses as without the break);
 a failed test cell is rerun. A cell being run by another sweep (lock file ``.lock``) is left alone.
-At the end the finished test cells are summarised with ``utils.summarize``: one table per entry of
+At the end the finished test cells are summarised with ``tools.summarize``: one table per entry of
 ``--configs`` (rows: setting and the other grid keys; pooled over folds, supports and seeds) in
 ``<out>/summary/<config>/summary.md``, all tables in ``<out>/summary.md``.
 
@@ -226,7 +226,7 @@ def finished_run(cell: Cell) -> Optional[Path]:
 
 def resume_snapshot(cell: Cell) -> Optional[Path]:
     """The newest intermediate snapshot of an unfinished training cell (None: start afresh)."""
-    from utils.snapshot import intermediate_snapshots
+    from engine.snapshot import intermediate_snapshots
 
     best: tuple[int, Optional[Path]] = (-1, None)
     for folder in run_folders(cell):
@@ -410,7 +410,7 @@ def _submitit_executor(args, cluster: str, kind: str):
 
 def run_submitit(spec: Spec, args, cluster: str, log=print) -> Optional[dict[str, dict]]:
     """Submit the grid through submitit; waits (and returns the results) unless slurm without --wait."""
-    from utils import sweep as module  # pickled by reference (not __main__) for the jobs
+    from tools import sweep as module  # pickled by reference (not __main__) for the jobs
 
     spec_path = str(spec.save())
     threads = {"train": max(1, args.cpus_per_job // max(1, args.nproc_per_node)), "test": args.cpus_per_job}
@@ -485,8 +485,8 @@ def _job_result(job, cell_id: str) -> dict:
 # Summary
 # ----------------------------------------------------------------------------------------------
 def summarize_sweep(spec: Spec | str) -> Optional[Path]:
-    """``utils.summarize`` per ``--configs`` entry over the finished test cells; returns summary.md."""
-    from utils import summarize
+    """``tools.summarize`` per ``--configs`` entry over the finished test cells; returns summary.md."""
+    from tools import summarize
 
     spec = Spec.load(spec) if not isinstance(spec, Spec) else spec
     out = Path(spec.out)
@@ -525,9 +525,9 @@ def report(results: dict[str, dict], log=print) -> int:
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m utils.sweep", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m tools.sweep", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="See python -m pydoc utils.sweep for the grid, resume and executors.")
+                                     epilog="See python -m pydoc tools.sweep for the grid, resume and executors.")
     parser.add_argument("grid", nargs="*", metavar="KEY=V1,V2", help="extra grid axes (or fixed keys)")
     parser.add_argument("--out", required=True, help="sweep folder (cells/, summary/, sweep.json)")
     parser.add_argument("--configs", default="", help="named configs, comma separated (a+b: several at once)")
