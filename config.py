@@ -201,6 +201,7 @@ def cfg():
     keep_snapshots = 2  # intermediate snapshots kept on disk (older ones deleted; final kept)
     resume = None  # run folder or snapshot file to continue from (same loss sequence as no break)
     val_interval = 0  # steps between validation scores (per-class Dice on val_scans, the protocol); 0 = off
+    collapse_patience = 2  # stop training (error) after this many validations in a row that predict background on every validation query; 0 = never (acts with val_interval > 0)
     val_scans = None  # validation scan ids (>= 2, outside the test fold); None = the last 2 training scans. Their labels only score; with use_gt=True they are removed from training. Needs val_interval > 0
 
     # ---------------- evaluation (test.py) ----------------
@@ -310,6 +311,9 @@ def _check_train_combinations(config: Mapping[str, Any]) -> None:
     _expect(config["val_scans"] is None or config["val_interval"] > 0,
             f"val_scans={config['val_scans']!r} is set but val_interval={config['val_interval']!r}: validation is "
             f"off, so no scan is scored; set val_interval>0 (e.g. val_interval=500) or drop val_scans")
+    _expect(config["collapse_patience"] == 2 or config["val_interval"] > 0,
+            f"collapse_patience={config['collapse_patience']!r} is set but val_interval={config['val_interval']!r}: "
+            f"the collapse stop acts on validations; set val_interval>0 or drop collapse_patience")
     _expect(config["supervoxel_source"] == "folder" or not config["use_gt"],
             f"supervoxel_source={config['supervoxel_source']!r} is set but use_gt={config['use_gt']!r}: training on "
             f"ground-truth classes uses no supervoxels; drop supervoxel_source or set use_gt=False")
@@ -357,7 +361,7 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
     _expect(val_scans is None or (isinstance(val_scans, (list, tuple)) and len(set(val_scans)) >= 2
                                   and all(isinstance(v, int) for v in val_scans)),
             f"val_scans={val_scans!r}: expected None (the last 2 training scans) or a list of >= 2 scan ids")
-    for key in ("keep_snapshots", "n_overlay_slices", "num_workers", "eval_fold", "supp_idx", "val_interval"):
+    for key in ("collapse_patience", "keep_snapshots", "n_overlay_slices", "num_workers", "eval_fold", "supp_idx", "val_interval"):
         _expect(isinstance(config[key], int) and config[key] >= 0,
                 f"{key}={config[key]!r}: expected an integer >= 0")
     for key in ("test_label", "exclude_label"):

@@ -64,7 +64,7 @@ from utils.seed import capture_rng_state, restore_rng_state
 from engine.snapshot_config import RESUME_FREE_KEYS  # noqa: F401  (keys a resumed run may change; re-exported)
 from engine.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot,
                             prune_snapshots, save_snapshot, snapshot_meta, step_name)
-MONITOR_KEYS = ("fg_fraction", "reverse_ran")  # per-step series that are not losses
+MONITOR_KEYS = ("fg_fraction", "reverse_ran", "threshold")  # per-step series that are not losses
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +181,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     ``amp``: mixed precision (engine/amp.py); ``dist``: torchrun ranks, whose gradients are averaged
     and whose returned values are the means over ranks (engine/distributed.py).
 
-    Returns the weighted total ``'loss'``, each unweighted term, ``'fg_fraction'`` (fraction of
+    Returns the weighted total ``'loss'``, each unweighted term, the model's ``monitors`` (e.g.
+    ``'threshold'``: ADNet's T, QAMP's mean query threshold), ``'fg_fraction'`` (fraction of
     query pixels predicted foreground, in [0, 1]) and ``'reverse_ran'`` (1.0 when the predicted
     query mask is not empty, the condition under which the reverse terms run, else 0.0).
     """
@@ -197,6 +198,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     scheduler.step()
     values = {"loss": loss.item()}
     values.update({name: term.item() for name, term in out["losses"].items()})
+    values.update({name: value.item() for name, value in out.get("monitors", {}).items()})
     foreground = (out["pred"].detach().argmax(dim=1) == 1).float().mean().item()
     values.update(fg_fraction=foreground, reverse_ran=float(foreground > 0))
     return values if dist is None else ddp.mean_values(values, dist)
@@ -301,6 +303,24 @@ def log_validation(log: logging.Logger, run, step: int, point: Mapping[str, Any]
                     "on every validation query")
 
 
+def check_collapse(val_points: list[Mapping[str, Any]], patience: int, model_name: str) -> None:
+    """Stop a run whose last ``patience`` validations predicted background on every validation query
+    of every class (a collapsed model: its Dice stays 0). ``patience=0`` never stops.
+
+    Raises:
+        RuntimeError: naming the steps, the method and the fix.
+    """
+    last = val_points[-patience:]
+    if patience == 0 or len(last) < patience or not all(p["all_background"] and len(p["all_background"]) == len(p["dice"])
+                                       for p in last):
+        return
+    steps = ", ".join(str(p["step"]) for p in last)
+    raise RuntimeError(
+        f"model={model_name!r} collapsed: every validation query was predicted all background at steps {steps} "
+        f"(mean Dice 0). This is not a result: check its threshold in the log and lower optim.lr (see "
+        f"docs/CPU_BUDGET.md for the chosen rates), or set collapse_patience=0 to train on regardless")
+
+
 @ex.command
 def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, Any]:
     """Train on one fold; returns the run folder, final snapshot and last loss."""
@@ -347,6 +367,7 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
             val_points.append(point)
             seconds = time.perf_counter() - t0
             log_validation(_log, _run, step, point, seconds, train_seconds)
+            check_collapse(val_points, _config["collapse_patience"], _config["model"])
             return seconds
 
         n_steps = _config["n_steps"]

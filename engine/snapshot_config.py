@@ -27,7 +27,7 @@ from engine.snapshot import _plain, find_snapshot, read_snapshot_header
 # validation, hardware, test-time keys).
 RESUME_FREE_KEYS = frozenset({
     "resume", "n_steps", "path", "num_workers", "print_interval", "save_snapshot_every", "keep_snapshots",
-    "device", "keep_freed_memory", "val_interval", "data_dir", "pretrained_path",
+    "device", "keep_freed_memory", "val_interval", "collapse_patience", "data_dir", "pretrained_path",
     "reload_model_path", "supp_idx", "n_part", "eval_mode", "test_batch_size", "n_overlay_slices"})
 # Data keys a test run takes from the snapshot's training config when they are not given.
 TEST_SNAPSHOT_DEFAULTS = ("dataset", "data_dir", "setting", "eval_fold", "test_label")

@@ -275,7 +275,8 @@ class QAMP(nn.Module):
 
         Returns:
             ``pred`` ``B x 2 x H x W`` probabilities [bg, fg]; ``prior`` ``B x H x W`` in [0, 1];
-            with labels also ``losses`` (unweighted 'query', 'align', 'proto', 'boundary') and ``loss``.
+            with labels also ``losses`` (unweighted 'query', 'align', 'proto', 'boundary') and ``loss``;
+            ``monitors``: ``threshold``, the mean of the queries' thresholds ``t`` (logged by train.py).
         """
         generator = _require_generator(generator)
         check_episode(supp_imgs, qry_imgs, self.image_size)
@@ -285,7 +286,8 @@ class QAMP(nn.Module):
         folded = self._folded_weights(grid)  # shared by the forward and the reverse direction
         state = self._support_state(feats[:n_shots], supp_masks[0].to(feats.dtype), grid, generator, folded)
         out = self._predict(state, feats[n_shots:], thresholds[n_shots:], grid, generator)
-        result: dict[str, Any] = {"pred": out["pred"], "prior": out["prior"]}
+        result: dict[str, Any] = {"pred": out["pred"], "prior": out["prior"],
+                                  "monitors": {"threshold": thresholds[n_shots:].detach().mean()}}
         if qry_labels is not None:
             losses = self._losses(state, feats[n_shots:], thresholds[n_shots:], out, qry_labels, grid, generator,
                                   folded)
