@@ -1,7 +1,9 @@
-"""Baseline heads on this project's encoder (CPU, ResNet-50, 32-64 px): the authors' ADNet
+"""Baseline heads on this project's encoder (CPU, ResNet-50, 32-48 px): the authors' ADNet
 (``model='adnet'``) and SSL-ALPNet (``model='alpnet'``). Shapes and ranges, their formulas on
 hand-made inputs, a few SGD steps on one fixed episode, encode_support + segment, weights."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from models.sampling import UpsampleGrid
 
 SMALL = {"backbone": "resnet50", "pretrained_weights": "none", "feature_dim": 64}
 HEADS = ("adnet", "alpnet")
-SIZES = {"adnet": 32, "alpnet": 64}  # ALPNet pools 4 x 4 feature cells: 64 px gives 16 x 16 features
+SIZES = {"adnet": 32, "alpnet": 48}  # ALPNet pools 4 x 4 feature cells: 48 px gives 12 x 12 features
 
 
 def _disk(size: int, cy: float, cx: float, r: float) -> torch.Tensor:
@@ -25,8 +27,8 @@ def _disk(size: int, cy: float, cx: float, r: float) -> torch.Tensor:
 def _episode(size: int, seed: int = 0):
     """A bright disk on noise in the support and (moved) in the query, with its masks."""
     g = torch.Generator().manual_seed(seed)
-    supp_mask = _disk(size, 0.45 * size, 0.5 * size, 0.3 * size)
-    qry_mask = _disk(size, 0.55 * size, 0.45 * size, 0.27 * size)
+    supp_mask = _disk(size, 0.5 * size, 0.5 * size, 0.25 * size)
+    qry_mask = _disk(size, 0.55 * size, 0.45 * size, 0.22 * size)
     supp = torch.randn(1, 1, 3, size, size, generator=g) * 0.3 + 2 * supp_mask
     qry = torch.randn(1, 3, size, size, generator=g) * 0.3 + 2 * qry_mask
     return supp, supp_mask[None, None], qry, qry_mask[None].long()
@@ -43,9 +45,9 @@ def models():
 
 
 # ---- both heads ----------------------------------------------------------------------------------
-def test_registered():
+def test_registered(models):
     assert MODELS == ("qamp", "adnet", "alpnet")
-    assert type(_build("adnet")).__name__ == "ADNet" and type(_build("alpnet")).__name__ == "ALPNet"
+    assert type(models["adnet"]).__name__ == "ADNet" and type(models["alpnet"]).__name__ == "ALPNet"
 
 
 @pytest.mark.parametrize("name", HEADS)
@@ -84,14 +86,14 @@ def test_sgd_steps_lower_the_loss_and_skip_the_unused_threshold_head(name):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=5e-4)
     unused = model.encoder.reduce1d.weight.detach().clone()
     losses = []
-    for _ in range(15):
+    for _ in range(10):
         out = model(supp, masks, qry, labels)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         assert model.encoder.reduce1d.weight.grad is None  # per-image threshold head: unused, no gradient
         optimizer.step()
         losses.append(out["loss"].item())
-    assert all(map(lambda v: v == v, losses))
+    assert all(math.isfinite(v) for v in losses), losses
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
     assert torch.equal(model.encoder.reduce1d.weight, unused)  # SGD skipped it (weight decay too)
 
@@ -206,10 +208,10 @@ def test_local_prototypes_kept_where_the_pooled_mask_is_over_095(monkeypatch):
 
 def test_alpnet_prototype_counts_follow_the_mask_and_the_mode(models):
     model = models["alpnet"]
-    supp, _, _, _ = _episode(64)
-    mask = torch.zeros(1, 1, 64, 64)
-    mask[..., 16:48, 16:48] = 1  # feature cells 4..11 exactly (bilinear half-pixel resize)
-    expected = {True: (4 + 1, 12), False: (16 + 1, 48)}  # (local + 1 global, local); window 4 / 2
+    supp, _, _, _ = _episode(48)
+    mask = torch.zeros(1, 1, 48, 48)
+    mask[..., 16:48, 16:48] = 1  # feature cells 4..11 of 12 exactly (bilinear half-pixel resize)
+    expected = {True: (4 + 1, 5), False: (16 + 1, 20)}  # (local + 1 global, local); window 4 / 2
     for training, (n_fg, n_bg) in expected.items():
         model.train(training)
         with torch.no_grad():
@@ -218,24 +220,24 @@ def test_alpnet_prototype_counts_follow_the_mask_and_the_mode(models):
     model.eval()
     with torch.no_grad():
         monitors = model(supp, mask, supp[:, 0])["monitors"]
-    assert {k: v.item() for k, v in monitors.items()} == {"fg_local_prototypes": 16.0, "bg_local_prototypes": 48.0,
+    assert {k: v.item() for k, v in monitors.items()} == {"fg_local_prototypes": 16.0, "bg_local_prototypes": 20.0,
                                                           "empty_bg_set": 0.0}
 
 
 def test_alpnet_mask_mode_when_no_window_reaches_095(models):
     model = models["alpnet"]
-    supp, _, qry, _ = _episode(64)
-    mask = torch.zeros(1, 1, 64, 64)
+    supp, _, qry, _ = _episode(48)
+    mask = torch.zeros(1, 1, 48, 48)
     mask[..., 20:34, 20:34] = 1  # too small to fill any 4 x 4 window of feature cells
     with torch.no_grad():
         state = model.encode_support(supp, mask)
         out = model.segment(state, qry)
         feats, _ = model.encoder(torch.cat([supp[0], qry]))
     assert state.fg is None
-    small = alp.resize_masks(mask[0], (16, 16))
+    small = alp.resize_masks(mask[0], (12, 12))
     proto = (feats[:1] * small[:, None]).sum(dim=(0, 2, 3)) / (small.sum() + 1e-5)
     fg = 20 * F.cosine_similarity(feats[1:], proto[None, :, None, None], dim=1, eps=1e-4)
-    expected = F.interpolate(fg[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    expected = F.interpolate(fg[:, None], size=(48, 48), mode="bilinear", align_corners=False)[:, 0]
     torch.testing.assert_close(out["logits"][:, 1], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -249,15 +251,15 @@ def test_alpnet_scores_are_the_softmax_weighted_similarities():
 
 def test_alpnet_empty_background_set_gives_zero_background_score(models):
     model = models["alpnet"]
-    supp, _, qry, labels = _episode(64)
-    full = torch.ones(1, 1, 64, 64)
+    supp, _, qry, labels = _episode(48)
+    full = torch.ones(1, 1, 48, 48)
     model.train()
     try:
         out = model(supp, full, qry, labels)
     finally:
         model.eval()
     assert out["monitors"]["bg_local_prototypes"].item() == 0 and out["monitors"]["empty_bg_set"].item() == 1
-    assert torch.equal(out["logits"][:, 0], torch.zeros(1, 64, 64))
+    assert torch.equal(out["logits"][:, 0], torch.zeros(1, 48, 48))
     assert all(bool(torch.isfinite(v)) for v in out["losses"].values())
 
 
