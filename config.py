@@ -161,7 +161,7 @@ def cfg():
     n_query = 1  # query slices per training episode; only 1 is supported
 
     # ---------------- model (read by models.build_model) ----------------
-    model = "qamp"  # 'qamp', 'adnet' (ADNet head, same encoder) or 'copy_support' (test-only baseline)
+    model = "qamp"  # 'qamp', 'adnet' / 'alpnet' (the authors' ADNet / SSL-ALPNet heads on this encoder, docs/METHOD.md §11) or 'copy_support' (test-only baseline)
     backbone = MODEL_DEFAULTS.backbone  # dilated torchvision ResNet: 'resnet101' (reference) or 'resnet50' (cheaper)
     pretrained_weights = "deeplabv3"  # encoder init: 'deeplabv3' (COCO), 'imagenet' or 'none'
     pretrained_path = None  # weights file for pretrained_weights (env QAMP_PRETRAINED_PATH overrides)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from dataloaders.datasets import zscore
 from dataloaders.eval_dataset import chunk_bounds, support_fractions
-from models import MODEL_KEYS, build_model, check_state_dict, make_generator
+from models import MODEL_KEYS, MODELS, build_model, check_state_dict, make_generator
 from engine.runtime import resolve_device, set_determinism
 from utils.io import write_image, write_json
 from dataloaders.predict_io import (InputError, Oriented, PlaneGrid, back_to_source, check_same_grid, label_values,
@@ -79,7 +79,7 @@ def load_predictor(snapshot: str | Path, device: torch.device) -> tuple[torch.nn
     if meta.get("image_size") is None:
         raise InputError(f"--snapshot {path} does not state the image size its model sees (an old snapshot "
                          "trained at a dataset's native size): test it with test.py instead")
-    if meta["model_keys"].get("model", "qamp") not in ("qamp", "adnet"):
+    if meta["model_keys"].get("model", "qamp") not in MODELS:
         raise InputError(f"--snapshot {path}: model {meta['model_keys'].get('model')!r} cannot segment")
     model = build_model({**meta["model_keys"], "pretrained_weights": "none"}, int(meta["image_size"]))
     try:

@@ -2,8 +2,8 @@
 validation curve of ``train.py``.
 
 ``tds`` is a ``dataloaders.eval_dataset.EvalDataset`` (support scan, query scans, chunks, and the
-resampling to the model grid); ``model`` has ``encode_support`` / ``segment`` (QAMP or the ADNet
-head), or is None for the copy-support baseline. Scans stay on their native grid: the model sees
+resampling to the model grid); ``model`` has ``encode_support`` / ``segment`` (QAMP or a baseline
+head: ADNet, ALPNet), or is None for the copy-support baseline. Scans stay on their native grid: the model sees
 ``image_size`` slices and its class probabilities are resampled back (bilinear, then argmax), so
 every score and file is on the native grid.
 """
@@ -31,12 +31,13 @@ def predict_scan(model, tds, scan, class_id: int, batch_size: int, device: torch
 
     Returns:
         ``(pred, prior, support_of)`` on the scan's native grid: ``pred`` uint8 (Z, H, W) {0, 1};
-        ``prior`` float32 (Z, H, W) QPG prior in [0, 1] (None for copy_support); ``support_of``
+        ``prior`` float32 (Z, H, W) QPG prior in [0, 1] (None for copy_support and for models whose
+        ``segment`` returns no ``'prior'``, e.g. ALPNet); ``support_of``
         int (Z,) the support slice used for each query slice, -1 where the slice was not segmented.
     """
     depth, height, width = scan.image.shape
     pred = np.zeros(scan.image.shape, dtype=np.uint8)
-    prior = None if model is None else np.zeros(scan.image.shape, dtype=np.float32)
+    prior = None  # allocated at the first 'prior' the model returns
     support_of = np.full(depth, -1, dtype=np.int64)
     for chunk, support_z in zip(tds.query_chunks(scan, class_id), tds.support_slices(class_id)):
         chunk = np.asarray(chunk, dtype=np.int64)
@@ -58,7 +59,10 @@ def predict_scan(model, tds, scan, class_id: int, batch_size: int, device: torch
             out = model.segment(state, tds.model_images(scan.image[zs]).to(device), generator=generator)
             probs = resize_probabilities(out["pred"], (height, width))  # (N, 2, H, W)
             pred[zs] = probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
-            prior[zs] = resize_probabilities(out["prior"], (height, width)).float().cpu().numpy()
+            if "prior" in out:
+                if prior is None:
+                    prior = np.zeros(scan.image.shape, dtype=np.float32)
+                prior[zs] = resize_probabilities(out["prior"], (height, width)).float().cpu().numpy()
     return pred, prior, support_of
 
 

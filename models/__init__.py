@@ -15,17 +15,19 @@ import torch
 import torch.nn as nn
 
 from models.adnet import ADNet
+from models.alpnet import ALPNet
 from models.encoder import BACKBONES, PRETRAINED_KINDS, Encoder, load_pretrained
 from models.qamp import COMPUTE_ONLY_KEYS, QAMP, ModelConfig, SupportState
 
-MODELS = ("qamp", "adnet")  # networks; config.py adds the test-only baseline 'copy_support'
+MODELS = ("qamp", "adnet", "alpnet")  # networks; config.py adds the test-only baseline 'copy_support'
+MODEL_CLASSES = {"qamp": QAMP, "adnet": ADNet, "alpnet": ALPNet}  # adnet, alpnet: the authors' heads on our encoder
 # Config keys that define the model of a snapshot (its meta's ``model_keys``, engine/snapshot.py): the
 # network, the image size and ModelConfig's fields except the compute-only switches. test.py and
 # predict.py build the model with a snapshot's values; callers of engine.snapshot pass this list.
 MODEL_KEYS = ("model", "image_size") + tuple(f.name for f in fields(ModelConfig) if f.name not in COMPUTE_ONLY_KEYS)
 
 __all__ = ["build_model", "load_pretrained", "make_generator", "check_state_dict", "check_episode_config",
-           "ModelConfig", "QAMP", "ADNet", "Encoder", "SupportState", "MODELS", "MODEL_KEYS", "BACKBONES",
+           "ModelConfig", "QAMP", "ADNet", "ALPNet", "Encoder", "SupportState", "MODELS", "MODEL_KEYS", "BACKBONES",
            "PRETRAINED_KINDS"]
 
 
@@ -59,7 +61,7 @@ def build_model(cfg: Mapping[str, Any], image_size: Union[int, tuple[int, int]])
         raise ValueError(f"model: expected one of {MODELS}, got {name!r}")
     size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
     config = ModelConfig.from_config(cfg)
-    model = (QAMP if name == "qamp" else ADNet)(config, size)
+    model = MODEL_CLASSES[name](config, size)
     load_pretrained(model.encoder, cfg.get("pretrained_weights", "deeplabv3"), cfg.get("pretrained_path"),
                     config.backbone)
     return model
@@ -109,8 +111,12 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         hints.append("the reduced feature width differs: the snapshot has another feature_dim")
     if any("backbone.layer" in k for k in missing + unexpected):
         hints.append("backbone layers differ: the snapshot uses another backbone (resnet50 / resnet101)")
-    if any(k.startswith(("fg_", "bg_")) for k in missing + unexpected):
-        hints.append("head tensors differ: the snapshot is of another model (qamp / adnet) or prototype counts")
+    if missing == ["threshold"] and not unexpected:
+        hints.append("only ADNet's learned 'threshold' is missing: a snapshot of alpnet, or of the old ADNet head "
+                     "(per-image thresholds from the encoder), which the authors' head replaced: retrain")
+    elif any(k.startswith(("fg_", "bg_")) or k == "threshold" for k in missing + unexpected):
+        hints.append(f"head tensors differ: the snapshot is of another model ({' / '.join(MODELS)}) or prototype "
+                     "counts")
     if hints:
         lines.append("  likely cause: " + "; ".join(hints) + ". Use the config the snapshot was trained with")
     raise ValueError("\n".join(lines))

@@ -30,6 +30,18 @@ def nll_loss(probs: torch.Tensor, labels: torch.Tensor, class_weights: Optional[
     return F.nll_loss(log_probs, labels, weight=weight, ignore_index=ignore_index)
 
 
+def support_labels(masks: torch.Tensor) -> torch.Tensor:
+    """``S x H x W`` int64 labels of support masks: 1 where 1, 0 where 0, 255 (ignored) elsewhere.
+
+    The support targets of the baselines' alignment losses (ADNet fewshot_anom.py L168-170,
+    SSL-ALPNet grid_proto_fewshot.py L222-225, background = ``1 - mask``).
+    """
+    labels = torch.full(masks.shape, IGNORE_INDEX, dtype=torch.long, device=masks.device)
+    labels[masks == 1] = 1
+    labels[masks == 0] = 0
+    return labels
+
+
 def _boundary(x: torch.Tensor, kernel: int) -> torch.Tensor:
     """Soft boundary of ``N x K x H x W`` maps in [0, 1]: ``maxpool(1 - x) - (1 - x)``."""
     inverted = 1 - x
@@ -88,10 +100,12 @@ def prototype_consistency_loss(sup_fg: torch.Tensor, qry_fg: torch.Tensor,
 def prior_alignment_loss(query_feats: torch.Tensor, query_pred: torch.Tensor, supp_feats: torch.Tensor,
                          supp_masks: torch.Tensor, threshold: torch.Tensor, grid: UpsampleGrid, scaler: float,
                          temperature: float) -> torch.Tensor:
-    """ADNet's reverse alignment: the query, masked by its predicted foreground, segments the support.
+    """Reverse alignment in ADNet's style: the query, masked by its predicted foreground, segments the support.
 
-    Used by the ADNet head and by QAMP when the support mask is empty. Zero when the predicted
-    query mask is empty.
+    Used by QAMP when the support mask is empty (mask and prototype at image resolution, the
+    threshold of the query image). The ADNet head has the authors' own form
+    (``models.adnet.alignment_loss``: feature resolution, one learned threshold). Zero when the
+    predicted query mask is empty.
 
     Args:
         query_feats: ``1 x C x h x w``; query_pred: ``1 x 2 x H x W`` probabilities.

@@ -264,17 +264,6 @@ def test_empty_support_mask_falls_back_to_adnet_prediction(model):
     assert out["losses"]["proto"].item() == 0.0
 
 
-def test_adnet_model_prediction_is_the_prior():
-    adnet = build_model({**SMALL, "model": "adnet"}, SIZE).eval()
-    supp, masks, qry, labels = _episode()
-    with torch.no_grad():
-        out = adnet(supp, masks, qry, labels)
-        batched = adnet.segment(adnet.encode_support(supp, masks), qry)
-    torch.testing.assert_close(out["pred"], torch.stack([1 - out["prior"], out["prior"]], dim=1))
-    torch.testing.assert_close(batched["pred"], out["pred"], rtol=1e-4, atol=1e-5)
-    assert set(out["losses"]) == {"query", "align"}
-
-
 # ---- bad input -----------------------------------------------------------------------------------
 def test_bad_input_errors(model):
     supp, masks, qry, _ = _episode(size=48)
