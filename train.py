@@ -51,7 +51,7 @@ from config import ex, run_commandline
 from dataloaders.datasets import discover_scans, fold_positions, get_dataset, model_image_size, resolve_image_dir
 from dataloaders.eval_dataset import EvalDataset
 from dataloaders.train_dataset import StepSampler, TrainDataset, worker_init_fn
-from models import MODEL_KEYS, build_model, make_generator
+from models import MODEL_KEYS, MODEL_MONITORS, build_model, make_generator
 from engine import distributed as ddp
 from engine.amp import Amp
 from engine.evaluate import score_queries
@@ -64,7 +64,7 @@ from utils.seed import capture_rng_state, restore_rng_state
 from engine.snapshot_config import RESUME_FREE_KEYS  # noqa: F401  (keys a resumed run may change; re-exported)
 from engine.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot,
                             prune_snapshots, save_snapshot, snapshot_meta, step_name)
-MONITOR_KEYS = ("fg_fraction", "reverse_ran", "threshold")  # per-step series that are not losses
+MONITOR_KEYS = ("fg_fraction", "reverse_ran", *MODEL_MONITORS)  # per-step series that are not losses
 
 
 # ----------------------------------------------------------------------------------------------
