@@ -61,6 +61,7 @@ USE_GT=${DEMO_USE_GT:-False}
 PROTOTYPES="n_mlp_fg=40 n_keep_fg=20 n_query_fg=10 n_edge=10 n_mlp_bg=120 n_keep_bg=100 n_query_bg=20"
 
 START=$SECONDS
+LOAD_BEFORE=$(cut -d" " -f1-3 /proc/loadavg 2>/dev/null || echo unknown)
 stage() { echo; echo "=== [demo $(( SECONDS - START )) s] $*"; }
 fail() { echo "demo: $*" >&2; exit 1; }
 
@@ -189,13 +190,23 @@ test_model copy_support
 # ------------------------------------------------------------------ summary
 stage "summary"
 $PY -m tools.summarize "QAMP=$RUN_ROOT/test_qamp" "copy_support=$RUN_ROOT/test_copy_support" --out "$RUN_ROOT/summary"
-$PY - "$RUN_ROOT/summary/summary.csv" <<'EOF'
-import csv, sys
-rows = {r["method"]: float(r["mean"]) for r in csv.DictReader(open(sys.argv[1])) if r["class"] == "mean"}
-qamp, copy = rows["QAMP"], rows["copy_support"]
+$PY - "$RUN_ROOT" "$DATASET" "$STEPS" "$(( SECONDS - START ))" "$TRAIN_S" "$TEST_S" "$LOAD_BEFORE" \
+    "$(cut -d" " -f1-3 /proc/loadavg 2>/dev/null || echo unknown)" "$SUPPORTS" <<'EOF'
+import csv, json, sys
+from pathlib import Path
+from utils.io import write_json
+root, dataset, steps, total_s, train_s, test_s, load_before, load_after, supports = sys.argv[1:]
+table = {}
+with open(Path(root) / "summary" / "summary.csv", encoding="utf-8", newline="") as f:
+    for r in csv.DictReader(f):
+        table.setdefault(r["method"], {})[r["class_name"]] = round(100 * float(r["mean"]), 2)
+qamp, copy = table["QAMP"]["mean"], table["copy_support"]["mean"]
 verdict = "QAMP beats" if qamp > copy else "QAMP does NOT beat"
-print(f"mean Dice: QAMP {100 * qamp:.2f} vs copy_support {100 * copy:.2f} "
-      f"({100 * (qamp - copy):+.2f} points): {verdict} the baseline")
+print(f"mean Dice: QAMP {qamp:.2f} vs copy_support {copy:.2f} ({qamp - copy:+.2f} points): {verdict} the baseline")
+write_json(Path(root) / "demo.json", {
+    "name": "demo", "dataset": dataset, "steps": int(steps), "supports": [int(s) for s in supports.split()],
+    "dice_percent": table, "times_s": {"total": int(total_s), "train": int(train_s), "qamp_test": int(test_s)},
+    "load_average_before": load_before, "load_average_after": load_after})
 EOF
 echo
 echo "time: total $(( SECONDS - START )) s (training $TRAIN_S s, QAMP test $TEST_S s)"
@@ -204,4 +215,4 @@ for d in "$RUN_ROOT"/test_qamp/test_* "$RUN_ROOT"/test_copy_support/test_*; do
     echo "test run:        $d (scores.csv, predictions/)"
 done
 echo "overlay PNGs:    $(ls -d "$RUN_ROOT"/test_qamp/test_*/overlays | head -1)/*.png"
-echo "summary:         $RUN_ROOT/summary/summary.md (.csv)"
+echo "summary:         $RUN_ROOT/summary/summary.md (.csv); Dice table, times and load: $RUN_ROOT/demo.json"

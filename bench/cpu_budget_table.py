@@ -1,0 +1,297 @@
+"""The CPU-budget table: QAMP, the authors' ADNet and SSL-ALPNet heads, and copy-support under one test
+bed (same encoder, data, episodes, seed and protocol), on CHAOST2 Setting 1 and 2 and SABS Setting 1.
+
+    python bench/cpu_budget_table.py run        # run or resume the grid, then collect (hours: see below)
+    python bench/cpu_budget_table.py collect    # tables from what has finished so far
+    python bench/cpu_budget_table.py run --dry-run
+
+Cells (fold 0, self-supervised, ``cpu_budget``: 64 x 64 slices, dilated ResNet-50 from scratch,
+6000 steps; every method with its own learning rate, ``cpu_budget_<model>``, chosen on the
+validation curve: docs/CPU_BUDGET.md):
+
+    CHAOST2_setting1   qamp (seeds 2025, 2026), adnet, alpnet (seed 2025), copy_support
+    CHAOST2_setting2   qamp, the better baseline of CHAOST2_setting1, copy_support
+    SABS_setting1      qamp, the better baseline, copy_support (supervoxels generated on load)
+
+Each (cell, method, seed) is one resumable ``tools.sweep`` grid in ``<dir>/<cell>/<method>/seed<s>``
+(train, then test on supports 0, 1, 2; Dice on the native grid). ``<dir>`` (``--dir``, default
+``../runs/cpu_budget_table``) lies outside the clone, so a session that stops mid-grid resumes the
+next time: finished cells are skipped, a killed training continues from its newest snapshot.
+``--slots`` units run at once (default: one per core), each pinned to its own core with one torch
+thread (``taskset``), so two trainings do not slow each other; the load average before and after
+each unit is kept in its ``load.json``. Keep the machine otherwise idle for the training times.
+
+``collect`` writes ``bench/results/cpu_budget_table.json`` (``cells.<cell>.dice_percent.<method>``
+with ``mean``, ``per_seed`` and one entry per organ; ``train_s.<method>``; the loads), the markdown
+table ``cpu_budget_table.md`` and one validation-curve PNG per cell, and prints one JSON line.
+A trained method whose mean Dice is below copy-support's is flagged in the table (a defect to
+diagnose, not a result).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.report import emit, machine  # noqa: E402
+from tools.summarize import Method, load_methods, summarize_method  # noqa: E402
+from utils.io import write_text  # noqa: E402
+
+BASELINES = ("adnet", "alpnet")
+# cell -> (dataset named config, setting, extra training keys)
+CELLS = {"CHAOST2_setting1": ("abd_mri", 1, ()),
+         "CHAOST2_setting2": ("abd_mri", 2, ()),
+         "SABS_setting1": ("abd_ct", 1, ("supervoxel_source=generate",))}
+SUPPORTS = (0, 1, 2)
+BEST = "best"  # stands for the better baseline of CHAOST2_setting1
+# cell -> method -> seeds
+GRID = {"CHAOST2_setting1": {"qamp": (2025, 2026), "adnet": (2025,), "alpnet": (2025,)},
+        "CHAOST2_setting2": {"qamp": (2025,), BEST: (2025,)},
+        "SABS_setting1": {"qamp": (2025,), BEST: (2025,)}}
+
+
+def named_configs(method: str) -> str:
+    """The named configs of a method: ``cpu_budget`` plus the method's own learning rate."""
+    return "cpu_budget" if method == "qamp" else f"cpu_budget+cpu_budget_{method}"
+
+
+@dataclass(frozen=True)
+class Unit:
+    cell: str
+    method: str  # a model name, or BEST until it is resolved
+    seed: int
+
+    def folder(self, root: Path) -> Path:
+        return root / self.cell / self.method / f"seed{self.seed}"
+
+
+def units() -> list[Unit]:
+    """Every (cell, method, seed), in the order they start: the CHAOST2 Setting 1 baselines first
+    (the other cells' baseline is chosen on them), QAMP's second seed last."""
+    out = [Unit(cell, method, seed) for cell, methods in GRID.items() for method, seeds in methods.items()
+           for seed in seeds]
+    return sorted(out, key=lambda u: (u.method == BEST, u.seed != 2025, u.cell != "CHAOST2_setting1"))
+
+
+def sweep_command(unit: Unit, root: Path, data_dir: str, python: str) -> list[str]:
+    dataset, setting, extra = CELLS[unit.cell]
+    command = [python, "-m", "tools.sweep", "--out", str(unit.folder(root)),
+               "--configs", f"{dataset}+setting{setting}+{named_configs(unit.method)}",
+               "--settings", str(setting), "--folds", "0", "--supports", ",".join(map(str, SUPPORTS)),
+               "--seeds", str(unit.seed), "--jobs", "1", "--train", "num_workers=0",
+               "--train", f"data_dir={data_dir}", "--test", f"data_dir={data_dir}", "--test", "n_overlay_slices=1"]
+    for key in extra:
+        command += ["--train", key]
+    return command
+
+
+def finished(folder: Path) -> bool:
+    """Every test cell of the unit's sweep wrote its summary."""
+    summaries = list(folder.glob("cells/*/test_*/summary.json"))
+    return len(summaries) >= len(SUPPORTS)
+
+
+def best_baseline(root: Path) -> str | None:
+    """The baseline with the higher mean Dice on CHAOST2 Setting 1 (None until both finished)."""
+    means = {}
+    for method in BASELINES:
+        folder = root / "CHAOST2_setting1" / method
+        if not all(finished(f) for f in folder.glob("seed*")) or not any(folder.glob("seed*")):
+            return None
+        means[method] = method_table(folder)["mean"]
+    return max(means, key=means.get)
+
+
+def copy_support(root: Path, data_dir: str, python: str, dry_run: bool) -> None:
+    """The copy-support baseline of every cell and support (no training; a minute each), skipping
+    the supports already scored."""
+    for cell, (dataset, setting, _) in CELLS.items():
+        folder = root / cell / "copy_support"
+        done = {json.loads(p.read_text(encoding="utf-8"))["supp_idx"] for p in folder.glob("test_*/summary.json")}
+        for supp in [s for s in SUPPORTS if s not in done]:
+            command = [python, "test.py", "with", dataset, f"setting{setting}", "model=copy_support",
+                       f"supp_idx={supp}", f"data_dir={data_dir}", "n_overlay_slices=1", f"path.log_dir={folder}"]
+            print(" ".join(command) if dry_run else f"[table] {cell}: copy_support, supp_idx {supp}", flush=True)
+            if not dry_run:
+                subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+
+
+def run(args: argparse.Namespace) -> None:
+    root = Path(args.dir).resolve()
+    copy_support(root, args.data_dir, args.python, args.dry_run)
+    if args.dry_run:
+        for unit in units():
+            status = "finished" if finished(unit.folder(root)) else "to run"
+            print(f"[{status}] " + " ".join(sweep_command(unit, root, args.data_dir, args.python)))
+        return
+    pending = [u for u in units()]
+    running: dict[int, tuple[subprocess.Popen, Unit, dict]] = {}
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    slots = cores[:args.slots or len(cores)]
+    while pending or running:
+        for slot in [s for s in slots if s not in running]:
+            unit = next((u for u in pending if u.method != BEST or best_baseline(root)), None)
+            if unit is None:
+                break
+            pending.remove(unit)
+            if unit.method == BEST:
+                unit = Unit(unit.cell, best_baseline(root), unit.seed)
+            folder = unit.folder(root)
+            if finished(folder):
+                print(f"[table] {unit}: finished earlier", flush=True)
+                continue
+            command = sweep_command(unit, root, args.data_dir, args.python)
+            if shutil.which("taskset"):
+                command = ["taskset", "-c", str(slot), *command]
+            folder.mkdir(parents=True, exist_ok=True)
+            record = {"load_before": os.getloadavg(), "start": datetime.now().isoformat(timespec="seconds"),
+                      "command": command}
+            log = open(folder / "sweep.log", "a", encoding="utf-8")
+            running[slot] = (subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), unit, record)
+            log.close()
+            print(f"[table] {unit}: started on core {slot}", flush=True)
+        if not running:
+            if pending:  # only BEST units left and the baselines did not finish
+                raise SystemExit(f"[table] the CHAOST2 Setting 1 baselines did not finish; see {root}/CHAOST2_setting1")
+            break
+        time.sleep(10)
+        for slot, (process, unit, record) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[slot]
+            record.update(load_after=os.getloadavg(), end=datetime.now().isoformat(timespec="seconds"),
+                          returncode=process.returncode)
+            (unit.folder(root) / "load.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+            print(f"[table] {unit}: ended with {process.returncode}", flush=True)
+    collect(args)
+
+
+def method_table(folder: Path) -> dict:
+    """Dice (%) of one method in one cell: per organ and mean (mean over supports and seeds of the
+    per-support means), ``per_seed`` means and per-support means."""
+    methods = load_methods([f"{folder.name}={folder}"])
+    method: Method = methods[folder.name]
+    entries, _ = summarize_method(method, "runs")
+    out = {method.class_names.get(c, str(c)): round(100 * e.mean, 2) for c, e in entries.items() if c != "mean"}
+    out["mean"] = round(100 * entries["mean"].mean, 2)
+    per_seed, per_support = {}, {}
+    for key, per_class in method.dice.items():
+        fold, supp, seed = key
+        value = sum(sum(v.values()) / len(v) for v in per_class.values()) / len(per_class)
+        per_seed.setdefault(seed, []).append(value)
+        per_support.setdefault(supp, []).append(value)
+    out["per_seed"] = [round(100 * sum(v) / len(v), 2) for _, v in sorted(per_seed.items())]
+    out["seeds"] = sorted(per_seed)
+    out["per_support"] = {str(s): round(100 * sum(v) / len(v), 2) for s, v in sorted(per_support.items())}
+    return out
+
+
+def training_runs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("seed*/cells/*/train_*") if (p / "run.json").is_file())
+
+
+def train_seconds(run_dir: Path) -> float | None:
+    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    if info.get("status") != "COMPLETED":
+        return None
+    start, stop = (datetime.fromisoformat(info[k]) for k in ("start_time", "stop_time"))
+    return round((stop - start).total_seconds())
+
+
+def val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    series = metrics.get("val_dice_mean", {"steps": [], "values": []})
+    return [(int(s), round(100 * v, 2)) for s, v in zip(series["steps"], series["values"])]
+
+
+def collect(args: argparse.Namespace) -> dict:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = Path(args.dir).resolve()
+    results_dir = Path(args.results)
+    cells: dict = {}
+    lines = ["# CPU-budget table (fold 0, self-supervised, `cpu_budget`, every method its own lr)", "",
+             "Command: `python bench/cpu_budget_table.py run` (then `collect`); runs in " + str(root) + ".",
+             "Dice (%) on the native grid: per support the mean over query scans and organs, then the mean "
+             "over supports (and seeds). Training seconds: one core, one thread per training.", ""]
+    for cell in CELLS:
+        cell_dir = root / cell
+        if not cell_dir.is_dir():
+            continue
+        dice, seconds, loads, curves = {}, {}, {}, {}
+        for method_dir in sorted(p for p in cell_dir.iterdir() if p.is_dir()):
+            method = method_dir.name
+            if not list(method_dir.rglob("scores.csv")):
+                continue
+            dice[method] = method_table(method_dir)
+            runs = training_runs(method_dir)
+            times = [t for t in (train_seconds(r) for r in runs) if t is not None]
+            if times:
+                seconds[method] = times if len(times) > 1 else times[0]
+            for run_dir in runs:
+                curves[f"{method} ({run_dir.parents[2].name})"] = val_curve(run_dir)
+            loads[method] = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(method_dir.glob("seed*/load.json"))]
+            loads[method] = [{"load_before": r["load_before"], "load_after": r.get("load_after")} for r in loads[method]]
+        if not dice:
+            continue
+        cells[cell] = {"dice_percent": dice, "train_s": seconds, "load_average": loads}
+        organs = [k for k in next(iter(dice.values())) if k not in ("mean", "per_seed", "seeds", "per_support")]
+        copy = dice.get("copy_support", {}).get("mean")
+        lines += [f"## {cell}", "", "| method | " + " | ".join(organs) + " | mean | per seed | training (s) |",
+                  "|---|" + "---:|" * (len(organs) + 3)]
+        for method, row in dice.items():
+            flag = " (below copy-support: a defect)" if copy is not None and method != "copy_support" and row["mean"] < copy else ""
+            lines.append(f"| {method} | " + " | ".join(str(row.get(o, "")) for o in organs)
+                         + f" | {row['mean']}{flag} | {row['per_seed'] if len(row['per_seed']) > 1 else ''} | "
+                         f"{seconds.get(method, '')} |")
+        lines.append("")
+        if curves:
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            for name, points in curves.items():
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=name)
+            ax.set(xlabel="step", ylabel="validation mean Dice (%)", title=cell)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            png = results_dir / f"cpu_budget_table_{cell}.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(png, dpi=100)
+            plt.close(fig)
+            lines += [f"![{cell} validation curves]({png.name})", ""]
+    result = {"name": "cpu_budget_table", "cells": cells, "runs": str(root), **machine()}
+    write_text(results_dir / "cpu_budget_table.md", "\n".join(lines))
+    emit(result, results_dir / "cpu_budget_table.json")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("run", "collect"))
+    parser.add_argument("--dir", default=str(REPO.parent / "runs" / "cpu_budget_table"),
+                        help="grid folder, outside the clone [../runs/cpu_budget_table]")
+    parser.add_argument("--data-dir", default=os.environ.get("QAMP_DATA_ROOT", str(REPO.parent / "shared" / "data")),
+                        help="data root [$QAMP_DATA_ROOT or ../shared/data]")
+    parser.add_argument("--results", default=str(REPO / "bench" / "results"), help="where collect writes")
+    parser.add_argument("--slots", type=int, default=None, help="units at a time [one per core]")
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--dry-run", action="store_true", help="print the sweep commands, run nothing")
+    args = parser.parse_args(argv)
+    run(args) if args.command == "run" else collect(args)
+
+
+if __name__ == "__main__":
+    main()
