@@ -223,6 +223,7 @@ def collect(args: argparse.Namespace) -> dict:
 
     root = Path(args.dir).resolve()
     results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
     cells: dict = {}
     lines = ["# CPU-budget table (fold 0, self-supervised, `cpu_budget`, every method its own lr)", "",
              "Command: `python bench/cpu_budget_table.py run` (then `collect`); runs in " + str(root) + ".",
@@ -268,7 +269,6 @@ def collect(args: argparse.Namespace) -> dict:
             ax.legend(fontsize=8)
             fig.tight_layout()
             png = results_dir / f"cpu_budget_table_{cell}.png"
-            png.parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(png, dpi=100)
             plt.close(fig)
             lines += [f"![{cell} validation curves]({png.name})", ""]
