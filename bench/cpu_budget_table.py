@@ -1,8 +1,9 @@
 """The CPU-budget table: QAMP, the authors' ADNet and SSL-ALPNet heads, and copy-support under one test
 bed (same encoder, data, episodes, seed and protocol), on CHAOST2 Setting 1 and 2 and SABS Setting 1.
 
+    python bench/cpu_budget_table.py lr         # the baselines' learning rates: run / resume, then choose
     python bench/cpu_budget_table.py run        # run or resume the grid, then collect (hours: see below)
-    python bench/cpu_budget_table.py collect    # tables from what has finished so far
+    python bench/cpu_budget_table.py collect    # tables (and the lr table) from what has finished so far
     python bench/cpu_budget_table.py run --dry-run
 
 Cells (fold 0, self-supervised, ``cpu_budget``: 64 x 64 slices, dilated ResNet-50 from scratch,
@@ -20,6 +21,13 @@ next time: finished cells are skipped, a killed training continues from its newe
 ``--slots`` units run at once (default: one per core), each pinned to its own core with one torch
 thread (``taskset``), so two trainings do not slow each other; the load average before and after
 each unit is kept in its ``load.json``. Keep the machine otherwise idle for the training times.
+
+``lr`` first chooses each baseline's learning rate the same way for both: CHAOST2 fold 0, Setting 1,
+``cpu_budget`` with ``model=<baseline>``, ``LR_GRID``'s rates for ``LR_STEPS`` steps each (the same
+episodes and seed; the rate stays constant, as the schedule's step comes at 3000), validation every
+500 steps; the chosen rate has the best mean of the last two validations (a collapsed run, stopped
+by ``collapse_patience``, scores 0). Results: ``bench/results/cpu_budget_lr.{json,md,png}``; the
+chosen rates go into config.py's ``cpu_budget_<model>`` by hand.
 
 ``collect`` writes ``bench/results/cpu_budget_table.json`` (``cells.<cell>.dice_percent.<method>``
 with ``mean``, ``per_seed`` and one entry per organ; ``train_s.<method>``; the loads), the markdown
@@ -50,6 +58,8 @@ from tools.summarize import Method, load_methods, summarize_method  # noqa: E402
 from utils.io import write_text  # noqa: E402
 
 BASELINES = ("adnet", "alpnet")
+LR_GRID = (0.001, 0.005, 0.02)
+LR_STEPS = 1500
 # cell -> (dataset named config, setting, extra training keys)
 CELLS = {"CHAOST2_setting1": ("abd_mri", 1, ()),
          "CHAOST2_setting2": ("abd_mri", 2, ()),
@@ -272,15 +282,82 @@ def collect(args: argparse.Namespace) -> dict:
             fig.savefig(png, dpi=100)
             plt.close(fig)
             lines += [f"![{cell} validation curves]({png.name})", ""]
+    if (root / "lr_select").is_dir():
+        lr_collect(args)
     result = {"name": "cpu_budget_table", "cells": cells, "runs": str(root), **machine()}
     write_text(results_dir / "cpu_budget_table.md", "\n".join(lines))
     emit(result, results_dir / "cpu_budget_table.json")
     return result
 
 
+def lr_select(args: argparse.Namespace) -> dict:
+    """Run (or resume) the learning-rate grid of the baselines, then choose and record."""
+    root = Path(args.dir).resolve() / "lr_select"
+    command = [args.python, "-m", "tools.sweep", "--out", str(root), "--configs", "abd_mri+setting1+cpu_budget",
+               "--settings", "1", "--folds", "0", "--supports", "", "--seeds", "2025",
+               f"model={','.join(BASELINES)}", f"optim.lr={','.join(map(str, LR_GRID))}",
+               "--train", f"n_steps={LR_STEPS}", "--train", "num_workers=0", "--train", f"data_dir={args.data_dir}",
+               "--jobs", str(args.slots or len(os.sched_getaffinity(0)))]
+    if args.dry_run:
+        command.append("--dry-run")
+    subprocess.run(command, cwd=REPO, check=False)
+    return {} if args.dry_run else lr_collect(args)
+
+
+def lr_collect(args: argparse.Namespace) -> dict:
+    """The learning-rate table from the runs of :func:`lr_select` that exist so far."""
+    root = Path(args.dir).resolve() / "lr_select"
+    runs = {}
+    for run_dir in sorted(root.glob("cells/*/train_*")):
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        curve = val_curve(run_dir)
+        collapsed = info.get("status") == "FAILED" and "collapsed" in str(info.get("fail_trace", ""))
+        finished_ = info.get("status") == "COMPLETED" or collapsed
+        score = (0.0 if collapsed else sum(v for _, v in curve[-2:]) / 2) if finished_ and curve else None
+        runs.setdefault(config["model"], {})[str(config["optim"]["lr"])] = {
+            "status": "collapsed" if collapsed else info.get("status"), "val_curve": curve, "score": score,
+            "train_s": train_seconds(run_dir)}
+    chosen = {m: max((lr for lr in r if r[lr]["score"] is not None), key=lambda lr: r[lr]["score"], default=None)
+              for m, r in runs.items()}
+    result = {"name": "cpu_budget_lr", "steps": LR_STEPS, "rates": list(LR_GRID), "runs": runs, "chosen": chosen,
+              "rule": "best mean of the last two validations (steps 1000, 1500); collapsed = 0", **machine()}
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# Learning rates of the baselines (CHAOST2 fold 0, Setting 1, `cpu_budget`, "
+             f"{LR_STEPS} steps, seed 2025)", "", "Command: `python bench/cpu_budget_table.py lr`. "
+             "Validation mean Dice (%) on scans 38 and 39; score = mean of the last two.", "",
+             "| model | lr | status | " + " | ".join(f"step {s}" for s in range(500, LR_STEPS + 1, 500))
+             + " | score | training (s) |", "|---|---:|---|" + "---:|" * (LR_STEPS // 500 + 2)]
+    for model, by_lr in runs.items():
+        for lr, row in sorted(by_lr.items(), key=lambda kv: float(kv[0])):
+            values = dict(row["val_curve"])
+            mark = " **chosen**" if chosen[model] == lr else ""
+            lines.append(f"| {model} | {lr}{mark} | {row['status']} | "
+                         + " | ".join(str(values.get(s, "")) for s in range(500, LR_STEPS + 1, 500))
+                         + f" | {row['score'] if row['score'] is not None else ''} | {row['train_s'] or ''} |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(5 * max(1, len(runs)), 3.5), squeeze=False)
+    for ax, (model, by_lr) in zip(axes[0], runs.items()):
+        for lr, row in sorted(by_lr.items(), key=lambda kv: float(kv[0])):
+            if row["val_curve"]:
+                ax.plot(*zip(*row["val_curve"]), marker="o", label=f"lr {lr} ({row['status']})")
+        ax.set(title=model, xlabel="step", ylabel="validation mean Dice (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(results_dir / "cpu_budget_lr.png", dpi=100)
+    plt.close(fig)
+    lines += ["", "![validation curves](cpu_budget_lr.png)", ""]
+    write_text(results_dir / "cpu_budget_lr.md", "\n".join(lines))
+    return emit(result, results_dir / "cpu_budget_lr.json")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("run", "collect"))
+    parser.add_argument("command", choices=("lr", "run", "collect"))
     parser.add_argument("--dir", default=str(REPO.parent / "runs" / "cpu_budget_table"),
                         help="grid folder, outside the clone [../runs/cpu_budget_table]")
     parser.add_argument("--data-dir", default=os.environ.get("QAMP_DATA_ROOT", str(REPO.parent / "shared" / "data")),
@@ -290,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--dry-run", action="store_true", help="print the sweep commands, run nothing")
     args = parser.parse_args(argv)
-    run(args) if args.command == "run" else collect(args)
+    {"lr": lr_select, "run": run, "collect": collect}[args.command](args)
 
 
 if __name__ == "__main__":
