@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from utils.seed import capture_rng_state, restore_rng_state
+from utils.seed import capture_rng_state, restore_generator, restore_rng_state
 
 
 def env_rank() -> int:
@@ -231,7 +231,8 @@ def snapshot_extras(info: Distributed, generator: torch.Generator, amp=None) -> 
     if amp is not None and amp.state_dict():
         extras["amp_scaler"] = amp.state_dict()
     if info.enabled:
-        mine = {"generator": generator.get_state(), "rng": capture_rng_state()}
+        mine = {"generator": generator.get_state(),
+                "rng": capture_rng_state(cuda=info.device is not None and info.device.type == "cuda")}
         states: list[Any] = [None] * info.world_size
         dist.all_gather_object(states, mine)
         extras["world_size"] = info.world_size
@@ -253,13 +254,22 @@ def check_world_size(snapshot: Mapping[str, Any], info: Distributed, source: str
 
 
 def restore_extras(snapshot: Mapping[str, Any], info: Distributed, generator: torch.Generator, amp=None,
-                   source: str = "the snapshot") -> None:
-    """After ``train.restore``: this rank's generator / RNG states and the GradScaler state."""
+                   source: str = "the snapshot", log: Optional[logging.Logger] = None) -> None:
+    """After ``train.restore``: this rank's generator / RNG states and the GradScaler state.
+
+    As ``train.restore`` does for rank 0's states: a generator state of another kind (a CUDA
+    generator's, from a snapshot written before the training generator lived on the CPU) leaves
+    this rank's generator at its seeding, with a warning; CUDA states are restored only when this
+    rank uses CUDA (``utils.seed.restore_rng_state``; ``train.restore`` logged its notes).
+    """
     check_world_size(snapshot, info, source)
     if info.enabled:
         mine = snapshot["rank_states"][info.rank]
-        generator.set_state(mine["generator"])
-        restore_rng_state(mine["rng"])
+        if not restore_generator(generator, mine["generator"]):
+            (log or logging.getLogger("qamp")).warning(
+                f"resume: rank {info.rank}'s prototype-sampling / dropout generator in {source} is another kind of "
+                "generator (CUDA): it restarts from its seed")
+        restore_rng_state(mine["rng"], cuda=info.device is not None and info.device.type == "cuda")
     if amp is not None:
         amp.load_state_dict(snapshot.get("amp_scaler"))
 
