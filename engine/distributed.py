@@ -18,9 +18,15 @@ Semantics (``W`` = world size, ``r`` = rank):
   parameters; rank 0's are broadcast anyway); the prototype-sampling / dropout generator of rank
   ``r`` is ``make_generator(seed, r)`` when ``W > 1`` (``make_generator(seed)`` when ``W = 1``).
 * **Gradients**: after backward every rank's gradients are summed with ``all_reduce`` and divided
-  by ``W`` (a parameter without a gradient on one rank, e.g. when the reverse pass was skipped,
-  contributes zeros), so every rank takes the same SGD step: the step of the mean loss of the W
-  episodes. Parameters stay identical on all ranks.
+  by ``W``, so every rank takes the same SGD step: the step of the mean loss of the W episodes,
+  exactly what one process averaging the W episodes' gradients does. A parameter without a
+  gradient on some ranks (e.g. where the reverse pass was skipped) gets the sum of the others
+  divided by ``W`` (those ranks contribute zeros); a parameter without a gradient on every rank
+  keeps ``grad=None``, so SGD leaves it alone (no weight decay, no momentum), as in one process.
+  This is what ``torch.nn.parallel.DistributedDataParallel(find_unused_parameters=True)`` does
+  (its reducer all-reduces a "used" map with the gradients and, for a parameter unused on every
+  rank, leaves ``grad`` untouched: ``Reducer::copy_bucket_to_grad`` in torch's
+  ``torch/csrc/distributed/c10d/reducer.cpp``). Parameters stay identical on all ranks.
 * **Logged loss terms** are the means over ranks.
 * **Rank 0 alone** has Sacred observers (``config.run_commandline`` adds ``--unobserved`` on other
   ranks), hence the only run folder, ``logger.log``, ``metrics.json`` and snapshots.
@@ -164,10 +170,12 @@ def broadcast_parameters(model: nn.Module, info: Distributed) -> None:
 
 @torch.no_grad()
 def average_gradients(model: nn.Module, info: Distributed) -> None:
-    """Mean of every parameter's gradient over the ranks (missing gradients count as zeros).
+    """Mean of every parameter's gradient over the ranks, as DDP with ``find_unused_parameters``.
 
-    One flat buffer and one ``all_reduce`` per step. After it every rank holds the same gradients,
-    so the SGD step keeps the parameters identical.
+    A rank without a gradient for a parameter contributes zeros; a parameter without a gradient on
+    every rank keeps ``grad=None`` (see the module docstring). One flat buffer and one
+    ``all_reduce`` per step: the gradients followed by one "has a gradient" flag per parameter.
+    After it every rank holds the same gradients, so the SGD step keeps the parameters identical.
     """
     if not info.enabled:
         return
@@ -175,17 +183,21 @@ def average_gradients(model: nn.Module, info: Distributed) -> None:
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    present = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([*(g.reshape(-1) for g in grads), present])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    used = flat[-len(params):].tolist()  # how many ranks had a gradient, per parameter
     flat.div_(info.world_size)
     offset = 0
-    for p in params:
-        n = p.numel()
+    for p, ranks in zip(params, used):
+        averaged = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if ranks == 0:
+            continue  # no rank has a gradient: grad stays None, as in one process
         if p.grad is None:
-            p.grad = flat[offset:offset + n].view_as(p).clone()
+            p.grad = averaged.clone()
         else:
-            p.grad.copy_(flat[offset:offset + n].view_as(p))
-        offset += n
+            p.grad.copy_(averaged)
 
 
 def mean_values(values: Mapping[str, float], info: Distributed) -> dict[str, float]:
