@@ -180,7 +180,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     """One SGD step on one episode.
 
     ``amp``: mixed precision (engine/amp.py); ``dist``: torchrun ranks, whose gradients are averaged
-    and whose returned values are the means over ranks (engine/distributed.py).
+    and whose returned values are the means over ranks (engine/distributed.py). The learning-rate
+    schedule steps with the optimizer: not when the fp16 GradScaler skipped the step.
+
+    Raises:
+        FloatingPointError: a non-finite loss without the fp16 GradScaler (float32 / bf16: a diverged
+            run). Under fp16 a non-finite loss is a float16 overflow: the GradScaler skips the step.
 
     Returns the weighted total ``'loss'``, each unweighted term, ``'fg_fraction'`` (fraction of
     query pixels predicted foreground, in [0, 1]) and ``'reverse_ran'`` (1.0 when the predicted
@@ -190,12 +195,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     out = model(inputs["supp_imgs"], inputs["supp_masks"], inputs["qry_imgs"], inputs["qry_labels"],
                 generator=generator)
     loss = out["loss"]
-    if not torch.isfinite(loss):
+    if not torch.isfinite(loss) and not (amp is not None and amp.scaler.is_enabled()):
         raise FloatingPointError(f"non-finite loss {loss.item()} (terms "
                                  f"{ {k: v.item() for k, v in out['losses'].items()} })")
     optimizer.zero_grad(set_to_none=True)
-    ddp.backward_step(loss, model, optimizer, amp, dist)  # backward, all-reduce (DDP), step (fp16: scaled)
-    scheduler.step()
+    if ddp.backward_step(loss, model, optimizer, amp, dist):  # backward, all-reduce (DDP), step (fp16: scaled)
+        scheduler.step()  # fp16: only for the steps the GradScaler took
     values = {"loss": loss.item()}
     values.update({name: term.item() for name, term in out["losses"].items()})
     foreground = (out["pred"].detach().argmax(dim=1) == 1).float().mean().item()
@@ -380,8 +385,12 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
         timer, train_since_val, val_seconds = time.perf_counter(), 0.0, 0.0
         for batch in bar:
             lr = optimizer.param_groups[0]["lr"]
+            skipped = amp.skipped_steps
             values = train_step(model, optimizer, scheduler, batch, device, generator, amp, dist)
             step += 1
+            if amp.skipped_steps > skipped:
+                _log.warning(f"amp=fp16: step {step} skipped by the GradScaler (inf/NaN gradients; loss {values['loss']}); "
+                             f"scale now {amp.scaler.get_scale():g}, {amp.skipped_steps} step(s) skipped in all")
             for name, value in values.items():
                 history[name].append(value)
                 window[name].append(value)

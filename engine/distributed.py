@@ -212,11 +212,12 @@ def mean_values(values: Mapping[str, float], info: Distributed) -> dict[str, flo
 
 
 def backward_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, amp=None,
-                  info: Optional[Distributed] = None) -> None:
+                  info: Optional[Distributed] = None) -> bool:
     """Backward, gradient all-reduce (several ranks), optimizer step; through ``amp``'s GradScaler.
 
     Replaces ``loss.backward(); optimizer.step()`` in ``train.train_step``. With ``amp=None`` and
-    one process it is exactly that.
+    one process it is exactly that. Returns whether the optimizer stepped (False only when the fp16
+    GradScaler skipped the step: ``engine.amp.Amp.backward_step``; the same on every rank).
     """
     def reduce() -> None:
         if info is not None:
@@ -226,8 +227,8 @@ def backward_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.O
         loss.backward()
         reduce()
         optimizer.step()
-    else:
-        amp.backward_step(loss, optimizer, before_step=reduce)
+        return True
+    return amp.backward_step(loss, optimizer, before_step=reduce)
 
 
 # ----------------------------------------------------------------------------------------------
