@@ -389,8 +389,9 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
             values = train_step(model, optimizer, scheduler, batch, device, generator, amp, dist)
             step += 1
             if amp.skipped_steps > skipped:
-                _log.warning(f"amp=fp16: step {step} skipped by the GradScaler (inf/NaN gradients; loss {values['loss']}); "
-                             f"scale now {amp.scaler.get_scale():g}, {amp.skipped_steps} step(s) skipped in all")
+                _log.warning(f"amp=fp16: step {step} skipped by the GradScaler (inf/NaN gradients; loss "
+                             f"{values['loss']}); scale now {amp.scaler.get_scale():g}, {amp.skipped_steps} "
+                             "step(s) skipped in all")
             for name, value in values.items():
                 history[name].append(value)
                 window[name].append(value)

@@ -67,7 +67,7 @@ def test_rng_states_of_other_devices_restore_for_what_is_present(monkeypatch) ->
     assert "cuda" not in state  # a run without CUDA captures no CUDA state
     expected = (torch.rand(3), np.random.rand(), random.random())
     gpu_states = [torch.full((16,), i, dtype=torch.uint8) for i in range(2)]
-    saved = {**state, "cuda": gpu_states, "torch": state["torch"].to(torch.int64)}  # any dtype, as map_location leaves it
+    saved = {**state, "cuda": gpu_states, "torch": state["torch"].to(torch.int64)}  # any dtype: made bytes again
 
     notes = restore_rng_state(saved, cuda=True)
     assert [d for _, d in calls] == [0] and torch.equal(calls[0][0], gpu_states[0])

@@ -416,7 +416,8 @@ def run_local(spec: Spec, slots: LocalSlots, log=print) -> dict[str, dict]:
                     continue
                 held, free = free[:slots.need(cell)], free[slots.need(cell):]
                 env = slots.env(held)
-                log(f"[sweep] {cell.id}: start ({'GPU ' + ','.join(held) if slots.gpu else 'CPU slot ' + held[0]}: {env})")
+                where = f"GPU {','.join(held)}" if slots.gpu else f"CPU slot {held[0]}"
+                log(f"[sweep] {cell.id}: start ({where}: {env})")
                 running[pool.submit(run_cell, spec, cell.id, env)] = (cell, held)
             if not running:
                 if pending:  # tests waiting for a training cell that nobody runs
@@ -592,7 +593,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--python", default=sys.executable, help="interpreter of the cells [this one]")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="torchrun processes (GPUs) per training cell")
     local = parser.add_argument_group("local executor")
-    local.add_argument("--jobs", type=int, default=None, help="cells at a time [as many as the GPUs hold, or 1 on a CPU]")
+    local.add_argument("--jobs", type=int, default=None,
+                       help="cells at a time [as many as the GPUs hold, or 1 on a CPU]")
     local.add_argument("--gpus", default=None,
                        help="GPUs to use, by position among those this process sees (CUDA_VISIBLE_DEVICES), "
                             "e.g. 0,1 [all]; '' for none")
