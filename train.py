@@ -60,7 +60,7 @@ from utils.io import orientation_code
 from utils.plots import plot_loss_curve, plot_validation_curve
 from engine.runtime import (attach_log_file, plain_config, resolve_device, resolve_labels,  # noqa: F401 (re-exported)
                        run_folder, set_determinism)
-from utils.seed import capture_rng_state, restore_rng_state
+from utils.seed import capture_rng_state, restore_generator, restore_rng_state
 from engine.snapshot_config import RESUME_FREE_KEYS  # noqa: F401  (keys a resumed run may change; re-exported)
 from engine.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot,
                             prune_snapshots, save_snapshot, snapshot_meta, step_name)
@@ -142,10 +142,11 @@ def validate(model: torch.nn.Module, vds: EvalDataset, test_label: list[int], la
     return {"dice": dice, "mean": sum(dice.values()) / len(dice), "all_background": empty}
 
 
-def episode_loader(dataset, start: int, n_steps: int, num_workers: int) -> DataLoader:
-    """Episodes ``start .. n_steps - 1`` in order (index = global step), batch 1."""
+def episode_loader(dataset, start: int, n_steps: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Episodes ``start .. n_steps - 1`` in order (index = global step), batch 1. ``pin_memory``:
+    page-locked batches, for a CUDA run only (a CPU run on a GPU host must not initialise CUDA)."""
     return DataLoader(dataset, batch_size=1, sampler=StepSampler(start, n_steps), num_workers=num_workers,
-                      worker_init_fn=worker_init_fn, pin_memory=torch.cuda.is_available())
+                      worker_init_fn=worker_init_fn, pin_memory=pin_memory)
 
 
 def build_optimizer(model: torch.nn.Module, config: Mapping[str, Any]):
@@ -179,7 +180,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     """One SGD step on one episode.
 
     ``amp``: mixed precision (engine/amp.py); ``dist``: torchrun ranks, whose gradients are averaged
-    and whose returned values are the means over ranks (engine/distributed.py).
+    and whose returned values are the means over ranks (engine/distributed.py). The learning-rate
+    schedule steps with the optimizer: not when the fp16 GradScaler skipped the step.
+
+    Raises:
+        FloatingPointError: a non-finite loss without the fp16 GradScaler (float32 / bf16: a diverged
+            run). Under fp16 a non-finite loss is a float16 overflow: the GradScaler skips the step.
 
     Returns the weighted total ``'loss'``, each unweighted term, the model's ``monitors`` (e.g.
     ``'threshold'``: ADNet's T, QAMP's mean query threshold), ``'fg_fraction'`` (fraction of
@@ -190,12 +196,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     out = model(inputs["supp_imgs"], inputs["supp_masks"], inputs["qry_imgs"], inputs["qry_labels"],
                 generator=generator)
     loss = out["loss"]
-    if not torch.isfinite(loss):
+    if not torch.isfinite(loss) and not (amp is not None and amp.scaler.is_enabled()):
         raise FloatingPointError(f"non-finite loss {loss.item()} (terms "
                                  f"{ {k: v.item() for k, v in out['losses'].items()} })")
     optimizer.zero_grad(set_to_none=True)
-    ddp.backward_step(loss, model, optimizer, amp, dist)  # backward, all-reduce (DDP), step (fp16: scaled)
-    scheduler.step()
+    if ddp.backward_step(loss, model, optimizer, amp, dist):  # backward, all-reduce (DDP), step (fp16: scaled)
+        scheduler.step()  # fp16: only for the steps the GradScaler took
     values = {"loss": loss.item()}
     values.update({name: term.item() for name, term in out["losses"].items()})
     values.update({name: value.item() for name, value in out.get("monitors", {}).items()})
@@ -211,7 +217,7 @@ def snapshot_state(step: int, final: bool, model, optimizer, scheduler, generato
     user of the model needs: :func:`engine.snapshot.snapshot_meta`; see engine.snapshot)."""
     return {"format": SNAPSHOT_FORMAT, "step": step, "final": final,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": capture_rng_state(),
+            "scheduler": scheduler.state_dict(), "rng": capture_rng_state(cuda=next(model.parameters()).is_cuda),
             "generator": generator.get_state(), "history": {k: list(v) for k, v in history.items()},
             "val": list(val_points), "config": plain_config(config), "meta": dict(meta or {})}
 
@@ -249,6 +255,16 @@ def restore(snapshot: Mapping[str, Any], model, optimizer, scheduler, generator:
     to keys outside ``RESUME_FREE_KEYS``, engine/snapshot_config.py); the keys that did change (logging,
     ``n_steps``, ...) are logged, and so is the learning rate the restored optimizer continues with.
 
+    Devices: the snapshot is read onto the CPU; ``load_state_dict`` copies the weights onto the
+    model's device and moves the optimizer state to its parameters'. The prototype-sampling /
+    dropout generator is a CPU generator on every device, so it continues exactly on any device,
+    as do torch's CPU, numpy and python streams. A run resumed on another kind of device (CPU <->
+    CUDA) continues with a log line saying so: torch's global CUDA streams (which this project does
+    not draw from) are restored only on CUDA and for the GPUs visible (``utils.seed``), and float
+    rounding differs between devices, so its losses are not bit-identical to an uninterrupted run.
+    A snapshot whose generator is a CUDA generator (written before it lived on the CPU) restarts
+    that generator from the run's seed, with a warning.
+
     Raises:
         ValueError: the snapshot is not a full training snapshot, or it already has ``n_steps`` steps.
     """
@@ -268,8 +284,18 @@ def restore(snapshot: Mapping[str, Any], model, optimizer, scheduler, generator:
     model.load_state_dict(snapshot["model"])
     optimizer.load_state_dict(snapshot["optimizer"])
     scheduler.load_state_dict(snapshot["scheduler"])
-    generator.set_state(snapshot["generator"])
-    restore_rng_state(snapshot["rng"])
+    cuda = next(model.parameters()).is_cuda
+    if ("cuda" in snapshot["rng"]) != cuda:
+        log.info(f"resume: the snapshot was written by a run {'with' if 'cuda' in snapshot['rng'] else 'without'} "
+                 f"CUDA and this run {'uses' if cuda else 'does not use'} it: the prototype-sampling / dropout "
+                 "generator and torch's CPU, numpy and python random streams continue; float rounding differs "
+                 "between devices, so the losses are not bit-identical to an uninterrupted run")
+    if not restore_generator(generator, snapshot["generator"]):
+        log.warning("resume: the snapshot's prototype-sampling / dropout generator is a CUDA generator (snapshots "
+                    "written before it lived on the CPU): it restarts from the run's seed, so the losses differ "
+                    "from an uninterrupted run")
+    for note in restore_rng_state(snapshot["rng"], cuda):
+        log.info(f"resume: {note}")
     log.info(f"resume: learning rate {optimizer.param_groups[0]['lr']:.3e} (restored optimizer and schedule, "
              f"x {config['lr_step_gamma']} every {config['max_iters_per_load']} steps)")
     history = defaultdict(list, {k: list(v) for k, v in snapshot["history"].items()})
@@ -351,13 +377,14 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
         ddp.broadcast_parameters(model, dist)
         amp = Amp(_config["amp"], device).apply(model)  # encoder under autocast (amp != 'off')
         optimizer, scheduler = build_optimizer(model, _config)
-        generator = make_generator(_config["seed"], *dist.generator_keys, device=device)  # sampling + dropout
+        # sampling + dropout; on the CPU on every device: its state resumes on any device (restore())
+        generator = make_generator(_config["seed"], *dist.generator_keys)
         start, history, val_points = 0, defaultdict(list), []
         if _config["resume"] is not None:
             source = find_snapshot(_config["resume"], which="latest")
-            snapshot = load_snapshot(source, map_location=device)
+            snapshot = load_snapshot(source)  # on the CPU: restore() puts every tensor where it belongs
             start, history, val_points = restore(snapshot, model, optimizer, scheduler, generator, _config, _log)
-            ddp.restore_extras(snapshot, dist, generator, amp, source=str(source))  # rank states, scaler
+            ddp.restore_extras(snapshot, dist, generator, amp, source=str(source), log=_log)  # rank states, scaler
             _log.info(f"resumed from {source} after step {start}")
 
         def run_validation(step: int, train_seconds: float) -> float:
@@ -372,14 +399,20 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
 
         n_steps = _config["n_steps"]
         window: dict[str, list[float]] = defaultdict(list)
-        loader = episode_loader(ddp.rank_episodes(dataset, dist), start, n_steps, _config["num_workers"])
+        loader = episode_loader(ddp.rank_episodes(dataset, dist), start, n_steps, _config["num_workers"],
+                                pin_memory=device.type == "cuda")
         bar = tqdm(loader, total=n_steps, initial=start, desc="train", dynamic_ncols=True, disable=not dist.is_main)
         step = start
         timer, train_since_val, val_seconds = time.perf_counter(), 0.0, 0.0
         for batch in bar:
             lr = optimizer.param_groups[0]["lr"]
+            skipped = amp.skipped_steps
             values = train_step(model, optimizer, scheduler, batch, device, generator, amp, dist)
             step += 1
+            if amp.skipped_steps > skipped:
+                _log.warning(f"amp=fp16: step {step} skipped by the GradScaler (inf/NaN gradients; loss "
+                             f"{values['loss']}); scale now {amp.scaler.get_scale():g}, {amp.skipped_steps} "
+                             "step(s) skipped in all")
             for name, value in values.items():
                 history[name].append(value)
                 window[name].append(value)

@@ -18,9 +18,15 @@ Semantics (``W`` = world size, ``r`` = rank):
   parameters; rank 0's are broadcast anyway); the prototype-sampling / dropout generator of rank
   ``r`` is ``make_generator(seed, r)`` when ``W > 1`` (``make_generator(seed)`` when ``W = 1``).
 * **Gradients**: after backward every rank's gradients are summed with ``all_reduce`` and divided
-  by ``W`` (a parameter without a gradient on one rank, e.g. when the reverse pass was skipped,
-  contributes zeros), so every rank takes the same SGD step: the step of the mean loss of the W
-  episodes. Parameters stay identical on all ranks.
+  by ``W``, so every rank takes the same SGD step: the step of the mean loss of the W episodes,
+  exactly what one process averaging the W episodes' gradients does. A parameter without a
+  gradient on some ranks (e.g. where the reverse pass was skipped) gets the sum of the others
+  divided by ``W`` (those ranks contribute zeros); a parameter without a gradient on every rank
+  keeps ``grad=None``, so SGD leaves it alone (no weight decay, no momentum), as in one process.
+  This is what ``torch.nn.parallel.DistributedDataParallel(find_unused_parameters=True)`` does
+  (its reducer all-reduces a "used" map with the gradients and, for a parameter unused on every
+  rank, leaves ``grad`` untouched: ``Reducer::copy_bucket_to_grad`` in torch's
+  ``torch/csrc/distributed/c10d/reducer.cpp``). Parameters stay identical on all ranks.
 * **Logged loss terms** are the means over ranks.
 * **Rank 0 alone** has Sacred observers (``config.run_commandline`` adds ``--unobserved`` on other
   ranks), hence the only run folder, ``logger.log``, ``metrics.json`` and snapshots.
@@ -42,7 +48,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from utils.seed import capture_rng_state, restore_rng_state
+from utils.seed import capture_rng_state, restore_generator, restore_rng_state
 
 
 def env_rank() -> int:
@@ -164,10 +170,12 @@ def broadcast_parameters(model: nn.Module, info: Distributed) -> None:
 
 @torch.no_grad()
 def average_gradients(model: nn.Module, info: Distributed) -> None:
-    """Mean of every parameter's gradient over the ranks (missing gradients count as zeros).
+    """Mean of every parameter's gradient over the ranks, as DDP with ``find_unused_parameters``.
 
-    One flat buffer and one ``all_reduce`` per step. After it every rank holds the same gradients,
-    so the SGD step keeps the parameters identical.
+    A rank without a gradient for a parameter contributes zeros; a parameter without a gradient on
+    every rank keeps ``grad=None`` (see the module docstring). One flat buffer and one
+    ``all_reduce`` per step: the gradients followed by one "has a gradient" flag per parameter.
+    After it every rank holds the same gradients, so the SGD step keeps the parameters identical.
     """
     if not info.enabled:
         return
@@ -175,17 +183,21 @@ def average_gradients(model: nn.Module, info: Distributed) -> None:
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    present = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([*(g.reshape(-1) for g in grads), present])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    used = flat[-len(params):].tolist()  # how many ranks had a gradient, per parameter
     flat.div_(info.world_size)
     offset = 0
-    for p in params:
-        n = p.numel()
+    for p, ranks in zip(params, used):
+        averaged = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if ranks == 0:
+            continue  # no rank has a gradient: grad stays None, as in one process
         if p.grad is None:
-            p.grad = flat[offset:offset + n].view_as(p).clone()
+            p.grad = averaged.clone()
         else:
-            p.grad.copy_(flat[offset:offset + n].view_as(p))
-        offset += n
+            p.grad.copy_(averaged)
 
 
 def mean_values(values: Mapping[str, float], info: Distributed) -> dict[str, float]:
@@ -200,11 +212,12 @@ def mean_values(values: Mapping[str, float], info: Distributed) -> dict[str, flo
 
 
 def backward_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, amp=None,
-                  info: Optional[Distributed] = None) -> None:
+                  info: Optional[Distributed] = None) -> bool:
     """Backward, gradient all-reduce (several ranks), optimizer step; through ``amp``'s GradScaler.
 
     Replaces ``loss.backward(); optimizer.step()`` in ``train.train_step``. With ``amp=None`` and
-    one process it is exactly that.
+    one process it is exactly that. Returns whether the optimizer stepped (False only when the fp16
+    GradScaler skipped the step: ``engine.amp.Amp.backward_step``; the same on every rank).
     """
     def reduce() -> None:
         if info is not None:
@@ -214,8 +227,8 @@ def backward_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.O
         loss.backward()
         reduce()
         optimizer.step()
-    else:
-        amp.backward_step(loss, optimizer, before_step=reduce)
+        return True
+    return amp.backward_step(loss, optimizer, before_step=reduce)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +244,8 @@ def snapshot_extras(info: Distributed, generator: torch.Generator, amp=None) -> 
     if amp is not None and amp.state_dict():
         extras["amp_scaler"] = amp.state_dict()
     if info.enabled:
-        mine = {"generator": generator.get_state(), "rng": capture_rng_state()}
+        mine = {"generator": generator.get_state(),
+                "rng": capture_rng_state(cuda=info.device is not None and info.device.type == "cuda")}
         states: list[Any] = [None] * info.world_size
         dist.all_gather_object(states, mine)
         extras["world_size"] = info.world_size
@@ -253,13 +267,22 @@ def check_world_size(snapshot: Mapping[str, Any], info: Distributed, source: str
 
 
 def restore_extras(snapshot: Mapping[str, Any], info: Distributed, generator: torch.Generator, amp=None,
-                   source: str = "the snapshot") -> None:
-    """After ``train.restore``: this rank's generator / RNG states and the GradScaler state."""
+                   source: str = "the snapshot", log: Optional[logging.Logger] = None) -> None:
+    """After ``train.restore``: this rank's generator / RNG states and the GradScaler state.
+
+    As ``train.restore`` does for rank 0's states: a generator state of another kind (a CUDA
+    generator's, from a snapshot written before the training generator lived on the CPU) leaves
+    this rank's generator at its seeding, with a warning; CUDA states are restored only when this
+    rank uses CUDA (``utils.seed.restore_rng_state``; ``train.restore`` logged its notes).
+    """
     check_world_size(snapshot, info, source)
     if info.enabled:
         mine = snapshot["rank_states"][info.rank]
-        generator.set_state(mine["generator"])
-        restore_rng_state(mine["rng"])
+        if not restore_generator(generator, mine["generator"]):
+            (log or logging.getLogger("qamp")).warning(
+                f"resume: rank {info.rank}'s prototype-sampling / dropout generator in {source} is another kind of "
+                "generator (CUDA): it restarts from its seed")
+        restore_rng_state(mine["rng"], cuda=info.device is not None and info.device.type == "cuda")
     if amp is not None:
         amp.load_state_dict(snapshot.get("amp_scaler"))
 

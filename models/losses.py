@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from models import sampling
 from models.qpg import query_prior
 from models.sampling import UpsampleGrid
 
@@ -23,11 +24,38 @@ def nll_loss(probs: torch.Tensor, labels: torch.Tensor, class_weights: Optional[
 
     Returns:
         ``sum_x w[y_x] * -log p_x(y_x) / sum_x w[y_x]`` over non-ignored pixels.
+
+    On the CPU ``F.nll_loss``; elsewhere :func:`weighted_nll` (``F.nll_loss`` on 2-D maps has no
+    deterministic CUDA kernel; see ``models.sampling``).
     """
     eps = torch.finfo(torch.float32).eps
     log_probs = torch.log(torch.clamp(probs, eps, 1 - eps))
     weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=probs.dtype, device=probs.device)
-    return F.nll_loss(log_probs, labels, weight=weight, ignore_index=ignore_index)
+    if sampling.torch_kernels(probs.device):
+        return F.nll_loss(log_probs, labels, weight=weight, ignore_index=ignore_index)
+    return weighted_nll(log_probs, labels, weight, ignore_index)
+
+
+def weighted_nll(log_probs: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``F.nll_loss(log_probs, labels, weight, ignore_index=...)`` (mean reduction) as weighted sums:
+    elementwise products and two full reductions, deterministic on CUDA; equal up to float rounding.
+
+    Args:
+        log_probs: ``N x K x H x W``; labels: ``N x H x W`` int64 in ``[0, K)`` or ``ignore_index``;
+        weight: ``K`` class weights or None (all 1).
+
+    Raises:
+        ValueError: a label outside ``[0, K)`` that is not ``ignore_index``.
+    """
+    n_classes = log_probs.shape[1]
+    classes = torch.arange(n_classes, device=labels.device).view(1, -1, 1, 1)
+    picked = (labels[:, None] == classes).to(log_probs.dtype)  # (N, K, H, W) one-hot; ignored pixels all 0
+    if not bool((picked.sum(dim=1) > 0).logical_or(labels == ignore_index).all()):
+        raise ValueError(f"nll_loss: labels must be in [0, {n_classes}) or {ignore_index}, got values "
+                         f"{sorted(set(labels.unique().tolist()) - set(range(n_classes)) - {ignore_index})}")
+    weights = picked if weight is None else picked * weight.view(1, -1, 1, 1)
+    return -(weights * log_probs).sum() / weights.sum()
 
 
 def support_labels(masks: torch.Tensor) -> torch.Tensor:

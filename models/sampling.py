@@ -10,6 +10,13 @@ Two kinds of helpers live here:
   ``up(F) = Uy @ F @ Ux^T`` per channel. With it, masked average pooling, single columns of
   ``up(F)`` and the MLP over the upsampled map are computed from the ``h x w`` features without
   ever forming the ``C x H x W`` upsampled tensor.
+
+Deterministic kernels (``deterministic=True`` must repeat bit for bit on CUDA too): the backward of
+bilinear ``F.interpolate`` and ``F.nll_loss`` on 2-D maps accumulate with atomic adds on CUDA and have
+no deterministic CUDA kernel (torch.use_deterministic_algorithms's list). Off the CPU, ``up`` is
+therefore the matrix product ``Uy @ F @ Ux^T`` (and ``models.losses.nll_loss`` a weighted sum): the
+same numbers up to float rounding. On the CPU torch's own kernels, deterministic there, are kept
+(:func:`torch_kernels`), so CPU results are bit for bit what they were.
 """
 from __future__ import annotations
 
@@ -70,6 +77,12 @@ def dropout(x: torch.Tensor, p: float, training: bool, generator: Optional[torch
     return x * keep.to(x.dtype) / (1.0 - p)
 
 
+def torch_kernels(device: torch.device) -> bool:
+    """True where ``F.interpolate`` / ``F.nll_loss`` are used (the CPU: deterministic there, and what
+    every CPU result was computed with); elsewhere the deterministic formulations (module docstring)."""
+    return device.type == "cpu"
+
+
 def _linear_weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype):
     """Source indices and weights of 1-D linear interpolation with ``align_corners=True``.
 
@@ -109,8 +122,18 @@ class UpsampleGrid:
         return m
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
-        """``N x C x h x w -> N x C x H x W`` (``F.interpolate``, bilinear, align_corners=True)."""
-        return F.interpolate(x, size=(self.H, self.W), mode="bilinear", align_corners=True)
+        """``N x C x h x w -> N x C x H x W`` (``F.interpolate``, bilinear, align_corners=True).
+
+        On the CPU ``F.interpolate`` itself; elsewhere :meth:`up_matmul` (deterministic backward).
+        """
+        if torch_kernels(x.device):
+            return F.interpolate(x, size=(self.H, self.W), mode="bilinear", align_corners=True)
+        return self.up_matmul(x)
+
+    def up_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`up` as ``Uy @ x @ Ux^T``: matrix products, whose backward is matrix products too
+        (deterministic on CUDA), equal to ``F.interpolate`` up to float rounding."""
+        return self.Uy @ x @ self.Ux.T  # (H, h) @ (N, C, h, w) @ (w, W) -> (N, C, H, W)
 
     def adjoint(self, a: torch.Tensor) -> torch.Tensor:
         """Transpose of ``up``: ``... x H x W -> ... x h x w``, ``<up(F), A> = <F, adjoint(A)>``."""

@@ -58,6 +58,11 @@ LONG_FILES = ("test_sweep.py", "test_distributed.py", "test_pipeline.py", "test_
               "test_models.py")
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one (tests/test_gpu.py; "
+                                       "`bash scripts/gpu_check.sh` runs them)")
+
+
 def pytest_collection_modifyitems(session, config, items) -> None:
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: file order kept otherwise

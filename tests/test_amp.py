@@ -1,5 +1,6 @@
 """Mixed precision (engine/amp.py): bf16 autocast on a CPU against float32, the float32 head,
-GradScaler passthrough when off, refusals, and train.py with amp=bf16.
+GradScaler passthrough when off, refusals, TF32 off for CUDA runs, fp16 overflows skipping the step
+and the lr schedule (the CPU's GradScaler standing in for CUDA's), and train.py with amp=bf16.
 
 Tolerance: the bf16 loss of one episode is within 3 % (relative) of the float32 loss of the same
 weights, episode and generator seed. Measured here (32 px, random ResNet-50, seeds 0-2): 0.03 %,
@@ -21,7 +22,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import SIZE, make_phantoms, tiny_config  # noqa: E402
 from models import build_model, make_generator  # noqa: E402
-from engine.amp import Amp, check_amp  # noqa: E402
+from engine.amp import MAX_SKIPPED_IN_A_ROW, Amp, check_amp  # noqa: E402
 
 LOSS_RTOL = 3e-2
 
@@ -90,6 +91,71 @@ def test_refusals() -> None:
         check_amp("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="amp='fp8' is unknown"):
         check_amp("fp8", torch.device("cpu"))
+
+
+def test_cuda_runs_turn_tf32_off() -> None:
+    """Amp on a CUDA device sets cuDNN's and cuBLAS's TF32 switches off (constructing the policy needs
+    no GPU with the scaler off); on a CPU it leaves them."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        Amp("bf16", "cpu")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        Amp("off", torch.device("cuda"))
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.conv.fp32_precision != "tf32"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class ScalarLoss(torch.nn.Module):
+    """A stand-in for the model in ``train.train_step``: loss ``w.sum() + offset`` (an inf offset is a
+    forward overflow; a NaN offset a NaN loss whose gradients are finite)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.offset = 0.0
+
+    def forward(self, supp_imgs, supp_masks, qry_imgs, qry_labels, generator=None) -> dict:
+        loss = self.w.sum() + self.offset
+        return {"loss": loss, "losses": {"query": loss}, "pred": torch.zeros(1, 2, 2, 2)}
+
+
+def test_fp16_overflow_skips_the_step_and_the_schedule() -> None:
+    """With fp16's GradScaler a non-finite loss skips the SGD step (the parameters stay, the scale
+    halves) and the lr schedule (it follows the steps taken); a finite one steps both; without a
+    scaler a non-finite loss raises; MAX_SKIPPED_IN_A_ROW skipped steps in a row raise."""
+    import train
+
+    batch = {"support_images": torch.zeros(1, 1, 3, 2, 2), "support_masks": torch.zeros(1, 1, 2, 2),
+             "query_images": torch.zeros(1, 1, 3, 2, 2), "query_labels": torch.zeros(1, 1, 2, 2, dtype=torch.long)}
+    model = ScalarLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    amp = Amp("off", "cpu")
+    amp.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)  # fp16's policy, as on CUDA
+    step = lambda: train.train_step(model, optimizer, scheduler, batch, torch.device("cpu"), make_generator(0), amp)
+
+    for n, offset in enumerate([float("nan"), float("inf")], start=1):
+        model.offset = offset
+        values = step()
+        assert values["loss"] != values["loss"] or values["loss"] == float("inf")
+        assert torch.equal(model.w.detach(), torch.ones(3)) and scheduler.last_epoch == 0
+        assert amp.skipped_steps == amp.skipped_in_a_row == n and amp.scaler.get_scale() == 2.0 ** (16 - n)
+    model.offset = 0.0
+    step()
+    assert not torch.equal(model.w.detach(), torch.ones(3)) and scheduler.last_epoch == 1
+    assert amp.skipped_steps == 2 and amp.skipped_in_a_row == 0
+
+    model.offset = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train.train_step(model, optimizer, scheduler, batch, torch.device("cpu"), make_generator(0), Amp("off", "cpu"))
+    with pytest.raises(FloatingPointError, match=f"{MAX_SKIPPED_IN_A_ROW} steps in a row skipped by the GradScaler"):
+        for _ in range(MAX_SKIPPED_IN_A_ROW):
+            step()
+    assert scheduler.last_epoch == 1
 
 
 def test_train_with_bf16(tmp_path_factory) -> None:

@@ -1,5 +1,7 @@
 """torchrun data parallelism on a CPU (2 gloo ranks): train.py against one process averaging the
-gradients of the same episodes, rank 0 alone writing the run folder, exact resume and its world-size rule.
+gradients of the same episodes (parameters without a gradient included), rank 0 alone writing the
+run folder, exact resume and its world-size rule; the gradient average's rule for parameters that
+have a gradient on some ranks or on none (2 spawned gloo processes).
 
 The runs are a ResNet-50 QAMP at 32 x 32 on the synthetic phantoms (tests/helpers.py).
 """
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -69,26 +73,63 @@ def test_other_world_size_is_refused() -> None:
         ddp.check_world_size({}, ddp.Distributed(rank=0, world_size=2))
 
 
-def build(data_dir: Path, log_dir: Path, n_steps: int):
+def _average_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank ``rank`` of a gloo world: parameter 'both' has a gradient on every rank, 'one' on rank 0
+    only, 'none' on no rank; writes the gradients after ``average_gradients`` and one SGD step."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = nn.ModuleDict({name: nn.Linear(2, 1, bias=False) for name in ("both", "one", "none")})
+    x = torch.tensor([[1.0 + rank, 2.0]])
+    loss = model["both"](x).sum() + (model["one"](x).sum() if rank == 0 else 0.0)
+    loss.backward()
+    ddp.average_gradients(model, ddp.Distributed(rank, world))
+    before = {name: m.weight.detach().clone() for name, m in model.items()}
+    torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.5).step()
+    torch.save({"grads": {name: m.weight.grad for name, m in model.items()},
+                "moved": {name: not torch.equal(m.weight, before[name]) for name, m in model.items()}},
+               Path(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_average_gradients_follows_ddp_for_missing_gradients(tmp_path: Path) -> None:
+    """As DDP(find_unused_parameters=True): a gradient on some ranks is averaged with zeros for the
+    others; a parameter with no gradient on any rank keeps grad=None, so SGD's weight decay and
+    momentum leave it alone (as in one process)."""
+    from bench.gpu_step import free_port
+
+    mp.spawn(_average_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in ranks:
+        torch.testing.assert_close(result["grads"]["both"], torch.tensor([[1.5, 2.0]]), rtol=0, atol=0)
+        torch.testing.assert_close(result["grads"]["one"], torch.tensor([[0.5, 1.0]]), rtol=0, atol=0)
+        assert result["grads"]["none"] is None
+        assert result["moved"] == {"both": True, "one": True, "none": False}
+
+
+def build(data_dir: Path, log_dir: Path, n_steps: int, device: str = "cpu"):
     """Config, dataset, model (initialised from ``seed``), optimizer and scheduler as train.py builds them."""
     import train
 
     config = experiment().run("print_config", config_updates=tiny_config(data_dir, log_dir, n_steps=n_steps)).config
     dataset, spec = train.build_dataset(config)
     torch.manual_seed(config["seed"])
-    model = train.build_model(config, spec.image_size).train()
+    model = train.build_model(config, spec.image_size).to(device).train()
     optimizer, scheduler = train.build_optimizer(model, config)
     return config, dataset, model, optimizer, scheduler
 
 
-def averaged_gradient_steps(data_dir: Path, log_dir: Path, n_steps: int) -> tuple[list[float], torch.nn.Module]:
+def averaged_gradient_steps(data_dir: Path, log_dir: Path, n_steps: int,
+                            device: str = "cpu") -> tuple[list[float], torch.nn.Module, set]:
     """One process doing what 2 ranks should: step k averages the gradients of episodes 2k (generator
-    (seed, 0)) and 2k + 1 (generator (seed, 1)). Returns the mean losses and the model."""
+    (seed, 0)) and 2k + 1 (generator (seed, 1), on the CPU as train.py's). Returns the mean losses, the
+    model and the names of the parameters that never had a gradient (SGD never moved them)."""
+    import train
     from models import make_generator
 
-    config, dataset, model, optimizer, scheduler = build(data_dir, log_dir, n_steps)
+    config, dataset, model, optimizer, scheduler = build(data_dir, log_dir, n_steps, device)
     generators = [make_generator(config["seed"], r) for r in range(2)]
-    losses = []
+    losses, touched = [], set()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1): the thread count changes float rounding
     try:
@@ -96,11 +137,12 @@ def averaged_gradient_steps(data_dir: Path, log_dir: Path, n_steps: int) -> tupl
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for rank in range(2):
-                batch = torch.utils.data.default_collate([dataset[ddp.episode_index(step, rank, 2)]])
-                out = model(batch["support_images"], batch["support_masks"], batch["query_images"][:, 0],
-                            batch["query_labels"][:, 0], generator=generators[rank])
+                batch = train.to_model_inputs(torch.utils.data.default_collate(
+                    [dataset[ddp.episode_index(step, rank, 2)]]), torch.device(device))
+                out = model(**batch, generator=generators[rank])
                 (out["loss"] / 2).backward()
                 total += out["loss"].item() / 2
+            touched |= {name for name, p in model.named_parameters() if p.grad is not None}
             optimizer.step()
             scheduler.step()
             losses.append(total)
@@ -108,14 +150,17 @@ def averaged_gradient_steps(data_dir: Path, log_dir: Path, n_steps: int) -> tupl
         torch.set_num_threads(threads)
     # the two ranks' episodes differ (otherwise the comparison would prove little)
     assert not torch.equal(dataset[0]["query_images"], dataset[1]["query_images"])
-    return losses, model
+    return losses, model, {name for name, _ in model.named_parameters()} - touched
 
 
 def test_torchrun_train_equals_averaged_gradients_and_resumes_exactly(phantoms: Path, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 train.py``: rank 0 alone writes the run folder; the trained weights
     and losses equal one process averaging the gradients of the same episodes (up to float rounding:
-    the ranks' parameters stayed identical, or rank 0's would drift from it); a resume from the
-    step-2 snapshot gives the same losses and weights bit for bit; one process refuses that snapshot."""
+    the ranks' parameters stayed identical, or rank 0's would drift from it), and the parameters that
+    had no gradient in any step (``encoder.reduce2`` always) exactly: weight decay on a zero gradient
+    would shrink them by lr x weight_decay = 5e-7 (relative) in the first step already, several float32
+    ulps; a resume from the step-2 snapshot gives the same losses and weights bit for bit; one process
+    refuses that snapshot."""
     args = [*TINY_ARGS, f"data_dir={phantoms}", "save_snapshot_every=2", "keep_snapshots=2"]
     full = torchrun("train.py", "with", *args, f"n_steps={N_STEPS}", f"path.log_dir={tmp_path / 'a'}")
     assert full.returncode == 0, full.stderr[-3000:]
@@ -127,10 +172,13 @@ def test_torchrun_train_equals_averaged_gradients_and_resumes_exactly(phantoms: 
     assert not torch.equal(final["rank_states"][0]["generator"], final["rank_states"][1]["generator"])
     assert len(final["history"]["loss"]) == N_STEPS
 
-    losses, model = averaged_gradient_steps(phantoms, tmp_path / "reference", N_STEPS)
+    losses, model, untouched = averaged_gradient_steps(phantoms, tmp_path / "reference", N_STEPS)
     assert final["history"]["loss"] == pytest.approx(losses, rel=1e-5)
     for name, param in model.named_parameters():
         torch.testing.assert_close(final["model"][name], param.detach(), rtol=1e-4, atol=1e-6, msg=name)
+    assert {"encoder.reduce2.weight", "encoder.backbone.layer4.0.conv1.weight"} <= untouched
+    for name in untouched:
+        torch.testing.assert_close(final["model"][name], model.state_dict()[name], rtol=0, atol=0, msg=name)
 
     step2 = run / "snapshots" / "step_0000002.pth"
     resumed = torchrun("train.py", "with", *args, f"n_steps={N_STEPS}", f"resume={step2}",

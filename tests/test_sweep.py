@@ -1,4 +1,5 @@
-"""tools.sweep: grid expansion, dry run, the local executor's scheduling (a stand-in interpreter), and
+"""tools.sweep: grid expansion, dry run, the local executor's scheduling (a stand-in interpreter) and
+its GPUs (the parent's CUDA_VISIBLE_DEVICES entries, one per test cell, K per torchrun training), and
 a tiny grid on the phantoms: a training cell killed mid-run under the local executor, then resumed
 and tested through submitit's local executor, with Sacred's SQL and file observers on every cell
 (read back afterwards)."""
@@ -118,6 +119,73 @@ def test_local_executor_runs_cells_side_by_side_and_isolates_a_failure(tmp_path:
     assert sweep.main(argv) == 1  # rerun: fold 1 skipped, fold 0 retried (and fails again)
     assert json.loads((cells / "default-setting1-seed2025-fold0" / "cell.json").read_text())["attempts"] == 2
     assert json.loads((cells / "default-setting1-seed2025-fold1" / "cell.json").read_text())["attempts"] == 1
+
+
+def test_local_slots_are_the_gpus_the_parent_was_given(monkeypatch) -> None:
+    """The parent's CUDA_VISIBLE_DEVICES entries (ids, UUIDs), --gpus as positions among them, one GPU
+    per test cell and K per training cell with --nproc-per-node K; none: CPU slots."""
+    parent = {"CUDA_VISIBLE_DEVICES": "2,GPU-0a1b,7"}
+    slots = sweep.local_slots(None, None, 2, parent)
+    assert slots.gpu and slots.units == ["2", "GPU-0a1b", "7"]
+    train = sweep.Cell("t", "train", [], "", "g", "m", nproc=2)
+    test = sweep.Cell("t-supp0", "test", [], "", "g", "m", train="t")
+    assert (slots.need(train), slots.need(test)) == (2, 1)
+    assert slots.env(["GPU-0a1b", "7"])["CUDA_VISIBLE_DEVICES"] == "GPU-0a1b,7"
+    assert sweep.local_slots(None, ["1", "2"], 1, parent).units == ["GPU-0a1b", "7"]
+    with pytest.raises(ValueError, match=r"positions among the 3 GPU\(s\).*\['3'\] is not"):
+        sweep.local_slots(None, ["3"], 1, parent)
+    with pytest.raises(ValueError, match="cannot hold one cell of 4 GPU"):
+        sweep.local_slots(None, None, 4, parent)
+    cpu = sweep.local_slots(2, None, 1, {"CUDA_VISIBLE_DEVICES": ""})
+    assert not cpu.gpu and cpu.units == ["0", "1"] and cpu.need(train) == 1
+    assert cpu.env(["0"])["CUDA_VISIBLE_DEVICES"] == ""
+    import torch
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert sweep.local_slots(None, None, 1, {}).units == ["0", "1"]  # unset: the GPUs torch sees
+
+
+GPU_PYTHON = """#!/usr/bin/env python3
+# A stand-in interpreter: notes the cell's CUDA_VISIBLE_DEVICES, the script and when it ran, then
+# writes the run folder a finished run leaves.
+import json, os, sys, time
+script = next(a for a in sys.argv[1:] if a.endswith(".py"))
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a and not a.startswith("-"))
+start = time.time()
+time.sleep(0.5)
+json.dump({"gpus": os.environ["CUDA_VISIBLE_DEVICES"], "argv": sys.argv[1:], "start": start, "end": time.time()},
+          open(os.path.join(args["path.log_dir"], "gpus.json"), "w"))
+kind = script[:-3]
+folder = os.path.join(args["path.log_dir"], kind + "_fake")
+os.makedirs(os.path.join(folder, "snapshots"), exist_ok=True)
+open(os.path.join(folder, "snapshots/final.pth" if kind == "train" else "summary.json"), "w").close()
+json.dump({"status": "COMPLETED"}, open(os.path.join(folder, "run.json"), "w"))
+"""
+
+
+def test_local_executor_gives_each_cell_its_own_gpus(tmp_path: Path, monkeypatch) -> None:
+    """Under CUDA_VISIBLE_DEVICES=5,7 with --nproc-per-node 2: each training cell holds both GPUs
+    (torchrun, 2 processes), each test cell one of them, two tests run at once, and cells that run
+    at the same time never share a GPU."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(GPU_PYTHON)
+    fake.chmod(0o755)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    out = tmp_path / "grid"
+    assert sweep.main(["--out", str(out), "--folds", "0,1", "--supports", "0,1", "--nproc-per-node", "2",
+                       "--python", str(fake)]) == 0
+    cells = {p.parent.name: json.loads(p.read_text()) for p in (out / "cells").glob("*/gpus.json")}
+    assert len(cells) == 6
+    for name, cell in cells.items():
+        if name.endswith(("fold0", "fold1")):
+            assert cell["gpus"] == "5,7" and "--nproc_per_node=2" in cell["argv"]
+        else:
+            assert cell["gpus"] in ("5", "7") and "torch.distributed.run" not in cell["argv"]
+    runs = list(cells.values())
+    overlapping = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]
+                   if a["start"] < b["end"] and b["start"] < a["end"]]
+    assert overlapping  # tests side by side, one GPU each
+    for a, b in overlapping:
+        assert not set(a["gpus"].split(",")) & set(b["gpus"].split(","))
 
 
 def test_kill_resume_through_submitit_with_observers(phantoms: Path, tmp_path: Path, capsys) -> None:

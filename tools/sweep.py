@@ -26,10 +26,15 @@ At the end the finished test cells are summarised with ``tools.summarize``: one 
 
 Executors.
 
-* ``local``: N cells at a time on this machine. With GPUs (``--gpus 0,1,..``, default: all that
-  torch sees) one cell per GPU (``CUDA_VISIBLE_DEVICES``; ``--nproc-per-node K`` gives each training
-  cell K GPUs through ``torchrun``); on a CPU ``--jobs N`` cells (default 1), each with
-  ``OMP_NUM_THREADS = cores / N`` so that concurrent runs do not oversubscribe the cores.
+* ``local``: N cells at a time on this machine. With GPUs, the GPUs this process was given (its
+  ``CUDA_VISIBLE_DEVICES`` entries, as written: ids, UUIDs or MIG names; all GPUs torch sees when it
+  is unset), or those of them that ``--gpus`` picks by position (``--gpus 0,2``: the first and third
+  of them, torch's ``cuda:0`` and ``cuda:2`` here). Each running cell holds its own GPUs and sees
+  only them (its ``CUDA_VISIBLE_DEVICES`` lists their entries): a test cell one GPU, a training cell
+  one, or K with ``--nproc-per-node K`` (``torchrun``); every process gets ``OMP_NUM_THREADS = cores /
+  GPUs``. On a CPU ``--jobs N`` cells (default 1), each with ``OMP_NUM_THREADS = cores / N`` (per
+  rank: ``/ K``) so that concurrent runs do not oversubscribe the cores, and ``CUDA_VISIBLE_DEVICES``
+  empty.
 * ``slurm``: through ``submitit``: one job array for the training cells, then per training cell a
   job array of its test cells with ``--dependency=afterok:<train job>``, and a last CPU job
   (``afterany``) that writes the summary. Resources from ``--gpus-per-job``, ``--cpus-per-job``,
@@ -316,40 +321,84 @@ def run_cell(spec: Spec | str, cell_id: str, env: Optional[dict[str, str]] = Non
 # ----------------------------------------------------------------------------------------------
 # Executors
 # ----------------------------------------------------------------------------------------------
-def local_slots(jobs: Optional[int], gpus: Optional[Sequence[str]], nproc: int) -> list[dict[str, str]]:
-    """Environment of each concurrent slot: its GPUs, or its share of the CPU cores."""
+def visible_gpus(environ: Optional[dict[str, str]] = None) -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries: the parent's list when the
+    variable is set (entries as written: ids, ``GPU-<uuid>``, ``MIG-<uuid>``; empty: none), else
+    ``0 .. N-1`` for the N GPUs torch sees (physical ids then)."""
+    environ = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return [g.strip() for g in environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    try:
+        import torch
+    except ImportError:
+        return []
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+@dataclass
+class LocalSlots:
+    """What the local executor hands out. With GPUs, ``units`` are ``CUDA_VISIBLE_DEVICES`` entries and
+    a cell holds as many as it runs processes on (:meth:`need`); on a CPU, ``units`` are the ``--jobs``
+    concurrent cells. ``threads``: OMP / MKL threads per process; ``max_cells``: ``--jobs`` with GPUs."""
+
+    units: list[str]
+    gpu: bool
+    threads: int
+    max_cells: Optional[int] = None
+
+    def need(self, cell: Cell) -> int:
+        """GPUs of a cell: its torchrun processes for a training cell, one for a test cell; a CPU slot: 1."""
+        return (cell.nproc if cell.kind == "train" else 1) if self.gpu else 1
+
+    def env(self, units: Sequence[str]) -> dict[str, str]:
+        """The environment of a cell holding ``units``: it sees only its GPUs (none on a CPU)."""
+        return {"CUDA_VISIBLE_DEVICES": ",".join(units) if self.gpu else "", "OMP_NUM_THREADS": str(self.threads),
+                "MKL_NUM_THREADS": str(self.threads)}
+
+
+def local_slots(jobs: Optional[int], gpus: Optional[Sequence[str]], nproc: int,
+                environ: Optional[dict[str, str]] = None) -> LocalSlots:
+    """GPUs or CPU slots of the local executor (see the module docstring).
+
+    Args:
+        jobs: ``--jobs`` (cells at a time; on a CPU default 1).
+        gpus: ``--gpus`` as positions in :func:`visible_gpus` (None: all of them; empty: none, CPU).
+        nproc: ``--nproc-per-node`` (GPUs, or CPU ranks, of a training cell).
+
+    Raises:
+        ValueError: a position outside the visible GPUs, or fewer GPUs than one training cell needs.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    visible = visible_gpus(environ)
     if gpus is None:
-        try:
-            import torch
-            gpus = [str(i) for i in range(torch.cuda.device_count())]
-        except ImportError:
-            gpus = []
-    if gpus:
+        chosen = visible
+    else:
+        outside = [g for g in gpus if not (g.isdigit() and int(g) < len(visible))]
+        if outside:
+            raise ValueError(f"--gpus {','.join(gpus)}: positions among the {len(visible)} GPU(s) this process sees "
+                             f"({visible}) are 0..{len(visible) - 1}; {outside} is not")
+        chosen = [visible[int(g)] for g in gpus]
+    if chosen:
         per = max(1, nproc)
-        n = len(gpus) // per if jobs is None else min(jobs, len(gpus) // per)
-        if n < 1:
-            raise ValueError(f"{len(gpus)} GPU(s) cannot hold one cell of {per} GPU(s)")
-        threads = max(1, cores // (n * per))
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * per:(i + 1) * per]), "OMP_NUM_THREADS": str(threads),
-                 "MKL_NUM_THREADS": str(threads)} for i in range(n)]
+        if len(chosen) < per:
+            raise ValueError(f"{len(chosen)} GPU(s) cannot hold one cell of {per} GPU(s)")
+        return LocalSlots(list(chosen), True, max(1, cores // len(chosen)), jobs)
     n = jobs or 1
-    threads = max(1, cores // (n * max(1, nproc)))
-    return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-            for _ in range(n)]
+    return LocalSlots([str(i) for i in range(n)], False, max(1, cores // (n * max(1, nproc))))
 
 
-def run_local(spec: Spec, slots: list[dict[str, str]], log=print) -> dict[str, dict]:
-    """Run every unfinished cell, ``len(slots)`` at a time, tests after their training."""
+def run_local(spec: Spec, slots: LocalSlots, log=print) -> dict[str, dict]:
+    """Run every unfinished cell, as many at a time as ``slots`` hold, tests after their training."""
     results: dict[str, dict] = {}
     pending = [c for c in spec.cells.values()]
-    free = list(range(len(slots)))
-    running: dict[Future, tuple[Cell, int]] = {}
-    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+    free = list(slots.units)
+    running: dict[Future, tuple[Cell, list[str]]] = {}
+    limit = slots.max_cells or len(slots.units)
+    with ThreadPoolExecutor(max_workers=limit) as pool:
         while pending or running:
             for cell in list(pending):
-                if not free:
-                    break
+                if len(running) >= limit or slots.need(cell) > len(free):
+                    continue
                 if cell.kind == "test":
                     state = results.get(cell.train, {}).get("status")
                     if state in ("failed", "blocked", "busy"):
@@ -365,9 +414,11 @@ def run_local(spec: Spec, slots: list[dict[str, str]], log=print) -> dict[str, d
                                         "run": str(finished_run(cell))}
                     log(f"[sweep] {cell.id}: finished before, skipped")
                     continue
-                slot = free.pop(0)
-                log(f"[sweep] {cell.id}: start (slot {slot}: {slots[slot]})")
-                running[pool.submit(run_cell, spec, cell.id, slots[slot])] = (cell, slot)
+                held, free = free[:slots.need(cell)], free[slots.need(cell):]
+                env = slots.env(held)
+                where = f"GPU {','.join(held)}" if slots.gpu else f"CPU slot {held[0]}"
+                log(f"[sweep] {cell.id}: start ({where}: {env})")
+                running[pool.submit(run_cell, spec, cell.id, env)] = (cell, held)
             if not running:
                 if pending:  # tests waiting for a training cell that nobody runs
                     for cell in pending:
@@ -376,8 +427,8 @@ def run_local(spec: Spec, slots: list[dict[str, str]], log=print) -> dict[str, d
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                cell, slot = running.pop(future)
-                free.append(slot)
+                cell, held = running.pop(future)
+                free.extend(held)
                 try:
                     results[cell.id] = future.result()
                 except Exception as err:  # the runner failed before or around the run (e.g. a full disk)
@@ -542,8 +593,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--python", default=sys.executable, help="interpreter of the cells [this one]")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="torchrun processes (GPUs) per training cell")
     local = parser.add_argument_group("local executor")
-    local.add_argument("--jobs", type=int, default=None, help="cells at a time [GPUs / nproc, or 1 on a CPU]")
-    local.add_argument("--gpus", default=None, help="GPU ids to use, e.g. 0,1,2,3 [all]; '' for none")
+    local.add_argument("--jobs", type=int, default=None,
+                       help="cells at a time [as many as the GPUs hold, or 1 on a CPU]")
+    local.add_argument("--gpus", default=None,
+                       help="GPUs to use, by position among those this process sees (CUDA_VISIBLE_DEVICES), "
+                            "e.g. 0,1 [all]; '' for none")
     slurm = parser.add_argument_group("slurm / submitit-local executors")
     slurm.add_argument("--gpus-per-job", type=int, default=1, help="GPUs per cell (x nproc-per-node for training)")
     slurm.add_argument("--cpus-per-job", type=int, default=8)
