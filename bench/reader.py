@@ -41,7 +41,7 @@ def plain_read(path: Path):
 
 def load_average() -> str:
     try:
-        return Path("/proc/loadavg").read_text().strip()
+        return Path("/proc/loadavg").read_text(encoding="utf-8").strip()
     except OSError:
         return "unavailable"
 

@@ -191,7 +191,7 @@ stage "summary"
 $PY -m tools.summarize "QAMP=$RUN_ROOT/test_qamp" "copy_support=$RUN_ROOT/test_copy_support" --out "$RUN_ROOT/summary"
 $PY - "$RUN_ROOT/summary/summary.csv" <<'EOF'
 import csv, sys
-rows = {r["method"]: float(r["mean"]) for r in csv.DictReader(open(sys.argv[1])) if r["class"] == "mean"}
+rows = {r["method"]: float(r["mean"]) for r in csv.DictReader(open(sys.argv[1], encoding="utf-8")) if r["class"] == "mean"}
 qamp, copy = rows["QAMP"], rows["copy_support"]
 verdict = "QAMP beats" if qamp > copy else "QAMP does NOT beat"
 print(f"mean Dice: QAMP {100 * qamp:.2f} vs copy_support {100 * copy:.2f} "

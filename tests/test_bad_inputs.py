@@ -66,7 +66,8 @@ def custom_folder(folder: Path, ids=(1, 2, 3), nan_in: int | None = None) -> Pat
             image[2, 3, 4] = np.nan
         write(image, folder / f"image_{i}.nii.gz")
         write(label, folder / f"label_{i}.nii.gz")
-    (folder / "dataset.json").write_text(json.dumps({"labels": {"1": "BLOCK"}, "folds": [[1, 2]] * 5}))
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"1": "BLOCK"}, "folds": [[1, 2]] * 5}),
+                                         encoding="utf-8")
     return folder
 
 
@@ -90,8 +91,8 @@ def state(folder: Path) -> dict[str, str]:
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, encoding="utf-8")
 
 
 def assert_every_reader_refuses(folder: Path, bad: Path, words: tuple[str, ...], tmp_path: Path,
@@ -214,7 +215,7 @@ def test_killed_supervoxel_worker_stops_the_run_within_seconds(tmp_path):
     finished = sorted(p.name for p in out.glob("superpix-*"))
     assert "superpix-MIDDLE_3.nii.gz" not in finished and {"superpix-MIDDLE_1.nii.gz",
                                                           "superpix-MIDDLE_2.nii.gz"} <= set(finished)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert sorted(row["output"] for row in summary["scans"]) == finished  # what finished, nothing else
     assert "3" in summary["incomplete"]["missing"] and "scan 3" in summary["incomplete"]["error"]
     for name in finished:  # every finished output is whole
@@ -241,7 +242,7 @@ def test_supervoxel_workers_that_cannot_start_fail_fast(tmp_path):
 def test_unwritable_supervoxel_output_folder_fails_before_any_work(tmp_path, capsys):
     data = sv_folder(tmp_path / "data", ids=(1, 2))
     blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
+    blocker.write_text("not a folder", encoding="utf-8")
     with pytest.raises(gen.SupervoxelError, match=r"output folder .*a_file/out is not writable "
                                                   r"\(NotADirectoryError.*pass --out-dir"):
         gen.generate_supervoxels(data, n_sv=20, out_dir=blocker / "out", progress=False,
@@ -259,7 +260,7 @@ def test_unwritable_supervoxel_output_folder_fails_before_any_work(tmp_path, cap
         finally:
             readonly.chmod(0o755)
         assert not any(readonly.iterdir())
-    assert blocker.read_text() == "not a folder" and sorted(p.name for p in data.iterdir()) == [
+    assert blocker.read_text(encoding="utf-8") == "not a folder" and sorted(p.name for p in data.iterdir()) == [
         "image_1.nii.gz", "image_2.nii.gz"]
 
 
@@ -282,7 +283,7 @@ def test_supervoxel_summary_is_merged_per_file(tmp_path):
         for key in ("edge_order", "seconds", "cpu_seconds", "written_at", "kernel_version", "n_sv"):
             assert rows[sid][key] == made[sid][key], key
     assert rows["3"]["status"] == "written" and rows["3"]["edge_order"] == "stable"
-    assert json.loads((out / "summary.json").read_text()) == second
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8")) == second
     assert {k: v for k, v in state(out).items() if k != "summary.json"} == {
         **{k: v for k, v in files.items() if k != "summary.json"},
         "superpix-MIDDLE_3.nii.gz": state(out)["superpix-MIDDLE_3.nii.gz"]}  # kept outputs untouched
@@ -290,9 +291,9 @@ def test_supervoxel_summary_is_merged_per_file(tmp_path):
 
 def _score_run(folder: Path, dataset: str, dice: float, status: str = "COMPLETED") -> Path:
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"model": "qamp", "dataset": dataset}))
-    (folder / "run.json").write_text(json.dumps({"command": "test", "status": status}))
-    with open(folder / "scores.csv", "w", newline="") as f:
+    (folder / "config.json").write_text(json.dumps({"model": "qamp", "dataset": dataset}), encoding="utf-8")
+    (folder / "run.json").write_text(json.dumps({"command": "test", "status": status}), encoding="utf-8")
+    with open(folder / "scores.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         name = {"CHAOST2": "LIVER", "SABS": "SPLEEN"}[dataset]  # class 1, as test.py names it
         writer.writerow(["fold", "supp_idx", "seed", "scan", "class", "class_name", "dice"])
@@ -308,19 +309,20 @@ def test_summarize_keys_runs_by_dataset_and_lists_skipped_folders(tmp_path, caps
     _score_run(runs / "test_SABS_fold0", "SABS", 0.7)  # same fold / supp / seed / scan / class id
     failed = runs / "test_CHAOST2_fold1"
     failed.mkdir()
-    (failed / "config.json").write_text(json.dumps({"model": "qamp", "dataset": "CHAOST2"}))
+    (failed / "config.json").write_text(json.dumps({"model": "qamp", "dataset": "CHAOST2"}), encoding="utf-8")
     (failed / "run.json").write_text(json.dumps({"command": "test", "status": "FAILED",
-                                                 "fail_trace": ["Traceback ...", "ValueError: boom\n"]}))
+                                                 "fail_trace": ["Traceback ...", "ValueError: boom\n"]}),
+                                     encoding="utf-8")
     out = tmp_path / "table"
     assert summarize.main([str(runs), "--out", str(out)]) == 0
-    md = (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text(encoding="utf-8")
     # class 1 is LIVER in CHAOST2 and SPLEEN in SABS: two rows, never pooled (nor refused)
     assert "| Method | LIVER | SPLEEN | Mean |" in md
     assert "| qamp [CHAOST2] | 80.00 ± 10.00 | - | 80.00 ± 10.00 |" in md
     assert "| qamp [SABS] | - | 60.00 ± 10.00 | 60.00 ± 10.00 |" in md
     assert f"- {failed}: test run with status FAILED, no per-scan CSV (ValueError: boom)" in md
     assert "population std (ddof 0)" in md
-    rows = list(csv.DictReader(open(out / "summary.csv")))
+    rows = list(csv.DictReader(open(out / "summary.csv", encoding="utf-8")))
     assert {r["dataset"] for r in rows} == {"CHAOST2", "SABS"} and {r["std_ddof"] for r in rows} == {"0"}
     written = state(out)
     assert summarize.main([str(runs), "--out", str(out)]) == 2  # never overwritten silently
@@ -346,7 +348,7 @@ def test_weights_and_snapshots_that_are_not_torch_files(tmp_path, monkeypatch):
 
     monkeypatch.delenv("QAMP_PRETRAINED_PATH", raising=False)
     text = tmp_path / "weights.pth"
-    text.write_text("exit code 0; weights are at https://example.org\n")
+    text.write_text("exit code 0; weights are at https://example.org\n", encoding="utf-8")
     before = state(tmp_path)
     expected = r"expected a PyTorch file \(written by torch.save\) .*got a text file starting with 'exit code 0"
     with pytest.raises(ValueError, match=rf"^pretrained_path='{re.escape(str(text))}': {expected}.*point pretrained_path at"):
@@ -387,7 +389,7 @@ def cmr_like_folder(folder: Path, orientations=("LPS", "LPS")) -> Path:
         for value, name in {0: "BG", **names}.items():
             present = (stored == value).reshape(stored.shape[0], -1).any(axis=1)
             classmap[name][str(i)] = np.flatnonzero(present & (sums >= 200)).tolist()
-    (folder / "classmap_200.json").write_text(json.dumps(classmap))
+    (folder / "classmap_200.json").write_text(json.dumps(classmap), encoding="utf-8")
     return folder
 
 
@@ -406,7 +408,7 @@ def test_verify_checks_published_classmaps_on_the_loaders_label_values(tmp_path)
     # the raw values would have listed slice 3 (one LV-MYO pixel: sum 200 >= 200; remapped: 1)
     counts = per_slice_counts(read_volume(folder / "label_1.nii.gz")[0].astype(np.int64))
     assert counts[3, 200] == 1 and counts[3].sum() - counts[3, 0] == 1
-    assert 3 not in json.loads((folder / "classmap_200.json").read_text())["LV-MYO"]["1"]
+    assert 3 not in json.loads((folder / "classmap_200.json").read_text(encoding="utf-8"))["LV-MYO"]["1"]
     assert state(folder) == before
 
 
@@ -474,3 +476,63 @@ def test_reader_without_libdeflate_checks_the_same(tmp_path, monkeypatch):
     truncate(good, 0.95)
     with pytest.raises(ImageIntegrityError, match="truncated"):
         read_volume(good)
+
+
+# ----------------------------------------------------------------------------- 8. text I/O and the locale
+LOCALE_PROGRAM = r'''
+import json, locale, logging, sys
+from pathlib import Path
+
+for stream in (sys.stdout, sys.stderr):  # the console is set at start-up (UTF-8 in the issue's session); files
+    stream.reconfigure(encoding="utf-8")  # are what this checks
+
+import numpy as np
+import SimpleITK as sitk
+
+from data.registry import read_custom_json
+from dataloaders.predict_io import read_input
+from engine.runtime import attach_log_file
+from helpers import write_dicom_series
+from tools import summarize
+
+folder = Path(sys.argv[1])
+series = folder / "series"  # a DICOM series, read through predict.py's reader (GDCM)
+write_dicom_series(sitk.GetImageFromArray(np.arange(3 * 8 * 8, dtype=np.int16).reshape(3, 8, 8)), series)
+assert read_input(series, "query").GetSize() == (8, 8, 3)
+encoding = locale.getpreferredencoding(False)
+assert encoding.lower().replace("-", "") not in ("utf8",), encoding  # the test is void under a UTF-8 locale
+
+name = "Leber \u00b1 Milz"  # non-ASCII text in every file below
+data = folder / "data"
+data.mkdir()
+(data / "dataset.json").write_bytes(json.dumps({"labels": {"1": name}}, ensure_ascii=False).encode("utf-8"))
+assert read_custom_json(data)["labels"] == {1: name}
+log = logging.getLogger("locale_check")
+handler = attach_log_file(log, folder / "logger.log")
+log.warning(name)
+handler.close()
+assert name in (folder / "logger.log").read_bytes().decode("utf-8")
+run = folder / "runs" / "test_custom_setting1_fold0_supp0"
+run.mkdir(parents=True)
+(run / "config.json").write_bytes(b'{"model": "qamp", "dataset": "custom"}')
+(run / "run.json").write_bytes(b'{"command": "test", "status": "COMPLETED"}')
+rows = "fold,supp_idx,seed,scan,class,class_name,dice\n0,0,1,1,1,%s,0.5\n0,0,1,2,1,%s,0.7\n" % (name, name)
+(run / "scores.csv").write_bytes(rows.encode("utf-8"))
+assert summarize.main([str(folder / "runs"), "--out", str(folder / "table")]) == 0
+assert name in (folder / "table" / "summary.md").read_bytes().decode("utf-8")
+print("ok", encoding)
+'''
+
+
+def test_text_files_do_not_depend_on_the_locale(tmp_path):
+    """Under LC_ALL=C without UTF-8 mode (Python turns UTF-8 mode on by itself under the C locale,
+    hence PYTHONUTF8=0) the locale's encoding is ASCII, as after GDCM switched a UTF-8 process to the
+    C locale: a DICOM read, then non-ASCII text read and written by the product (dataset.json, the
+    run log, scores.csv and the summary tables) still works, each file naming its encoding. Before
+    the files named it, this failed (read_custom_json: 'ascii' codec can't decode byte 0xc2)."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", LOCALE_PROGRAM, str(tmp_path)], cwd=REPO, capture_output=True,
+                            timeout=300, env=env, encoding="utf-8", errors="replace")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1].startswith("ok "), result.stdout[-2000:]

@@ -72,7 +72,7 @@ def test_multi_class_outputs(two_class: Path, phantoms: Path) -> None:
     query = sitk.ReadImage(str(phantoms / "image_2.nii.gz"))
     same_geometry(image, query)
     assert image.GetPixelID() == sitk.sitkUInt8 and set(np.unique(pred)) <= {0, 1, 2}
-    report = json.loads((two_class / "image_2_pred.json").read_text())
+    report = json.loads((two_class / "image_2_pred.json").read_text(encoding="utf-8"))
     voxel_ml = float(np.prod(query.GetSpacing())) / 1000
     assert list(report["classes"]) == ["1", "2"] and report["classes"]["1"]["name"] == "liver"
     for class_id, entry in report["classes"].items():
@@ -139,7 +139,7 @@ def test_reoriented_query_comes_back_on_its_own_grid(two_class: Path, run_dir: P
     reference = sitk.ReadImage(str(two_class / "image_2_pred.nii.gz"))
     back = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(reference))
-    report = json.loads((tmp_path / "out" / "moved_pred.json").read_text())
+    report = json.loads((tmp_path / "out" / "moved_pred.json").read_text(encoding="utf-8"))
     assert report["orientation"]["model"] == "LAS" and report["orientation"]["query"] != "LAS"
     assert report["segmented_k_range"] is None  # k is not the query's axial axis
 
@@ -214,7 +214,7 @@ def test_query_range_limits_the_segmented_slices(run_dir: Path, phantoms: Path, 
     outside = np.ones(pred.shape[0], dtype=bool)
     outside[5:13] = False
     assert not pred[outside].any()
-    report = json.loads((tmp_path / "image_2_pred.json").read_text())
+    report = json.loads((tmp_path / "image_2_pred.json").read_text(encoding="utf-8"))
     assert report["segmented_k_range"] == [5, 12] and report["segmented_slices"] == 8
 
 
@@ -290,7 +290,7 @@ def test_converted_reference_checkpoint_predicts(phantoms: Path, tmp_path: Path)
     assert meta["class_names"]["1"] == "LIVER" and meta["model_keys"]["tau_fg"] == 0.5
     assert meta["model_keys"]["n_mlp_bg"] == 600 and meta["normalisation"] == "per-volume z-score"
     assert run_predict(args(tmp_path / "conv.pth", phantoms, tmp_path / "out", "--classes", "1")) == 0
-    report = json.loads((tmp_path / "out" / "image_2_pred.json").read_text())
+    report = json.loads((tmp_path / "out" / "image_2_pred.json").read_text(encoding="utf-8"))
     assert report["classes"]["1"]["name"] == "LIVER"
     convert_file(tmp_path / "ref.pth", tmp_path / "conv_ct.pth", dataset="SABS")  # a CT dataset: CT thresholds
     keys = read_snapshot_header(tmp_path / "conv_ct.pth", model_keys=MODEL_KEYS)["meta"]["model_keys"]

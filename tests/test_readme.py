@@ -22,7 +22,7 @@ SUBCOMMAND_MODULES = ("data.preprocess",)  # their first argument selects a sub-
 
 
 def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "README.md").read_text(encoding="utf-8")
     commands, variables = [], {}
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():

@@ -47,11 +47,11 @@ def test_test_py_with_only_reload_model_path_and_data_keys(tiny_run: dict, tmp_p
         "device": "cpu", "path": {"log_dir": str(log_dir)}}).result
     folder = Path(result["run_dir"])
     assert folder.name == "test_custom_setting1_fold0_supp0"  # dataset and fold from the snapshot
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     assert summary["model_image_size"] == SIZE and list(summary["classes"]) == ["2"]
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     assert config["backbone"] == "resnet50" and config["n_mlp_fg"] == 8 and config["image_size"] == SIZE
-    assert "image size 32" in (folder / "logger.log").read_text()
+    assert "image size 32" in (folder / "logger.log").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -99,7 +99,7 @@ def test_resume_alone_continues_exactly(tiny_run: dict, interrupted: Path) -> No
     assert continued["history"]["loss"] == uninterrupted["history"]["loss"]
     for key, value in uninterrupted["model"].items():
         torch.testing.assert_close(continued["model"][key], value, rtol=0, atol=0, msg=key)
-    log = (folder / "logger.log").read_text()
+    log = (folder / "logger.log").read_text(encoding="utf-8")
     assert "resume: learning rate 1.000e-02" in log  # 0.02 halved after 2 steps: the restored value
     step4 = next(line for line in log.splitlines() if " - step 4: " in line)
     assert step4.endswith("lr=1.000e-02")
@@ -110,7 +110,7 @@ def test_resume_may_change_logging_keys(tiny_run: dict, interrupted: Path, tmp_p
         "resume": str(interrupted), "print_interval": 1, "path": {"log_dir": str(tmp_path / "elsewhere")}}).result
     assert Path(result["run_dir"]).parent == tmp_path / "elsewhere"
     assert load_snapshot(result["snapshot"])["history"]["loss"] == load_snapshot(tiny_run["snapshot"])["history"]["loss"]
-    assert "print_interval 2 -> 1" in (Path(result["run_dir"]) / "logger.log").read_text()
+    assert "print_interval 2 -> 1" in (Path(result["run_dir"]) / "logger.log").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("updates, listed", [

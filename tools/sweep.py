@@ -144,13 +144,13 @@ class Spec:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({**asdict(self), "cells": {k: asdict(c) for k, c in self.cells.items()}},
-                                  indent=1))
+                                  indent=1), encoding="utf-8")
         os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Spec":
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
         return cls(raw["out"], raw["python"], raw["observer_flags"],
                    {k: Cell(**c) for k, c in raw["cells"].items()})
 
@@ -210,7 +210,7 @@ def run_folders(cell: Cell) -> list[Path]:
 
 def _completed(folder: Path) -> bool:
     try:
-        return json.loads((folder / "run.json").read_text()).get("status") == "COMPLETED"
+        return json.loads((folder / "run.json").read_text(encoding="utf-8")).get("status") == "COMPLETED"
     except (OSError, ValueError):
         return False
 
@@ -259,12 +259,12 @@ def cell_command(spec: Spec, cell: Cell, dry_run: bool = False) -> list[str]:
 def _write_state(cell: Cell, **state: Any) -> None:
     path = Path(cell.log_dir) / CELL_STATE
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         old = {}
     old.update(state, cell=cell.id, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(old, indent=1))
+    tmp.write_text(json.dumps(old, indent=1), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -281,7 +281,7 @@ def run_cell(spec: Spec | str, cell_id: str, env: Optional[dict[str, str]] = Non
     if cell.kind == "test" and finished_run(spec.cells[cell.train]) is None:
         return {"cell": cell_id, "status": "blocked", "returncode": None, "run": None}
     Path(cell.log_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(cell.log_dir) / CELL_LOCK, "w") as lock:
+    with open(Path(cell.log_dir) / CELL_LOCK, "w", encoding="utf-8") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -291,10 +291,10 @@ def run_cell(spec: Spec | str, cell_id: str, env: Optional[dict[str, str]] = Non
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), child_env.get("PYTHONPATH")]))
         attempts = 1
         try:
-            attempts = json.loads((Path(cell.log_dir) / CELL_STATE).read_text()).get("attempts", 0) + 1
+            attempts = json.loads((Path(cell.log_dir) / CELL_STATE).read_text(encoding="utf-8")).get("attempts", 0) + 1
         except (OSError, ValueError):
             pass
-        with open(Path(cell.log_dir) / CELL_LOG, "a") as log:
+        with open(Path(cell.log_dir) / CELL_LOG, "a", encoding="utf-8") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempts} on {socket.gethostname()}: "
                       f"{shlex.join(command)}\n")
             log.flush()
@@ -501,9 +501,9 @@ def summarize_sweep(spec: Spec | str) -> Optional[Path]:
         target = out / "summary" / slug(group)
         code = summarize.main([*runs, "--out", str(target), "--overwrite"])
         if code == 0:
-            parts.append(f"## {group}\n\n" + (target / "summary.md").read_text())
+            parts.append(f"## {group}\n\n" + (target / "summary.md").read_text(encoding="utf-8"))
     path = out / "summary.md"
-    path.write_text("\n\n".join(parts) + "\n")
+    path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
     return path
 
 

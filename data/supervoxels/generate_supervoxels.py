@@ -373,7 +373,7 @@ def read_previous_summary(out_dir: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
     try:
-        rows = json.loads(path.read_text()).get("scans", [])
+        rows = json.loads(path.read_text(encoding="utf-8")).get("scans", [])
         return {row["output"]: row for row in rows if isinstance(row, dict) and "output" in row}
     except (OSError, ValueError, AttributeError, TypeError):
         return {}  # unreadable: it will be replaced by the rows of this run
