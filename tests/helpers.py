@@ -7,7 +7,7 @@ commands, and programs' ``--help`` text (no external data needed).
   on load) and ``tiny_train_config``: the one short training run that the predict, snapshot-config
   and image-size tests share (``tiny_run`` in conftest.py).
 - ``write_dicom_series``: a volume as a DICOM series written with pydicom (pre-processing and
-  bad-input tests).
+  bad-input tests); ``write_stored_label``: a label with a dataset's own values (predict tests).
 
 A ResNet-50 QAMP with few prototypes (``TINY_HEAD``): a training step takes a fraction of a second
 on one CPU thread.
@@ -124,6 +124,23 @@ def write_dicom_series(image, folder: Path, series_uid: str | None = None, stem:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_stored_label(source: Path, target: Path, values: dict[int, int]) -> Path:
+    """The label file ``source`` with class ``c`` stored as ``values[c]`` (others 0), as uint16 on the
+    same grid (a dataset's own label values, e.g. MS-CMRSeg's 200 / 500 / 600)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    label = sitk.ReadImage(str(source))
+    array = sitk.GetArrayFromImage(label)
+    stored = np.zeros(array.shape, np.uint16)
+    for class_id, value in values.items():
+        stored[array == class_id] = value
+    image = sitk.GetImageFromArray(stored)
+    image.CopyInformation(label)
+    sitk.WriteImage(image, str(target), True)
+    return target
 
 
 def load_test_script() -> ModuleType:

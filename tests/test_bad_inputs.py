@@ -536,3 +536,159 @@ def test_text_files_do_not_depend_on_the_locale(tmp_path):
                             timeout=300, env=env, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[-1].startswith("ok "), result.stdout[-2000:]
+
+
+# ----------------------------------------------------------------------------- 9. predict.py inputs
+def _float_copy(source: Path, target: Path, edit) -> Path:
+    """``source`` as float32 with ``edit(array)`` applied, same geometry."""
+    image = sitk.ReadImage(str(source))
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    edit(array)
+    edited = sitk.GetImageFromArray(array)
+    edited.CopyInformation(image)
+    sitk.WriteImage(edited, str(target), True)
+    return target
+
+
+def _copy(source: Path, target: Path, damage) -> Path:
+    target.write_bytes(source.read_bytes())
+    damage(target)
+    return target
+
+
+def _set(array: np.ndarray, index: tuple, value: float) -> None:
+    array[index] = value
+
+
+def _dicom(source: Path, folder: Path, **kwargs) -> Path:
+    from helpers import write_dicom_series
+
+    write_dicom_series(sitk.ReadImage(str(source)), folder, **kwargs)
+    return folder
+
+
+def _truncated_slice(folder: Path) -> Path:
+    victim = sorted(folder.iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:-100])  # an interrupted copy: ITK would leave the file out
+    return folder
+
+
+def _other_spacing(source: Path, target: Path) -> Path:
+    image = sitk.ReadImage(str(source))
+    image.SetSpacing([s * 1.5 for s in image.GetSpacing()])
+    sitk.WriteImage(image, str(target), True)
+    return target
+
+
+def _one_slice(source: Path, target: Path) -> Path:
+    image = sitk.ReadImage(str(source))
+    sitk.WriteImage(image[:, :, 10:11], str(target), True)
+    return target
+
+
+# case -> (the bad argument, its input made from the phantoms in tmp (or {argument: input}), what the error says)
+PREDICT_CASES = {
+    "nifti_nan_support_image": ("--support-image", lambda p, t: _float_copy(
+        p / "image_1.nii.gz", t / "nan.nii.gz", lambda a: _set(a, (5, 20, 21), np.nan)),
+        ("support image: ", "expected finite voxel values, got 1 NaN and 0 infinite voxel(s)", "(5, 20, 21)",
+         "Replace them in the source")),
+    "nifti_inf_query": ("--query", lambda p, t: _float_copy(
+        p / "image_2.nii.gz", t / "inf.nii.gz", lambda a: _set(a, (7, 1, 2), np.inf)),
+        ("query: ", "got 0 NaN and 1 infinite voxel(s)", "(7, 1, 2)")),
+    "nifti_truncated_support_label": ("--support-label", lambda p, t: _copy(
+        p / "label_1.nii.gz", t / "cut.nii.gz", truncate),
+        ("support label: cannot read ", "the file is truncated", "Re-download or re-create it")),
+    "nifti_corrupt_query": ("--query", lambda p, t: _copy(p / "image_2.nii.gz", t / "corrupt.nii.gz", corrupt),
+                            ("query: cannot read ", "the file is corrupt")),
+    "nifti_single_slice_query": ("--query", lambda p, t: _one_slice(p / "image_2.nii.gz", t / "slice.nii.gz"),
+                                 ("query ", "is a single slice (size (48, 48, 1)), not a 3D volume",
+                                  "pass the whole scan")),
+    "nifti_fractional_support_label": ("--support-label", lambda p, t: _float_copy(
+        p / "label_1.nii.gz", t / "soft.nii.gz", lambda a: _set(a, (slice(10, 12), 20, 20), 0.5)),
+        ("the support label ", "holds 2 non-integer value(s) (e.g. 0.5)",
+         "re-save it with integer values")),
+    "nifti_label_on_another_grid": ("--support-label", lambda p, t: _other_spacing(
+        p / "label_1.nii.gz", t / "grid.nii.gz"),
+        ("the support label ", "is not on the grid of its image", "spacing", "Pass the label drawn on this image")),
+    "dicom_truncated_slice_support_image": ("--support-image", lambda p, t: _truncated_slice(
+        _dicom(p / "image_1.nii.gz", t / "dicom_cut")),
+        ("support image: ", "1 file(s) are not readable as part of the series (truncated, corrupt or not DICOM",
+         "IMG-0002-00004.dcm", "Copy them again from the source")),
+    "dicom_single_file_query": ("--query", lambda p, t: sorted(_dicom(p / "image_2.nii.gz", t / "dicom_q").iterdir())[5],
+                                ("query ", "is a single slice (size (48, 48, 1))",
+                                 "the folder holding the series, not one of its files")),
+    "dicom_fractional_support_label": ("--support-label", lambda p, t: {  # on its DICOM image's grid
+        "--support-image": _dicom(p / "image_1.nii.gz", t / "dicom_image"),
+        "--support-label": _dicom(p / "label_1.nii.gz", t / "dicom_soft", rescale_slope=0.5)},
+        ("the support label ", "non-integer value(s) (e.g. 1.5)", "re-save it with integer values")),
+    "dicom_label_on_another_grid": ("--support-label", lambda p, t: _dicom(
+        _other_spacing(p / "label_1.nii.gz", t / "grid.nii.gz"), t / "dicom_grid"),
+        ("the support label ", "is not on the grid of its image", "spacing")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREDICT_CASES))
+def test_predict_refuses_a_bad_input_file(case: str, tiny_run: dict, phantoms48: Path, tmp_path: Path, capsys):
+    """predict.py reads every input through the one checked reader (utils/io.py), NIfTI and DICOM:
+    one ``error:`` line naming the file and the fix, exit code 2, nothing written. (NaN / inf cannot be
+    stored in a DICOM series ITK reads: its pixels are integers.)"""
+    import predict
+
+    option, make, expected = PREDICT_CASES[case]
+    made = make(phantoms48, tmp_path)
+    made = made if isinstance(made, dict) else {option: made}
+    bad = made[option]
+    inputs = {"--support-image": phantoms48 / "image_1.nii.gz", "--support-label": phantoms48 / "label_1.nii.gz",
+              "--query": phantoms48 / "image_2.nii.gz", **made}
+    out = tmp_path / "out"
+    argv = ["--snapshot", tiny_run["run_dir"], "--out", str(out), "--device", "cpu",
+            *(x for item in inputs.items() for x in map(str, item))]
+    before = state(tmp_path)
+    capsys.readouterr()
+    assert predict.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert str(bad) in err[0], err[0]
+    for text in expected:
+        assert text in err[0], err[0]
+    assert not out.exists() and state(tmp_path) == before, "a refused prediction must write nothing"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "holds values [500, 600] above 255 and no label map says which classes they are (snapshot dataset "
+         "custom): pass --label-map STORED:ID,..., e.g. --label-map 200:1,500:2,600:3"),
+    (("--label-map", "200:1"), "holds values [500, 600] that --label-map does not map (it maps [200]): add them "
+                               "to --label-map, e.g. 500:<class id>"),
+    (("--classes", "1"), "holds no voxel of class [1] (it holds classes [200, 500, 600]): choose --classes among "
+                         "them (the label's own values), or annotate the support")])
+def test_predict_names_the_label_values_it_cannot_map(extra: tuple, message: str, tiny_run: dict,
+                                                      phantoms48: Path, tmp_path: Path, capsys):
+    """A support label stored as 200 / 500 / 600 with a snapshot whose dataset has no label map."""
+    import predict
+    from helpers import write_stored_label
+
+    label = write_stored_label(phantoms48 / "label_1.nii.gz", tmp_path / "label_cmr.nii.gz", {1: 200, 2: 500, 3: 600})
+    out = tmp_path / "out"
+    argv = ["--snapshot", tiny_run["run_dir"], "--support-image", str(phantoms48 / "image_1.nii.gz"),
+            "--support-label", str(label), "--query", str(phantoms48 / "image_2.nii.gz"), "--out", str(out),
+            "--device", "cpu", *extra]
+    capsys.readouterr()
+    assert predict.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: the support label {label} {message}"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("200-1", "expected STORED:ID pairs, e.g. --label-map 200:1,500:2,600:3; got '200-1'"),
+    ("200:300", "'200:300': stored values must be in 1..65535 and class ids in 1..255"),
+    ("200:1,500:1", "'500:1': each stored value and each class id may appear once")])
+def test_predict_refuses_a_malformed_label_map(text: str, message: str, capsys):
+    import predict
+
+    with pytest.raises(SystemExit) as stop:
+        predict.parse_args(["--snapshot", "s", "--support-image", "i", "--support-label", "l", "--query", "q",
+                            "--out", "o", "--label-map", text])
+    assert stop.value.code == 2
+    assert f"error: argument --label-map: {message}" in capsys.readouterr().err
+
