@@ -92,6 +92,12 @@ def check_against_snapshot(config: Mapping[str, Any], command: str | None, model
         _check_resume(config, header)
 
 
+def _differs(key: str, stored: Any, requested: Any, owner: str) -> str:
+    """One differing key in a refusal: ``key: <owner> has <stored>, requested <requested>``, both values
+    under their own name (``owner``: 'the snapshot' or 'the run')."""
+    return f"{key}: {owner} has {_plain(stored)!r}, requested {_plain(requested)!r}"
+
+
 def _check_test(config: Mapping[str, Any], header: Mapping[str, Any],
                 native_size: Callable[[Mapping[str, Any]], int | None]) -> None:
     differing, notes = [], []
@@ -110,11 +116,11 @@ def _check_test(config: Mapping[str, Any], header: Mapping[str, Any],
                              + (f", {native} px" if native is not None else ""))
         elif _plain(value) == _plain(stored):
             continue
-        differing.append(f"{key}={stored!r} (this run: {value!r})")
+        differing.append(_differs(key, stored, value, "the snapshot"))
     if differing:
         raise ValueError(
             f"reload_model_path={config['reload_model_path']!r}: the model is built from its snapshot "
-            f"({header['path']}), which was trained with {', '.join(differing)}"
+            f"({header['path']}), and these model keys differ from it: {'; '.join(differing)}"
             + (f" [{'; '.join(notes)}]" if notes else "")
             + ". Drop these keys from the command line (the snapshot's values are used), or pass a snapshot "
               "trained with the values you want")
@@ -122,17 +128,17 @@ def _check_test(config: Mapping[str, Any], header: Mapping[str, Any],
 
 def _check_resume(config: Mapping[str, Any], header: Mapping[str, Any]) -> None:
     stored = header["config"]
-    changed = [f"{k}={stored[k]!r} (this run: {_plain(config[k])!r})" for k in config
+    changed = [_differs(k, stored[k], config[k], "the run") for k in config
                if k not in RESUME_FREE_KEYS and k in stored and _plain(config[k]) != _plain(stored[k])]
     if stored.get("use_gt") and (stored.get("val_interval", 0) > 0) != (config["val_interval"] > 0):
         # with ground-truth training the validation scans are left out of the training set only while
         # validation is on: switching it on or off would change what the run trains on
-        changed.append(f"val_interval={stored.get('val_interval', 0)!r} (this run: {config['val_interval']!r}; with "
-                       f"use_gt=True, validation on or off decides whether the validation scans are trained on)")
+        changed.append(_differs("val_interval", stored.get("val_interval", 0), config["val_interval"], "the run")
+                       + " (with use_gt=True, validation on or off decides whether the validation scans are trained on)")
     if changed:
         raise ValueError(
             f"resume={config['resume']!r}: a resumed run continues with its own config, and these keys differ "
-            f"from it (they change what the run means): {', '.join(changed)}. Drop them to continue the run, or "
+            f"from it (they change what the run means): {'; '.join(changed)}. Drop them to continue the run, or "
             f"start a new run without resume. Keys that may change: n_steps (to train longer), "
             f"{', '.join(sorted(RESUME_FREE_KEYS - {'resume', 'n_steps'}))}")
     step = int(header["step"])

@@ -692,3 +692,32 @@ def test_predict_refuses_a_malformed_label_map(text: str, message: str, capsys):
     assert stop.value.code == 2
     assert f"error: argument --label-map: {message}" in capsys.readouterr().err
 
+
+# ----------------------------------------------------------------------------- 10. refusal wording
+@pytest.mark.parametrize("key, stored, requested, shown", [
+    ("seed", 2025, 7, "seed: the run has 2025, requested 7"),  # a number
+    ("optim", {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}, {"lr": 0.5, "momentum": 0.9, "weight_decay": 5e-4},
+     "optim: the run has {'lr': 0.001, 'momentum': 0.9, 'weight_decay': 0.0005}, requested {'lr': 0.5, "
+     "'momentum': 0.9, 'weight_decay': 0.0005}"),  # a dict: resuming a run trained at lr 1e-3 with optim.lr=0.5
+    ("backbone", "resnet50", "resnet101", "backbone: the run has 'resnet50', requested 'resnet101'")])  # a string
+def test_resume_refusal_names_the_runs_value_and_the_requested_one(key: str, stored, requested, shown: str):
+    from engine.snapshot_config import _check_resume
+
+    header = {"config": {key: stored}, "step": 2, "path": "run/snapshots/step_0000002.pth"}
+    with pytest.raises(ValueError) as err:
+        _check_resume({"resume": "run", "n_steps": 10, "val_interval": 0, key: requested}, header)
+    assert f"these keys differ from it (they change what the run means): {shown}. Drop them" in str(err.value)
+
+
+@pytest.mark.parametrize("key, stored, requested, shown", [
+    ("n_mlp_fg", 8, 9, "n_mlp_fg: the snapshot has 8, requested 9"),
+    ("query_loss_weights", [0.1, 1.0], (0.2, 1.0), "query_loss_weights: the snapshot has [0.1, 1.0], requested "
+                                                   "[0.2, 1.0]"),
+    ("backbone", "resnet50", "resnet101", "backbone: the snapshot has 'resnet50', requested 'resnet101'")])
+def test_test_refusal_names_the_snapshots_value_and_the_requested_one(key: str, stored, requested, shown: str):
+    from engine.snapshot_config import _check_test
+
+    header = {"meta": {"model_keys": {key: stored}}, "path": "run/snapshots/final.pth"}
+    with pytest.raises(ValueError) as err:
+        _check_test({"reload_model_path": "run", "dataset": "custom", key: requested}, header, lambda config: None)
+    assert f"these model keys differ from it: {shown}. Drop these keys" in str(err.value)

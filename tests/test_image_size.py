@@ -114,6 +114,6 @@ def test_predictions_go_back_to_the_native_grid(tiny_run: dict, phantoms48: Path
 
 
 def test_snapshot_of_another_image_size_is_refused(tiny_run: dict, phantoms48: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"image_size=32 \(this run: None\)"):
+    with pytest.raises(ValueError, match=r"image_size: the snapshot has 32, requested None"):
         ex.run(command_name="test", config_updates=config_for(
             phantoms48, tmp_path, reload_model_path=tiny_run["run_dir"], image_size=None, supp_idx=0))

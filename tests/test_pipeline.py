@@ -255,7 +255,7 @@ def test_snapshot_of_another_image_size(trained: dict, chaos_dir: Path, tmp_path
     # the snapshot's model sees 64 px; image_size=None on 256 px CHAOST2 would give it 256 px slices
     config = base_config(chaos_dir, tmp_path, reload_model_path=trained["snapshot"], dataset="CHAOST2",
                          image_size=None)
-    with pytest.raises(ValueError, match=r"image_size=64 \(this run: None\).*256 px"):
+    with pytest.raises(ValueError, match=r"image_size: the snapshot has 64, requested None.*256 px"):
         run("test", **config)
 
 
