@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from helpers import REPO, experiment, load_test_script
+from helpers import REPO, experiment, for_test, load_test_script
 from engine.snapshot import load_snapshot
 
 ex = experiment()
@@ -78,7 +78,7 @@ def base_config(data_dir: Path, log_dir: Path, **updates) -> dict:
 
 
 def run(command: str, **config):
-    return ex.run(command_name=command, config_updates=config).result
+    return ex.run(command_name=command, config_updates=for_test(config) if command == "test" else config).result
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -246,7 +246,7 @@ def test_run_folder_without_final_snapshot(small_chaos: Path, tmp_path: Path) ->
 
 
 def test_snapshot_of_another_architecture(trained: dict, small_chaos: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="backbone='resnet50'"):
+    with pytest.raises(ValueError, match="backbone: the snapshot has 'resnet50', requested 'resnet101'"):
         run("test", **base_config(small_chaos, tmp_path, reload_model_path=trained["snapshot"],
                                   backbone="resnet101"))
 
