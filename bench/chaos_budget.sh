@@ -17,10 +17,11 @@
 # The two models train (and test) side by side with BENCH_THREADS torch threads each (default: one
 # core each on a 2-core machine), so nothing is lost to oversubscription. Keep the machine otherwise
 # idle: the result file records the load average before and after.
-# Environment knobs [default]: DATA_DIR [../shared/data]  BENCH_DIR [runs/bench_chaos_budget]
+# Environment knobs [default]: DATA_DIR [$QAMP_DATA_ROOT; one of them must be set]  BENCH_DIR [runs/bench_chaos_budget]
 #   BENCH_STEPS [cpu_budget's n_steps]  BENCH_SEED [2025]  BENCH_SUPPORTS ["0 1 2"]
 #   BENCH_PARALLEL [1]  BENCH_THREADS [nproc / 2 when parallel, else nproc]  BENCH_EXTRA [""] (more
-#   `key=value` overrides for both models, e.g. "supervoxel_source=generate")
+#   `key=value` overrides for training both models, e.g. "supervoxel_source=generate"; the tests take
+#   them from the snapshots)
 # --tiny: 6 steps, validation every 3, test on the right kidney only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +36,7 @@ for arg in "$@"; do
     esac
 done
 
-DATA_DIR=${DATA_DIR:-../shared/data}
+DATA_DIR=${DATA_DIR:-${QAMP_DATA_ROOT:?set DATA_DIR or QAMP_DATA_ROOT to the folder holding CHAOST2/ (data/README.md)}}
 BENCH_DIR=${BENCH_DIR:-runs/bench_chaos_budget}
 SEED=${BENCH_SEED:-2025}
 SUPPORTS=${BENCH_SUPPORTS:-0 1 2}
@@ -56,8 +57,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 RUN_ROOT=$BENCH_DIR/$(date -u +%Y%m%d-%H%M%S)$([ "$TINY" = 1 ] && echo _tiny || true)
 mkdir -p "$RUN_ROOT"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-COMMON=(abd_mri setting1 cpu_budget "data_dir=$DATA_DIR" seed="$SEED" eval_fold=0 device=cpu "${EXTRA[@]}")
-TRAIN_ARGS=(num_workers=0)
+COMMON=(abd_mri setting1 cpu_budget "data_dir=$DATA_DIR" seed="$SEED" eval_fold=0 device=cpu)
+TRAIN_ARGS=(num_workers=0 "${EXTRA[@]}")
 TEST_ARGS=(n_overlay_slices=1)
 if [ "$TINY" = 1 ]; then
     STEPS=${BENCH_STEPS:-6}

@@ -31,6 +31,16 @@ RESUME_FREE_KEYS = frozenset({
     "reload_model_path", "supp_idx", "n_part", "eval_mode", "test_batch_size", "n_overlay_slices"})
 # Data keys a test run takes from the snapshot's training config when they are not given.
 TEST_SNAPSHOT_DEFAULTS = ("dataset", "data_dir", "setting", "eval_fold", "test_label")
+# Keys only train.py reads: test.py refuses them on its command line (config.py; a named config such as
+# cpu_budget may still set them) and tools.sweep leaves them out of its test cells. The training
+# section of config.py, plus the data keys that shape training episodes (supervoxels, ground truth,
+# excluded slices, minimum area, augmentation), the training DataLoader's workers and the encoder's
+# initial weights (test.py builds the model with pretrained_weights='none' and loads the snapshot).
+TRAINING_ONLY_KEYS = (
+    "n_steps", "optim", "lr_step_gamma", "max_iters_per_load", "print_interval", "save_snapshot_every",
+    "keep_snapshots", "resume", "val_interval", "val_scans",
+    "supervoxel_dir", "n_sv", "use_gt", "supervoxel_source", "exclude_label", "exclude_mode", "min_size", "augment",
+    "num_workers", "pretrained_weights", "pretrained_path")
 
 
 def _uses_snapshot(config: Mapping[str, Any], command: str | None) -> str | None:

@@ -5,7 +5,8 @@ commands, and programs' ``--help`` text (no external data needed).
   overrides ``TINY_ARGS`` for the command-line tests (sweep, torchrun, amp).
 - 48 x 48 phantoms seen at ``image_size`` 32 (``make_phantoms48``; 5 scans, supervoxels generated
   on load) and ``tiny_train_config``: the one short training run that the predict, snapshot-config
-  and image-size tests share (``tiny_run`` in conftest.py).
+  and image-size tests share (``tiny_run`` in conftest.py); ``for_test`` drops its training-only keys
+  for a test.py run.
 - ``write_dicom_series``: a volume as a DICOM series written with pydicom (pre-processing and
   bad-input tests); ``write_stored_label``: a label with a dataset's own values (predict tests).
 
@@ -82,6 +83,14 @@ def tiny_train_config(data_dir: Path, log_dir: Path, **updates) -> dict:
               "test_batch_size": 8, "optim.lr": 0.02, "path": {"log_dir": str(log_dir)}, **TINY_HEAD}
     config.update(updates)
     return config
+
+
+def for_test(config: dict) -> dict:
+    """A training config made a test.py config: without the keys only training reads, which test.py
+    refuses (``engine.snapshot_config.TRAINING_ONLY_KEYS``)."""
+    from engine.snapshot_config import TRAINING_ONLY_KEYS
+
+    return {key: value for key, value in config.items() if key.split(".")[0] not in TRAINING_ONLY_KEYS}
 
 
 def write_dicom_series(image, folder: Path, series_uid: str | None = None, stem: str = "IMG-0002-{:05d}",

@@ -721,3 +721,90 @@ def test_test_refusal_names_the_snapshots_value_and_the_requested_one(key: str, 
     with pytest.raises(ValueError) as err:
         _check_test({"reload_model_path": "run", "dataset": "custom", key: requested}, header, lambda config: None)
     assert f"these model keys differ from it: {shown}. Drop these keys" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- 11. data_dir without a default
+DATA_DIR_REFUSAL = ("data_dir is not set: pass data_dir=<folder> (the image folder, or the root holding "
+                    "<dataset>/<folder>) on the command line, or set QAMP_DATA_ROOT, e.g. "
+                    "export QAMP_DATA_ROOT=/path/to/data")
+
+
+def test_data_dir_comes_from_the_command_line_or_qamp_data_root(monkeypatch, tmp_path):
+    """No development path is a default: without data_dir= and QAMP_DATA_ROOT train and test refuse
+    to start (one line saying how to set it, no run folder); print_config works without data."""
+    from helpers import experiment
+
+    ex = experiment()
+
+    monkeypatch.delenv("QAMP_DATA_ROOT", raising=False)
+    log_dir = tmp_path / "runs"
+    assert ex.run("print_config", {"path": {"log_dir": str(log_dir)}}).config["data_dir"] is None
+    for command, updates in (("train", {}), ("test", {"model": "copy_support"})):
+        with pytest.raises(ValueError) as err:
+            ex.run(command, {"device": "cpu", "path": {"log_dir": str(log_dir)}, **updates})
+        assert str(err.value) == DATA_DIR_REFUSAL
+    assert not any(log_dir.iterdir()), "a refused run must leave no run folder"
+    monkeypatch.setenv("QAMP_DATA_ROOT", str(tmp_path / "data"))
+    assert ex.run("print_config", {"path": {"log_dir": str(log_dir)}}).config["data_dir"] == str(tmp_path / "data")
+    given = ex.run("print_config", {"data_dir": "elsewhere", "path": {"log_dir": str(log_dir)}}).config
+    assert given["data_dir"] == "elsewhere"  # the command line wins
+
+
+def test_train_py_without_data_says_how_to_set_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "QAMP_DATA_ROOT"}
+    result = subprocess.run([sys.executable, "train.py", "with", "device=cpu", f"path.log_dir={tmp_path / 'runs'}"],
+                            cwd=REPO, capture_output=True, timeout=300, env=env, encoding="utf-8")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == f"ValueError: {DATA_DIR_REFUSAL}"
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# ----------------------------------------------------------------------------- 12. training-only keys at test
+@pytest.mark.parametrize("updates, message", [
+    ({"n_steps": 5}, "n_steps=5: this key only affects training (train.py reads it, test.py does not): drop it "
+                     "from the test.py command"),  # a number
+    ({"optim.lr": 0.5}, "optim.lr=0.5: this key only affects training"),  # a key of a dict
+    ({"supervoxel_dir": "/data/supervoxels_5000", "min_size": 4},
+     "min_size=4, supervoxel_dir='/data/supervoxels_5000': these keys only affect training (train.py reads them, "
+     "test.py does not): drop them from the test.py command")])
+def test_test_py_refuses_training_only_keys_given_explicitly(updates: dict, message: str, tmp_path):
+    from helpers import experiment
+
+    ex = experiment()
+
+    log_dir = tmp_path / "runs"
+    with pytest.raises(ValueError) as err:
+        ex.run("test", {"model": "copy_support", "data_dir": str(tmp_path), "path": {"log_dir": str(log_dir)},
+                        **updates})
+    assert str(err.value).startswith(message), str(err.value)
+    assert "(keys only training reads: n_steps, optim, " in str(err.value)
+    assert not any(log_dir.iterdir()), "a refused run must leave no run folder"
+
+
+def test_named_configs_may_set_training_keys_at_test(tmp_path):
+    """cpu_budget sets n_steps, optim, ... (tools.sweep and scripts/demo.sh pass it to test.py): accepted."""
+    from helpers import experiment
+
+    ex = experiment()
+
+    run = ex._create_run("test", {"model": "copy_support", "data_dir": str(tmp_path),
+                                  "path": {"log_dir": str(tmp_path / "runs")}}, ["abd_mri", "setting1", "cpu_budget"])
+    assert run.config["n_steps"] == 6000 and run.config["optim"]["lr"] == 0.02
+
+
+def test_sweep_gives_training_only_keys_to_its_training_cells_only(tmp_path):
+    from tools.sweep import expand_grid
+
+    cells = expand_grid(tmp_path, ["abd_mri+cpu_budget"], [1], [0], [0, 1], [2025],
+                        grid=["n_steps=5", "optim.lr=0.1,0.2", "backbone=resnet50", "data_dir=/data"],
+                        train_args=["num_workers=0"], test_args=["n_part=2"])
+    trains = [c for c in cells.values() if c.kind == "train"]
+    tests = [c for c in cells.values() if c.kind == "test"]
+    assert len(trains) == 2 and len(tests) == 4
+    for cell in trains:
+        assert {"abd_mri", "cpu_budget", "n_steps=5", "backbone=resnet50", "data_dir=/data", "num_workers=0"} <= set(cell.args)
+        assert any(a.startswith("optim.lr=") for a in cell.args)
+    for cell in tests:
+        assert {"abd_mri", "cpu_budget", "backbone=resnet50", "data_dir=/data", "n_part=2"} <= set(cell.args)
+        assert not any(a.startswith(("n_steps=", "optim.lr=", "num_workers=")) for a in cell.args), cell.args
+    assert len({c.method for c in tests}) == 2  # the lr axis still tells the test cells apart

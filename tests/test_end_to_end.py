@@ -21,7 +21,7 @@ import SimpleITK as sitk
 import torch
 
 from data import synthetic
-from helpers import REPO, TINY_HEAD, experiment
+from helpers import REPO, TINY_HEAD, experiment, for_test
 from tools import summarize
 from engine.snapshot import load_snapshot
 
@@ -75,8 +75,8 @@ def config_for(data_dir: Path, log_dir: Path, **updates) -> dict:
 def pipeline(phantoms: Path, supervoxels: Path, root: Path) -> dict:
     """Train, test (standard protocol: every organ, supp_idx 2, 3 chunks) and summarize once."""
     trained = ex.run(command_name="train", config_updates=config_for(phantoms, root / "train")).result
-    tested = ex.run(command_name="test", config_updates=config_for(
-        phantoms, root / "test", reload_model_path=trained["run_dir"])).result
+    tested = ex.run(command_name="test", config_updates=for_test(config_for(
+        phantoms, root / "test", reload_model_path=trained["run_dir"]))).result
     assert summarize.main([f"QAMP={tested['run_dir']}", "--out", str(root / "table")]) == 0
     return {"train": Path(trained["run_dir"]), "test": Path(tested["run_dir"]), "table": root / "table",
             "result": tested}

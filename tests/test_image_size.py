@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from dataloaders.train_dataset import TrainDataset
-from helpers import NATIVE, SIZE, experiment, tiny_train_config
+from helpers import NATIVE, SIZE, experiment, for_test, tiny_train_config
 from utils.resample import resize_image, resize_labels, resize_probabilities
 from engine.snapshot import load_snapshot
 
@@ -97,8 +97,8 @@ def test_all_background_is_reported(caplog) -> None:
 
 # ---------------------------------------------------------------------------------------------- test.py
 def test_predictions_go_back_to_the_native_grid(tiny_run: dict, phantoms48: Path, tmp_path: Path) -> None:
-    result = ex.run(command_name="test", config_updates=config_for(
-        phantoms48, tmp_path, reload_model_path=tiny_run["run_dir"], supp_idx=0)).result
+    result = ex.run(command_name="test", config_updates=for_test(config_for(
+        phantoms48, tmp_path, reload_model_path=tiny_run["run_dir"], supp_idx=0))).result
     folder = Path(result["run_dir"])
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     assert summary["model_image_size"] == SIZE and summary["dice_grid"] == "native"
@@ -115,5 +115,5 @@ def test_predictions_go_back_to_the_native_grid(tiny_run: dict, phantoms48: Path
 
 def test_snapshot_of_another_image_size_is_refused(tiny_run: dict, phantoms48: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"image_size: the snapshot has 32, requested None"):
-        ex.run(command_name="test", config_updates=config_for(
-            phantoms48, tmp_path, reload_model_path=tiny_run["run_dir"], image_size=None, supp_idx=0))
+        ex.run(command_name="test", config_updates=for_test(config_for(
+            phantoms48, tmp_path, reload_model_path=tiny_run["run_dir"], image_size=None, supp_idx=0)))

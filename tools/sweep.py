@@ -10,7 +10,9 @@ none given: the config's defaults), ``--settings``, ``--folds``, ``--seeds`` and
 ``KEY=V1,V2`` (any Sacred key; commas inside brackets or quotes do not split, e.g.
 ``test_label=[1,2],[3]``) is a **train cell**; each train cell has one **test cell** per
 ``--supports`` index, run after it (test-after-train) with ``reload_model_path`` = the cell's
-finished training run. ``--train KEY=V`` / ``--test KEY=V`` add fixed keys to one kind of cell.
+finished training run. ``--train KEY=V`` / ``--test KEY=V`` add fixed keys to one kind of cell; grid
+keys only training reads (``engine.snapshot_config.TRAINING_ONLY_KEYS``, e.g. ``n_steps``) go to the
+training cells only (test.py refuses them).
 Cell ``c`` uses ``path.log_dir = <out>/cells/<c>``, so its run folder is
 ``<out>/cells/<c>/train_<dataset>_setting<k>_fold<f>[_n]`` (``test_...`` for test cells); its
 command's output goes to ``<out>/cells/<c>/cell.log`` and its status to ``cell.json``.
@@ -159,6 +161,8 @@ def expand_grid(out: str | os.PathLike, configs: Sequence[str], settings: Sequen
                 supports: Sequence[int], seeds: Sequence[int], grid: Sequence[str] = (),
                 train_args: Sequence[str] = (), test_args: Sequence[str] = (), nproc: int = 1) -> dict[str, Cell]:
     """The cells of the grid, training cells first (see the module docstring)."""
+    from engine.snapshot_config import TRAINING_ONLY_KEYS
+
     out = Path(out).resolve()
     axes = [parse_assignment(a) for a in grid]
     keys = [k for k, _ in axes]
@@ -183,9 +187,10 @@ def expand_grid(out: str | os.PathLike, configs: Sequence[str], settings: Sequen
             common = [*named, f"setting={setting}", *assigned, f"seed={seed}", f"eval_fold={fold}"]
             cells[train_id] = Cell(train_id, "train", [*common, *train_args], str(out / "cells" / train_id),
                                    group, method, nproc=nproc)
+            testing = [a for a in common if a.split("=", 1)[0].split(".")[0] not in TRAINING_ONLY_KEYS]
             for supp in supports:
                 test_id = f"{train_id}-supp{supp}"
-                tests.append(Cell(test_id, "test", [*common, f"supp_idx={supp}", *test_args],
+                tests.append(Cell(test_id, "test", [*testing, f"supp_idx={supp}", *test_args],
                                   str(out / "cells" / test_id), group, method, train=train_id))
     cells.update((c.id, c) for c in tests)
     return cells
