@@ -632,7 +632,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="3D Felzenszwalb supervoxels (ADNet recipe) for every scan of a folder.",
     )
     parser.add_argument("--data-dir", required=True, type=Path,
-                        help="folder holding the images, e.g. ../shared/data/CHAOST2/chaos_MR_T2_normalized")
+                        help="folder holding the images, e.g. $QAMP_DATA_ROOT/CHAOST2/chaos_MR_T2_normalized")
     parser.add_argument("--pattern", default=DEFAULT_PATTERN,
                         help="image file pattern; its one '*' is the scan id (default %(default)s)")
     parser.add_argument("--n-sv", type=int, default=DEFAULT_N_SV,
