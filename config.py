@@ -10,6 +10,11 @@ Named configs: datasets ``abd_mri`` (CHAOST2), ``abd_ct`` (SABS, CT thresholds 0
 ``prostate_mri`` (Prostate_MRI), ``cmr`` (CMR); settings ``setting1`` (test classes may appear in
 training slices) and ``setting2`` (training slices holding a test class are removed).
 
+The data: ``data_dir=...`` on the command line, else the environment variable ``QAMP_DATA_ROOT``;
+with neither, ``train.py`` and ``test.py`` refuse to start (``print_config`` works without data).
+``test.py`` refuses the keys only training reads (``engine.snapshot_config.TRAINING_ONLY_KEYS``) when
+they are given on its command line; named configs (e.g. ``cpu_budget``) may set them.
+
 Each run gets its own folder ``<path.log_dir>/<command>_<dataset>_setting<k>_fold<f>`` (test runs
 add ``_supp<i>``); an existing folder is never reused: the next free name ``..._2``, ``..._3`` is
 taken. The folder holds Sacred's ``config.json``, ``run.json``, ``cout.txt``, ``metrics.json``, the
@@ -28,7 +33,7 @@ from typing import Any, Mapping
 from sacred import SETTINGS, Experiment
 from sacred.config.config_scope import ConfigScope
 from sacred.observers import FileStorageObserver
-from sacred.utils import apply_backspaces_and_linefeeds
+from sacred.utils import apply_backspaces_and_linefeeds, convert_to_nested_dict, iterate_flattened
 
 from data.registry import CUSTOM, DATASETS, custom_modality
 from dataloaders.eval_dataset import EVAL_MODES
@@ -40,6 +45,7 @@ from models.qamp import CT_PRIOR_THRESHOLDS
 from engine.amp import AMP_MODES
 from engine.distributed import rank_argv
 from engine.observers import install_sql_result_fix
+from engine.snapshot_config import TRAINING_ONLY_KEYS
 
 # Capture stdout/stderr through Python (not file descriptors) so that runs started in-process
 # (tests, notebooks) are captured too; tqdm's carriage returns are collapsed in cout.txt.
@@ -50,6 +56,7 @@ install_sql_result_fix()  # Sacred's -s SQL observer: store train/test's dict re
 MODEL_CHOICES = (*MODELS, "copy_support")  # the networks plus the test-only baseline
 SETTINGS_ALLOWED = (1, 2)
 MODEL_DEFAULTS = ModelConfig()  # the model keys' defaults (models/qamp.py), shown by print_config
+DATA_ROOT_ENV = "QAMP_DATA_ROOT"  # data_dir when the command line gives none
 
 
 class QampExperiment(Experiment):
@@ -62,14 +69,17 @@ class QampExperiment(Experiment):
         self.final_config_checks: list = []
 
     def final_config_check(self, func):
-        """Decorator: ``func(config, command_name)`` raises to refuse the run."""
+        """Decorator: ``func(config, command_name, explicit)`` raises to refuse the run; ``explicit``:
+        the updates given explicitly (``with KEY=VALUE``, ``ex.run(config_updates=...)``) as dotted
+        key -> value, not the keys named configs set."""
         self.final_config_checks.append(func)
         return func
 
-    def _create_run(self, command_name=None, *args, **kwargs):
-        run = super()._create_run(command_name, *args, **kwargs)
+    def _create_run(self, command_name=None, config_updates=None, *args, **kwargs):
+        run = super()._create_run(command_name, config_updates, *args, **kwargs)
+        explicit = dict(iterate_flattened(convert_to_nested_dict(config_updates or {})))
         for check in self.final_config_checks:
-            check(run.config, run.meta_info["command"])
+            check(run.config, run.meta_info["command"], explicit)
         return run
 
 
@@ -141,7 +151,7 @@ def cfg():
 
     # ---------------- data ----------------
     dataset = "CHAOST2"  # 'CHAOST2' (abdominal MRI), 'SABS' (abdominal CT), 'Prostate_MRI', 'CMR', 'custom'
-    data_dir = "../shared/data"  # the image folder itself, or a root holding <dataset>/<folder>
+    data_dir = os.environ.get(DATA_ROOT_ENV) or None  # the image folder itself, or a root holding <dataset>/<folder>; None (no QAMP_DATA_ROOT): train / test refuse to start
     supervoxel_dir = None  # folder of superpix-MIDDLE_<id>.nii.gz; None = looked up next to the images (refused with use_gt=True)
     n_sv = None  # supervoxel folder supervoxels_<n_sv>; None = the dataset's (5000; CMR 1000; custom: dataset.json); refused with use_gt=True
     use_gt = False  # train on ground-truth classes (minus exclude_label) instead of supervoxels
@@ -191,7 +201,7 @@ def cfg():
     proto_loss_shots = MODEL_DEFAULTS.proto_loss_shots  # n_shot > 1: prototype-consistency loss 'mean' over shots (ours) or 'sum' (reference)
     empty_support_rule = MODEL_DEFAULTS.empty_support_rule  # n_shot > 1: ADNet fallback when 'any' shot mask is empty (ours) or 'first' (reference)
 
-    # ---------------- training (train.py) ----------------
+    # ---------------- training (train.py; test.py refuses them: TRAINING_ONLY_KEYS) ----------------
     n_steps = 40000  # training episodes (batch 1)
     optim = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}  # SGD
     lr_step_gamma = 0.98  # learning-rate factor applied every max_iters_per_load steps
@@ -415,7 +425,33 @@ def _from_snapshot(config: dict, command_name: str, logger) -> dict:
 
 
 @ex.final_config_check
-def _check_final(config: Mapping[str, Any], command_name: str) -> None:
+def _check_data_dir(config: Mapping[str, Any], command_name: str, explicit: Mapping[str, Any]) -> None:
+    """Refuse a train / test run without data: no ``data_dir`` given, none from the snapshot, and no
+    ``QAMP_DATA_ROOT`` (no development path is a default)."""
+    if command_name in ("train", "test") and config["data_dir"] is None:
+        raise ValueError(f"data_dir is not set: pass data_dir=<folder> (the image folder, or the root holding "
+                         f"<dataset>/<folder>) on the command line, or set {DATA_ROOT_ENV}, e.g. "
+                         f"export {DATA_ROOT_ENV}=/path/to/data")
+
+
+@ex.final_config_check
+def _refuse_training_keys(config: Mapping[str, Any], command_name: str, explicit: Mapping[str, Any]) -> None:
+    """test.py refuses keys only training reads (``TRAINING_ONLY_KEYS``) given explicitly: they would be
+    accepted and ignored. Named configs (e.g. ``cpu_budget``, which sets ``n_steps``) may set them."""
+    if command_name != "test":
+        return
+    given = {key: value for key, value in explicit.items() if key.split(".")[0] in TRAINING_ONLY_KEYS}
+    if given:
+        shown = ", ".join(f"{key}={value!r}" for key, value in given.items())
+        one = len(given) == 1
+        raise ValueError(f"{shown}: {'this key only affects' if one else 'these keys only affect'} training "
+                         f"(train.py reads {'it' if one else 'them'}, test.py does not): drop "
+                         f"{'it' if one else 'them'} from the test.py command (keys only training reads: "
+                         f"{', '.join(TRAINING_ONLY_KEYS)})")
+
+
+@ex.final_config_check
+def _check_final(config: Mapping[str, Any], command_name: str, explicit: Mapping[str, Any]) -> None:
     """Refuse a run whose final config contradicts its snapshot (engine/snapshot_config.py)."""
     from engine.snapshot_config import check_against_snapshot
 

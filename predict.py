@@ -2,7 +2,7 @@
 """Segment your own scan: one annotated support scan in, the same organ(s) segmented in new scans out.
 
     python predict.py --snapshot RUN_OR_FILE --support-image S --support-label SL \\
-        --query Q [--query Q2 ...] --out DIR [--classes 1 3] [--device auto] [--seed 2025]
+        --query Q [--query Q2 ...] --out DIR [--classes 1 3] [--label-map 200:1,500:2,600:3] [--device auto]
 
 ``RUN_OR_FILE`` is a training run folder (its ``snapshots/final.pth``), a snapshot file, or a
 reference QAMP checkpoint converted with ``python -m tools.convert``: the model is rebuilt from the
@@ -15,13 +15,21 @@ orientation, z-scored per volume, its axial slices resampled to the model's imag
 probabilities go back to the query's grid (bilinear, then argmax) and the label map is written in the
 query's own orientation and geometry. The query's labels are never needed.
 
+Labels as stored: the support label may hold the values its dataset stores (e.g. MS-CMRSeg's 200 / 500 /
+600): a snapshot of a dataset with a label map (``data/registry.py``, e.g. CMR: 200 / 500 / 600 -> classes
+1 / 2 / 3, LV-MYO / LV-BP / RV) applies it when every value of the label is one of its stored values, and
+``--label-map 200:1,500:2,600:3`` (stored value : class id) does it for any snapshot. ``--classes`` and
+the written prediction use the label's own values; the JSON names each value's class id and name.
+
 Outputs, in ``--out`` for each query ``<name>`` (file name without extension, or the DICOM folder's):
-``<name>_pred.nii.gz`` (uint8, class ids, 0 background, the query's grid), ``<name>_pred.json``
-(per class: name, voxels, volume in mL, slice range in the query's third voxel index, support slices
-used) and ``<name>_overlay.png`` (the query's middle slices of each predicted class, contours).
+``<name>_pred.nii.gz`` (the support label's values, 0 background, uint8 or uint16 above 255, the
+query's grid), ``<name>_pred.json`` (per value: class id, name, voxels, volume in mL, slice range in
+the query's third voxel index, support slices used; the label map applied) and
+``<name>_overlay.png`` (the query's middle slices of each predicted class, contours).
 The same inputs and ``--seed`` give the same files, bit for bit. Bad input (a support label without
-a requested class, a non-3D image, a label on another grid than its image, an unreadable snapshot,
-...) is one ``error:`` line, exit code 2, and nothing written.
+a requested class, a truncated or corrupt file, NaN / inf voxels, a non-3D image, a label with
+non-integer values or on another grid than its image, an unreadable snapshot, ...) is one ``error:``
+line naming the file and the fix, exit code 2, and nothing written.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
+from data.registry import DATASETS
 from dataloaders.datasets import zscore
 from dataloaders.eval_dataset import chunk_bounds, support_fractions
 from models import MODEL_KEYS, MODELS, build_model, check_state_dict, make_generator
@@ -208,20 +217,21 @@ def support_k(support: Volume, used: dict[int, list[int]]) -> dict[int, list[int
     return {c: [int(z) if k_of is None else int(k_of[z]) for z in zs] for c, zs in used.items()}
 
 
-def class_report(pred: sitk.Image, classes: Sequence[int], names: dict[int, str],
+def class_report(pred: sitk.Image, classes: Sequence[int], values: dict[int, int], names: dict[int, str],
                  used: dict[int, list[int]]) -> dict[str, Any]:
-    """Per class: name, voxels, volume in mL, slice range (third voxel index k of the output) and the
-    support slices used (one per chunk)."""
+    """Per class, keyed by its value in the prediction (the support label's value): class id, name,
+    voxels, volume in mL, slice range (third voxel index k of the output) and the support slices used
+    (one per chunk)."""
     array = sitk.GetArrayFromImage(pred)  # (k, j, i)
     voxel_ml = float(np.prod(pred.GetSpacing())) / 1000.0
     report = {}
     for class_id in classes:
-        mask = array == class_id
+        mask = array == values[class_id]
         ks = np.flatnonzero(mask.any(axis=(1, 2)))
         voxels = int(mask.sum())
-        report[str(class_id)] = {"name": names[class_id], "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 4),
-                                 "slice_range": [int(ks[0]), int(ks[-1])] if ks.size else None,
-                                 "support_slices": used[class_id]}
+        report[str(values[class_id])] = {
+            "class_id": class_id, "name": names[class_id], "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 4),
+            "slice_range": [int(ks[0]), int(ks[-1])] if ks.size else None, "support_slices": used[class_id]}
     return report
 
 
@@ -261,6 +271,69 @@ def plot_prediction(path: Path, query: Volume, labels: np.ndarray, classes: Sequ
 
 
 # ----------------------------------------------------------------------------------------------
+# Labels as stored
+# ----------------------------------------------------------------------------------------------
+MAX_STORED_VALUE = 65535  # the prediction holds the label's values: uint8, or uint16 above 255
+
+
+def parse_label_map(text: str) -> dict[int, int]:
+    """``--label-map 200:1,500:2,600:3`` -> ``{200: 1, 500: 2, 600: 3}`` (stored value -> class id)."""
+    example = "e.g. --label-map 200:1,500:2,600:3"
+    label_map: dict[int, int] = {}
+    for item in text.split(","):
+        stored, sep, class_id = item.strip().partition(":")
+        try:
+            pair = int(stored), int(class_id)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected STORED:ID pairs, {example}; got {item!r}") from None
+        if not sep or not 1 <= pair[0] <= MAX_STORED_VALUE or not 1 <= pair[1] <= 255:
+            raise argparse.ArgumentTypeError(f"{item!r}: stored values must be in 1..{MAX_STORED_VALUE} and class "
+                                             f"ids in 1..255 (0 is the background, mapped to 0), {example}")
+        if pair[0] in label_map or pair[1] in label_map.values():
+            raise argparse.ArgumentTypeError(f"{item!r}: each stored value and each class id may appear once")
+        label_map[pair[0]] = pair[1]
+    return label_map
+
+
+def choose_label_map(present: Sequence[int], requested: Sequence[int], explicit: dict[int, int] | None,
+                     dataset: str | None, label: Path) -> dict[int, int] | None:
+    """The stored value -> class id map of a support label holding the non-zero ``present`` values, of
+    which ``requested`` are segmented: ``--label-map``; else the snapshot's dataset's
+    (``data/registry.py``) when every present value is one of its stored values; else None (the
+    values are the class ids).
+
+    Raises:
+        InputError: requested values the map does not map, or above 255 without a map.
+    """
+    spec = DATASETS.get(str(dataset))
+    stored = {k: v for k, v in spec.label_remap.items() if k != 0} if spec is not None else {}
+    label_map = explicit if explicit is not None else (stored if stored and set(present) <= set(stored) else None)
+    if label_map is not None:
+        unmapped = [v for v in requested if v not in label_map]
+        if unmapped:
+            raise InputError(f"the support label {label} holds values {unmapped} that --label-map does not map (it "
+                             f"maps {sorted(label_map)}): add them to --label-map, e.g. {unmapped[0]}:<class id>")
+        return label_map
+    large = [v for v in requested if v > 255]
+    if large:
+        hint = ("" if not stored else f"; dataset {spec.name}'s own map is "
+                + ",".join(f"{k}:{v}" for k, v in sorted(stored.items())) + ", but the label also holds other values")
+        raise InputError(f"the support label {label} holds values {large} above 255 and no label map says which "
+                         f"classes they are (snapshot dataset {dataset}{hint}): pass --label-map STORED:ID,..., e.g. "
+                         "--label-map 200:1,500:2,600:3")
+    return None
+
+
+def value_table(values: dict[int, int]) -> np.ndarray:
+    """Class id -> the label's value, as a lookup table over the model's uint8 ids (uint8, or uint16
+    when a value exceeds 255)."""
+    table = np.zeros(256, dtype=np.uint8 if max(values.values(), default=0) <= 255 else np.uint16)
+    for class_id, value in values.items():
+        table[class_id] = value
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -279,7 +352,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="query scan (NIfTI file or DICOM folder); repeat for several")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--classes", type=int, nargs="+", default=None,
-                        help="class ids to segment (default: every class of the support label)")
+                        help="classes to segment, as the support label stores them (default: every class of "
+                             "the support label)")
+    parser.add_argument("--label-map", type=parse_label_map, default=None, metavar="STORED:ID,...",
+                        help="stored label value -> class id of the snapshot, e.g. 200:1,500:2,600:3 (default: "
+                             "the snapshot's dataset's map when the label holds its stored values, e.g. CMR)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:<i>")
     parser.add_argument("--seed", type=int, default=2025, help="prototype sampling seed (default 2025)")
     parser.add_argument("--n-part", type=int, default=3, help="query chunks, each with its own support slice (default 3)")
@@ -316,18 +393,28 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     support_label_image = read_input(args.support_label, "support label")
     check_same_grid(support_image, support_label_image, str(args.support_image), str(args.support_label))
     support = Volume.load(args.support_image, support_image, orientation, size, "support image")
-    support_label = label_values(orient(support_label_image, orientation).array, str(args.support_label))
-    present = [int(v) for v in np.unique(support_label) if v != 0]
+    stored = label_values(orient(support_label_image, orientation).array, str(args.support_label))
+    present = [int(v) for v in np.unique(stored) if v != 0]
     if not present:
         raise InputError(f"the support label {args.support_label} holds no annotated voxel (all 0)")
-    classes = present if args.classes is None else list(dict.fromkeys(args.classes))
-    missing = [c for c in classes if c not in present]
+    requested = present if args.classes is None else list(dict.fromkeys(args.classes))
+    missing = [c for c in requested if c not in present]
     if missing:
         raise InputError(f"the support label {args.support_label} holds no voxel of class {missing} (it holds "
-                         f"classes {present}): choose --classes among them, or annotate the support")
-    if any(not 1 <= c <= 255 for c in classes):
-        raise InputError(f"--classes {classes}: class ids must be in 1..255 (uint8 output)")
-    names = {c: meta.get("class_names", {}).get(str(c), f"class{c}") for c in classes}
+                         f"classes {present}): choose --classes among them (the label's own values), or annotate the support")
+    if max(requested) > MAX_STORED_VALUE:
+        raise InputError(f"the support label {args.support_label} holds class {max(requested)}: values above "
+                         f"{MAX_STORED_VALUE} cannot be written (uint16 prediction); renumber its classes")
+    label_map = choose_label_map(present, requested, args.label_map, meta.get("dataset"), args.support_label)
+    to_id = label_map or {v: v for v in requested}
+    support_label = np.zeros(stored.shape, dtype=np.uint8)  # class ids, as the model's training labels
+    for value in requested:
+        support_label[stored == value] = to_id[value]
+    classes = [to_id[v] for v in requested]
+    values = {to_id[v]: v for v in requested}
+    spec = DATASETS.get(str(meta.get("dataset")))
+    known = {**({str(k): v for k, v in spec.label_names.items()} if spec else {}), **meta.get("class_names", {})}
+    names = {c: known.get(str(c), f"class{c}") for c in classes}
 
     queries, seen = [], {}
     for path in args.query:
@@ -340,8 +427,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} exists and is not a folder")
     return {"device": device, "model": model, "meta": meta, "snapshot": snapshot, "orientation": orientation,
-            "support": support, "support_label": support_label, "classes": classes, "names": names,
-            "queries": queries}
+            "support": support, "support_label": support_label, "classes": classes, "values": values,
+            "names": names, "label_map": label_map, "queries": queries}
 
 
 def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -358,7 +445,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
             labels, used = segment(job["model"], job["support"], job["support_label"], query, job["classes"],
                                    slices, args.n_part, args.batch_size, job["device"], args.seed, support_feats, bar)
         seconds = time.perf_counter() - t0
-        pred = back_to_source(labels, query.oriented)
+        pred = back_to_source(value_table(job["values"])[labels], query.oriented)  # the label's own values
         write_image(pred, args.out / f"{name}_pred.nii.gz")
         k_of = source_slice_index(query.oriented)
         report = {
@@ -371,7 +458,9 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
             "orientation": {"query": query.oriented.source_code, "model": job["orientation"]},
             "model_image_size": int(job["meta"]["image_size"]), "spacing_mm": list(pred.GetSpacing()),
             "slice_range_index": "k, the third voxel index of the query and of the prediction",
-            "classes": class_report(pred, job["classes"], job["names"], support_k(job["support"], used)),
+            "label_map": None if job["label_map"] is None else {str(k): v for k, v in job["label_map"].items()},
+            "classes": class_report(pred, job["classes"], job["values"], job["names"],
+                                    support_k(job["support"], used)),
             "rule": RULE}
         write_json(args.out / f"{name}_pred.json", report)
         plot_prediction(args.out / f"{name}_overlay.png", query, labels, job["classes"], job["names"], slices, name)

@@ -17,10 +17,11 @@
 # The two models train (and test) side by side with BENCH_THREADS torch threads each (default: one
 # core each on a 2-core machine), so nothing is lost to oversubscription. Keep the machine otherwise
 # idle: the result file records the load average before and after.
-# Environment knobs [default]: DATA_DIR [../shared/data]  BENCH_DIR [runs/bench_chaos_budget]
+# Environment knobs [default]: DATA_DIR [$QAMP_DATA_ROOT; one of them must be set]  BENCH_DIR [runs/bench_chaos_budget]
 #   BENCH_STEPS [cpu_budget's n_steps]  BENCH_SEED [2025]  BENCH_SUPPORTS ["0 1 2"]
 #   BENCH_PARALLEL [1]  BENCH_THREADS [nproc / 2 when parallel, else nproc]  BENCH_EXTRA [""] (more
-#   `key=value` overrides for both models, e.g. "supervoxel_source=generate")
+#   `key=value` overrides for training both models, e.g. "supervoxel_source=generate"; the tests take
+#   them from the snapshots)
 # --tiny: 6 steps, validation every 3, test on the right kidney only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +36,7 @@ for arg in "$@"; do
     esac
 done
 
-DATA_DIR=${DATA_DIR:-../shared/data}
+DATA_DIR=${DATA_DIR:-${QAMP_DATA_ROOT:?set DATA_DIR or QAMP_DATA_ROOT to the folder holding CHAOST2/ (data/README.md)}}
 BENCH_DIR=${BENCH_DIR:-runs/bench_chaos_budget}
 SEED=${BENCH_SEED:-2025}
 SUPPORTS=${BENCH_SUPPORTS:-0 1 2}
@@ -56,8 +57,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 RUN_ROOT=$BENCH_DIR/$(date -u +%Y%m%d-%H%M%S)$([ "$TINY" = 1 ] && echo _tiny || true)
 mkdir -p "$RUN_ROOT"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-COMMON=(abd_mri setting1 cpu_budget "data_dir=$DATA_DIR" seed="$SEED" eval_fold=0 device=cpu "${EXTRA[@]}")
-TRAIN_ARGS=(num_workers=0)
+COMMON=(abd_mri setting1 cpu_budget "data_dir=$DATA_DIR" seed="$SEED" eval_fold=0 device=cpu)
+TRAIN_ARGS=(num_workers=0 "${EXTRA[@]}")
 TEST_ARGS=(n_overlay_slices=1)
 if [ "$TINY" = 1 ]; then
     STEPS=${BENCH_STEPS:-6}
@@ -114,13 +115,13 @@ root, steps, seed, tiny, threads, parallel, load_before, load_after, supports, e
 root = Path(root)
 budget_s = 90 * 60
 dice, per_support = {}, {}
-for r in csv.DictReader(open(root / "summary" / "summary.csv")):
+for r in csv.DictReader(open(root / "summary" / "summary.csv", encoding="utf-8")):
     dice.setdefault(r["method"], {})[r["class_name"]] = round(100 * float(r["mean"]), 2)
 for method, folder in (("QAMP", "test_qamp"), ("ADNet", "test_adnet"), ("copy_support", "test_copy_support")):
     for path in sorted(glob.glob(str(root / folder / "*" / "summary.json"))):
-        summary = json.load(open(path))
+        summary = json.load(open(path, encoding="utf-8"))
         per_support.setdefault(method, {})[str(summary["supp_idx"])] = round(100 * summary["mean_dice"], 2)
-seconds = lambda name: int(open(root / name).read())
+seconds = lambda name: int(open(root / name, encoding="utf-8").read())
 times = {"QAMP": {"train_s": seconds("train_qamp.seconds"), "test_s": seconds("test_qamp.seconds")},
          "ADNet": {"train_s": seconds("train_adnet.seconds"), "test_s": seconds("test_adnet.seconds")},
          "copy_support": {"train_s": 0, "test_s": seconds("test_copy_support.seconds")}}
@@ -130,7 +131,7 @@ for method, name in (("QAMP", "qamp"), ("ADNet", "adnet")):
     snap = load_snapshot(run / "snapshots" / "final.pth")
     val_curve[method] = [{"step": p["step"], "mean": round(100 * p["mean"], 2),
                           "dice": {k: round(100 * v, 2) for k, v in p["dice"].items()}} for p in snap["val"]]
-    log = (run / "logger.log").read_text().splitlines()
+    log = (run / "logger.log").read_text(encoding="utf-8").splitlines()
     done = [l for l in log if "validation took" in l]
     val_s = float(done[-1].split("validation took ")[1].split(" s")[0]) if done else 0.0
     val_share[method] = round(100 * val_s / max(1, times[method]["train_s"] - val_s), 2)
@@ -144,7 +145,7 @@ result = {"name": "chaos_budget", "config": config, "dice_percent": dice, "dice_
           "within_90_min_training": all(t["train_s"] <= budget_s for t in times.values()),
           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_average_before": load_before,
           "load_average_after": load_after, "runs": str(root)}
-table = open(root / "summary" / "summary.md").read().split("\n\n")[1]
+table = open(root / "summary" / "summary.md", encoding="utf-8").read().split("\n\n")[1]
 classes = list(next(iter(val_curve.values()))[-1]["dice"]) if val_curve["QAMP"] else []
 lines = [
     "# CPU-budget comparison on CHAOST2 (fold 0, Setting 1, self-supervised on supervoxels)", "",

@@ -1,6 +1,7 @@
 """The CPU-budget table: QAMP, the authors' ADNet and SSL-ALPNet heads, and copy-support under one test
 bed (same encoder, data, episodes, seed and protocol), on CHAOST2 Setting 1 and 2 and SABS Setting 1.
 
+    export QAMP_DATA_ROOT=../shared/data        # the root holding CHAOST2/ and SABS/
     python bench/cpu_budget_table.py lr         # the baselines' learning rates: run / resume, then choose
     python bench/cpu_budget_table.py run        # run or resume the grid, then collect (hours: see below)
     python bench/cpu_budget_table.py collect    # tables (and the lr table) from what has finished so far
@@ -360,13 +361,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=("lr", "run", "collect"))
     parser.add_argument("--dir", default=str(REPO.parent / "runs" / "cpu_budget_table"),
                         help="grid folder, outside the clone [../runs/cpu_budget_table]")
-    parser.add_argument("--data-dir", default=os.environ.get("QAMP_DATA_ROOT", str(REPO.parent / "shared" / "data")),
-                        help="data root [$QAMP_DATA_ROOT or ../shared/data]")
+    parser.add_argument("--data-dir", default=os.environ.get("QAMP_DATA_ROOT"),
+                        help="data root holding CHAOST2/ and SABS/ [$QAMP_DATA_ROOT]")
     parser.add_argument("--results", default=str(REPO / "bench" / "results"), help="where collect writes")
     parser.add_argument("--slots", type=int, default=None, help="units at a time [one per core]")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--dry-run", action="store_true", help="print the sweep commands, run nothing")
     args = parser.parse_args(argv)
+    if args.command != "collect" and not args.data_dir:
+        parser.error("the data root is not set: pass --data-dir or export QAMP_DATA_ROOT=/path/to/data")
+    if args.data_dir:
+        args.data_dir = str(Path(args.data_dir).resolve())
     {"lr": lr_select, "run": run, "collect": collect}[args.command](args)
 
 

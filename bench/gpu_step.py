@@ -106,7 +106,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, amp_mode:
     record = {"rank": rank, "times": times, "peak_bytes": int(peak), "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
               "backend": dist.backend, "loss_finite": bool(torch.isfinite(out["loss"])), "reverse_steps": reverse}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
     ddp.teardown(dist)
 
 
@@ -114,7 +114,7 @@ def measure(world: int, amp_mode: str, args: argparse.Namespace) -> dict:
     """One configuration in ``world`` spawned processes (one for world size 1 too)."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(world, free_port(), args, amp_mode, tmp), nprocs=world, join=True)
-        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text(encoding="utf-8")) for r in range(world)]
     step = statistics.median(max(ts) for ts in zip(*(r["times"] for r in ranks)))  # slowest rank per step
     return {"world_size": world, "amp": amp_mode, "step_s": round(step, 4), "steps_per_s": round(1 / step, 3),
             "episodes_per_s": round(world / step, 3),

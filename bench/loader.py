@@ -1,6 +1,6 @@
 """Loader speed: seconds to load a training set, and episodes per second with augmentation.
 
-    .venv/bin/python bench/loader.py [--data-dir ../shared/data] [--episodes 500]
+    .venv/bin/python bench/loader.py [--data-dir DIR (default $QAMP_DATA_ROOT)] [--episodes 500]
 
 Measures, on CHAOST2 with the published supervoxels:
 - ``load_s``: seconds for :class:`TrainDataset` to read, check, z-score and index all 20 scans with
@@ -23,12 +23,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from dataloaders.train_dataset import TrainDataset  # noqa: E402
-from bench.report import emit, machine  # noqa: E402
+from bench.report import add_data_dir, emit, machine  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    add_data_dir(parser)
     parser.add_argument("--episodes", type=int, default=500, help="episodes timed")
     parser.add_argument("--num-threads", type=int, default=2, help="threads reading volumes")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "loader.json"))

@@ -27,13 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.report import emit, machine  # noqa: E402
+from bench.report import add_data_dir, emit, machine  # noqa: E402
 from engine.malloc import keep_freed_memory  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    add_data_dir(parser)
     parser.add_argument("--support-id", type=int, default=3)
     parser.add_argument("--query-id", type=int, default=2)
     parser.add_argument("--class-id", type=int, default=2, help="class to segment (CHAOST2 2 = right kidney)")

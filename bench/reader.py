@@ -1,6 +1,6 @@
 """Reader cost: the checked image reader (``utils.io.read_volume``) against a plain ITK read.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/reader.py [--data-dir ../shared/data] [--runs 5]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/reader.py [--data-dir DIR (default $QAMP_DATA_ROOT)] [--runs 5]
 
 Reads the 20 CHAOST2 scans (image and label, 40 ``.nii.gz`` files) once per pass with
 - ``plain``: what the project read before the integrity checks (``sitk.ReadImage`` +
@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import SimpleITK as sitk  # noqa: E402
 
+from bench.report import add_data_dir  # noqa: E402
 from utils.io import read_volume, write_json  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def plain_read(path: Path):
 
 def load_average() -> str:
     try:
-        return Path("/proc/loadavg").read_text().strip()
+        return Path("/proc/loadavg").read_text(encoding="utf-8").strip()
     except OSError:
         return "unavailable"
 
@@ -55,7 +56,7 @@ def one_pass(reader, files: list[Path]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    add_data_dir(parser)
     parser.add_argument("--runs", type=int, default=5, help="timed passes per reader (>= 3)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "reader.json"))
     args = parser.parse_args()

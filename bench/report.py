@@ -12,6 +12,14 @@ from typing import Any
 from utils.io import write_json
 
 
+def add_data_dir(parser) -> None:
+    """``--data-dir``: the folder holding ``CHAOST2/`` (and ``SABS/``); default ``$QAMP_DATA_ROOT``,
+    required when that is not set (no development path is a default)."""
+    default = os.environ.get("QAMP_DATA_ROOT") or None
+    parser.add_argument("--data-dir", default=default, required=default is None,
+                        help="folder holding CHAOST2/ (default: $QAMP_DATA_ROOT)")
+
+
 def machine() -> dict[str, Any]:
     """The machine line and the 1-minute load average (wall times are noisy on a shared CPU)."""
     torch = sys.modules.get("torch")

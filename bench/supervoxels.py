@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
+from bench.report import add_data_dir  # noqa: E402
 from data.supervoxels import generate_supervoxels as gen  # noqa: E402
 from utils.io import read_volume, write_json  # noqa: E402
 
@@ -46,13 +47,9 @@ TARGETS = {
 }
 
 
-def data_root() -> Path:
-    return Path(os.environ.get("QAMP_DATA_ROOT", REPO_ROOT.parent / "shared" / "data")).resolve()
-
-
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -140,9 +137,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--edge-order", choices=gen.EDGE_ORDERS, default=gen.DEFAULT_EDGE_ORDER)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "supervoxels.json")
+    add_data_dir(parser)
     args = parser.parse_args(argv)
 
-    root = data_root()
+    root = Path(args.data_dir).resolve()
     chaos_dir = root / "CHAOST2" / "chaos_MR_T2_normalized"
     published = root / "CHAOST2" / "supervoxels_5000"
     sabs_dir = root / "SABS" / "sabs_CT_normalized"

@@ -35,7 +35,7 @@ def run_suite(mode: str) -> dict:
         env.pop("QAMP_DATA_ROOT", None)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    done = subprocess.run(["bash", "scripts/test.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(["bash", "scripts/test.sh"], cwd=REPO, env=env, capture_output=True, encoding="utf-8")
     seconds = time.perf_counter() - start
     last = (done.stdout.strip().splitlines() or [""])[-1]
     if done.returncode != 0:

@@ -216,7 +216,7 @@ def read_custom_json(image_dir: str | Path) -> dict[str, Any]:
             'create it, e.g. {"labels": {"1": "liver"}, "test_labels": [1]} (see data/README.md)'
         )
     try:
-        raw = json5.loads(path.read_text())
+        raw = json5.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise ValueError(f"{path}: not valid JSON / JSON5 ({err}); fix the file") from None
     if not isinstance(raw, dict):

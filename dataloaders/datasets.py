@@ -11,7 +11,7 @@ folds share one scan); the last fold holds ``4*s .. n_scans-1`` plus position 0.
 
 Print the folds of a dataset::
 
-    python -m dataloaders.datasets --dataset CHAOST2 --data-dir ../shared/data --folds
+    python -m dataloaders.datasets --dataset CHAOST2 --data-dir $QAMP_DATA_ROOT --folds
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def resolve_image_dir(dataset: str | DatasetSpec, data_dir: str | Path) -> Path:
     """The folder holding ``image_<id>`` files.
 
     ``data_dir`` may be that folder itself, a dataset folder holding ``<folder>`` (the reference
-    layout, e.g. ``data/CHAOST2``), or a root holding ``<name>/<folder>`` (e.g. ``../shared/data``).
+    layout, e.g. ``data/CHAOST2``), or a root holding ``<name>/<folder>`` (e.g. ``$QAMP_DATA_ROOT``).
 
     Raises:
         FileNotFoundError: none of these exist (the message lists what was tried).

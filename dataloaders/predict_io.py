@@ -19,7 +19,6 @@ nothing, so the model input is exactly what ``test.py`` gives it.
 """
 from __future__ import annotations
 
-import locale
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import SimpleITK as sitk
 import torch
 
 from dataloaders.eval_dataset import to_model_input
-from utils.io import orientation_code
+from utils.io import orientation_code, read_dicom_series, read_image
 from utils.resample import resize_image, resize_labels, resize_probabilities
 
 
@@ -41,42 +40,32 @@ class InputError(ValueError):
 # Reading
 # ----------------------------------------------------------------------------------------------
 def read_input(path: str | os.PathLike, what: str) -> sitk.Image:
-    """Read a 3D single-channel image from a file or a DICOM series folder.
+    """Read a 3D single-channel image from a file or a DICOM series folder, through the project's one
+    checked reader (``utils.io.read_image`` / ``utils.io.read_dicom_series``: truncated or corrupt
+    files, slice files outside the series and NaN / inf voxels are refused, never read as zeros).
 
     Args:
         what: what the image is (``'support image'``, ``'query'``, ...) for the messages.
 
     Raises:
-        InputError: missing path, unreadable file, a folder without exactly one DICOM series, or an
-            image that is not 3D single-channel.
+        InputError: missing path, unreadable or damaged file, a folder without exactly one DICOM
+            series, non-finite voxels, or an image that is not a 3D single-channel volume of at least
+            two slices in every direction.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} {path} does not exist: pass a NIfTI file or a DICOM series folder")
-    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM sets the C locale and leaves it (ASCII text I/O after)
     try:
-        if path.is_dir():
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise InputError(f"{what} {path} is a folder without DICOM files: pass a NIfTI file or a "
-                                 "folder holding one DICOM series")
-            if len(series) > 1:
-                raise InputError(f"{what} {path} holds {len(series)} DICOM series ({', '.join(series)}): pass a "
-                                 "folder with one series")
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
-            image = reader.Execute()
-        else:
-            image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        last = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reader error"
-        raise InputError(f"cannot read {what} {path}: not a readable medical image ({last})") from None
-    finally:
-        locale.setlocale(locale.LC_ALL, saved_locale)
+        image = read_dicom_series(path)[0] if path.is_dir() else read_image(path)
+    except (FileNotFoundError, ValueError) as err:  # ImageIntegrityError is a ValueError
+        raise InputError(f"{what}: {err}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{what} {path} is not a 3D single-channel volume: it has {image.GetDimension()} "
                          f"dimensions (size {image.GetSize()}) and {image.GetNumberOfComponentsPerPixel()} "
                          "component(s) per voxel; pass the 3D scan")
+    if min(image.GetSize()) < 2:
+        raise InputError(f"{what} {path} is a single slice (size {image.GetSize()}), not a 3D volume: pass the "
+                         "whole scan (for DICOM, the folder holding the series, not one of its files)")
     return image
 
 
@@ -101,8 +90,11 @@ def label_values(label: np.ndarray, name: str) -> np.ndarray:
     """The label array as int64; raises :class:`InputError` for fractional or negative values."""
     if label.dtype.kind == "f":
         as_int = np.rint(label)
-        if not np.array_equal(as_int, label):
-            raise InputError(f"the support label {name} holds fractional values: pass an integer label map")
+        fractional = as_int != label
+        if fractional.any():
+            raise InputError(f"the support label {name} holds {int(fractional.sum())} non-integer value(s) (e.g. "
+                             f"{float(label[fractional][0]):g}): a label map holds integer class ids (0 = background); "
+                             "re-save it with integer values (resample labels with nearest-neighbour interpolation)")
         label = as_int
     label = label.astype(np.int64)
     if label.size and label.min() < 0:

@@ -49,7 +49,7 @@ def run_folder(run) -> Path:
 
 def attach_log_file(log: logging.Logger, path: Path) -> logging.Handler:
     """Also write ``log``'s records to ``path`` (``logger.log`` of the run folder)."""
-    handler = logging.FileHandler(path)
+    handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s"))
     log.addHandler(handler)

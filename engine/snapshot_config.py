@@ -31,6 +31,16 @@ RESUME_FREE_KEYS = frozenset({
     "reload_model_path", "supp_idx", "n_part", "eval_mode", "test_batch_size", "n_overlay_slices"})
 # Data keys a test run takes from the snapshot's training config when they are not given.
 TEST_SNAPSHOT_DEFAULTS = ("dataset", "data_dir", "setting", "eval_fold", "test_label")
+# Keys only train.py reads: test.py refuses them on its command line (config.py; a named config such as
+# cpu_budget may still set them) and tools.sweep leaves them out of its test cells. The training
+# section of config.py, plus the data keys that shape training episodes (supervoxels, ground truth,
+# excluded slices, minimum area, augmentation), the training DataLoader's workers and the encoder's
+# initial weights (test.py builds the model with pretrained_weights='none' and loads the snapshot).
+TRAINING_ONLY_KEYS = (
+    "n_steps", "optim", "lr_step_gamma", "max_iters_per_load", "print_interval", "save_snapshot_every",
+    "keep_snapshots", "resume", "val_interval", "val_scans",
+    "supervoxel_dir", "n_sv", "use_gt", "supervoxel_source", "exclude_label", "exclude_mode", "min_size", "augment",
+    "num_workers", "pretrained_weights", "pretrained_path")
 
 
 def _uses_snapshot(config: Mapping[str, Any], command: str | None) -> str | None:
@@ -92,6 +102,12 @@ def check_against_snapshot(config: Mapping[str, Any], command: str | None, model
         _check_resume(config, header)
 
 
+def _differs(key: str, stored: Any, requested: Any, owner: str) -> str:
+    """One differing key in a refusal: ``key: <owner> has <stored>, requested <requested>``, both values
+    under their own name (``owner``: 'the snapshot' or 'the run')."""
+    return f"{key}: {owner} has {_plain(stored)!r}, requested {_plain(requested)!r}"
+
+
 def _check_test(config: Mapping[str, Any], header: Mapping[str, Any],
                 native_size: Callable[[Mapping[str, Any]], int | None]) -> None:
     differing, notes = [], []
@@ -110,11 +126,11 @@ def _check_test(config: Mapping[str, Any], header: Mapping[str, Any],
                              + (f", {native} px" if native is not None else ""))
         elif _plain(value) == _plain(stored):
             continue
-        differing.append(f"{key}={stored!r} (this run: {value!r})")
+        differing.append(_differs(key, stored, value, "the snapshot"))
     if differing:
         raise ValueError(
             f"reload_model_path={config['reload_model_path']!r}: the model is built from its snapshot "
-            f"({header['path']}), which was trained with {', '.join(differing)}"
+            f"({header['path']}), and these model keys differ from it: {'; '.join(differing)}"
             + (f" [{'; '.join(notes)}]" if notes else "")
             + ". Drop these keys from the command line (the snapshot's values are used), or pass a snapshot "
               "trained with the values you want")
@@ -122,17 +138,17 @@ def _check_test(config: Mapping[str, Any], header: Mapping[str, Any],
 
 def _check_resume(config: Mapping[str, Any], header: Mapping[str, Any]) -> None:
     stored = header["config"]
-    changed = [f"{k}={stored[k]!r} (this run: {_plain(config[k])!r})" for k in config
+    changed = [_differs(k, stored[k], config[k], "the run") for k in config
                if k not in RESUME_FREE_KEYS and k in stored and _plain(config[k]) != _plain(stored[k])]
     if stored.get("use_gt") and (stored.get("val_interval", 0) > 0) != (config["val_interval"] > 0):
         # with ground-truth training the validation scans are left out of the training set only while
         # validation is on: switching it on or off would change what the run trains on
-        changed.append(f"val_interval={stored.get('val_interval', 0)!r} (this run: {config['val_interval']!r}; with "
-                       f"use_gt=True, validation on or off decides whether the validation scans are trained on)")
+        changed.append(_differs("val_interval", stored.get("val_interval", 0), config["val_interval"], "the run")
+                       + " (with use_gt=True, validation on or off decides whether the validation scans are trained on)")
     if changed:
         raise ValueError(
             f"resume={config['resume']!r}: a resumed run continues with its own config, and these keys differ "
-            f"from it (they change what the run means): {', '.join(changed)}. Drop them to continue the run, or "
+            f"from it (they change what the run means): {'; '.join(changed)}. Drop them to continue the run, or "
             f"start a new run without resume. Keys that may change: n_steps (to train longer), "
             f"{', '.join(sorted(RESUME_FREE_KEYS - {'resume', 'n_steps'}))}")
     step = int(header["step"])

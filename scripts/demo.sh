@@ -146,9 +146,10 @@ if [ "$BUDGET" = 1 ]; then  # real scans: the named configuration and its own de
     stage "train QAMP with cpu_budget: $STEPS steps, fold $FOLD (log: $RUN_ROOT/train.log)"
 else
     COMMON=(dataset="$DATASET" "data_dir=$DATA_ARG" seed="$SEED" eval_fold="$FOLD" backbone="$BACKBONE"
-            pretrained_weights="$PRETRAINED" device=cpu $PROTOTYPES)
+            device=cpu $PROTOTYPES)
     TRAIN_ARGS=(n_steps="$STEPS" optim.lr="$LR" min_size="$MIN_SIZE" use_gt="$USE_GT" max_iters_per_load="$LR_STEP"
-                lr_step_gamma="$LR_GAMMA" save_snapshot_every="$STEPS" print_interval=100 num_workers=0)
+                lr_step_gamma="$LR_GAMMA" save_snapshot_every="$STEPS" print_interval=100 num_workers=0
+                pretrained_weights="$PRETRAINED")
     # the supervoxels are for self-supervised training only (train.py refuses them with use_gt=True)
     [ "$USE_GT" = True ] || TRAIN_ARGS+=("supervoxel_dir=$SV_DIR" n_sv="$N_SV")
     stage "train QAMP: $STEPS steps, $BACKBONE, lr $LR (x $LR_GAMMA every $LR_STEP steps), fold $FOLD (log: $RUN_ROOT/train.log)"

@@ -4,7 +4,9 @@
 #
 # Usage: scripts/run_folds.sh train|test NAMED_CONFIG DATASET [extra Sacred KEY=VALUE ...]
 # Environment (defaults in brackets):
-#   DATA_DIR [../shared/data]  image folder or a root holding <DATASET>/<folder>
+#   DATA_DIR [unset]         image folder or a root holding <DATASET>/<folder>; unset: QAMP_DATA_ROOT
+#                            (config.py; training refuses to start without either; a test run
+#                            takes its training run's data_dir)
 #   LOG_DIR  [./runs]          where run folders are created (test runs look for training runs here)
 #   N_STEPS  [40000]           training steps (train only)
 #   DEVICE   [auto]            auto | cpu | cuda | cuda:<i>
@@ -25,7 +27,7 @@ if [[ $# -lt 3 || ( $1 != train && $1 != test ) ]]; then
 fi
 STAGE=$1 NAMED=$2 DATASET=$3
 shift 3
-DATA_DIR=${DATA_DIR:-../shared/data}
+DATA_DIR=${DATA_DIR:-}
 LOG_DIR=${LOG_DIR:-./runs}
 N_STEPS=${N_STEPS:-40000}
 DEVICE=${DEVICE:-auto}
@@ -34,7 +36,8 @@ FOLDS=${FOLDS:-0 1 2 3 4}
 SUPP_IDX=${SUPP_IDX:-2}
 SEED=${SEED:-2025}
 PYTHON=${PYTHON:-.venv/bin/python}
-common=(with "$NAMED" "setting$SETTING" "data_dir=$DATA_DIR" "path.log_dir=$LOG_DIR" "device=$DEVICE" "seed=$SEED")
+common=(with "$NAMED" "setting$SETTING" ${DATA_DIR:+"data_dir=$DATA_DIR"} "path.log_dir=$LOG_DIR" "device=$DEVICE"
+        "seed=$SEED")
 
 # Newest finished training run of fold $1 ('' when there is none).
 latest_run() {

@@ -4,7 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export PYTHONUTF8=1  # UTF-8 text I/O even after ITK/GDCM (DICOM tests) switch the process to the C locale
 # One pytest-xdist worker per core, each running whole test files (module fixtures built once) on
 # one thread: a worker's small tensors gain nothing from a second thread, the other worker does.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}

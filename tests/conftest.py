@@ -110,7 +110,7 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
         return folder
     folder = tmp_path_factory.getbasetemp().parent / f"shared_{name}"  # this session's, shared by its workers
     folder.mkdir(exist_ok=True)
-    with open(folder.parent / f"shared_{name}.lock", "w") as lock:
+    with open(folder.parent / f"shared_{name}.lock", "w", encoding="utf-8") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "done").is_file():
             build(folder)
@@ -131,6 +131,6 @@ def tiny_run(phantoms48: Path, tmp_path_factory) -> dict:
     def build(folder: Path) -> None:
         config = tiny_train_config(phantoms48, folder / "runs")
         result = experiment().run(command_name="train", config_updates=config).result
-        (folder / "result.json").write_text(json.dumps(result))
+        (folder / "result.json").write_text(json.dumps(result), encoding="utf-8")
 
-    return json.loads((built_once(tmp_path_factory, "tiny_run", build) / "result.json").read_text())
+    return json.loads((built_once(tmp_path_factory, "tiny_run", build) / "result.json").read_text(encoding="utf-8"))

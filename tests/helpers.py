@@ -5,7 +5,10 @@ commands, and programs' ``--help`` text (no external data needed).
   overrides ``TINY_ARGS`` for the command-line tests (sweep, torchrun, amp).
 - 48 x 48 phantoms seen at ``image_size`` 32 (``make_phantoms48``; 5 scans, supervoxels generated
   on load) and ``tiny_train_config``: the one short training run that the predict, snapshot-config
-  and image-size tests share (``tiny_run`` in conftest.py).
+  and image-size tests share (``tiny_run`` in conftest.py); ``for_test`` drops its training-only keys
+  for a test.py run.
+- ``write_dicom_series``: a volume as a DICOM series written with pydicom (pre-processing and
+  bad-input tests); ``write_stored_label``: a label with a dataset's own values (predict tests).
 
 A ResNet-50 QAMP with few prototypes (``TINY_HEAD``): a training step takes a fraction of a second
 on one CPU thread.
@@ -56,7 +59,7 @@ def make_phantoms(root: Path) -> Path:
     if (root / "dataset.json").is_file() and any(root.glob("supervoxels_*/superpix-MIDDLE_*.nii.gz")):
         return root
     synthetic.generate(root, n_scans=N_SCANS, seed=3, size=SIZE, progress=False)
-    n_sv = json.loads((root / "dataset.json").read_text())["n_sv"]
+    n_sv = json.loads((root / "dataset.json").read_text(encoding="utf-8"))["n_sv"]
     generate_supervoxels(root, "image_*.nii.gz", n_sv, root / f"supervoxels_{n_sv}", 1, False)
     return root
 
@@ -80,6 +83,73 @@ def tiny_train_config(data_dir: Path, log_dir: Path, **updates) -> dict:
               "test_batch_size": 8, "optim.lr": 0.02, "path": {"log_dir": str(log_dir)}, **TINY_HEAD}
     config.update(updates)
     return config
+
+
+def for_test(config: dict) -> dict:
+    """A training config made a test.py config: without the keys only training reads, which test.py
+    refuses (``engine.snapshot_config.TRAINING_ONLY_KEYS``)."""
+    from engine.snapshot_config import TRAINING_ONLY_KEYS
+
+    return {key: value for key, value in config.items() if key.split(".")[0] not in TRAINING_ONLY_KEYS}
+
+
+def write_dicom_series(image, folder: Path, series_uid: str | None = None, stem: str = "IMG-0002-{:05d}",
+                       first: int = 1, rescale_slope: float | None = None) -> list[Path]:
+    """``image`` (a 3D SimpleITK image, stored as int16) as a DICOM series written with pydicom, one
+    file per slice with the tags SimpleITK / GDCM use for geometry; ``rescale_slope``: a Rescale
+    Slope tag (readers then return the stored values times the slope)."""
+    import numpy as np
+    import SimpleITK as sitk
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    array = sitk.GetArrayFromImage(image).astype(np.int16)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    sx, sy, sz = image.GetSpacing()
+    series_uid, study_uid = series_uid or generate_uid(), generate_uid()
+    paths = []
+    for k in range(array.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.Modality, ds.PatientID, ds.SeriesNumber, ds.InstanceNumber = "MR", "anon", 2, k + 1
+        ds.ImagePositionPatient = [f"{c:.6f}" for c in image.TransformIndexToPhysicalPoint((0, 0, k))]
+        ds.ImageOrientationPatient = [f"{c:.6f}" for c in (*direction[:, 0], *direction[:, 1])]
+        ds.PixelSpacing = [f"{sy:.6f}", f"{sx:.6f}"]
+        ds.SliceThickness = f"{sz:.6f}"
+        ds.Rows, ds.Columns = array.shape[1], array.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        if rescale_slope is not None:
+            ds.RescaleSlope, ds.RescaleIntercept = f"{rescale_slope:g}", "0"
+        ds.PixelData = array[k].tobytes()
+        path = folder / (stem.format(first + k) + ".dcm")
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_stored_label(source: Path, target: Path, values: dict[int, int]) -> Path:
+    """The label file ``source`` with class ``c`` stored as ``values[c]`` (others 0), as uint16 on the
+    same grid (a dataset's own label values, e.g. MS-CMRSeg's 200 / 500 / 600)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    label = sitk.ReadImage(str(source))
+    array = sitk.GetArrayFromImage(label)
+    stored = np.zeros(array.shape, np.uint16)
+    for class_id, value in values.items():
+        stored[array == class_id] = value
+    image = sitk.GetImageFromArray(stored)
+    image.CopyInformation(label)
+    sitk.WriteImage(image, str(target), True)
+    return target
 
 
 def load_test_script() -> ModuleType:

@@ -57,7 +57,8 @@ def _access(key: str) -> re.Pattern:
 def readers(key: str) -> set[str]:
     """Commands whose code reads ``key``."""
     found = {cmd for cmd, files in SOURCES.items()
-             if any(_access(key).search((REPO / f).read_text()) for f in files if (REPO / f).is_file())}
+             if any(_access(key).search((REPO / f).read_text(encoding="utf-8"))
+                    for f in files if (REPO / f).is_file())}
     if key in {f.name for f in dataclasses.fields(ModelConfig)}:
         found |= {"train", "test"}
     if key in READ_ELSEWHERE:
@@ -123,7 +124,7 @@ def test_the_check_notices_an_unread_key() -> None:
 def test_custom_dataset_json_modality_sets_the_prior_thresholds(tmp_path: Path, capsys) -> None:
     """dataset=custom: dataset.json's modality CT gives the CT thresholds (print_config shows them);
     MR, or no dataset.json in data_dir, the MR defaults; given values win."""
-    (tmp_path / "dataset.json").write_text('{"modality": "CT", "labels": {"1": "liver"}}')
+    (tmp_path / "dataset.json").write_text('{"modality": "CT", "labels": {"1": "liver"}}', encoding="utf-8")
     updates = {"dataset": "custom", "data_dir": str(tmp_path), "path": {"log_dir": str(tmp_path / "runs")}}
 
     def thresholds(**more) -> tuple[float, float]:
@@ -136,5 +137,21 @@ def test_custom_dataset_json_modality_sets_the_prior_thresholds(tmp_path: Path, 
     assert thresholds(tau_fg=0.55) == (0.55, CT_PRIOR_THRESHOLDS[1])
     mr = (ModelConfig.tau_fg, ModelConfig.tau_bg)
     assert thresholds(data_dir=str(tmp_path / "no_such_folder")) == mr
-    (tmp_path / "dataset.json").write_text('{"labels": {"1": "liver"}}')  # modality MR by default
+    (tmp_path / "dataset.json").write_text('{"labels": {"1": "liver"}}', encoding="utf-8")  # modality MR by default
     assert thresholds() == mr
+
+
+def test_training_only_keys_are_the_keys_only_training_reads() -> None:
+    """engine.snapshot_config.TRAINING_ONLY_KEYS (test.py refuses them on its command line) holds every
+    key that only train.py's code reads, and only config keys test.py does not need; a new training key
+    fails here until it is listed."""
+    from engine.snapshot_config import TRAINING_ONLY_KEYS
+
+    keys = defaults()
+    assert set(TRAINING_ONLY_KEYS) <= set(keys) and len(set(TRAINING_ONLY_KEYS)) == len(TRAINING_ONLY_KEYS)
+    refused_at_test = {key for key, commands in REFUSED.items() if "test" in commands}  # n_shot: test.py's 1 only
+    only_train = {key for key in keys if readers(key) == {"train"}} - refused_at_test
+    assert only_train <= set(TRAINING_ONLY_KEYS), sorted(only_train - set(TRAINING_ONLY_KEYS))
+    # read by test.py's files only to validate or ignore them: resolve_labels checks exclude_label, the
+    # model is built with pretrained_weights='none' (its weights come from the snapshot)
+    assert set(TRAINING_ONLY_KEYS) - only_train == {"exclude_label", "pretrained_weights", "pretrained_path"}

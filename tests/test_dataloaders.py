@@ -76,7 +76,7 @@ def _toy_dataset(root: Path, ids=(1, 2, 3, 4, 5, 6), size: int = 16, depth: int 
             sv[:, size // 2:, :] = 2
             _write(root / "supervoxels_50" / f"superpix-MIDDLE_{i}.nii.gz", sv)
     spec = {"labels": {"1": "cube", "2": "slab"}, "test_labels": [1], "n_sv": 50} if labels is None else labels
-    (root / "dataset.json").write_text(json.dumps(spec))
+    (root / "dataset.json").write_text(json.dumps(spec), encoding="utf-8")
     return root
 
 
@@ -401,7 +401,7 @@ def test_custom_dataset_built_from_chaos_files(tmp_path: Path, chaos_dir: Path, 
                    tmp_path / "supervoxels_5000" / f"superpix-MIDDLE_{i}.nii.gz")
     (tmp_path / "dataset.json").write_text(json.dumps(
         {"name": "chaos_subset", "labels": {"1": "liver", "2": "rk", "3": "lk", "4": "spleen"},
-         "test_labels": [1, 4]}))
+         "test_labels": [1, 4]}), encoding="utf-8")
     spec = get_dataset("custom", tmp_path)
     assert spec.image_size == 256 and spec.n_sv == 5000 and spec.test_labels == (1, 4)
     assert spec.folds == make_folds(6)
@@ -414,7 +414,7 @@ def test_custom_dataset_built_from_chaos_files(tmp_path: Path, chaos_dir: Path, 
     # explicit folds, as scan ids
     (tmp_path / "dataset.json").write_text(json.dumps(
         {"labels": {"1": "liver", "2": "rk", "3": "lk", "4": "spleen"},
-         "folds": [[2, 10], [10, 13], [13, 19], [19, 20], [20, 21, 2]]}))
+         "folds": [[2, 10], [10, 13], [13, 19], [19, 20], [20, 21, 2]]}), encoding="utf-8")
     spec = load_custom_spec(tmp_path)
     assert spec.folds[4] == (0, 4, 5) and spec.test_labels == (1, 2, 3, 4)
 
@@ -532,9 +532,10 @@ def test_custom_dataset_json_may_hold_comments_and_trailing_commas(tmp_path: Pat
     root = _toy_dataset(tmp_path / "c")
     (root / "dataset.json").write_text(
         '{\n  // hand-written: comments and trailing commas are fine (JSON5)\n'
-        '  "labels": {"1": "cube", "2": "slab",},\n  test_labels: [1],  // unquoted key\n  "n_sv": 50,\n}\n')
+        '  "labels": {"1": "cube", "2": "slab",},\n  test_labels: [1],  // unquoted key\n  "n_sv": 50,\n}\n',
+        encoding="utf-8")
     spec = get_dataset("custom", root)
     assert spec.label_names == {1: "cube", 2: "slab"} and spec.test_labels == (1,) and spec.n_sv == 50
-    (root / "dataset.json").write_text('{"labels": {"1": "cube"}')
+    (root / "dataset.json").write_text('{"labels": {"1": "cube"}', encoding="utf-8")
     with pytest.raises(ValueError, match="not valid JSON"):
         get_dataset("custom", root)

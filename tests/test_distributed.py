@@ -38,7 +38,7 @@ def _env() -> dict:
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", *args], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=300)
+                          timeout=300, encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_gpu_step_bench_runs_tiny_on_cpu(tmp_path: Path) -> None:
 
     out = tmp_path / "gpu_step.json"
     assert gpu_step.main(["--tiny", "--world-sizes", "2", "--amp", "bf16", "--out", str(out)]) == 0
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(encoding="utf-8"))
     assert data["ran_on_gpu"] is False and data["tiny"] is True and "not a GPU measurement" in data["note"]
     (run,) = data["runs"]
     assert (run["world_size"], run["amp"], run["backend"], run["peak_mem_kind"]) == (2, "bf16", "gloo", "cpu_max_rss")

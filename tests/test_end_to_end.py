@@ -21,7 +21,7 @@ import SimpleITK as sitk
 import torch
 
 from data import synthetic
-from helpers import REPO, TINY_HEAD, experiment
+from helpers import REPO, TINY_HEAD, experiment, for_test
 from tools import summarize
 from engine.snapshot import load_snapshot
 
@@ -38,7 +38,7 @@ def _geometry(image: sitk.Image) -> tuple:
 
 
 def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -52,12 +52,12 @@ def phantoms(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def supervoxels(phantoms: Path) -> Path:
     """``generate_supervoxels.py`` as a user runs it, with the dataset's ``n_sv``."""
-    n_sv = json.loads((phantoms / "dataset.json").read_text())["n_sv"]
+    n_sv = json.loads((phantoms / "dataset.json").read_text(encoding="utf-8"))["n_sv"]
     out = phantoms / f"supervoxels_{n_sv}"
     result = subprocess.run(
         [sys.executable, "data/supervoxels/generate_supervoxels.py", "--data-dir", str(phantoms),
          "--n-sv", str(n_sv), "--out-dir", str(out), "--workers", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cwd=REPO, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, encoding="utf-8")
     assert result.returncode == 0, result.stdout + result.stderr
     return out
 
@@ -75,8 +75,8 @@ def config_for(data_dir: Path, log_dir: Path, **updates) -> dict:
 def pipeline(phantoms: Path, supervoxels: Path, root: Path) -> dict:
     """Train, test (standard protocol: every organ, supp_idx 2, 3 chunks) and summarize once."""
     trained = ex.run(command_name="train", config_updates=config_for(phantoms, root / "train")).result
-    tested = ex.run(command_name="test", config_updates=config_for(
-        phantoms, root / "test", reload_model_path=trained["run_dir"])).result
+    tested = ex.run(command_name="test", config_updates=for_test(config_for(
+        phantoms, root / "test", reload_model_path=trained["run_dir"]))).result
     assert summarize.main([f"QAMP={tested['run_dir']}", "--out", str(root / "table")]) == 0
     return {"train": Path(trained["run_dir"]), "test": Path(tested["run_dir"]), "table": root / "table",
             "result": tested}
@@ -134,14 +134,14 @@ def test_scores_and_table_are_finite_and_agree(runs: tuple[dict, dict]) -> None:
         assert math.isfinite(dice) and 0.0 <= dice <= 1.0
         tp, fp, fn = int(row["tp"]), int(row["fp"]), int(row["fn"])
         assert dice == pytest.approx(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    summary = json.loads((run["test"] / "summary.json").read_text())
+    summary = json.loads((run["test"] / "summary.json").read_text(encoding="utf-8"))
     assert math.isfinite(summary["mean_dice"]) and run["result"]["mean_dice"] == summary["mean_dice"]
     table = {r["class_name"]: r for r in _rows(run["table"] / "summary.csv")}
     for organ in ORGANS:
         per_scan = [float(r["dice"]) for r in rows if r["class_name"] == organ]
         assert float(table[organ]["mean"]) == pytest.approx(sum(per_scan) / len(per_scan))
     assert float(table["mean"]["mean"]) == pytest.approx(summary["mean_dice"])
-    markdown = (run["table"] / "summary.md").read_text()
+    markdown = (run["table"] / "summary.md").read_text(encoding="utf-8")
     assert "| QAMP |" in markdown and all(organ in markdown for organ in ORGANS)
 
 
@@ -152,5 +152,7 @@ def test_same_seed_same_weights_and_scores(runs: tuple[dict, dict]) -> None:
     assert a["history"]["loss"] == b["history"]["loss"]
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
-    assert (first["test"] / "scores.csv").read_text() == (second["test"] / "scores.csv").read_text()
-    assert (first["table"] / "summary.csv").read_text() == (second["table"] / "summary.csv").read_text()
+    assert ((first["test"] / "scores.csv").read_text(encoding="utf-8")
+            == (second["test"] / "scores.csv").read_text(encoding="utf-8"))
+    assert ((first["table"] / "summary.csv").read_text(encoding="utf-8")
+            == (second["table"] / "summary.csv").read_text(encoding="utf-8"))

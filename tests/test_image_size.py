@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from dataloaders.train_dataset import TrainDataset
-from helpers import NATIVE, SIZE, experiment, tiny_train_config
+from helpers import NATIVE, SIZE, experiment, for_test, tiny_train_config
 from utils.resample import resize_image, resize_labels, resize_probabilities
 from engine.snapshot import load_snapshot
 
@@ -63,7 +63,7 @@ def test_training_episodes_are_at_image_size(phantoms48: Path) -> None:
 # ---------------------------------------------------------------------------------------------- validation
 def test_validation_curve_written(tiny_run: dict) -> None:
     folder = Path(tiny_run["run_dir"])
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["val_dice_mean"]["steps"] == [2, 4]
     for name in ("liver", "right_kidney"):
         values = metrics[f"val_dice_{name}"]["values"]
@@ -73,7 +73,7 @@ def test_validation_curve_written(tiny_run: dict) -> None:
         assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values)
     assert metrics["reverse_ran"]["values"] == [float(v > 0) for v in metrics["fg_fraction"]["values"]]
     assert (folder / "val_curve.png").stat().st_size > 0 and (folder / "loss_curve.png").is_file()
-    log = (folder / "logger.log").read_text()
+    log = (folder / "logger.log").read_text(encoding="utf-8")
     assert "validation after step 2: Dice %" in log and "validation every 2 steps on scans [4, 5]" in log
     snapshot = load_snapshot(folder / "snapshots" / "final.pth")
     assert [p["step"] for p in snapshot["val"]] == [2, 4]
@@ -97,10 +97,10 @@ def test_all_background_is_reported(caplog) -> None:
 
 # ---------------------------------------------------------------------------------------------- test.py
 def test_predictions_go_back_to_the_native_grid(tiny_run: dict, phantoms48: Path, tmp_path: Path) -> None:
-    result = ex.run(command_name="test", config_updates=config_for(
-        phantoms48, tmp_path, reload_model_path=tiny_run["run_dir"], supp_idx=0)).result
+    result = ex.run(command_name="test", config_updates=for_test(config_for(
+        phantoms48, tmp_path, reload_model_path=tiny_run["run_dir"], supp_idx=0))).result
     folder = Path(result["run_dir"])
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     assert summary["model_image_size"] == SIZE and summary["dice_grid"] == "native"
     predictions = sorted((folder / "predictions").glob("*.nii.gz"))
     assert [p.name for p in predictions] == ["scan2_class1_liver.nii.gz", "scan2_class2_right_kidney.nii.gz"]
@@ -114,6 +114,6 @@ def test_predictions_go_back_to_the_native_grid(tiny_run: dict, phantoms48: Path
 
 
 def test_snapshot_of_another_image_size_is_refused(tiny_run: dict, phantoms48: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"image_size=32 \(this run: None\)"):
-        ex.run(command_name="test", config_updates=config_for(
-            phantoms48, tmp_path, reload_model_path=tiny_run["run_dir"], image_size=None, supp_idx=0))
+    with pytest.raises(ValueError, match=r"image_size: the snapshot has 32, requested None"):
+        ex.run(command_name="test", config_updates=for_test(config_for(
+            phantoms48, tmp_path, reload_model_path=tiny_run["run_dir"], image_size=None, supp_idx=0)))

@@ -31,7 +31,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PROGRAM, mode, str(REPO)], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", PROGRAM, mode, str(REPO)], check=True, capture_output=True,
+                         encoding="utf-8")
     return int(out.stdout.strip())
 
 

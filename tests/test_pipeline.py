@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from helpers import REPO, experiment, load_test_script
+from helpers import REPO, experiment, for_test, load_test_script
 from engine.snapshot import load_snapshot
 
 ex = experiment()
@@ -63,7 +63,7 @@ def small_chaos(tmp_path_factory, chaos_dir: Path, chaos_sv_dir: Path) -> Path:
         sitk.WriteImage(_downsample(sv, False), str(root / "supervoxels_5000" / f"superpix-MIDDLE_{scan_id}.nii.gz"))
     (root / "dataset.json").write_text(json.dumps(
         {"name": "chaos64", "modality": "MR", "labels": CHAOS_LABELS, "test_labels": [1, 2, 3, 4],
-         "n_sv": 5000, "image_size": 256 // FACTOR, "folds": SMALL_FOLDS}))
+         "n_sv": 5000, "image_size": 256 // FACTOR, "folds": SMALL_FOLDS}), encoding="utf-8")
     return root
 
 
@@ -78,11 +78,11 @@ def base_config(data_dir: Path, log_dir: Path, **updates) -> dict:
 
 
 def run(command: str, **config):
-    return ex.run(command_name=command, config_updates=config).result
+    return ex.run(command_name=command, config_updates=for_test(config) if command == "test" else config).result
 
 
 def read_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -116,10 +116,10 @@ def test_training_writes_run_folder_and_full_snapshots(trained: dict) -> None:
     assert snap["scheduler"]["last_epoch"] == 4
     lr = snap["optimizer"]["param_groups"][0]["lr"]
     assert lr == pytest.approx(1e-3 * 0.98 ** 2)
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["loss"]["values"] == pytest.approx(losses)
     assert {"query_loss", "lr"} <= set(metrics)
-    assert "step 4" in (folder / "logger.log").read_text()
+    assert "step 4" in (folder / "logger.log").read_text(encoding="utf-8")
 
 
 def test_test_run_writes_scores_summary_and_geometry(tested: dict, small_chaos: Path) -> None:
@@ -128,7 +128,7 @@ def test_test_run_writes_scores_summary_and_geometry(tested: dict, small_chaos: 
     rows = read_rows(folder / "scores.csv")
     assert list(rows[0]) == list(test_script.CSV_COLUMNS)
     assert [r["scan"] for r in rows] == ["1", "2"]  # fold 0 = scans 1, 2, 3; support 3
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     dice = [float(r["dice"]) for r in rows]
     assert summary["classes"][str(TEST_CLASS)]["dice_mean"] == pytest.approx(np.mean(dice))
     assert summary["classes"][str(TEST_CLASS)]["dice_std"] == pytest.approx(np.std(dice))
@@ -160,7 +160,7 @@ def test_same_seed_gives_identical_test_results(trained: dict, tested: dict, sma
                                             pretrained_weights="deeplabv3",
                                             pretrained_path=str(log_dir / "absent.pth")))["run_dir"])
     assert second.name == first.name + "_2"  # never reuses a run folder
-    assert (first / "scores.csv").read_text() == (second / "scores.csv").read_text()
+    assert (first / "scores.csv").read_text(encoding="utf-8") == (second / "scores.csv").read_text(encoding="utf-8")
     for path in sorted((first / "predictions").iterdir()):
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(second / "predictions" / path.name)))
@@ -246,7 +246,7 @@ def test_run_folder_without_final_snapshot(small_chaos: Path, tmp_path: Path) ->
 
 
 def test_snapshot_of_another_architecture(trained: dict, small_chaos: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="backbone='resnet50'"):
+    with pytest.raises(ValueError, match="backbone: the snapshot has 'resnet50', requested 'resnet101'"):
         run("test", **base_config(small_chaos, tmp_path, reload_model_path=trained["snapshot"],
                                   backbone="resnet101"))
 
@@ -255,7 +255,7 @@ def test_snapshot_of_another_image_size(trained: dict, chaos_dir: Path, tmp_path
     # the snapshot's model sees 64 px; image_size=None on 256 px CHAOST2 would give it 256 px slices
     config = base_config(chaos_dir, tmp_path, reload_model_path=trained["snapshot"], dataset="CHAOST2",
                          image_size=None)
-    with pytest.raises(ValueError, match=r"image_size=64 \(this run: None\).*256 px"):
+    with pytest.raises(ValueError, match=r"image_size: the snapshot has 64, requested None.*256 px"):
         run("test", **config)
 
 
@@ -267,7 +267,7 @@ def test_more_than_one_way_or_query_is_refused(key: str, small_chaos: Path, tmp_
 
 def test_unwritable_log_dir(small_chaos: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
-    blocker.write_text("")
+    blocker.write_text("", encoding="utf-8")
     with pytest.raises(ValueError, match="is not a writable folder"):
         run("train", **base_config(small_chaos, blocker / "runs"))
 
@@ -303,7 +303,7 @@ def test_test_script_finds_the_newest_finished_training_run(tmp_path: Path) -> N
     env = {**os.environ, "PYTHON": "echo", "LOG_DIR": str(tmp_path), "SETTING": "2", "FOLDS": "0",
            "SUPP_IDX": "1 2"}
     out = subprocess.run(["bash", str(REPO / "scripts" / "test_abd_mri.sh"), "backbone=resnet50"], env=env,
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, check=True, encoding="utf-8").stdout
     commands = [line for line in out.splitlines() if line.startswith("test.py")]
     assert len(commands) == 2
     for supp, command in zip((1, 2), commands):
@@ -312,5 +312,6 @@ def test_test_script_finds_the_newest_finished_training_run(tmp_path: Path) -> N
         assert f"reload_model_path={tmp_path}/train_CHAOST2_setting2_fold0_10" in args
         assert f"supp_idx={supp}" in args and "eval_fold=0" in args and args[-1] == "backbone=resnet50"
     env["FOLDS"] = "1"
-    failed = subprocess.run(["bash", str(REPO / "scripts" / "test_abd_mri.sh")], env=env, capture_output=True, text=True)
+    failed = subprocess.run(["bash", str(REPO / "scripts" / "test_abd_mri.sh")], env=env, capture_output=True,
+                            encoding="utf-8")
     assert failed.returncode == 1 and "no finished training run for fold 1" in failed.stderr

@@ -14,7 +14,7 @@ import predict
 from models import MODEL_KEYS, build_model
 from tools.convert import PREFIX_MAP, convert_file
 from dataloaders.predict_io import PlaneGrid, read_input
-from helpers import SIZE, cli_help, experiment
+from helpers import SIZE, cli_help, experiment, write_stored_label
 from engine.snapshot import read_snapshot_header
 
 ex = experiment()
@@ -72,7 +72,7 @@ def test_multi_class_outputs(two_class: Path, phantoms: Path) -> None:
     query = sitk.ReadImage(str(phantoms / "image_2.nii.gz"))
     same_geometry(image, query)
     assert image.GetPixelID() == sitk.sitkUInt8 and set(np.unique(pred)) <= {0, 1, 2}
-    report = json.loads((two_class / "image_2_pred.json").read_text())
+    report = json.loads((two_class / "image_2_pred.json").read_text(encoding="utf-8"))
     voxel_ml = float(np.prod(query.GetSpacing())) / 1000
     assert list(report["classes"]) == ["1", "2"] and report["classes"]["1"]["name"] == "liver"
     for class_id, entry in report["classes"].items():
@@ -139,7 +139,7 @@ def test_reoriented_query_comes_back_on_its_own_grid(two_class: Path, run_dir: P
     reference = sitk.ReadImage(str(two_class / "image_2_pred.nii.gz"))
     back = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(reference))
-    report = json.loads((tmp_path / "out" / "moved_pred.json").read_text())
+    report = json.loads((tmp_path / "out" / "moved_pred.json").read_text(encoding="utf-8"))
     assert report["orientation"]["model"] == "LAS" and report["orientation"]["query"] != "LAS"
     assert report["segmented_k_range"] is None  # k is not the query's axial axis
 
@@ -214,8 +214,69 @@ def test_query_range_limits_the_segmented_slices(run_dir: Path, phantoms: Path, 
     outside = np.ones(pred.shape[0], dtype=bool)
     outside[5:13] = False
     assert not pred[outside].any()
-    report = json.loads((tmp_path / "image_2_pred.json").read_text())
+    report = json.loads((tmp_path / "image_2_pred.json").read_text(encoding="utf-8"))
     assert report["segmented_k_range"] == [5, 12] and report["segmented_slices"] == 8
+
+
+# ---------------------------------------------------------------------------------------------- labels as stored
+CMR_VALUES = {1: 200, 2: 500, 3: 600}  # MS-CMRSeg stores LV-MYO / LV-BP / RV so (data/registry.py)
+
+
+@pytest.fixture(scope="module")
+def stored_label(phantoms: Path, tmp_path_factory) -> Path:
+    """Support label 1 with its classes 1 / 2 / 3 stored as 200 / 500 / 600 (class 4 left out), uint16."""
+    return write_stored_label(phantoms / "label_1.nii.gz", tmp_path_factory.mktemp("stored") / "label_cmr.nii.gz",
+                              CMR_VALUES)
+
+
+def with_label(argv: list[str], label: Path) -> list[str]:
+    argv[argv.index("--support-label") + 1] = str(label)
+    return argv
+
+
+def check_stored_values(out: Path, two_class: Path, names: dict[str, str]) -> dict:
+    """The prediction holds 200 / 500 where the class-id run holds 1 / 2, voxel for voxel; returns the JSON."""
+    pred, image = read(out / "image_2_pred.nii.gz")
+    reference, _ = read(two_class / "image_2_pred.nii.gz")
+    assert image.GetPixelID() == sitk.sitkUInt16 and set(np.unique(pred)) <= {0, 200, 500}
+    np.testing.assert_array_equal(pred, np.select([reference == 1, reference == 2], [200, 500], 0))
+    report = json.loads((out / "image_2_pred.json").read_text(encoding="utf-8"))
+    assert list(report["classes"]) == ["200", "500"]
+    for value, class_id in (("200", 1), ("500", 2)):
+        entry, expected = report["classes"][value], json.loads((two_class / "image_2_pred.json").read_text(
+            encoding="utf-8"))["classes"][str(class_id)]
+        assert entry["class_id"] == class_id and entry["name"] == names[value]
+        assert entry["voxels"] == expected["voxels"] and entry["support_slices"] == expected["support_slices"]
+    assert report["label_map"] == {"200": 1, "500": 2, "600": 3}
+    return report
+
+
+def test_label_map_takes_labels_as_stored(two_class: Path, run_dir: Path, phantoms: Path, stored_label: Path,
+                                          tmp_path: Path) -> None:
+    """--label-map 200:1,500:2,600:3: --classes and the prediction in the label's own values, the same
+    segmentation as the label stored as class ids."""
+    argv = with_label(args(run_dir, phantoms, tmp_path, "--classes", "200", "500", "--label-map", "200:1,500:2,600:3"),
+                      stored_label)
+    assert run_predict(argv) == 0
+    check_stored_values(tmp_path, two_class, {"200": "liver", "500": "right_kidney"})
+
+
+def test_a_cmr_snapshot_applies_its_datasets_label_map(two_class: Path, run_dir: Path, phantoms: Path,
+                                                       stored_label: Path, tmp_path: Path) -> None:
+    """A snapshot of the CMR dataset maps 200 / 500 / 600 to its classes 1 / 2 / 3 (LV-MYO / LV-BP / RV)
+    without --label-map."""
+    from engine.snapshot import find_snapshot, load_snapshot, save_snapshot
+
+    snapshot = load_snapshot(find_snapshot(run_dir))
+    snapshot["meta"] = {**snapshot["meta"], "dataset": "CMR", "class_names": {"1": "LV-MYO", "2": "LV-BP", "3": "RV"}}
+    cmr = save_snapshot(tmp_path / "cmr.pth", snapshot)
+    argv = with_label(args(cmr, phantoms, tmp_path / "out", "--classes", "200", "500"), stored_label)
+    assert run_predict(argv) == 0
+    check_stored_values(tmp_path / "out", two_class, {"200": "LV-MYO", "500": "LV-BP"})
+    assert run_predict(with_label(args(cmr, phantoms, tmp_path / "all"), stored_label)) == 0  # every class
+    report = json.loads((tmp_path / "all" / "image_2_pred.json").read_text(encoding="utf-8"))
+    assert [(v, c["name"]) for v, c in report["classes"].items()] == [("200", "LV-MYO"), ("500", "LV-BP"),
+                                                                     ("600", "RV")]
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -290,7 +351,7 @@ def test_converted_reference_checkpoint_predicts(phantoms: Path, tmp_path: Path)
     assert meta["class_names"]["1"] == "LIVER" and meta["model_keys"]["tau_fg"] == 0.5
     assert meta["model_keys"]["n_mlp_bg"] == 600 and meta["normalisation"] == "per-volume z-score"
     assert run_predict(args(tmp_path / "conv.pth", phantoms, tmp_path / "out", "--classes", "1")) == 0
-    report = json.loads((tmp_path / "out" / "image_2_pred.json").read_text())
+    report = json.loads((tmp_path / "out" / "image_2_pred.json").read_text(encoding="utf-8"))
     assert report["classes"]["1"]["name"] == "LIVER"
     convert_file(tmp_path / "ref.pth", tmp_path / "conv_ct.pth", dataset="SABS")  # a CT dataset: CT thresholds
     keys = read_snapshot_header(tmp_path / "conv_ct.pth", model_keys=MODEL_KEYS)["meta"]["model_keys"]

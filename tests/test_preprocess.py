@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from data.preprocess import chaos, generic, sabs
 from data.preprocess.__main__ import main
 from data.preprocess.common import (PreprocessError, grid_for_spacing, resample_image,
                                     resample_label, standardize_mr)
 from data.preprocess.verify import verify_folder
+from helpers import write_dicom_series
 
 CHAOS_GREY = {1: 63, 2: 126, 3: 189, 4: 252}
 ORGANS = {  # class id: (centre (x, y) as fractions of the width, radii (x, y) fractions, intensity)
@@ -52,39 +51,6 @@ def phantom(n_xy: int, n_z: int, organs: tuple[int, ...], seed: int) -> tuple[np
     image += rng.normal(0, 25, image.shape)
     image[rng.random(image.shape) < 0.002] = 4000.0  # a few bright spikes for the percentile clip
     return np.clip(image, 0, None).astype(np.int16), label
-
-
-def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str | None = None,
-                       stem: str = "IMG-0002-{:05d}", first: int = 1) -> list[Path]:
-    """One DICOM file per slice with the tags SimpleITK / GDCM use for geometry."""
-    folder.mkdir(parents=True, exist_ok=True)
-    array = sitk.GetArrayFromImage(image).astype(np.int16)
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    sx, sy, sz = image.GetSpacing()
-    series_uid, study_uid = series_uid or generate_uid(), generate_uid()
-    paths = []
-    for k in range(array.shape[0]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.Modality, ds.PatientID, ds.SeriesNumber, ds.InstanceNumber = "MR", "anon", 2, k + 1
-        ds.ImagePositionPatient = [f"{c:.6f}" for c in image.TransformIndexToPhysicalPoint((0, 0, k))]
-        ds.ImageOrientationPatient = [f"{c:.6f}" for c in (*direction[:, 0], *direction[:, 1])]
-        ds.PixelSpacing = [f"{sy:.6f}", f"{sx:.6f}"]
-        ds.SliceThickness = f"{sz:.6f}"
-        ds.Rows, ds.Columns = array.shape[1], array.shape[2]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.PixelData = array[k].tobytes()
-        path = folder / (stem.format(first + k) + ".dcm")
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 def write_chaos_scan(raw: Path, scan_id: int, image: sitk.Image, label: np.ndarray,
@@ -177,7 +143,7 @@ def test_chaos_end_to_end_geometry_labels_and_outputs(tmp_path: Path) -> None:
     label_array, _ = read(folder / "label_2.nii.gz")
     assert np.all(image_array[:, :, :8] == image_array.min()) and np.all(label_array[:, :, :8] == 0)
     # classmaps count pixels of each class; the missing organ has no slices
-    cmap = json.loads((folder / "classmap_1.json").read_text())
+    cmap = json.loads((folder / "classmap_1.json").read_text(encoding="utf-8"))
     assert cmap["LK"]["2"] == [] and cmap["LK"]["1"] and set(cmap) == {"BG", "LIVER", "RK", "LK", "SPLEEN"}
     label_array, _ = read(folder / "label_1.nii.gz")
     assert cmap["SPLEEN"]["1"] == [z for z in range(7) if (label_array[z] == 4).sum() >= 1]
@@ -326,7 +292,7 @@ def test_cmr_end_to_end(tmp_path: Path) -> None:
         assert image.GetSpacing() == pytest.approx((1.25, 1.25, 7.99))
         assert sorted(np.unique(label_array).tolist()) == [0, 200, 500, 600]
         assert label.GetPixelID() == sitk.sitkUInt16
-    cmap = json.loads((folder / "classmap_1.json").read_text())
+    cmap = json.loads((folder / "classmap_1.json").read_text(encoding="utf-8"))
     assert set(cmap) == {"BG", "LV-MYO", "LV-BP", "RV"} and cmap["RV"]["1"]
     assert main(["verify", str(folder)]) == 0
 
@@ -347,7 +313,7 @@ def test_generic_label_map_and_spacing(tmp_path: Path) -> None:
     label_array, _ = read(tmp_path / "out" / "pelvis_normalized" / "label_0.nii.gz")
     assert image_array.shape == (5, 96, 96) and image.GetSpacing() == pytest.approx((1.0, 1.0, 4.0))
     assert sorted(np.unique(label_array).tolist()) == [0, 1]
-    custom = json.loads((tmp_path / "out" / "pelvis_normalized" / "dataset.json").read_text())
+    custom = json.loads((tmp_path / "out" / "pelvis_normalized" / "dataset.json").read_text(encoding="utf-8"))
     assert custom == {"name": "pelvis", "modality": "MR", "labels": {"1": "CLASS_1"}, "image_size": 96}
 
 
@@ -368,9 +334,9 @@ def test_verify_detects_damage(tmp_path: Path) -> None:
     synthetic_chaos_raw(raw)
     chaos.run(raw, out, progress=False)
     folder = out / "chaos_MR_T2_normalized"
-    cmap = json.loads((folder / "classmap_1.json").read_text())
+    cmap = json.loads((folder / "classmap_1.json").read_text(encoding="utf-8"))
     cmap["LIVER"]["1"] = cmap["LIVER"]["1"][1:]
-    (folder / "classmap_1.json").write_text(json.dumps(cmap))
+    (folder / "classmap_1.json").write_text(json.dumps(cmap), encoding="utf-8")
     label_array, label = read(folder / "label_2.nii.gz")
     label_array[0, 0, 0] = 7
     bad = sitk.GetImageFromArray(label_array)
@@ -455,7 +421,7 @@ def test_error_unexpected_label_values(chaos_raw: Path, tmp_path: Path,
 def test_error_wrong_layout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     raw = tmp_path / "download"
     (raw / "Training" / "img").mkdir(parents=True)
-    (raw / "notes.txt").write_text("x")
+    (raw / "notes.txt").write_text("x", encoding="utf-8")
     with pytest.raises(PreprocessError) as err:
         chaos.run(raw, tmp_path / "out", progress=False)
     assert "expected <raw>/<id>/T2SPIR/DICOM_anon" in str(err.value)

@@ -1,6 +1,8 @@
 """Every command in the README exists as written: each fenced ``bash`` line (and inline ``python ...``
 / ``bash ...`` span) is checked against the real command line: scripts exist and parse, Sacred
-commands, named configs and keys exist, and every ``--option`` appears in the program's ``--help``.
+commands, named configs and keys exist, and every ``--option`` appears in the program's ``--help``;
+every ``$VARIABLE`` a block uses is set at the top of that block (``export NAME=...`` or ``NAME=...``),
+so that each block runs as pasted.
 (The commands themselves are run by the other tests and by ``scripts/demo.sh``.)"""
 from __future__ import annotations
 
@@ -21,20 +23,31 @@ SACRED_SCRIPTS = ("train.py", "test.py")
 SUBCOMMAND_MODULES = ("data.preprocess",)  # their first argument selects a sub-parser
 
 
-def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    commands, variables = [], {}
+def readme_blocks(text: str) -> list[tuple[list[str], list[str]]]:
+    """Per fenced ``bash`` block: its commands (variables it sets expanded) and the variables it uses
+    without setting them first."""
+    blocks = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        commands, variables, unset = [], {}, []
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
-            assignment = re.fullmatch(r'([A-Z_][A-Z0-9_]*)=(".*"|\S+)', line)
+            used = re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", re.sub(r"^export [A-Z_][A-Z0-9_]*=\S+$", "", line))
+            unset += [name for name in used if name not in variables]  # an export's value may use the environment
+            for name, value in variables.items():
+                line = line.replace(f"${name}", value)
+            assignment = re.fullmatch(r'(?:export )?([A-Z_][A-Z0-9_]*)=(".*"|\S+)', line)
             if assignment:  # a shell variable the next lines use (e.g. GRID="..."): expanded there
                 variables[assignment.group(1)] = assignment.group(2).strip('"')
                 continue
-            for name, value in variables.items():
-                line = line.replace(f"${name}", value)
             if line:
                 commands.append(line)
+        blocks.append((commands, unset))
+    return blocks
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    commands = [command for block, _ in readme_blocks(text) for command in block]
     for span in re.findall(r"`([^`\n]+)`", text):
         if re.match(r"^([A-Z_]+=\S+ )*(python|bash) \S", span):
             commands.append(span)
@@ -106,6 +119,16 @@ def check_command(command: str) -> None:
     text = cli_help(*program)
     for option in options:
         assert re.search(rf"(^|[\s,\[]){re.escape(option)}\b", text), f"{' '.join(program)}: no option {option}"
+
+
+def test_readme_blocks_set_the_variables_they_use() -> None:
+    """No block depends on a variable set elsewhere (an unset `$DATA` expanded to `data_dir=`)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    unset = {i: names for i, (_, names) in enumerate(readme_blocks(text)) if names}
+    assert not unset, f"README bash blocks (by index) use variables they do not set at their top: {unset}"
+    assert readme_blocks("```bash\nexport QAMP_DATA_ROOT=$HOME/data\npython train.py with data_dir=$QAMP_DATA_ROOT\n```"
+                         )[0][1] == []  # the export's own value may use the environment
+    assert readme_blocks("```bash\nGRID=\"data_dir=$DATA\"\npython -m tools.sweep $GRID\n```")[0][1] == ["DATA"]
 
 
 def test_readme_has_commands() -> None:

@@ -47,17 +47,17 @@ def test_test_py_with_only_reload_model_path_and_data_keys(tiny_run: dict, tmp_p
         "device": "cpu", "path": {"log_dir": str(log_dir)}}).result
     folder = Path(result["run_dir"])
     assert folder.name == "test_custom_setting1_fold0_supp0"  # dataset and fold from the snapshot
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     assert summary["model_image_size"] == SIZE and list(summary["classes"]) == ["2"]
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     assert config["backbone"] == "resnet50" and config["n_mlp_fg"] == 8 and config["image_size"] == SIZE
-    assert "image size 32" in (folder / "logger.log").read_text()
+    assert "image size 32" in (folder / "logger.log").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("backbone", "resnet101", "backbone='resnet50' (this run: 'resnet101')"),
-    ("n_mlp_fg", 9, "n_mlp_fg=8 (this run: 9)"),
-    ("image_size", 48, "image_size=32 (this run: 48)")])
+    ("backbone", "resnet101", "backbone: the snapshot has 'resnet50', requested 'resnet101'"),
+    ("n_mlp_fg", 9, "n_mlp_fg: the snapshot has 8, requested 9"),
+    ("image_size", 48, "image_size: the snapshot has 32, requested 48")])
 def test_test_py_refuses_model_keys_that_contradict_the_snapshot(tiny_run: dict, tmp_path: Path, key: str,
                                                                    value, message: str) -> None:
     log_dir = tmp_path / "tests"
@@ -99,7 +99,7 @@ def test_resume_alone_continues_exactly(tiny_run: dict, interrupted: Path) -> No
     assert continued["history"]["loss"] == uninterrupted["history"]["loss"]
     for key, value in uninterrupted["model"].items():
         torch.testing.assert_close(continued["model"][key], value, rtol=0, atol=0, msg=key)
-    log = (folder / "logger.log").read_text()
+    log = (folder / "logger.log").read_text(encoding="utf-8")
     assert "resume: learning rate 1.000e-02" in log  # 0.02 halved after 2 steps: the restored value
     step4 = next(line for line in log.splitlines() if " - step 4: " in line)
     assert step4.endswith("lr=1.000e-02")
@@ -110,13 +110,15 @@ def test_resume_may_change_logging_keys(tiny_run: dict, interrupted: Path, tmp_p
         "resume": str(interrupted), "print_interval": 1, "path": {"log_dir": str(tmp_path / "elsewhere")}}).result
     assert Path(result["run_dir"]).parent == tmp_path / "elsewhere"
     assert load_snapshot(result["snapshot"])["history"]["loss"] == load_snapshot(tiny_run["snapshot"])["history"]["loss"]
-    assert "print_interval 2 -> 1" in (Path(result["run_dir"]) / "logger.log").read_text()
+    assert "print_interval 2 -> 1" in (Path(result["run_dir"]) / "logger.log").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("updates, listed", [
-    ({"eval_fold": 1}, ["eval_fold=0 (this run: 1)"]),
-    ({"optim.lr": 0.001, "seed": 7}, ["optim={'lr': 0.02", "'lr': 0.001", "seed=2025 (this run: 7)"]),
-    ({"backbone": "resnet101", "image_size": 48}, ["backbone='resnet50'", "image_size=32 (this run: 48)"])])
+    ({"eval_fold": 1}, ["eval_fold: the run has 0, requested 1"]),
+    ({"optim.lr": 0.001, "seed": 7}, ["optim: the run has {'lr': 0.02", "requested {'lr': 0.001",
+                                      "seed: the run has 2025, requested 7"]),
+    ({"backbone": "resnet101", "image_size": 48}, ["backbone: the run has 'resnet50', requested 'resnet101'",
+                                                   "image_size: the run has 32, requested 48"])])
 def test_resume_refuses_keys_that_change_the_run(tiny_run: dict, interrupted: Path, updates: dict,
                                                  listed: list[str]) -> None:
     log_dir = Path(tiny_run["run_dir"]).parent
@@ -143,7 +145,7 @@ def test_resume_with_ground_truth_keeps_validation_on_or_off() -> None:
 
     header = {"config": {"use_gt": True, "val_interval": 500}, "step": 2, "path": "run/snapshots/step_0000002.pth"}
     _check_resume({"resume": "run", "n_steps": 10, "use_gt": True, "val_interval": 100}, header)
-    with pytest.raises(ValueError, match=r"val_interval=500 \(this run: 0; with use_gt=True"):
+    with pytest.raises(ValueError, match=r"val_interval: the run has 500, requested 0 \(with use_gt=True"):
         _check_resume({"resume": "run", "n_steps": 10, "use_gt": True, "val_interval": 0}, header)
     header["config"]["use_gt"] = False  # supervoxel training: validation scans are never trained on
     _check_resume({"resume": "run", "n_steps": 10, "use_gt": False, "val_interval": 0}, header)

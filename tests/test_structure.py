@@ -42,7 +42,7 @@ def project_modules() -> dict[str, Path]:
 def imported_modules(path: Path, known: set[str]) -> set[str]:
     """The project modules ``path`` imports anywhere (module level or inside functions)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         names = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -115,12 +115,12 @@ def test_no_citation_of_documents_outside_the_repository() -> None:
     for path in REPO.rglob("*"):
         if path.suffix not in (".py", ".pyx", ".sh", ".md") or ".git" in path.parts or ".venv" in path.parts:
             continue
-        if "QAMP_REFERENCE" in path.read_text(errors="replace") and path.name != "test_structure.py":
+        if "QAMP_REFERENCE" in path.read_text(errors="replace", encoding="utf-8") and path.name != "test_structure.py":
             offenders.append(str(path.relative_to(REPO)))
     assert not offenders, f"cite docs/METHOD.md instead: {offenders}"
-    method = (REPO / "docs" / "METHOD.md").read_text()
+    method = (REPO / "docs" / "METHOD.md").read_text(encoding="utf-8")
     for path in REPO.rglob("*.py"):
-        for section in re.findall(r"docs/METHOD\.md §(\d+(?:\.\d+)?)", path.read_text()):
+        for section in re.findall(r"docs/METHOD\.md §(\d+(?:\.\d+)?)", path.read_text(encoding="utf-8")):
             assert f"## {section} " in method or f"### {section} " in method, (path, section)
 
 
@@ -135,15 +135,15 @@ INDIRECT = {"setuptools": "pkg_resources for sacred 0.8.7", "cython": "data/supe
 
 def test_every_pinned_requirement_is_used() -> None:
     sources = [p for p in REPO.rglob("*.py") if ".venv" not in p.parts and ".git" not in p.parts]
-    text = "\n".join(p.read_text() for p in sources)
-    for line in (REPO / "requirements.txt").read_text().splitlines():
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sources)
+    for line in (REPO / "requirements.txt").read_text(encoding="utf-8").splitlines():
         line = line.split("#")[0].strip()
         if not line:
             continue
         dist = line.split("=")[0].split(">")[0].split("<")[0].strip()
         if dist in INDIRECT:
             if dist == "pytest-xdist":
-                assert "pytest -q -n auto" in (REPO / "scripts" / "test.sh").read_text()
+                assert "pytest -q -n auto" in (REPO / "scripts" / "test.sh").read_text(encoding="utf-8")
             continue
         module = IMPORT_NAMES.get(dist, dist.replace("-", "_"))
         assert f"import {module}" in text or f"from {module}" in text, f"{dist} is pinned but never imported"

@@ -16,8 +16,8 @@ COLUMNS = ["fold", "supp_idx", "seed", "scan", "class", "dice", "iou", "tp", "fp
 def write_run(folder: Path, model: str, rows: list[tuple[int, int, int, int, int, float]]) -> Path:
     """A fake test-run folder: Sacred-like config.json plus a per-scan CSV."""
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"model": model, "dataset": "no_such_dataset"}))
-    with open(folder / "scores.csv", "w", newline="") as f:
+    (folder / "config.json").write_text(json.dumps({"model": model, "dataset": "no_such_dataset"}), encoding="utf-8")
+    with open(folder / "scores.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for fold, supp, seed, scan, cls, dice in rows:
@@ -75,14 +75,14 @@ def test_methods_named_and_outputs_written(two_folds: list[Path], tmp_path: Path
     out = tmp_path / "summary_out"
     rc = summarize.main([str(two_folds[0]), str(two_folds[1]), f"baseline={base}", "--out", str(out)])
     assert rc == 0
-    md = (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text(encoding="utf-8")
     assert "| qamp | 75.00 ± 5.00 | 45.00 ± 15.00 | 60.00 ± 10.00 |" in md
     assert "| baseline | 50.00 | 10.00 | 30.00 |" in md
     assert md.strip() in capsys.readouterr().out
-    rows = list(csv.DictReader(open(out / "summary.csv")))
+    rows = list(csv.DictReader(open(out / "summary.csv", encoding="utf-8")))
     qamp_mean = [r for r in rows if r["method"] == "qamp" and r["class"] == "mean"][0]
     assert float(qamp_mean["mean"]) == pytest.approx(0.6)
-    per_run = list(csv.DictReader(open(out / "per_run.csv")))
+    per_run = list(csv.DictReader(open(out / "per_run.csv", encoding="utf-8")))
     assert len(per_run) == 2 * 2 + 2
     # outputs are never overwritten silently
     assert summarize.main([str(two_folds[0]), "--out", str(out)]) == 2
@@ -97,7 +97,7 @@ def test_duplicate_run_rejected(two_folds: list[Path]) -> None:
 def test_missing_or_foreign_paths(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         summarize.find_csvs(tmp_path / "nope")
-    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n", encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="no per-scan CSV"):
         summarize.find_csvs(tmp_path)
 

@@ -214,7 +214,7 @@ def test_reproduces_published_chaos_supervoxels(first_run: Path, chaos_sv_dir: P
 
 
 def test_outputs_keep_geometry_and_summary(first_run: Path, chaos_dir: Path):
-    summary = json.loads((first_run / "summary.json").read_text())
+    summary = json.loads((first_run / "summary.json").read_text(encoding="utf-8"))
     assert summary["n_sv"] == 5000 and summary["edge_order"] == "reference"
     assert [row["id"] for row in summary["scans"]] == list(CHAOS_TEST_IDS)
     for row in summary["scans"]:
@@ -242,7 +242,7 @@ def test_existing_outputs_are_kept_then_overwritten_identically(first_run, chaos
     assert out.out.count("kept (pass --overwrite to recompute)") + out.err.count(
         "kept (pass --overwrite to recompute)") == len(paths)
     assert all(p.stat().st_mtime_ns == before[p][0] for p in paths)
-    summary = json.loads((first_run / "summary.json").read_text())
+    summary = json.loads((first_run / "summary.json").read_text(encoding="utf-8"))
     assert {row["status"] for row in summary["scans"]} == {"kept"}
 
     # --overwrite, two worker processes: recomputed, identical arrays
@@ -359,7 +359,7 @@ def test_failure_mid_batch_keeps_finished_outputs_whole(tmp_path, capsys):
     code, err = run_cli(["--data-dir", tmp_path, "--out-dir", out, "--n-sv", "50"], capsys)
     assert code == 1 and str(tmp_path / "image_2.nii.gz") in err
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "superpix-MIDDLE_1.nii.gz"]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert [row["id"] for row in summary["scans"]] == ["1"] and summary["incomplete"]["missing"] == ["2"]
     assert read_array(out / "superpix-MIDDLE_1.nii.gz").shape == (3, 20, 20)
 
@@ -369,7 +369,7 @@ def test_failure_mid_batch_keeps_finished_outputs_whole(tmp_path, capsys):
                          ids=["script", "module"])
 def test_command_line_entry_points(tmp_path, entry):
     result = subprocess.run([sys.executable, *entry, "--data-dir", str(tmp_path / "missing")],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": ""})
+                            cwd=REPO_ROOT, capture_output=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ""}, encoding="utf-8")
     assert result.returncode == 1
     assert result.stderr.startswith("error: data directory") and "Traceback" not in result.stderr

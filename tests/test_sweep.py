@@ -84,14 +84,14 @@ import json, os, sys, time
 script, args = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)
 start = time.time()
 time.sleep(1.0)
-json.dump({"start": start, "end": time.time()}, open(os.path.join(args["path.log_dir"], "times.json"), "w"))
+json.dump({"start": start, "end": time.time()}, open(os.path.join(args["path.log_dir"], "times.json"), "w", encoding="utf-8"))
 if script == "train.py" and args["eval_fold"] == "0":
     sys.exit(3)
 kind = script[:-3]
 folder = os.path.join(args["path.log_dir"], kind + "_fake")
 os.makedirs(os.path.join(folder, "snapshots"), exist_ok=True)
-open(os.path.join(folder, "snapshots/final.pth" if kind == "train" else "summary.json"), "w").close()
-json.dump({"status": "COMPLETED"}, open(os.path.join(folder, "run.json"), "w"))
+open(os.path.join(folder, "snapshots/final.pth" if kind == "train" else "summary.json"), "w", encoding="utf-8").close()
+json.dump({"status": "COMPLETED"}, open(os.path.join(folder, "run.json"), "w", encoding="utf-8"))
 """
 
 
@@ -100,25 +100,26 @@ def test_local_executor_runs_cells_side_by_side_and_isolates_a_failure(tmp_path:
     time; fold 0's training fails, so its test is blocked while fold 1 trains and tests; a rerun
     skips what finished and retries the failed cell."""
     fake = tmp_path / "fake_python"
-    fake.write_text(FAKE_PYTHON)
+    fake.write_text(FAKE_PYTHON, encoding="utf-8")
     fake.chmod(0o755)
     out = tmp_path / "grid"
     argv = ["--out", str(out), "--gpus", "", "--folds", "0,1", "--supports", "0", "--jobs", "2",
             "--python", str(fake)]
     assert sweep.main(argv) == 1
     cells = out / "cells"
-    state = {p.parent.name: json.loads(p.read_text()) for p in cells.glob("*/cell.json")}
+    state = {p.parent.name: json.loads(p.read_text(encoding="utf-8")) for p in cells.glob("*/cell.json")}
     assert state["default-setting1-seed2025-fold0"]["status"] == "failed"
     assert state["default-setting1-seed2025-fold1"]["status"] == "done"
     assert state["default-setting1-seed2025-fold1-supp0"]["status"] == "done"
     assert "default-setting1-seed2025-fold0-supp0" not in state  # blocked: never started
-    times = {p.parent.name[len("default-setting1-seed2025-"):]: json.loads(p.read_text())
+    times = {p.parent.name[len("default-setting1-seed2025-"):]: json.loads(p.read_text(encoding="utf-8"))
              for p in cells.glob("*/times.json")}
     assert times["fold0"]["start"] < times["fold1"]["end"] and times["fold1"]["start"] < times["fold0"]["end"]  # together
     assert times["fold1-supp0"]["start"] >= times["fold1"]["end"]  # a test after its training
     assert sweep.main(argv) == 1  # rerun: fold 1 skipped, fold 0 retried (and fails again)
-    assert json.loads((cells / "default-setting1-seed2025-fold0" / "cell.json").read_text())["attempts"] == 2
-    assert json.loads((cells / "default-setting1-seed2025-fold1" / "cell.json").read_text())["attempts"] == 1
+    for fold, attempts in ((0, 2), (1, 1)):
+        cell_state = (cells / f"default-setting1-seed2025-fold{fold}" / "cell.json").read_text(encoding="utf-8")
+        assert json.loads(cell_state)["attempts"] == attempts
 
 
 def test_local_slots_are_the_gpus_the_parent_was_given(monkeypatch) -> None:
@@ -201,13 +202,13 @@ def test_kill_resume_through_submitit_with_observers(phantoms: Path, tmp_path: P
                      "--train", "n_steps=6", "--train", "save_snapshot_every=2", "--train", "keep_snapshots=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     driver = subprocess.Popen([sys.executable, "-m", "tools.sweep", *args], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8")
     victim = _train_dir(out, "default-setting1-seed2025-fold0")
     deadline = time.time() + 240
     while not list(victim.glob("train_*/snapshots/step_*.pth")):
         assert driver.poll() is None and time.time() < deadline, "no snapshot before the grid ended"
         time.sleep(0.05)
-    os.kill(json.loads((victim / "cell.json").read_text())["pid"], signal.SIGKILL)
+    os.kill(json.loads((victim / "cell.json").read_text(encoding="utf-8"))["pid"], signal.SIGKILL)
     log, _ = driver.communicate(timeout=240)
     assert driver.returncode == 1, log
     assert "default-setting1-seed2025-fold0: failed" in log
@@ -221,17 +222,18 @@ def test_kill_resume_through_submitit_with_observers(phantoms: Path, tmp_path: P
     assert "default-setting1-seed2025-fold0-supp0: done" in second
     assert list((out / "submitit").glob("*/*_log.out"))  # submitit's own logs
     resumed = victim / "train_custom_setting1_fold0_2"
-    config = json.loads((resumed / "config.json").read_text())
+    config = json.loads((resumed / "config.json").read_text(encoding="utf-8"))
     assert config["resume"].endswith(f"step_{killed['step']:07d}.pth")
     final = load_snapshot(resumed / "snapshots" / "final.pth")
     assert final["step"] == 6 and final["history"]["loss"][:killed["step"]] == killed["history"]["loss"]
     cell = out / "cells" / "default-setting1-seed2025-fold0-supp0"
     assert (cell / "test_custom_setting1_fold0_supp0" / "summary.json").is_file()
-    assert "test.py -F " in (cell / "cell.log").read_text() and " -s sqlite:///" in (cell / "cell.log").read_text()
-    table = (out / "summary.md").read_text()
+    cell_log = (cell / "cell.log").read_text(encoding="utf-8")
+    assert "test.py -F " in cell_log and " -s sqlite:///" in cell_log
+    table = (out / "summary.md").read_text(encoding="utf-8")
     assert "| setting1 |" in table and "1 run(s)" in table
     # both observers got every run: the killed training (never completed), the resumed one, the test
-    runs = [json.loads(p.read_text()) for p in (tmp_path / "sacred_files").glob("*/run.json")]
+    runs = [json.loads(p.read_text(encoding="utf-8")) for p in (tmp_path / "sacred_files").glob("*/run.json")]
     assert sorted(r["command"] for r in runs if r["status"] == "COMPLETED") == ["test", "train"]
     engine = sa.create_engine(f"sqlite:///{db}")
     with engine.connect() as connection:

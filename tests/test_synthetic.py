@@ -42,7 +42,7 @@ def test_layout_labels_and_geometry(phantom_dir: Path) -> None:
     expected = {f"{k}_{i}.nii.gz" for i in range(1, N_SCANS + 1) for k in ("image", "label")}
     assert expected | {"classmap_1.json", "classmap_100.json", "dataset.json"} == names
     cfg = synthetic.PhantomConfig(size=SIZE)
-    classmap = json.loads((phantom_dir / "classmap_1.json").read_text())
+    classmap = json.loads((phantom_dir / "classmap_1.json").read_text(encoding="utf-8"))
     assert set(classmap) == {"BG", "LIVER", "RK", "LK", "SPLEEN"}
     for i in range(1, N_SCANS + 1):
         image = sitk.ReadImage(str(phantom_dir / f"image_{i}.nii.gz"))
@@ -73,7 +73,7 @@ def test_layout_labels_and_geometry(phantom_dir: Path) -> None:
 
 
 def test_dataset_json(phantom_dir: Path) -> None:
-    spec = json.loads((phantom_dir / "dataset.json").read_text())
+    spec = json.loads((phantom_dir / "dataset.json").read_text(encoding="utf-8"))
     assert spec["labels"] == {"1": "liver", "2": "right_kidney", "3": "left_kidney", "4": "spleen"}
     assert spec["test_labels"] == [1, 2, 3, 4] and spec["modality"] == "MR"
 

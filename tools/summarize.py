@@ -115,7 +115,7 @@ def find_runs(path: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
 def _why_no_scores(run_dir: Path) -> str:
     """Why a run folder has no per-scan CSV, from Sacred's ``run.json``."""
     try:
-        run = json.loads((run_dir / "run.json").read_text())
+        run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "no per-scan CSV and no readable run.json"
     command, status = run.get("command", "?"), run.get("status", "?")
@@ -136,7 +136,7 @@ def find_csvs(path: Path) -> list[Path]:
 
 
 def _has_columns(path: Path) -> bool:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         header = next(csv.reader(f), [])
     return all(c in header for c in REQUIRED_COLUMNS)
 
@@ -148,7 +148,7 @@ def _run_config(csv_path: Path, stop: Path) -> dict | None:
     while True:
         config = folder / "config.json"
         if config.is_file():
-            with open(config) as f:
+            with open(config, encoding="utf-8") as f:
                 return json.load(f)
         if folder == stop or folder.parent == folder:
             return None
@@ -189,7 +189,7 @@ def load_methods(runs: Iterable[str], skipped: list[tuple[Path, str]] | None = N
 
 
 def _read_rows(csv_path: Path, method: Method) -> None:
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
             try:
                 key = (int(row["fold"]), int(row["supp_idx"]), int(row["seed"]))

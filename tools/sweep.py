@@ -10,7 +10,9 @@ none given: the config's defaults), ``--settings``, ``--folds``, ``--seeds`` and
 ``KEY=V1,V2`` (any Sacred key; commas inside brackets or quotes do not split, e.g.
 ``test_label=[1,2],[3]``) is a **train cell**; each train cell has one **test cell** per
 ``--supports`` index, run after it (test-after-train) with ``reload_model_path`` = the cell's
-finished training run. ``--train KEY=V`` / ``--test KEY=V`` add fixed keys to one kind of cell.
+finished training run. ``--train KEY=V`` / ``--test KEY=V`` add fixed keys to one kind of cell; grid
+keys only training reads (``engine.snapshot_config.TRAINING_ONLY_KEYS``, e.g. ``n_steps``) go to the
+training cells only (test.py refuses them).
 Cell ``c`` uses ``path.log_dir = <out>/cells/<c>``, so its run folder is
 ``<out>/cells/<c>/train_<dataset>_setting<k>_fold<f>[_n]`` (``test_...`` for test cells); its
 command's output goes to ``<out>/cells/<c>/cell.log`` and its status to ``cell.json``.
@@ -149,13 +151,13 @@ class Spec:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({**asdict(self), "cells": {k: asdict(c) for k, c in self.cells.items()}},
-                                  indent=1))
+                                  indent=1), encoding="utf-8")
         os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Spec":
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
         return cls(raw["out"], raw["python"], raw["observer_flags"],
                    {k: Cell(**c) for k, c in raw["cells"].items()})
 
@@ -164,6 +166,8 @@ def expand_grid(out: str | os.PathLike, configs: Sequence[str], settings: Sequen
                 supports: Sequence[int], seeds: Sequence[int], grid: Sequence[str] = (),
                 train_args: Sequence[str] = (), test_args: Sequence[str] = (), nproc: int = 1) -> dict[str, Cell]:
     """The cells of the grid, training cells first (see the module docstring)."""
+    from engine.snapshot_config import TRAINING_ONLY_KEYS
+
     out = Path(out).resolve()
     axes = [parse_assignment(a) for a in grid]
     keys = [k for k, _ in axes]
@@ -188,9 +192,10 @@ def expand_grid(out: str | os.PathLike, configs: Sequence[str], settings: Sequen
             common = [*named, f"setting={setting}", *assigned, f"seed={seed}", f"eval_fold={fold}"]
             cells[train_id] = Cell(train_id, "train", [*common, *train_args], str(out / "cells" / train_id),
                                    group, method, nproc=nproc)
+            testing = [a for a in common if a.split("=", 1)[0].split(".")[0] not in TRAINING_ONLY_KEYS]
             for supp in supports:
                 test_id = f"{train_id}-supp{supp}"
-                tests.append(Cell(test_id, "test", [*common, f"supp_idx={supp}", *test_args],
+                tests.append(Cell(test_id, "test", [*testing, f"supp_idx={supp}", *test_args],
                                   str(out / "cells" / test_id), group, method, train=train_id))
     cells.update((c.id, c) for c in tests)
     return cells
@@ -215,7 +220,7 @@ def run_folders(cell: Cell) -> list[Path]:
 
 def _completed(folder: Path) -> bool:
     try:
-        return json.loads((folder / "run.json").read_text()).get("status") == "COMPLETED"
+        return json.loads((folder / "run.json").read_text(encoding="utf-8")).get("status") == "COMPLETED"
     except (OSError, ValueError):
         return False
 
@@ -264,12 +269,12 @@ def cell_command(spec: Spec, cell: Cell, dry_run: bool = False) -> list[str]:
 def _write_state(cell: Cell, **state: Any) -> None:
     path = Path(cell.log_dir) / CELL_STATE
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         old = {}
     old.update(state, cell=cell.id, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(old, indent=1))
+    tmp.write_text(json.dumps(old, indent=1), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -286,7 +291,7 @@ def run_cell(spec: Spec | str, cell_id: str, env: Optional[dict[str, str]] = Non
     if cell.kind == "test" and finished_run(spec.cells[cell.train]) is None:
         return {"cell": cell_id, "status": "blocked", "returncode": None, "run": None}
     Path(cell.log_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(cell.log_dir) / CELL_LOCK, "w") as lock:
+    with open(Path(cell.log_dir) / CELL_LOCK, "w", encoding="utf-8") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -296,10 +301,10 @@ def run_cell(spec: Spec | str, cell_id: str, env: Optional[dict[str, str]] = Non
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), child_env.get("PYTHONPATH")]))
         attempts = 1
         try:
-            attempts = json.loads((Path(cell.log_dir) / CELL_STATE).read_text()).get("attempts", 0) + 1
+            attempts = json.loads((Path(cell.log_dir) / CELL_STATE).read_text(encoding="utf-8")).get("attempts", 0) + 1
         except (OSError, ValueError):
             pass
-        with open(Path(cell.log_dir) / CELL_LOG, "a") as log:
+        with open(Path(cell.log_dir) / CELL_LOG, "a", encoding="utf-8") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempts} on {socket.gethostname()}: "
                       f"{shlex.join(command)}\n")
             log.flush()
@@ -552,9 +557,9 @@ def summarize_sweep(spec: Spec | str) -> Optional[Path]:
         target = out / "summary" / slug(group)
         code = summarize.main([*runs, "--out", str(target), "--overwrite"])
         if code == 0:
-            parts.append(f"## {group}\n\n" + (target / "summary.md").read_text())
+            parts.append(f"## {group}\n\n" + (target / "summary.md").read_text(encoding="utf-8"))
     path = out / "summary.md"
-    path.write_text("\n\n".join(parts) + "\n")
+    path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
     return path
 
 

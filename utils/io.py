@@ -1,11 +1,11 @@
-"""File I/O shared by every stage: atomic writes and NIfTI reading with clear errors.
+"""File I/O shared by every stage: atomic writes and NIfTI / DICOM reading with clear errors.
 
 Every file this project writes goes through :func:`atomic_write`: the content is written to a
 temporary file in the destination folder and renamed into place, so a crash never leaves a
 half-written file under the final name, and readers never see one.
 
 Every image this project reads goes through :func:`read_volume` / :func:`read_image` (headers only:
-:func:`read_image_header`). ITK alone reads a truncated ``.nii.gz`` without an error (the missing voxels
+:func:`read_image_header`; DICOM series folders: :func:`read_dicom_series`). ITK alone reads a truncated ``.nii.gz`` without an error (the missing voxels
 become 0) and its NIfTI reader turns NaN / inf voxels into 0; here both raise
 :class:`ImageIntegrityError` naming the file, the problem and the fix. The proof is cheap: the
 CRC-32 and length of the decoded header + voxels must equal the gzip trailer (one pass over memory,
@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import json
+import locale
 import os
 import struct
 import sys
@@ -365,6 +366,60 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     check_complete(path, voxels)
     check_finite(path, voxels)
     return image
+
+
+_DICOM_SUFFIXES = ("", ".dcm", ".ima", ".dicom")  # names DICOM slice files carry
+
+
+def read_dicom_series(folder: str | os.PathLike) -> tuple[sitk.Image, list[Path]]:
+    """Read the one DICOM series of ``folder`` (slices sorted by position along the normal), checked.
+
+    The DICOM counterpart of :func:`read_image`: a slice file GDCM cannot parse (truncated, corrupt)
+    is left out of the series by ITK without a word, so every file that looks like a slice (no
+    suffix, ``.dcm``, ``.ima``, ``.dicom``; hidden files and ``DICOMDIR`` aside) must belong to the
+    series; voxels must be finite. The process's C locale, which GDCM may switch, is restored.
+
+    Returns:
+        ``(image, files)``: the 3D image (pixel type as stored, e.g. int16; float when the series
+        rescales with a fractional slope) and its slice files in z order.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder.
+        ValueError: no readable series, several series, slice files outside the series, a series
+            ITK cannot decode, or non-finite voxels; the message names the folder and the fix.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"DICOM folder not found: {folder}")
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM may set the C locale and leave it
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        slices = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                        and p.name != "DICOMDIR" and p.suffix.lower() in _DICOM_SUFFIXES)
+        if not series:
+            raise ValueError(f"{folder}: no readable DICOM series ({len(slices)} file(s) that could be slices); "
+                             "pass a folder holding one DICOM series")
+        if len(series) > 1:
+            raise ValueError(f"{folder} holds {len(series)} DICOM series ({', '.join(series)}); expected exactly "
+                             "one: move the other series' files out of the folder")
+        files = [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])]
+        unread = sorted(set(slices) - set(files))
+        if unread:
+            raise ValueError(f"{folder}: {len(unread)} file(s) are not readable as part of the series (truncated, "
+                             f"corrupt or not DICOM; ITK would leave them out): {[p.name for p in unread[:10]]}. "
+                             "Copy them again from the source, or move them out of the folder")
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(f) for f in files])
+        try:
+            image = reader.Execute()
+        except RuntimeError as err:
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reader error"
+            raise ValueError(f"{folder}: cannot read the DICOM series ({last}); copy it again from the source") \
+                from None
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+    check_finite(folder, sitk.GetArrayViewFromImage(image))
+    return image, files
 
 
 class _ImageBuffer:

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from data.preprocess.common import (DATASETS, PreprocessError, clip_percentile, label_image, reorient,
                                     standardize_mr, to_float32)
 from data.preprocess.output import Case, Processed, check_output_free, write_dataset
+from utils.io import read_dicom_series as read_series
 
 SPEC = DATASETS["CHAOST2"]
 LAYOUT = "<raw>/<id>/T2SPIR/DICOM_anon/*.dcm with <raw>/<id>/T2SPIR/Ground/*.png (one PNG per DICOM)"
@@ -100,39 +101,20 @@ def discover(raw: Path) -> list[Case]:
 
 
 def read_dicom_series(folder: Path) -> tuple[sitk.Image, list[Path]]:
-    """Read the single DICOM series of ``folder`` (slices sorted by position along the normal).
+    """Read the single DICOM series of ``folder`` through the one checked reader
+    (``utils.io.read_dicom_series``: slices sorted by position along the normal).
 
     Returns:
         ``(image, files)``: the 3D image (pixel type as stored, e.g. int16) and its files in z order.
 
     Raises:
-        PreprocessError: no folder, no readable series, more than one series, or ``.dcm`` files
+        PreprocessError: no folder, no readable series, more than one series, or slice files
             that are not part of the series (unreadable / corrupt).
     """
-    if not folder.is_dir():
-        raise PreprocessError(f"DICOM folder not found: {folder}")
-    dcm_files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm")
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise PreprocessError(f"{folder}: no readable DICOM series ({len(dcm_files)} .dcm files); "
-                              f"expected one T2-SPIR series. Re-extract the CHAOS archive.")
-    if len(series) > 1:
-        raise PreprocessError(f"{folder}: holds {len(series)} DICOM series {list(series)}; expected "
-                              f"exactly one (the T2-SPIR series). Move the other series' files out.")
-    files = [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])]
-    unread = sorted(set(dcm_files) - set(files))
-    if unread:
-        raise PreprocessError(f"{folder}: {len(unread)} .dcm file(s) are not readable as part of the "
-                              f"series (corrupt or not DICOM): {[p.name for p in unread[:10]]}. "
-                              f"Re-extract them from the archive.")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in files])
     try:
-        image = reader.Execute()
-    except RuntimeError as err:
-        raise PreprocessError(f"{folder}: cannot read the DICOM series ({str(err).strip()[-200:]})"
-                              ) from None
-    return image, files
+        return read_series(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise PreprocessError(f"{err} (expected one T2-SPIR series: re-extract the CHAOS archive)") from None
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -77,7 +77,7 @@ class VerifyReport:
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read {path}: {err}. Re-create the folder with "
                          f"`python -m data.preprocess ...`") from None

@@ -373,7 +373,7 @@ def read_previous_summary(out_dir: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
     try:
-        rows = json.loads(path.read_text()).get("scans", [])
+        rows = json.loads(path.read_text(encoding="utf-8")).get("scans", [])
         return {row["output"]: row for row in rows if isinstance(row, dict) and "output" in row}
     except (OSError, ValueError, AttributeError, TypeError):
         return {}  # unreadable: it will be replaced by the rows of this run
@@ -632,7 +632,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="3D Felzenszwalb supervoxels (ADNet recipe) for every scan of a folder.",
     )
     parser.add_argument("--data-dir", required=True, type=Path,
-                        help="folder holding the images, e.g. ../shared/data/CHAOST2/chaos_MR_T2_normalized")
+                        help="folder holding the images, e.g. $QAMP_DATA_ROOT/CHAOST2/chaos_MR_T2_normalized")
     parser.add_argument("--pattern", default=DEFAULT_PATTERN,
                         help="image file pattern; its one '*' is the scan id (default %(default)s)")
     parser.add_argument("--n-sv", type=int, default=DEFAULT_N_SV,
