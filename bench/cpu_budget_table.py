@@ -59,7 +59,7 @@ from tools.summarize import Method, load_methods, summarize_method  # noqa: E402
 from utils.io import write_text  # noqa: E402
 
 BASELINES = ("adnet", "alpnet")
-LR_GRID = (0.001, 0.005, 0.02)
+LR_GRID = (0.001, 0.005, 0.02, 0.05)  # 0.05 added when ADNet peaked at the grid edge 0.02
 LR_STEPS = 1500
 # cell -> (dataset named config, setting, extra training keys)
 CELLS = {"CHAOST2_setting1": ("abd_mri", 1, ()),
