@@ -138,3 +138,18 @@ def test_custom_dataset_json_modality_sets_the_prior_thresholds(tmp_path: Path, 
     assert thresholds(data_dir=str(tmp_path / "no_such_folder")) == mr
     (tmp_path / "dataset.json").write_text('{"labels": {"1": "liver"}}')  # modality MR by default
     assert thresholds() == mr
+
+
+def test_one_ct_threshold_rule(tmp_path: Path) -> None:
+    """models.qamp.prior_thresholds(modality) is the rule; data.registry.dataset_modality the fact."""
+    from data.registry import dataset_modality
+    from models.qamp import prior_thresholds
+
+    assert prior_thresholds("CT") == CT_PRIOR_THRESHOLDS
+    assert prior_thresholds("MR") == prior_thresholds(None) == (ModelConfig.tau_fg, ModelConfig.tau_bg)
+    assert dataset_modality("SABS") == "CT" and dataset_modality("CHAOST2") == "MR"
+    assert dataset_modality("no_such_dataset") is None and dataset_modality("custom", tmp_path) is None
+    (tmp_path / "dataset.json").write_text('{"modality": "CT", "labels": {"1": "liver"}}')
+    assert dataset_modality("custom", tmp_path) == "CT"
+    config = ex.run("print_config", {"dataset": "SABS", "path": {"log_dir": str(tmp_path / "runs")}}).config
+    assert (config["tau_fg"], config["tau_bg"]) == prior_thresholds("CT")
