@@ -60,10 +60,10 @@ from utils.io import orientation_code
 from utils.plots import plot_loss_curve, plot_validation_curve
 from engine.runtime import (attach_log_file, plain_config, resolve_device, resolve_labels,  # noqa: F401 (re-exported)
                        run_folder, set_determinism)
-from utils.seed import capture_rng_state, restore_rng_state
+from utils.seed import restore_rng_state
 from engine.snapshot_config import RESUME_FREE_KEYS  # noqa: F401  (keys a resumed run may change; re-exported)
-from engine.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot,
-                            prune_snapshots, save_snapshot, snapshot_meta, step_name)
+from engine.snapshot import (FINAL_NAME, build_snapshot, find_snapshot, load_snapshot, prune_snapshots,
+                             save_snapshot, snapshot_meta, step_name)
 MONITOR_KEYS = ("fg_fraction", "reverse_ran")  # per-step series that are not losses
 
 
@@ -202,18 +202,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     return values if dist is None else ddp.mean_values(values, dist)
 
 
-def snapshot_state(step: int, final: bool, model, optimizer, scheduler, generator: torch.Generator,
-                   history: Mapping[str, list[float]], config: Mapping[str, Any],
-                   val_points: list[dict[str, Any]], meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Everything needed to continue exactly after ``step`` completed steps, and ``meta`` (what a
-    user of the model needs: :func:`engine.snapshot.snapshot_meta`; see engine.snapshot)."""
-    return {"format": SNAPSHOT_FORMAT, "step": step, "final": final,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": capture_rng_state(),
-            "generator": generator.get_state(), "history": {k: list(v) for k, v in history.items()},
-            "val": list(val_points), "config": plain_config(config), "meta": dict(meta or {})}
-
-
 def run_meta(config: Mapping[str, Any], spec, image_size: int) -> dict[str, Any]:
     """The snapshots' ``meta``: model keys, image size, normalisation, class names and the
     orientation of the training scans (read from the first scan's header)."""
@@ -349,6 +337,11 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
             log_validation(_log, _run, step, point, seconds, train_seconds)
             return seconds
 
+        def save(step: int, final: bool) -> Path | None:  # every rank (collective), rank 0 writes
+            state = build_snapshot(step, final, model, optimizer, scheduler, generator, history, _config,
+                                   val_points, meta, dist, amp)
+            return take_snapshot(folder, state, _config["keep_snapshots"], history, _log)
+
         n_steps = _config["n_steps"]
         window: dict[str, list[float]] = defaultdict(list)
         loader = episode_loader(ddp.rank_episodes(dataset, dist), start, n_steps, _config["num_workers"])
@@ -374,13 +367,9 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
                 log_interval(_log, step, window, lr)
                 window.clear()
             if step % _config["save_snapshot_every"] == 0 and step < n_steps:
-                take_snapshot(folder, snapshot_state(step, False, model, optimizer, scheduler, generator,
-                                                     history, _config, val_points, meta) | ddp.snapshot_extras(dist, generator, amp),
-                              _config["keep_snapshots"], history, _log)
+                save(step, final=False)
         bar.close()
-        final = take_snapshot(folder, snapshot_state(step, True, model, optimizer, scheduler, generator,
-                                                     history, _config, val_points, meta) | ddp.snapshot_extras(dist, generator, amp),
-                              _config["keep_snapshots"], history, _log)
+        final = save(step, final=True)
         _log.info(f"end of training after {step} steps; final snapshot {final}"
                   + (f"; validation took {val_seconds:.1f} s in all" if vds is not None else ""))
         return {"run_dir": str(folder), "snapshot": str(final), "steps": step,

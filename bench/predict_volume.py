@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dataloaders.eval_dataset import EvalDataset
     from models import MODEL_KEYS, build_model, make_generator
     from engine.evaluate import predict_scan
-    from engine.snapshot import SNAPSHOT_FORMAT, save_snapshot, snapshot_meta
+    from engine.snapshot import SNAPSHOT_FORMAT, load_model, save_snapshot, snapshot_meta
 
     device = torch.device("cpu")
     spec = get_dataset("CHAOST2", args.data_dir)
@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
         path = Path(tmp) / "final.pth"
         save_snapshot(path, {"format": SNAPSHOT_FORMAT, "step": 0, "final": True, "model": model.state_dict(),
                              "config": json.loads(json.dumps(config)),
-                             "meta": snapshot_meta(config, args.size, spec.label_names, "LAS",
+                             "meta": snapshot_meta(config, args.size, spec.label_names, spec.orientation,
                                                    model_keys=MODEL_KEYS)})
-        predictor, meta, _ = predict.load_predictor(path, device)
+        loaded = load_model(path, device)
+        predictor, meta = loaded.model, loaded.meta
 
     def volume(scan_id: int, what: str) -> predict.Volume:
         file = image_dir / f"image_{scan_id}.nii.gz"
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     support = volume(args.support_id, "support")
     support_label = predict.orient(sitk.ReadImage(str(image_dir / f"label_{args.support_id}.nii.gz")),
-                                   "LAS").array.astype(np.int64)
+                                   spec.orientation).array.astype(np.int64)
     query = volume(args.query_id, "query")
     mid = query.image.shape[0] // 2
     slices = np.arange(max(0, mid - args.slices // 2), min(query.image.shape[0], mid - args.slices // 2 + args.slices))

@@ -40,7 +40,8 @@ from dataloaders.datasets import (
 
 EVAL_MODES = ("protocol", "all_slices")
 
-__all__ = ["EVAL_MODES", "Scan", "EvalDataset", "chunk_bounds", "support_fractions", "to_model_input"]
+__all__ = ["EVAL_MODES", "Scan", "EvalDataset", "chunk_bounds", "pick_support_slices", "split_chunks",
+           "support_fractions", "to_model_input"]
 
 
 def support_fractions(n_part: int) -> np.ndarray:
@@ -57,6 +58,22 @@ def support_fractions(n_part: int) -> np.ndarray:
 def chunk_bounds(n_slices: int, n_part: int) -> np.ndarray:
     """``linspace(0, n_slices, n_part + 1).astype(int)``: chunk k is ``[b[k], b[k+1])``."""
     return np.linspace(0, n_slices, n_part + 1).astype(int)
+
+
+def pick_support_slices(label: np.ndarray, class_id: int, n_part: int) -> list[int]:
+    """The support slices of ``class_id`` in a label volume (Z x H x W): the ``int(p * C)``-th of its C
+    slices holding the class, for each ``p`` of :func:`support_fractions` (empty when C = 0)."""
+    labelled = np.flatnonzero((label == class_id).any(axis=(1, 2)))
+    if labelled.size == 0:
+        return []
+    picks = (support_fractions(n_part) * labelled.size).astype(int)
+    return [int(z) for z in labelled[picks]]
+
+
+def split_chunks(slices: np.ndarray, n_part: int) -> list[np.ndarray]:
+    """``slices`` split, in order, into ``n_part`` chunks at :func:`chunk_bounds` (some may be empty)."""
+    bounds = chunk_bounds(slices.size, n_part)
+    return [slices[bounds[k]:bounds[k + 1]] for k in range(n_part)]
 
 
 def to_model_input(slices: np.ndarray) -> torch.Tensor:
@@ -161,14 +178,13 @@ class EvalDataset(Dataset):
             ValueError: the class is not a test label, or the support scan has no slice of it.
         """
         self.spec.check_labels("class_id", [class_id])
-        labelled = self._slices_with(self.support, class_id)
-        if labelled.size == 0:
+        picks = pick_support_slices(self.support.label, class_id, self.n_part)
+        if not picks:
             raise ValueError(
                 f"support scan {self.support.scan_id} (supp_idx={self.supp_idx}, fold {self.eval_fold}) "
                 f"has no slice of class {class_id} ({self.spec.label_names[class_id]}); choose another supp_idx"
             )
-        picks = (support_fractions(self.n_part) * labelled.size).astype(int)
-        return [int(z) for z in labelled[picks]]
+        return picks
 
     def model_images(self, slices: np.ndarray) -> torch.Tensor:
         """Native z-scored slices ``N x H x W`` -> model input float32 ``N x 3 x S x S`` (bilinear)."""
@@ -195,6 +211,4 @@ class EvalDataset(Dataset):
 
         In 'protocol' mode a query without the class gives ``n_part`` empty arrays.
         """
-        z = self.query_slices(scan, class_id)
-        bounds = chunk_bounds(z.size, self.n_part)
-        return [z[bounds[k]:bounds[k + 1]] for k in range(self.n_part)]
+        return split_chunks(self.query_slices(scan, class_id), self.n_part)

@@ -314,3 +314,31 @@ def test_test_script_finds_the_newest_finished_training_run(tmp_path: Path) -> N
     env["FOLDS"] = "1"
     failed = subprocess.run(["bash", str(REPO / "scripts" / "test_abd_mri.sh")], env=env, capture_output=True, text=True)
     assert failed.returncode == 1 and "no finished training run for fold 1" in failed.stderr
+
+
+def test_build_snapshot_is_the_one_snapshot_format(trained: dict) -> None:
+    """engine.snapshot.build_snapshot writes every key of the format (with the AMP / distributed
+    extras when they apply), and train() calls it in one place."""
+    import inspect
+
+    from engine.distributed import Distributed
+    from engine.snapshot import SNAPSHOT_FORMAT, build_snapshot
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+
+    class Fp16:
+        def state_dict(self) -> dict:
+            return {"scale": 1024.0}
+
+    core = {"format", "step", "final", "model", "optimizer", "scheduler", "rng", "generator", "history", "val",
+            "config", "meta"}
+    state = build_snapshot(3, False, model, optimizer, scheduler, torch.Generator(), {"loss": (1.0, 0.5)},
+                           {"optim": {"lr": 0.1}, "test_label": (1, 2)}, [{"step": 2}], None, Distributed(), Fp16())
+    assert set(state) == core | {"amp_scaler"} and state["amp_scaler"] == {"scale": 1024.0}
+    assert state["format"] == SNAPSHOT_FORMAT and state["step"] == 3 and state["final"] is False
+    assert state["config"] == {"optim": {"lr": 0.1}, "test_label": [1, 2]} and state["meta"] == {}
+    assert state["history"] == {"loss": [1.0, 0.5]} and state["val"] == [{"step": 2}]
+    assert set(load_snapshot(trained["snapshot"])) == core  # one process, float32: no extras
+    assert inspect.getsource(train_script.train).count("build_snapshot(") == 1
