@@ -32,7 +32,7 @@ from sacred.utils import apply_backspaces_and_linefeeds
 
 from data.registry import CUSTOM, DATASETS, dataset_modality
 from dataloaders.eval_dataset import EVAL_MODES
-from dataloaders.train_dataset import EXCLUDE_MODES, SUPERVOXEL_SOURCES
+from dataloaders.resolved import EXCLUDE_MODES, SUPERVOXEL_SOURCES
 from models import BACKBONES, MODEL_KEYS, ModelConfig, check_episode_config
 from models import MODELS
 from models import PRETRAINED_KINDS as PRETRAINED

@@ -55,8 +55,8 @@ import SimpleITK as sitk
 import torch
 
 from config import ex, run_commandline
-from dataloaders.datasets import get_dataset, model_image_size
-from dataloaders.eval_dataset import EvalDataset
+from dataloaders.eval_dataset import EvalDataset, ProtocolKeys
+from dataloaders.resolved import resolve_dataset
 from models import make_generator
 from engine.amp import Amp
 from engine.evaluate import predict_scan
@@ -64,7 +64,7 @@ from utils.io import write_image, write_json, write_text
 from engine.malloc import keep_freed_memory
 from utils.metrics import overlap
 from utils.plots import plot_overlay
-from engine.runtime import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
+from engine.runtime import attach_log_file, resolve_device, run_folder, set_determinism
 from engine.snapshot import LoadedModel, load_model
 
 CSV_COLUMNS = ("fold", "supp_idx", "seed", "scan", "class", "class_name", "dice", "iou", "tp", "fp",
@@ -187,16 +187,13 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
         if _config["keep_freed_memory"] and not keep_freed_memory():
             _log.info("keep_freed_memory: this C library is not glibc; malloc is left as it is")
         torch.manual_seed(_config["seed"])
-        spec = get_dataset(_config["dataset"], _config["data_dir"])
-        test_label, _ = resolve_labels(_config, spec)
-        image_size = model_image_size(spec, _config["image_size"])
+        data = resolve_dataset(_config, training=False)  # the dataset, resolved once for the run
+        spec, test_label, image_size = data.spec, list(data.test_label), data.image_size
         loaded = load_test_model(_config, image_size, device, _log)
         model = None if loaded is None else loaded.model
         if model is not None:
             Amp(_config["amp"], device).apply(model)  # amp != 'off': encoder under autocast (engine/amp.py)
-        tds = EvalDataset(_config["dataset"], _config["data_dir"], _config["eval_fold"], _config["supp_idx"],
-                          test_label, n_part=_config["n_part"], eval_mode=_config["eval_mode"],
-                          image_size=_config["image_size"])
+        tds = EvalDataset(data, ProtocolKeys.from_config(_config), _config["eval_fold"], _config["supp_idx"])
         _log.info(f"run folder {folder}; device {device}; support scan {tds.support.scan_id}; "
                   f"queries {[q.scan_id for q in tds.queries]}; classes {test_label}")
         (folder / "predictions").mkdir()

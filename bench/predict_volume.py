@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     import predict
     from config import cfg
     from dataloaders.datasets import get_dataset, resolve_image_dir
-    from dataloaders.eval_dataset import EvalDataset
+    from dataloaders.eval_dataset import EvalDataset, ProtocolKeys
+    from dataloaders.resolved import resolve_dataset
     from models import MODEL_KEYS, build_model, make_generator
     from engine.evaluate import predict_scan
     from engine.snapshot import SNAPSHOT_FORMAT, load_model, save_snapshot, snapshot_meta
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
         def query_slices(self, scan, class_id):
             return slices
 
-    tds = Subset("CHAOST2", args.data_dir, 0, 0, [args.class_id], eval_mode="all_slices",
-                 image_size=args.size, scan_ids=[args.support_id, args.query_id])
+    data = resolve_dataset({**config, "dataset": "CHAOST2", "data_dir": args.data_dir, "test_label": [args.class_id]},
+                           training=False)
+    tds = Subset(data, ProtocolKeys(n_part=3, eval_mode="all_slices"), 0, 0, scan_ids=[args.support_id, args.query_id])
     scan = next(s for s in tds.fold_scans if s.scan_id == args.query_id)
     tds = tds.with_support(next(i for i, s in enumerate(tds.fold_scans) if s.scan_id == args.support_id))
 
