@@ -132,7 +132,7 @@ def cfg():
     data_dir = "../shared/data"  # the image folder itself, or a root holding <dataset>/<folder>
     supervoxel_dir = None  # folder of superpix-MIDDLE_<id>.nii.gz; None = looked up next to the images (refused with use_gt=True)
     n_sv = None  # supervoxel folder supervoxels_<n_sv>; None = the dataset's (5000; CMR 1000; custom: dataset.json); refused with use_gt=True
-    use_gt = False  # train on ground-truth classes (minus exclude_label) instead of supervoxels
+    use_gt = False  # train on ground-truth classes (minus test_label) instead of supervoxels
     setting = 1  # 1: test classes may appear in training slices; 2: slices holding them are removed
     test_label = None  # classes to evaluate (and to exclude in setting 2); None = the dataset's standard set
     exclude_label = None  # classes whose slices are removed from training; None = follow `setting`
