@@ -20,12 +20,16 @@ from pathlib import Path
 import pytest
 
 from config import ex, validate_config
+from dataloaders.eval_dataset import ProtocolKeys
+from dataloaders.train_dataset import EpisodeKeys
 from models.qamp import CT_PRIOR_THRESHOLDS, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = {  # files whose code runs for each command (the model files via build_model)
-    "train": ["train.py", "engine/runtime.py", "models/__init__.py", "models/encoder.py", "dataloaders/train_dataset.py"],
-    "test": ["test.py", "engine/runtime.py", "models/__init__.py", "dataloaders/eval_dataset.py"],
+    "train": ["train.py", "engine/runtime.py", "models/__init__.py", "models/encoder.py", "dataloaders/train_dataset.py",
+              "dataloaders/resolved.py"],
+    "test": ["test.py", "engine/runtime.py", "models/__init__.py", "dataloaders/eval_dataset.py",
+             "dataloaders/resolved.py"],
 }
 READ_ELSEWHERE = {  # key -> (commands, where it is read)
     "path": (("train", "test"), "config.RunFolderObserver creates the run folder under path['log_dir']"),
@@ -60,6 +64,10 @@ def readers(key: str) -> set[str]:
              if any(_access(key).search((REPO / f).read_text()) for f in files if (REPO / f).is_file())}
     if key in {f.name for f in dataclasses.fields(ModelConfig)}:
         found |= {"train", "test"}
+    if key in {f.name for f in dataclasses.fields(EpisodeKeys)}:  # EpisodeKeys.from_config(config)
+        found |= {"train"}
+    if key in {f.name for f in dataclasses.fields(ProtocolKeys)}:  # ProtocolKeys.from_config(config)
+        found |= {"test"}
     if key in READ_ELSEWHERE:
         found |= set(READ_ELSEWHERE[key][0])
     return found
