@@ -116,6 +116,7 @@ def _make_logger() -> logging.Logger:
 ex.logger = _make_logger()
 
 
+# Straight through: the list of every config key with its default and meaning (Sacred's config scope).
 @ex.config
 def cfg():
     # ---------------- run ----------------
@@ -307,6 +308,7 @@ def _check_train_combinations(config: Mapping[str, Any]) -> None:
                 f"uses no supervoxels; drop {key} or set use_gt=False")
 
 
+# Straight through: a list of independent checks, one per key or pair of keys, each with its message.
 def validate_config(config: Mapping[str, Any], command: str | None = None) -> None:
     """Fail early, with the key and the fix, on values the pipeline cannot run with.
 

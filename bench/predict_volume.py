@@ -31,6 +31,7 @@ from bench.report import emit, machine  # noqa: E402
 from engine.malloc import keep_freed_memory  # noqa: E402
 
 
+# Straight through: one benchmark, in order: arguments, one model, the same slices through both loops, timed.
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))

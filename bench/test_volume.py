@@ -43,6 +43,7 @@ def model_config(args: argparse.Namespace) -> dict:
     return dict(cfg(fixed={"backbone": args.backbone, "pretrained_weights": "none", "model": args.model}))
 
 
+# Straight through: one benchmark, in order: arguments, data and model, the timed volumes, the result.
 def main(argv: list[str] | None = None) -> dict:
     from models import BACKBONES, MODELS
 
