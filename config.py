@@ -35,13 +35,13 @@ from sacred.config.config_scope import ConfigScope
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds, convert_to_nested_dict, iterate_flattened
 
-from data.registry import CUSTOM, DATASETS, custom_modality
+from data.registry import CUSTOM, DATASETS, dataset_modality
 from dataloaders.eval_dataset import EVAL_MODES
-from dataloaders.train_dataset import EXCLUDE_MODES, SUPERVOXEL_SOURCES
+from dataloaders.resolved import EXCLUDE_MODES, SUPERVOXEL_SOURCES
 from models import BACKBONES, MODEL_KEYS, ModelConfig, check_episode_config
 from models import MODELS
 from models import PRETRAINED_KINDS as PRETRAINED
-from models.qamp import CT_PRIOR_THRESHOLDS
+from models.qamp import prior_thresholds
 from engine.amp import AMP_MODES
 from engine.distributed import rank_argv
 from engine.observers import install_sql_result_fix
@@ -87,18 +87,6 @@ ex = QampExperiment("QAMP", save_git_info=False)
 ex.captured_out_filter = apply_backspaces_and_linefeeds
 
 
-def is_ct(dataset: str, data_dir: str | os.PathLike | None = None) -> bool:
-    """A CT dataset (its PGQP thresholds are ``CT_PRIOR_THRESHOLDS``): a registered one, or
-    ``'custom'`` whose ``<data_dir>/dataset.json`` says ``"modality": "CT"`` (no such file: MR).
-
-    Raises:
-        ValueError: a bad ``dataset.json`` (the message names the file and the fix).
-    """
-    if dataset == CUSTOM:
-        return data_dir is not None and custom_modality(data_dir) == "CT"
-    return dataset in DATASETS and DATASETS[dataset].modality == "CT"
-
-
 class _DocumentedConfigScope(ConfigScope):
     """A named config whose docstring documents it without becoming a config entry.
 
@@ -138,6 +126,7 @@ def _make_logger() -> logging.Logger:
 ex.logger = _make_logger()
 
 
+# Straight through: the list of every config key with its default and meaning (Sacred's config scope).
 @ex.config
 def cfg():
     # ---------------- run ----------------
@@ -154,7 +143,7 @@ def cfg():
     data_dir = os.environ.get(DATA_ROOT_ENV) or None  # the image folder itself, or a root holding <dataset>/<folder>; None (no QAMP_DATA_ROOT): train / test refuse to start
     supervoxel_dir = None  # folder of superpix-MIDDLE_<id>.nii.gz; None = looked up next to the images (refused with use_gt=True)
     n_sv = None  # supervoxel folder supervoxels_<n_sv>; None = the dataset's (5000; CMR 1000; custom: dataset.json); refused with use_gt=True
-    use_gt = False  # train on ground-truth classes (minus exclude_label) instead of supervoxels
+    use_gt = False  # train on ground-truth classes (minus test_label) instead of supervoxels
     setting = 1  # 1: test classes may appear in training slices; 2: slices holding them are removed
     test_label = None  # classes to evaluate (and to exclude in setting 2); None = the dataset's standard set
     exclude_label = None  # classes whose slices are removed from training; None = follow `setting`
@@ -185,8 +174,8 @@ def cfg():
     n_edge = MODEL_DEFAULTS.n_edge  # vectors drawn in the inner (fg) / outer (bg) edge band of the support mask
     edge_kernel = MODEL_DEFAULTS.edge_kernel  # side of the square kernel of the edge-band erosion / dilation
     edge_iters = MODEL_DEFAULTS.edge_iters  # erosion / dilation iterations of the edge bands
-    tau_fg = CT_PRIOR_THRESHOLDS[0] if is_ct(dataset, data_dir) else MODEL_DEFAULTS.tau_fg  # prior threshold for query foreground samples (CT 0.7, MR 0.5; custom: dataset.json's modality)
-    tau_bg = CT_PRIOR_THRESHOLDS[1] if is_ct(dataset, data_dir) else MODEL_DEFAULTS.tau_bg  # threshold on 1 - prior for query background samples (CT 0.6)
+    tau_fg = prior_thresholds(dataset_modality(dataset, data_dir))[0]  # prior threshold for query foreground samples (CT 0.7, MR 0.5; custom: dataset.json's modality)
+    tau_bg = prior_thresholds(dataset_modality(dataset, data_dir))[1]  # threshold on 1 - prior for query background samples (CT 0.6, MR 0.5)
     cos_scaler = MODEL_DEFAULTS.cos_scaler  # scale of the cosine similarity in the QPG prior
     prior_temperature = MODEL_DEFAULTS.prior_temperature  # factor inside the sigmoid of the QPG prior
     dropout = MODEL_DEFAULTS.dropout  # dropout of the MLPs and decoders
@@ -333,6 +322,7 @@ def _check_train_combinations(config: Mapping[str, Any]) -> None:
                 f"uses no supervoxels; drop {key} or set use_gt=False")
 
 
+# Straight through: a list of independent checks, one per key or pair of keys, each with its message.
 def validate_config(config: Mapping[str, Any], command: str | None = None) -> None:
     """Fail early, with the key and the fix, on values the pipeline cannot run with.
 

@@ -49,13 +49,14 @@ from tqdm import tqdm
 
 from data.registry import DATASETS
 from dataloaders.datasets import zscore
-from dataloaders.eval_dataset import chunk_bounds, support_fractions
-from models import MODEL_KEYS, MODELS, build_model, check_state_dict, make_generator
+from dataloaders.eval_dataset import pick_support_slices, split_chunks
+from models import make_generator
+from engine.evaluate import segment_chunks
 from engine.runtime import resolve_device, set_determinism
 from utils.io import write_image, write_json
 from dataloaders.predict_io import (InputError, Oriented, PlaneGrid, back_to_source, check_same_grid, label_values,
                               orient, read_input, source_slice_index)
-from engine.snapshot import DEFAULT_ORIENTATION, NORMALISATION, describe, find_snapshot, load_snapshot
+from engine.snapshot import DEFAULT_ORIENTATION, load_model, model_orientation
 
 RULE = (
     "Slice matching: every query slice is segmented (or those of --query-range). The query's slices are "
@@ -65,38 +66,6 @@ RULE = (
     "of the evaluation protocol (test.py eval_mode=all_slices). Slices without the object come out empty "
     "through the model's own prediction; the query's labels are never used.")
 log = logging.getLogger("qamp.predict")
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------
-def load_predictor(snapshot: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], Path]:
-    """The model a snapshot describes, with its weights, in eval mode on ``device``.
-
-    Raises:
-        InputError: no snapshot there, an unreadable file, or one that does not describe its model.
-    """
-    try:
-        path = find_snapshot(snapshot, which="final")
-        state = load_snapshot(path, map_location="cpu")
-        meta = describe(state, path, model_keys=MODEL_KEYS)
-    except (FileNotFoundError, ValueError) as err:
-        raise InputError(f"--snapshot {snapshot}: {err}") from None
-    if meta.get("normalisation", NORMALISATION) != NORMALISATION:
-        raise InputError(f"--snapshot {path}: normalisation {meta['normalisation']!r} is not supported "
-                         f"(only {NORMALISATION!r})")
-    if meta.get("image_size") is None:
-        raise InputError(f"--snapshot {path} does not state the image size its model sees (an old snapshot "
-                         "trained at a dataset's native size): test it with test.py instead")
-    if meta["model_keys"].get("model", "qamp") not in MODELS:
-        raise InputError(f"--snapshot {path}: model {meta['model_keys'].get('model')!r} cannot segment")
-    model = build_model({**meta["model_keys"], "pretrained_weights": "none"}, int(meta["image_size"]))
-    try:
-        check_state_dict(model, state["model"], source=str(path))
-    except ValueError as err:
-        raise InputError(str(err)) from None
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), meta, path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,14 +101,6 @@ def output_name(path: Path) -> str:
     return re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd|\.dcm|\.gz)$", "", name, flags=re.IGNORECASE) or name
 
 
-def support_slices(label: np.ndarray, class_id: int, n_part: int) -> list[int]:
-    """The support slices of ``class_id``: ``int(p * C)``-th of its C annotated slices for
-    ``p = (k + 1/2) / n_part`` (``dataloaders.eval_dataset.support_fractions``)."""
-    labelled = np.flatnonzero((label == class_id).any(axis=(1, 2)))
-    picks = (support_fractions(n_part) * labelled.size).astype(int)
-    return [int(z) for z in labelled[picks]]
-
-
 def query_slices(query: Volume, query_range: Sequence[int] | None) -> np.ndarray:
     """Model-frame slice indices to segment: all, or those whose source index k is in ``query_range``."""
     depth = query.image.shape[0]
@@ -167,11 +128,10 @@ def segment(model: torch.nn.Module, support: Volume, support_label: np.ndarray, 
     """Multi-class label map of ``query`` in the model's orientation on its native grid.
 
     Each class is segmented on its own (generator ``make_generator(seed, class)``, so a class's result
-    depends on neither the other classes nor the other queries), chunk by chunk as in
-    ``engine.evaluate.predict_scan``: the support slice's encoder features are computed once (cached in
-    ``support_feats`` across classes and queries), its prototypes once per chunk, and the chunk's
-    query slices go through the network in batches of ``batch_size``. A voxel takes the class whose
-    foreground probability beats its background and is the highest among the classes.
+    depends on neither the other classes nor the other queries), chunk by chunk by the test protocol's
+    loop (``engine.evaluate.segment_chunks``; ``support_feats`` caches the support slices' encoder
+    features across classes and queries). A voxel takes the class whose foreground probability beats
+    its background and is the highest among the classes.
 
     Returns:
         ``(labels uint8 (Z, H, W), {class: support slices used, one per chunk})``.
@@ -179,31 +139,26 @@ def segment(model: torch.nn.Module, support: Volume, support_label: np.ndarray, 
     depth, height, width = query.image.shape
     labels = np.zeros((depth, height, width), dtype=np.uint8)
     best = np.zeros((depth, height, width), dtype=np.float32)
-    bounds = chunk_bounds(slices.size, n_part)
     used: dict[int, list[int]] = {}
     for class_id in classes:
         generator = make_generator(seed, class_id, device=device)
-        picks = support_slices(support_label, class_id, n_part)
-        used[class_id] = picks
-        for k, support_z in enumerate(picks):
-            chunk = slices[bounds[k]:bounds[k + 1]]
-            if chunk.size == 0:
-                continue
-            supp_img = support.grid.images(support.image[[support_z]], support.pad_value).unsqueeze(0).to(device)
-            supp_mask = support.grid.masks(support_label[[support_z]] == class_id).unsqueeze(0).to(device)
-            state = model.encode_support(supp_img, supp_mask, generator=generator, feats=support_feats.get(support_z))
-            support_feats[support_z] = state.feats
-            for start in range(0, chunk.size, batch_size):
-                zs = chunk[start:start + batch_size]
-                out = model.segment(state, query.grid.images(query.image[zs], query.pad_value).to(device),
-                                    generator=generator)
-                probs = query.grid.probabilities(out["pred"]).float().cpu().numpy()  # (N, 2, H, W)
-                fg = probs[:, 1]
-                wins = (fg > probs[:, 0]) & (fg > best[zs])
-                labels[zs] = np.where(wins, np.uint8(class_id), labels[zs])
-                best[zs] = np.where(wins, fg, best[zs])
-                if bar is not None:
-                    bar.update(len(zs))
+        used[class_id] = pick_support_slices(support_label, class_id, n_part)
+
+        def support_input(z: int, class_id: int = class_id) -> tuple[torch.Tensor, torch.Tensor]:
+            return (support.grid.images(support.image[[z]], support.pad_value).unsqueeze(0),  # (1, 1, 3, S, S)
+                    support.grid.masks(support_label[[z]] == class_id).unsqueeze(0))  # (1, 1, S, S)
+
+        chunks = zip(used[class_id], split_chunks(slices, n_part))
+        for zs, out in segment_chunks(model, chunks, support_input,
+                                      lambda zs: query.grid.images(query.image[zs], query.pad_value),
+                                      batch_size, device, generator, support_feats):
+            probs = query.grid.probabilities(out["pred"]).float().cpu().numpy()  # (N, 2, H, W)
+            fg = probs[:, 1]
+            wins = (fg > probs[:, 0]) & (fg > best[zs])
+            labels[zs] = np.where(wins, np.uint8(class_id), labels[zs])
+            best[zs] = np.where(wins, fg, best[zs])
+            if bar is not None:
+                bar.update(len(zs))
     return labels, used
 
 
@@ -364,8 +319,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="segment only the query slices K0..K1 (inclusive; the query's third voxel index)")
     parser.add_argument("--batch-size", type=int, default=16, help="query slices per forward (default 16)")
     parser.add_argument("--orientation", default=None,
-                        help="ITK orientation code the model expects (default: the snapshot's, else "
-                             f"{DEFAULT_ORIENTATION})")
+                        help="ITK orientation code the model expects (default: the snapshot's, else its "
+                             f"dataset's in data/registry.py, else {DEFAULT_ORIENTATION})")
     args = parser.parse_args(argv)
     for key in ("n_part", "batch_size"):
         if getattr(args, key) < 1:
@@ -383,8 +338,12 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         device = resolve_device(args.device)
     except (RuntimeError, ValueError) as err:
         raise InputError(f"--device {args.device}: {err}") from None
-    model, meta, snapshot = load_predictor(args.snapshot, device)
-    orientation = (args.orientation or meta.get("orientation") or DEFAULT_ORIENTATION).upper()
+    try:
+        loaded = load_model(args.snapshot, device)
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(f"--snapshot {args.snapshot}: {err}") from None
+    model, meta, snapshot = loaded.model, loaded.meta, loaded.path
+    orientation = (args.orientation or model_orientation(meta)).upper()
     if sorted({"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}.get(a, 9) for a in orientation) != [0, 1, 2]:
         raise InputError(f"--orientation {orientation!r}: expected an ITK code such as LAS, LPS or RAS")
     size = int(meta["image_size"])

@@ -55,20 +55,18 @@ import SimpleITK as sitk
 import torch
 
 from config import ex, run_commandline
-from dataloaders.datasets import get_dataset, model_image_size
-from dataloaders.eval_dataset import EvalDataset
-from models import build_model, check_state_dict, make_generator
+from dataloaders.eval_dataset import EvalDataset, ProtocolKeys
+from dataloaders.resolved import resolve_dataset
+from models import make_generator
 from engine.amp import Amp
 from engine.evaluate import predict_scan
 from utils.io import write_image, write_json, write_text
 from engine.malloc import keep_freed_memory
 from utils.metrics import overlap
 from utils.plots import plot_overlay
-from engine.runtime import attach_log_file, resolve_device, resolve_labels, run_folder, set_determinism
-from engine.snapshot import find_snapshot, load_snapshot
+from engine.runtime import attach_log_file, resolve_device, run_folder, set_determinism
+from engine.snapshot import LoadedModel, load_model
 
-# Config keys that shape the network's parameters: a snapshot must have been trained with the same.
-ARCHITECTURE_KEYS = ("model", "backbone", "feature_dim", "n_mlp_fg", "n_mlp_bg", "dataset", "image_size")
 CSV_COLUMNS = ("fold", "supp_idx", "seed", "scan", "class", "class_name", "dice", "iou", "tp", "fp",
                "fn", "slices")
 
@@ -99,36 +97,25 @@ class ScanResult:
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
-def load_model(config: Mapping[str, Any], image_size: int, device: torch.device,
-               log: logging.Logger) -> tuple[torch.nn.Module | None, Path | None]:
-    """Build the model of ``config`` and load ``reload_model_path`` into it (None for copy_support).
+def load_test_model(config: Mapping[str, Any], image_size: int, device: torch.device,
+                    log: logging.Logger) -> LoadedModel | None:
+    """The model of ``reload_model_path`` (``engine.snapshot.load_model``: built from the snapshot's
+    ``meta``, which the config's model keys equal, see engine/snapshot_config.py); None for copy_support.
+    ``image_size``: the size the model sees, used for old snapshots that do not state it.
 
     Raises:
         FileNotFoundError: no snapshot at ``reload_model_path``.
-        ValueError: the snapshot's tensors do not fit this model (another backbone, image size or
-            head); the message lists the differing tensors and config keys.
+        ValueError: the snapshot cannot be used (the message names ``reload_model_path`` and why).
     """
     if config["model"] == "copy_support":
-        return None, None
-
-    path = find_snapshot(config["reload_model_path"], which="final")
-    snapshot = load_snapshot(path)
-    # The snapshot holds every weight: do not require the pre-training file at test time.
-    model = build_model({**config, "pretrained_weights": "none"}, image_size)
+        return None
     try:
-        check_state_dict(model, snapshot["model"], source=str(path))
+        loaded = load_model(config["reload_model_path"], device, compute=config, image_size=image_size)
     except ValueError as err:
-        trained = snapshot.get("config", {})
-        differing = [f"{k}={trained[k]!r} (this run: {config[k]!r})" for k in ARCHITECTURE_KEYS
-                     if k in trained and trained[k] != config[k]]
-        hint = (f"; the snapshot was trained with {', '.join(differing)}: test with the same values"
-                if differing else "")
-        raise ValueError(f"reload_model_path={str(path)!r} does not fit the model built from this "
-                         f"config (image size {image_size}): {err}{hint}") from None
-    model.load_state_dict(snapshot["model"])
-    log.info(f"loaded {path} (step {snapshot.get('step', 'unknown')}; model {config['model']}, backbone "
-             f"{config['backbone']}, image size {image_size})")
-    return model.to(device).eval(), path
+        raise ValueError(f"reload_model_path={config['reload_model_path']!r}: {err}") from None
+    log.info(f"loaded {loaded.path} (step {loaded.step if loaded.step is not None else 'unknown'}; model "
+             f"{config['model']}, backbone {config['backbone']}, image size {image_size})")
+    return loaded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,15 +187,13 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
         if _config["keep_freed_memory"] and not keep_freed_memory():
             _log.info("keep_freed_memory: this C library is not glibc; malloc is left as it is")
         torch.manual_seed(_config["seed"])
-        spec = get_dataset(_config["dataset"], _config["data_dir"])
-        test_label, _ = resolve_labels(_config, spec)
-        image_size = model_image_size(spec, _config["image_size"])
-        model, snapshot = load_model(_config, image_size, device, _log)
+        data = resolve_dataset(_config, training=False)  # the dataset, resolved once for the run
+        spec, test_label, image_size = data.spec, list(data.test_label), data.image_size
+        loaded = load_test_model(_config, image_size, device, _log)
+        model = None if loaded is None else loaded.model
         if model is not None:
             Amp(_config["amp"], device).apply(model)  # amp != 'off': encoder under autocast (engine/amp.py)
-        tds = EvalDataset(_config["dataset"], _config["data_dir"], _config["eval_fold"], _config["supp_idx"],
-                          test_label, n_part=_config["n_part"], eval_mode=_config["eval_mode"],
-                          image_size=_config["image_size"])
+        tds = EvalDataset(data, ProtocolKeys.from_config(_config), _config["eval_fold"], _config["supp_idx"])
         _log.info(f"run folder {folder}; device {device}; support scan {tds.support.scan_id}; "
                   f"queries {[q.scan_id for q in tds.queries]}; classes {test_label}")
         (folder / "predictions").mkdir()
@@ -239,7 +224,7 @@ def test(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, An
         header = {"dataset": _config["dataset"], "fold": _config["eval_fold"], "supp_idx": _config["supp_idx"],
                   "seed": _config["seed"], "model": _config["model"], "eval_mode": _config["eval_mode"],
                   "n_part": _config["n_part"], "support_scan": tds.support.scan_id,
-                  "snapshot": None if snapshot is None else str(snapshot), "std": "population (ddof 0) over scans",
+                  "snapshot": None if loaded is None else str(loaded.path), "std": "population (ddof 0) over scans",
                   "model_image_size": image_size, "dice_grid": "native"}
         summary = summarize_scores(results, header)
         write_scores(folder / "scores.csv", results)

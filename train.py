@@ -39,8 +39,9 @@ import math
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import SimpleITK as sitk
 import torch
@@ -48,9 +49,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config import ex, run_commandline
-from dataloaders.datasets import discover_scans, fold_positions, get_dataset, model_image_size, resolve_image_dir
-from dataloaders.eval_dataset import EvalDataset
-from dataloaders.train_dataset import StepSampler, TrainDataset, worker_init_fn
+from dataloaders.datasets import fold_positions
+from dataloaders.eval_dataset import EvalDataset, ProtocolKeys
+from dataloaders.resolved import ResolvedDataset, resolve_dataset
+from dataloaders.train_dataset import EpisodeKeys, StepSampler, TrainDataset, worker_init_fn
 from models import MODEL_KEYS, MODEL_MONITORS, build_model, make_generator
 from engine import distributed as ddp
 from engine.amp import Amp
@@ -58,27 +60,25 @@ from engine.evaluate import score_queries
 from engine.malloc import keep_freed_memory
 from utils.io import orientation_code
 from utils.plots import plot_loss_curve, plot_validation_curve
-from engine.runtime import (attach_log_file, plain_config, resolve_device, resolve_labels,  # noqa: F401 (re-exported)
-                       run_folder, set_determinism)
-from utils.seed import capture_rng_state, restore_generator, restore_rng_state
+from engine.runtime import attach_log_file, plain_config, resolve_device, run_folder, set_determinism
+from utils.seed import restore_generator, restore_rng_state
 from engine.snapshot_config import RESUME_FREE_KEYS  # noqa: F401  (keys a resumed run may change; re-exported)
-from engine.snapshot import (FINAL_NAME, SNAPSHOT_FORMAT, find_snapshot, load_snapshot,
-                            prune_snapshots, save_snapshot, snapshot_meta, step_name)
+from engine.snapshot import (FINAL_NAME, build_snapshot, find_snapshot, load_snapshot, prune_snapshots,
+                             save_snapshot, snapshot_meta, step_name)
 MONITOR_KEYS = ("fg_fraction", "reverse_ran", *MODEL_MONITORS)  # per-step series that are not losses
 
 
 # ----------------------------------------------------------------------------------------------
 # Set-up
 # ----------------------------------------------------------------------------------------------
-def validation_scan_ids(config: Mapping[str, Any], spec) -> list[int]:
+def validation_scan_ids(config: Mapping[str, Any], data: ResolvedDataset) -> list[int]:
     """``val_scans``, or the last two training scans of the fold (numeric id order).
 
     Raises:
         ValueError: a validation scan is in the test fold (or not in the dataset).
     """
-    files = discover_scans(resolve_image_dir(spec, config["data_dir"]))
-    test_positions = set(fold_positions(spec, len(files), config["eval_fold"]))
-    train_ids = [f.scan_id for pos, f in enumerate(files) if pos not in test_positions]
+    test_positions = set(fold_positions(data.spec, len(data.scans), config["eval_fold"]))
+    train_ids = [f.scan_id for pos, f in enumerate(data.scans) if pos not in test_positions]
     if config["val_scans"] is None:
         return train_ids[-2:]
     outside = sorted(set(config["val_scans"]) - set(train_ids))
@@ -88,31 +88,35 @@ def validation_scan_ids(config: Mapping[str, Any], spec) -> list[int]:
     return sorted(set(config["val_scans"]))
 
 
-def build_dataset(config: Mapping[str, Any], val_ids: list[int] | None = None):
-    """The fold's training episodes and the dataset spec.
+def build_dataset(config: Mapping[str, Any], data: ResolvedDataset, val_ids: list[int] | None = None) -> TrainDataset:
+    """The fold's training episodes.
 
     With ``use_gt=True`` the validation scans ``val_ids`` are left out of training (their labels
     would otherwise be a training signal); self-supervised training keeps them (only their
     supervoxels are used, their labels only score).
     """
-    spec = get_dataset(config["dataset"], config["data_dir"])
-    test_label, exclude_label = resolve_labels(config, spec)
-    dataset = TrainDataset(
-        config["dataset"], config["data_dir"], config["eval_fold"],
-        use_gt=config["use_gt"], test_label=test_label, exclude_label=exclude_label,
-        exclude_mode=config["exclude_mode"], n_shot=config["n_shot"], min_size=config["min_size"],
-        max_iters_per_load=config["max_iters_per_load"], n_sv=config["n_sv"],
-        supervoxel_dir=config["supervoxel_dir"], augment=config["augment"], seed=config["seed"],
-        n_steps=config["n_steps"], image_size=config["image_size"], supervoxel_source=config["supervoxel_source"],
-        exclude_scan_ids=(val_ids or []) if config["use_gt"] else ())
-    return dataset, spec
+    return TrainDataset(data, EpisodeKeys.from_config(config), config["eval_fold"],
+                        exclude_scan_ids=(val_ids or []) if config["use_gt"] else ())
 
 
-def build_validation(config: Mapping[str, Any], val_ids: list[int], test_label: list[int]) -> EvalDataset:
+def build_validation(config: Mapping[str, Any], data: ResolvedDataset, val_ids: list[int]) -> EvalDataset:
     """The validation scans as a protocol test set (support position 0; see :func:`validate`)."""
-    return EvalDataset(config["dataset"], config["data_dir"], config["eval_fold"], 0, test_label,
-                       n_part=config["n_part"], eval_mode="protocol", image_size=config["image_size"],
+    return EvalDataset(data, ProtocolKeys(n_part=config["n_part"], eval_mode="protocol"), config["eval_fold"], 0,
                        scan_ids=val_ids)
+
+
+def build_data(config: Mapping[str, Any], data: ResolvedDataset, is_main: bool,
+               log: logging.Logger) -> tuple[TrainDataset, EvalDataset | None]:
+    """The training episodes and, with ``val_interval`` on rank 0 (torchrun), the validation scans."""
+    val_ids = validation_scan_ids(config, data) if config["val_interval"] else None
+    dataset = build_dataset(config, data, val_ids)
+    log.info(f"model input {data.image_size} x {data.image_size} px"
+             + ("" if not data.resample else f" (slices resampled from the native {data.spec.image_size} px)"))
+    if val_ids is None or not is_main:  # rank 0 alone validates (torchrun)
+        return dataset, None
+    log.info(f"validation every {config['val_interval']} steps on scans {val_ids}"
+             + (" (left out of training: use_gt)" if config["use_gt"] else " (labels used for scoring only)"))
+    return dataset, build_validation(config, data, val_ids)
 
 
 def validate(model: torch.nn.Module, vds: EvalDataset, test_label: list[int], label_names: Mapping[int, str],
@@ -210,27 +214,55 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     return values if dist is None else ddp.mean_values(values, dist)
 
 
-def snapshot_state(step: int, final: bool, model, optimizer, scheduler, generator: torch.Generator,
-                   history: Mapping[str, list[float]], config: Mapping[str, Any],
-                   val_points: list[dict[str, Any]], meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Everything needed to continue exactly after ``step`` completed steps, and ``meta`` (what a
-    user of the model needs: :func:`engine.snapshot.snapshot_meta`; see engine.snapshot)."""
-    return {"format": SNAPSHOT_FORMAT, "step": step, "final": final,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": capture_rng_state(cuda=next(model.parameters()).is_cuda),
-            "generator": generator.get_state(), "history": {k: list(v) for k, v in history.items()},
-            "val": list(val_points), "config": plain_config(config), "meta": dict(meta or {})}
-
-
-def run_meta(config: Mapping[str, Any], spec, image_size: int) -> dict[str, Any]:
+def run_meta(config: Mapping[str, Any], data: ResolvedDataset) -> dict[str, Any]:
     """The snapshots' ``meta``: model keys, image size, normalisation, class names and the
     orientation of the training scans (read from the first scan's header)."""
-    files = discover_scans(resolve_image_dir(spec, config["data_dir"]))
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(files[0].image))
+    reader.SetFileName(str(data.scans[0].image))
     reader.ReadImageInformation()
-    return snapshot_meta(plain_config(config), image_size, spec.label_names,
+    return snapshot_meta(plain_config(config), data.image_size, data.spec.label_names,
                          orientation_code(reader.GetDirection()), model_keys=MODEL_KEYS)
+
+
+@dataclass
+class TrainState:
+    """What training carries from step to step, and what a snapshot saves: the model, its optimizer
+    and schedule, the prototype-sampling generator, AMP, completed ``step``, per-step ``history``
+    and validation points."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+    amp: Amp
+    step: int = 0
+    history: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    val_points: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_state(config: Mapping[str, Any], image_size: int, device: torch.device,
+                dist: ddp.Distributed) -> TrainState:
+    """A fresh model (initialised from torch's global stream, seeded from ``seed``; the same on every
+    rank), AMP, optimizer, schedule and generator (seed, rank)."""
+    model = build_model(config, image_size).to(device).train()
+    ddp.broadcast_parameters(model, dist)
+    amp = Amp(config["amp"], device).apply(model)  # encoder under autocast (amp != 'off')
+    optimizer, scheduler = build_optimizer(model, config)
+    # sampling + dropout; on the CPU on every device: its state resumes on any device (restore())
+    generator = make_generator(config["seed"], *dist.generator_keys)
+    return TrainState(model, optimizer, scheduler, generator, amp)
+
+
+def resume(state: TrainState, config: Mapping[str, Any], dist: ddp.Distributed, device: torch.device,
+           log: logging.Logger) -> None:
+    """Continue from ``config['resume']`` (its latest snapshot): :func:`restore` plus the rank states
+    and the GradScaler (``engine.distributed.restore_extras``)."""
+    source = find_snapshot(config["resume"], which="latest")
+    snapshot = load_snapshot(source)  # on the CPU: restore() puts every tensor where it belongs
+    state.step, state.history, state.val_points = restore(snapshot, state.model, state.optimizer, state.scheduler,
+                                                          state.generator, config, log)
+    ddp.restore_extras(snapshot, dist, state.generator, state.amp, source=str(source), log=log)  # rank states, scaler
+    log.info(f"resumed from {source} after step {state.step}")
 
 
 def take_snapshot(folder: Path | None, state: dict[str, Any], keep: int, history, log: logging.Logger) -> Path | None:
@@ -337,14 +369,56 @@ def check_collapse(val_points: list[Mapping[str, Any]], patience: int, model_nam
         RuntimeError: naming the steps, the method and the fix.
     """
     last = val_points[-patience:]
-    if patience == 0 or len(last) < patience or not all(p["all_background"] and len(p["all_background"]) == len(p["dice"])
-                                       for p in last):
+    if patience == 0 or len(last) < patience or not all(
+            p["all_background"] and len(p["all_background"]) == len(p["dice"]) for p in last):
         return
     steps = ", ".join(str(p["step"]) for p in last)
     raise RuntimeError(
         f"model={model_name!r} collapsed: every validation query was predicted all background at steps {steps} "
         f"(mean Dice 0). This is not a result: check its threshold in the log and lower optim.lr (see "
         f"docs/CPU_BUDGET.md for the chosen rates), or set collapse_patience=0 to train on regardless")
+
+
+def train_steps(run, config: Mapping[str, Any], state: TrainState, loader: DataLoader, device: torch.device,
+                dist: ddp.Distributed, validation: Callable[[int, float], float] | None,
+                save: Callable[[bool], Path | None], log: logging.Logger) -> float:
+    """Steps ``state.step + 1 .. n_steps``: each step's values to ``state.history`` and Sacred's
+    metrics, a log line every ``print_interval`` steps, ``validation(step, training seconds since the
+    last one)`` every ``val_interval`` steps and after the last, an intermediate snapshot
+    (``save(final=False)``) every ``save_snapshot_every``. Returns the seconds spent validating."""
+    n_steps = config["n_steps"]
+    window: dict[str, list[float]] = defaultdict(list)
+    bar = tqdm(loader, total=n_steps, initial=state.step, desc="train", dynamic_ncols=True, disable=not dist.is_main)
+    timer, train_since_val, val_seconds = time.perf_counter(), 0.0, 0.0
+    for batch in bar:
+        lr = state.optimizer.param_groups[0]["lr"]
+        skipped = state.amp.skipped_steps
+        values = train_step(state.model, state.optimizer, state.scheduler, batch, device, state.generator,
+                            state.amp, dist)
+        state.step += 1
+        step = state.step
+        if state.amp.skipped_steps > skipped:
+            log.warning(f"amp=fp16: step {step} skipped by the GradScaler (inf/NaN gradients; loss "
+                        f"{values['loss']}); scale now {state.amp.scaler.get_scale():g}, {state.amp.skipped_steps} "
+                        "step(s) skipped in all")
+        for name, value in values.items():
+            state.history[name].append(value)
+            window[name].append(value)
+            run.log_scalar(name if name == "loss" or name in MONITOR_KEYS else f"{name}_loss", value, step)
+        run.log_scalar("lr", lr, step)
+        if validation is not None and (step % config["val_interval"] == 0 or step == n_steps):
+            now = time.perf_counter()
+            train_since_val += now - timer
+            val_seconds += validation(step, train_since_val)
+            train_since_val, timer = 0.0, time.perf_counter()
+        bar.set_postfix(loss=f"{sum(window['loss']) / len(window['loss']):.4f}")
+        if step % config["print_interval"] == 0:
+            log_interval(log, step, window, lr)
+            window.clear()
+        if step % config["save_snapshot_every"] == 0 and step < n_steps:
+            save(False)
+    bar.close()
+    return val_seconds
 
 
 @ex.command
@@ -361,85 +435,38 @@ def train(_run, _config: Mapping[str, Any], _log: logging.Logger) -> dict[str, A
         torch.manual_seed(_config["seed"])  # dropout's stream (the only global one used)
         _log.info(f"run folder {folder}; device {device}")
 
-        spec = get_dataset(_config["dataset"], _config["data_dir"])
-        val_ids = validation_scan_ids(_config, spec) if _config["val_interval"] else None
-        dataset, spec = build_dataset(_config, val_ids)
-        image_size = model_image_size(spec, _config["image_size"])
-        _log.info(f"model input {image_size} x {image_size} px"
-                  + ("" if _config["image_size"] is None else f" (slices resampled from the native {spec.image_size} px)"))
-        vds = None
-        if val_ids is not None and dist.is_main:  # rank 0 alone validates (torchrun)
-            vds = build_validation(_config, val_ids, resolve_labels(_config, spec)[0])
-            _log.info(f"validation every {_config['val_interval']} steps on scans {val_ids}"
-                      + (" (left out of training: use_gt)" if _config["use_gt"] else " (labels used for scoring only)"))
-        meta = run_meta(_config, spec, image_size)
-        model = build_model(_config, image_size).to(device).train()
-        ddp.broadcast_parameters(model, dist)
-        amp = Amp(_config["amp"], device).apply(model)  # encoder under autocast (amp != 'off')
-        optimizer, scheduler = build_optimizer(model, _config)
-        # sampling + dropout; on the CPU on every device: its state resumes on any device (restore())
-        generator = make_generator(_config["seed"], *dist.generator_keys)
-        start, history, val_points = 0, defaultdict(list), []
+        data = resolve_dataset(_config, training=True)  # the dataset, resolved once for the whole run
+        dataset, vds = build_data(_config, data, dist.is_main, _log)
+        meta = run_meta(_config, data)
+        state = build_state(_config, data.image_size, device, dist)
         if _config["resume"] is not None:
-            source = find_snapshot(_config["resume"], which="latest")
-            snapshot = load_snapshot(source)  # on the CPU: restore() puts every tensor where it belongs
-            start, history, val_points = restore(snapshot, model, optimizer, scheduler, generator, _config, _log)
-            ddp.restore_extras(snapshot, dist, generator, amp, source=str(source), log=_log)  # rank states, scaler
-            _log.info(f"resumed from {source} after step {start}")
+            resume(state, _config, dist, device, _log)
 
         def run_validation(step: int, train_seconds: float) -> float:
             t0 = time.perf_counter()
-            point = {"step": step, **validate(model, vds, resolve_labels(_config, spec)[0], spec.label_names,
+            point = {"step": step, **validate(state.model, vds, list(data.test_label), data.spec.label_names,
                                               _config, device)}
-            val_points.append(point)
+            state.val_points.append(point)
             seconds = time.perf_counter() - t0
             log_validation(_log, _run, step, point, seconds, train_seconds)
-            check_collapse(val_points, _config["collapse_patience"], _config["model"])
+            check_collapse(state.val_points, _config["collapse_patience"], _config["model"])
             return seconds
 
-        n_steps = _config["n_steps"]
-        window: dict[str, list[float]] = defaultdict(list)
-        loader = episode_loader(ddp.rank_episodes(dataset, dist), start, n_steps, _config["num_workers"],
+        def save(final: bool) -> Path | None:  # every rank (collective), rank 0 writes
+            snapshot = build_snapshot(state.step, final, state.model, state.optimizer, state.scheduler,
+                                      state.generator, state.history, _config, state.val_points, meta, dist, state.amp)
+            return take_snapshot(folder, snapshot, _config["keep_snapshots"], state.history, _log)
+
+        loader = episode_loader(ddp.rank_episodes(dataset, dist), state.step, _config["n_steps"], _config["num_workers"],
                                 pin_memory=device.type == "cuda")
-        bar = tqdm(loader, total=n_steps, initial=start, desc="train", dynamic_ncols=True, disable=not dist.is_main)
-        step = start
-        timer, train_since_val, val_seconds = time.perf_counter(), 0.0, 0.0
-        for batch in bar:
-            lr = optimizer.param_groups[0]["lr"]
-            skipped = amp.skipped_steps
-            values = train_step(model, optimizer, scheduler, batch, device, generator, amp, dist)
-            step += 1
-            if amp.skipped_steps > skipped:
-                _log.warning(f"amp=fp16: step {step} skipped by the GradScaler (inf/NaN gradients; loss "
-                             f"{values['loss']}); scale now {amp.scaler.get_scale():g}, {amp.skipped_steps} "
-                             "step(s) skipped in all")
-            for name, value in values.items():
-                history[name].append(value)
-                window[name].append(value)
-                _run.log_scalar(name if name == "loss" or name in MONITOR_KEYS else f"{name}_loss", value, step)
-            _run.log_scalar("lr", lr, step)
-            if vds is not None and (step % _config["val_interval"] == 0 or step == n_steps):
-                now = time.perf_counter()
-                train_since_val += now - timer
-                val_seconds += run_validation(step, train_since_val)
-                train_since_val, timer = 0.0, time.perf_counter()
-            bar.set_postfix(loss=f"{sum(window['loss']) / len(window['loss']):.4f}")
-            if step % _config["print_interval"] == 0:
-                log_interval(_log, step, window, lr)
-                window.clear()
-            if step % _config["save_snapshot_every"] == 0 and step < n_steps:
-                take_snapshot(folder, snapshot_state(step, False, model, optimizer, scheduler, generator,
-                                                     history, _config, val_points, meta) | ddp.snapshot_extras(dist, generator, amp),
-                              _config["keep_snapshots"], history, _log)
-        bar.close()
-        final = take_snapshot(folder, snapshot_state(step, True, model, optimizer, scheduler, generator,
-                                                     history, _config, val_points, meta) | ddp.snapshot_extras(dist, generator, amp),
-                              _config["keep_snapshots"], history, _log)
-        _log.info(f"end of training after {step} steps; final snapshot {final}"
+        val_seconds = train_steps(_run, _config, state, loader, device, dist,
+                                  None if vds is None else run_validation, save, _log)
+        final = save(True)
+        _log.info(f"end of training after {state.step} steps; final snapshot {final}"
                   + (f"; validation took {val_seconds:.1f} s in all" if vds is not None else ""))
-        return {"run_dir": str(folder), "snapshot": str(final), "steps": step,
-                "last_loss": history["loss"][-1] if history["loss"] else None,
-                "val": val_points[-1] if val_points else None}
+        return {"run_dir": str(folder), "snapshot": str(final), "steps": state.step,
+                "last_loss": state.history["loss"][-1] if state.history["loss"] else None,
+                "val": state.val_points[-1] if state.val_points else None}
     finally:
         _log.removeHandler(handler)
         handler.close()

@@ -22,7 +22,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from dataloaders.train_dataset import TrainDataset  # noqa: E402
+from config import cfg  # noqa: E402
+from dataloaders.resolved import resolve_dataset  # noqa: E402
+from dataloaders.train_dataset import EpisodeKeys, TrainDataset  # noqa: E402
 from bench.report import add_data_dir, emit, machine  # noqa: E402
 
 
@@ -37,7 +39,9 @@ def main() -> None:
     torch.set_num_threads(1)  # one worker's worth of compute
 
     start, start_cpu = time.perf_counter(), time.process_time()
-    ds = TrainDataset("CHAOST2", data_dir, None, augment=True, num_threads=args.num_threads)
+    config = dict(cfg(fixed={"dataset": "CHAOST2", "data_dir": str(data_dir), "augment": True}))
+    ds = TrainDataset(resolve_dataset(config, training=True), EpisodeKeys.from_config(config), None,
+                      num_threads=args.num_threads)
     load_s, load_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     n_scans = len(ds.scans)
     ds.episode(0)  # warm-up

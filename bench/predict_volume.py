@@ -31,6 +31,7 @@ from bench.report import add_data_dir, emit, machine  # noqa: E402
 from engine.malloc import keep_freed_memory  # noqa: E402
 
 
+# Straight through: one benchmark, in order: arguments, one model, the same slices through both loops, timed.
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_dir(parser)
@@ -52,10 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
     import predict
     from config import cfg
     from dataloaders.datasets import get_dataset, resolve_image_dir
-    from dataloaders.eval_dataset import EvalDataset
+    from dataloaders.eval_dataset import EvalDataset, ProtocolKeys
+    from dataloaders.resolved import resolve_dataset
     from models import MODEL_KEYS, build_model, make_generator
     from engine.evaluate import predict_scan
-    from engine.snapshot import SNAPSHOT_FORMAT, save_snapshot, snapshot_meta
+    from engine.snapshot import SNAPSHOT_FORMAT, load_model, save_snapshot, snapshot_meta
 
     device = torch.device("cpu")
     spec = get_dataset("CHAOST2", args.data_dir)
@@ -67,9 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
         path = Path(tmp) / "final.pth"
         save_snapshot(path, {"format": SNAPSHOT_FORMAT, "step": 0, "final": True, "model": model.state_dict(),
                              "config": json.loads(json.dumps(config)),
-                             "meta": snapshot_meta(config, args.size, spec.label_names, "LAS",
+                             "meta": snapshot_meta(config, args.size, spec.label_names, spec.orientation,
                                                    model_keys=MODEL_KEYS)})
-        predictor, meta, _ = predict.load_predictor(path, device)
+        loaded = load_model(path, device)
+        predictor, meta = loaded.model, loaded.meta
 
     def volume(scan_id: int, what: str) -> predict.Volume:
         file = image_dir / f"image_{scan_id}.nii.gz"
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     support = volume(args.support_id, "support")
     support_label = predict.orient(sitk.ReadImage(str(image_dir / f"label_{args.support_id}.nii.gz")),
-                                   "LAS").array.astype(np.int64)
+                                   spec.orientation).array.astype(np.int64)
     query = volume(args.query_id, "query")
     mid = query.image.shape[0] // 2
     slices = np.arange(max(0, mid - args.slices // 2), min(query.image.shape[0], mid - args.slices // 2 + args.slices))
@@ -87,8 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
         def query_slices(self, scan, class_id):
             return slices
 
-    tds = Subset("CHAOST2", args.data_dir, 0, 0, [args.class_id], eval_mode="all_slices",
-                 image_size=args.size, scan_ids=[args.support_id, args.query_id])
+    data = resolve_dataset({**config, "dataset": "CHAOST2", "data_dir": args.data_dir, "test_label": [args.class_id]},
+                           training=False)
+    tds = Subset(data, ProtocolKeys(n_part=3, eval_mode="all_slices"), 0, 0, scan_ids=[args.support_id, args.query_id])
     scan = next(s for s in tds.fold_scans if s.scan_id == args.query_id)
     tds = tds.with_support(next(i for i, s in enumerate(tds.fold_scans) if s.scan_id == args.support_id))
 

@@ -43,6 +43,7 @@ def model_config(args: argparse.Namespace) -> dict:
     return dict(cfg(fixed={"backbone": args.backbone, "pretrained_weights": "none", "model": args.model}))
 
 
+# Straight through: one benchmark, in order: arguments, data and model, the timed volumes, the result.
 def main(argv: list[str] | None = None) -> dict:
     from models import BACKBONES, MODELS
 
@@ -67,14 +68,20 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_keep_freed_memory:
         keep_freed_memory()
 
-    from dataloaders.eval_dataset import EvalDataset
+    from dataloaders.eval_dataset import EvalDataset, ProtocolKeys
+    from dataloaders.resolved import resolve_dataset
     from models import build_model, make_generator
     from engine.evaluate import predict_scan
     from engine.snapshot import find_snapshot, load_snapshot
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    tds = EvalDataset(args.dataset, args.data_dir, args.fold, args.supp_idx, [args.class_id], image_size=args.size)
+    from config import cfg
+
+    config = dict(cfg(fixed={"dataset": args.dataset, "data_dir": args.data_dir, "test_label": [args.class_id],
+                             "image_size": args.size}))
+    tds = EvalDataset(resolve_dataset(config, training=False), ProtocolKeys.from_config(config), args.fold,
+                      args.supp_idx)
     size = tds.image_size
     if args.queries + 1 > len(tds.queries):
         parser.error(f"--queries {args.queries}: fold {args.fold} has {len(tds.queries)} queries (one is the warm-up)")

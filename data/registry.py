@@ -47,7 +47,10 @@ class DatasetSpec:
             background included; None: ``'BG'`` plus ``label_names`` (through ``label_remap``).
             Given where the published files use other names (SABS: ``BGD``, ``KID_R``, ``KID_l``).
         spacing: expected ``(x, y, z)`` spacing in mm after pre-processing; None entries are free.
-        orientation: expected DICOM orientation code of every scan (e.g. ``LAS``), or None.
+        orientation: ITK orientation code of every pre-processed scan (``utils.io.orientation_code``,
+            e.g. ``LAS``): what ``verify`` expects and what ``predict.py`` re-orients inputs to when a
+            snapshot does not state it; None where the recipe keeps each scan's stored orientation.
+            The one place of these facts (``tools.convert``, ``engine.snapshot`` read it here).
         min_tps: the ``min_tp`` values of the classmap files pre-processing writes by default.
     """
 
@@ -162,6 +165,7 @@ DATASETS: dict[str, DatasetSpec] = {
         modality="CT",
         folds=_fold_table((0, 6), (6, 12), (12, 18), (18, 24), (24, 29)),
         n_scans=30,
+        orientation="LPS",  # the shipped scans (SSL-ALPNet's pre-processing keeps the Synapse direction)
         # Class names as in the published SABS classmap_1.json (including its "KID_l").
         classmap_names={
             0: "BGD", 1: "SPLEEN", 2: "KID_R", 3: "KID_l", 4: "GALLBLADDER", 5: "ESOPHAGUS",
@@ -182,6 +186,7 @@ DATASETS: dict[str, DatasetSpec] = {
         modality="MR",
         folds=_fold_table((0, 8), (8, 16), (16, 24), (24, 32), (32, 39)),
         n_scans=40,
+        orientation=None,  # the generic recipe keeps the stored orientation unless --orient is given
     ),
     # MS-CMRSeg bSSFP: values kept as stored by the challenge; loaders remap 200/500/600 -> 1/2/3.
     "CMR": DatasetSpec(
@@ -196,6 +201,7 @@ DATASETS: dict[str, DatasetSpec] = {
         n_scans=35,
         label_remap={200: 1, 500: 2, 600: 3},
         spacing=(1.25, 1.25, 7.99),
+        orientation=None,  # the cmr recipe keeps the stored orientation unless --orient is given
     ),
 }
 
@@ -248,13 +254,17 @@ def read_custom_json(image_dir: str | Path) -> dict[str, Any]:
     return {**raw, "labels": label_names, "label_remap": label_remap, "modality": modality}
 
 
-def custom_modality(image_dir: str | Path) -> str | None:
-    """``'MR'`` or ``'CT'``: the ``modality`` of ``<image_dir>/dataset.json`` (:func:`read_custom_json`),
-    for the CT prior thresholds of ``config.py``; None when there is no such file.
+def dataset_modality(name: str, data_dir: str | Path | None = None) -> str | None:
+    """``'MR'`` or ``'CT'``: the modality of a registered dataset, or for ``'custom'`` the
+    ``modality`` of ``<data_dir>/dataset.json`` (:func:`read_custom_json`; ``'MR'`` when the file
+    does not say). None when it cannot be known: an unknown name, or ``'custom'`` without a
+    ``dataset.json`` (``config.py`` then keeps the MR prior thresholds, and its checks name the problem).
 
     Raises:
         ValueError: a bad ``dataset.json``.
     """
-    if not (Path(image_dir) / CUSTOM_SPEC_FILE).is_file():
+    if name in DATASETS:
+        return DATASETS[name].modality
+    if name != CUSTOM or data_dir is None or not (Path(data_dir) / CUSTOM_SPEC_FILE).is_file():
         return None
-    return read_custom_json(image_dir)["modality"]
+    return read_custom_json(data_dir)["modality"]

@@ -132,6 +132,8 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int], sigma_p
     return field
 
 
+# Straight through: the anatomy painted structure by structure; the order of the draws from ``rng`` is
+# the phantom (splitting it must keep that order bit for bit, or every phantom changes).
 def make_phantom(rng: np.random.Generator, cfg: PhantomConfig) -> tuple[np.ndarray, np.ndarray]:
     """Draw one phantom.
 

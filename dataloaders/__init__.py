@@ -2,6 +2,8 @@
 
 - :mod:`dataloaders.datasets`: dataset definitions (:data:`DATASETS`, custom ``dataset.json``),
   scan discovery, folds, volume reading; CLI ``python -m dataloaders.datasets``.
+- :mod:`dataloaders.resolved`: :func:`resolve_dataset`, a run's dataset resolved once from its config
+  (:class:`ResolvedDataset`), which the two datasets below take.
 - :mod:`dataloaders.train_dataset`: :class:`TrainDataset`, episodes as a pure function of (seed, step).
 - :mod:`dataloaders.eval_dataset`: :class:`EvalDataset`, the evaluation protocol.
 - :mod:`dataloaders.transforms`: gamma and joint affine + elastic augmentation.
@@ -22,6 +24,10 @@ _EXPORTS = {
     "get_dataset": "dataloaders.datasets",
     "resolve_image_dir": "dataloaders.datasets",
     "EvalDataset": "dataloaders.eval_dataset",
+    "ProtocolKeys": "dataloaders.eval_dataset",
+    "ResolvedDataset": "dataloaders.resolved",
+    "resolve_dataset": "dataloaders.resolved",
+    "EpisodeKeys": "dataloaders.train_dataset",
     "to_model_input": "dataloaders.eval_dataset",
     "Augmentation": "dataloaders.train_dataset",
     "StepSampler": "dataloaders.train_dataset",

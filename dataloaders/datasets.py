@@ -16,6 +16,7 @@ Print the folds of a dataset::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,19 +217,25 @@ def discover_scans(image_dir: str | Path, supervoxel_dir: str | Path | None = No
             f"{image_dir}: scan ids {no_image} have a label_<id> file but no image_<id> file; "
             "add the images or move those labels out of the folder"
         )
-    supervoxels: dict[int, Path] = {}
-    if supervoxel_dir is not None:
-        supervoxels = _index(Path(supervoxel_dir), _SUPERVOXEL_RE)
-        no_sv = sorted(set(images) - set(supervoxels))
-        if no_sv:
-            raise ValueError(
-                f"{supervoxel_dir}: scan ids {no_sv} have no superpix-MIDDLE_<id>.nii.gz; run "
-                f"`{SUPERVOXEL_COMMAND.format(image_dir=image_dir)}` to (re)make them"
-            )
-    return [
-        ScanFiles(scan_id, images[scan_id], labels[scan_id], supervoxels.get(scan_id))
-        for scan_id in sorted(images)
-    ]
+    files = [ScanFiles(scan_id, images[scan_id], labels[scan_id]) for scan_id in sorted(images)]
+    return files if supervoxel_dir is None else pair_supervoxels(files, supervoxel_dir)
+
+
+def pair_supervoxels(files: Sequence[ScanFiles], supervoxel_dir: str | Path) -> list[ScanFiles]:
+    """``files`` with their ``superpix-MIDDLE_<id>.nii.gz`` of ``supervoxel_dir`` (every scan must have one).
+
+    Raises:
+        ValueError: scans without a supervoxel file (the message names them and the command that makes them).
+    """
+    supervoxels = _index(Path(supervoxel_dir), _SUPERVOXEL_RE)
+    no_sv = [f.scan_id for f in files if f.scan_id not in supervoxels]
+    if no_sv:
+        image_dir = files[0].image.parent
+        raise ValueError(
+            f"{supervoxel_dir}: scan ids {no_sv} have no superpix-MIDDLE_<id>.nii.gz; run "
+            f"`{SUPERVOXEL_COMMAND.format(image_dir=image_dir)}` to (re)make them"
+        )
+    return [dataclasses.replace(f, supervoxel=supervoxels[f.scan_id]) for f in files]
 
 
 def find_supervoxel_dir(image_dir: str | Path, n_sv: int, supervoxel_dir: str | Path | None = None) -> Path:

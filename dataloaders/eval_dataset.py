@@ -19,28 +19,21 @@ slices to it (image bilinear, masks nearest), and predictions go back with
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from utils.resample import resize_image, resize_labels
-from dataloaders.datasets import (
-    DatasetSpec,
-    Scan,
-    discover_scans,
-    fold_positions,
-    get_dataset,
-    load_scan,
-    model_image_size,
-    resolve_image_dir,
-)
+from dataloaders.datasets import DatasetSpec, Scan, fold_positions, load_scan
+from dataloaders.resolved import ResolvedDataset
 
 EVAL_MODES = ("protocol", "all_slices")
 
-__all__ = ["EVAL_MODES", "Scan", "EvalDataset", "chunk_bounds", "support_fractions", "to_model_input"]
+__all__ = ["EVAL_MODES", "Scan", "EvalDataset", "ProtocolKeys", "chunk_bounds", "pick_support_slices", "split_chunks",
+           "support_fractions", "to_model_input"]
 
 
 def support_fractions(n_part: int) -> np.ndarray:
@@ -59,24 +52,55 @@ def chunk_bounds(n_slices: int, n_part: int) -> np.ndarray:
     return np.linspace(0, n_slices, n_part + 1).astype(int)
 
 
+def pick_support_slices(label: np.ndarray, class_id: int, n_part: int) -> list[int]:
+    """The support slices of ``class_id`` in a label volume (Z x H x W): the ``int(p * C)``-th of its C
+    slices holding the class, for each ``p`` of :func:`support_fractions` (empty when C = 0)."""
+    labelled = np.flatnonzero((label == class_id).any(axis=(1, 2)))
+    if labelled.size == 0:
+        return []
+    picks = (support_fractions(n_part) * labelled.size).astype(int)
+    return [int(z) for z in labelled[picks]]
+
+
+def split_chunks(slices: np.ndarray, n_part: int) -> list[np.ndarray]:
+    """``slices`` split, in order, into ``n_part`` chunks at :func:`chunk_bounds` (some may be empty)."""
+    bounds = chunk_bounds(slices.size, n_part)
+    return [slices[bounds[k]:bounds[k + 1]] for k in range(n_part)]
+
+
 def to_model_input(slices: np.ndarray) -> torch.Tensor:
     """z-scored slices float32 (N x H x W) -> float32 tensor (N x 3 x H x W) (slice repeated 3 times)."""
     tensor = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
     return tensor.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
+@dataclass(frozen=True)
+class ProtocolKeys:
+    """The config keys of the evaluation protocol (``config.py`` holds their defaults and meaning).
+
+    Attributes:
+        n_part: support slices per class = query chunks.
+        eval_mode: ``'protocol'`` or ``'all_slices'`` (see module docstring).
+    """
+
+    n_part: int
+    eval_mode: str
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ProtocolKeys":
+        """The keys of a flat config."""
+        return cls(**{f.name: config[f.name] for f in fields(cls)})
+
+
 class EvalDataset(Dataset):
     """Support and query scans of fold ``eval_fold``; ``ds[i]`` is query :class:`Scan` i.
 
     Args:
-        dataset: dataset name or ``'custom'``.
-        data_dir: image folder or a root holding ``<DATASET>/<folder>``.
+        data: the run's dataset (``dataloaders.resolved.resolve_dataset``): scans, the image size the
+            model sees (native size checked on load unless resampled), the classes to evaluate.
+        keys: the protocol keys (:class:`ProtocolKeys`).
         eval_fold: 0..4.
         supp_idx: position of the support scan within the fold (numeric id order).
-        test_label: classes to evaluate (default: the dataset's test labels).
-        n_part: support slices per class = query chunks.
-        eval_mode: ``'protocol'`` or ``'all_slices'`` (see module docstring).
-        image_size: in-plane size the model sees (None: the dataset's native size, checked on load).
         scan_ids: explicit scans (numeric ids) instead of fold ``eval_fold``'s, e.g. the validation
             scans of a training run; ``supp_idx`` indexes this list in numeric order.
 
@@ -85,32 +109,21 @@ class EvalDataset(Dataset):
         fold_scans: every scan of the fold (numeric id order).
     """
 
-
-    def __init__(
-        self,
-        dataset: str,
-        data_dir: str | Path,
-        eval_fold: int,
-        supp_idx: int,
-        test_label: Sequence[int] | None = None,
-        n_part: int = 3,
-        eval_mode: str = "protocol",
-        image_size: int | None = None,
-        scan_ids: Sequence[int] | None = None,
-    ) -> None:
-        self.spec: DatasetSpec = get_dataset(dataset, data_dir)
+    def __init__(self, data: ResolvedDataset, keys: ProtocolKeys, eval_fold: int, supp_idx: int,
+                 scan_ids: Sequence[int] | None = None) -> None:
+        self.spec: DatasetSpec = data.spec
         spec = self.spec
-        if eval_mode not in EVAL_MODES:
-            raise ValueError(f"eval_mode: expected one of {EVAL_MODES}, got {eval_mode!r}")
-        if not isinstance(n_part, (int, np.integer)) or n_part < 1:
-            raise ValueError(f"n_part: expected an integer >= 1, got {n_part!r}")
-        self.eval_mode = eval_mode
-        self.n_part = int(n_part)
+        if keys.eval_mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode: expected one of {EVAL_MODES}, got {keys.eval_mode!r}")
+        if not isinstance(keys.n_part, (int, np.integer)) or keys.n_part < 1:
+            raise ValueError(f"n_part: expected an integer >= 1, got {keys.n_part!r}")
+        self.eval_mode = keys.eval_mode
+        self.n_part = int(keys.n_part)
         self.eval_fold = spec.check_fold(eval_fold)
-        self.test_label = spec.check_labels("test_label", spec.test_labels if test_label is None else test_label)
-        self.image_dir = resolve_image_dir(spec, data_dir)
-        self.image_size = model_image_size(spec, image_size)
-        files = discover_scans(self.image_dir)
+        self.test_label = list(data.test_label)
+        self.image_dir = data.image_dir
+        self.image_size = data.image_size
+        files = list(data.scans)
         if scan_ids is None:
             fold_files = [files[pos] for pos in fold_positions(spec, len(files), self.eval_fold)]
         else:
@@ -125,7 +138,7 @@ class EvalDataset(Dataset):
                 f"supp_idx: expected an integer in 0..{len(fold_files) - 1} (fold {self.eval_fold} "
                 f"holds scans {[f.scan_id for f in fold_files]}), got {supp_idx!r}"
             )
-        self.fold_scans: list[Scan] = [load_scan(spec, f, check_size=image_size is None) for f in fold_files]
+        self.fold_scans: list[Scan] = [load_scan(spec, f, check_size=not data.resample) for f in fold_files]
         self._set_support(int(supp_idx))
 
     def _set_support(self, supp_idx: int) -> None:
@@ -161,14 +174,13 @@ class EvalDataset(Dataset):
             ValueError: the class is not a test label, or the support scan has no slice of it.
         """
         self.spec.check_labels("class_id", [class_id])
-        labelled = self._slices_with(self.support, class_id)
-        if labelled.size == 0:
+        picks = pick_support_slices(self.support.label, class_id, self.n_part)
+        if not picks:
             raise ValueError(
                 f"support scan {self.support.scan_id} (supp_idx={self.supp_idx}, fold {self.eval_fold}) "
                 f"has no slice of class {class_id} ({self.spec.label_names[class_id]}); choose another supp_idx"
             )
-        picks = (support_fractions(self.n_part) * labelled.size).astype(int)
-        return [int(z) for z in labelled[picks]]
+        return picks
 
     def model_images(self, slices: np.ndarray) -> torch.Tensor:
         """Native z-scored slices ``N x H x W`` -> model input float32 ``N x 3 x S x S`` (bilinear)."""
@@ -195,6 +207,4 @@ class EvalDataset(Dataset):
 
         In 'protocol' mode a query without the class gives ``n_part`` empty arrays.
         """
-        z = self.query_slices(scan, class_id)
-        bounds = chunk_bounds(z.size, self.n_part)
-        return [z[bounds[k]:bounds[k + 1]] for k in range(self.n_part)]
+        return split_chunks(self.query_slices(scan, class_id), self.n_part)

@@ -28,7 +28,7 @@ import SimpleITK as sitk
 import torch
 
 from dataloaders.eval_dataset import to_model_input
-from utils.io import orientation_code, read_dicom_series, read_image
+from utils.io import grid_differences, orientation_code, read_dicom_series, read_image
 from utils.resample import resize_image, resize_labels, resize_probabilities
 
 
@@ -70,17 +70,9 @@ def read_input(path: str | os.PathLike, what: str) -> sitk.Image:
 
 
 def check_same_grid(image: sitk.Image, label: sitk.Image, image_name: str, label_name: str) -> None:
-    """Raise :class:`InputError` unless ``label`` lies on ``image``'s grid (size, spacing, origin,
-    direction), naming every property that differs with both values."""
-    differ = []
-    if image.GetSize() != label.GetSize():
-        differ.append(f"size {image.GetSize()} vs {label.GetSize()}")
-    tol = 1e-3 * min(image.GetSpacing())
-    for name, a, b, atol in (("spacing", image.GetSpacing(), label.GetSpacing(), 1e-4),
-                             ("origin", image.GetOrigin(), label.GetOrigin(), tol),
-                             ("direction", image.GetDirection(), label.GetDirection(), 1e-4)):
-        if not np.allclose(a, b, rtol=1e-4, atol=atol):
-            differ.append(f"{name} {tuple(round(v, 4) for v in a)} vs {tuple(round(v, 4) for v in b)}")
+    """Raise :class:`InputError` unless ``label`` lies on ``image``'s grid (``utils.io.grid_differences``),
+    naming every property that differs with both values."""
+    differ = grid_differences(image, label)
     if differ:
         raise InputError(f"the support label {label_name} is not on the grid of its image {image_name}: "
                          + "; ".join(differ) + " (image vs label). Pass the label drawn on this image")

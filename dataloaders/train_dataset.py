@@ -21,9 +21,8 @@ from __future__ import annotations
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,21 +32,16 @@ from tqdm import tqdm
 from dataloaders.datasets import (
     DatasetSpec,
     ScanFiles,
-    discover_scans,
-    find_supervoxel_dir,
     fold_positions,
-    get_dataset,
-    model_image_size,
+    pair_supervoxels,
     read_scan_image,
     read_label,
     read_supervoxels,
-    resolve_image_dir,
 )
+from dataloaders.resolved import EXCLUDE_MODES, ResolvedDataset
 from dataloaders.transforms import AffineElastic, gamma_transform
 from utils.resample import pixel_ratio, resize_image, resize_labels
 
-EXCLUDE_MODES = ("any", "all")
-SUPERVOXEL_SOURCES = ("folder", "generate")
 log = logging.getLogger(__name__)
 
 
@@ -203,37 +197,48 @@ class Augmentation:
     query_aug_prob: float = 0.5
 
 
+@dataclass(frozen=True)
+class EpisodeKeys:
+    """The config keys of training episodes (``config.py`` holds their defaults and meaning).
+
+    Attributes:
+        n_shot: support slices per episode (the episode uses ``n_shot + 1`` consecutive slices).
+        min_size: the largest class area among the window's slices must reach this (pixels of the
+            native grid; scaled by the pixel ratio when slices are resampled).
+        augment: gamma + affine/elastic augmentation.
+        seed: run seed; episode ``i`` depends only on ``(seed, i)``.
+        n_steps: ``__len__`` (total training steps).
+        max_iters_per_load: the reference's epoch length (``__len__`` when ``n_steps`` is None).
+    """
+
+    n_shot: int
+    min_size: int
+    augment: bool
+    seed: int
+    n_steps: int | None
+    max_iters_per_load: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "EpisodeKeys":
+        """The keys of a flat config."""
+        return cls(**{f.name: config[f.name] for f in fields(cls)})
+
+
 class TrainDataset(Dataset):
     """Episodic training data of one fold (every scan outside fold ``eval_fold``).
 
     Args:
-        dataset: dataset name (see :data:`dataloaders.datasets.DATASETS`) or ``'custom'``.
-        data_dir: image folder, or a root holding ``<DATASET>/<folder>``.
+        data: the run's dataset, resolved with ``training=True`` (``dataloaders.resolved``):
+            scans, image size, test / excluded labels, pseudo-label source (ground truth minus
+            ``test_label``, or supervoxels from a folder or computed on load at the image size, with
+            in-plane spacing and ``n_sv`` scaled by the size and pixel ratios).
+        keys: the episode keys (:class:`EpisodeKeys`).
         eval_fold: the test fold (0..4); its scans are left out. None: train on every scan (e.g. a
             model for another dataset).
-        use_gt: pseudo-classes = ground-truth classes minus ``test_label`` (else supervoxels).
-        test_label: test classes (default: the dataset's); removed from the classes when ``use_gt``.
-        exclude_label: Setting 2: classes whose slices are removed (None/[]: Setting 1).
-        exclude_mode: ``'any'`` or ``'all'`` (see module docstring).
-        n_shot: support slices per episode (the episode uses ``n_shot + 1`` consecutive slices).
-        min_size: the largest class area among the window's slices must reach this (pixels).
-        max_iters_per_load: episodes per epoch (the reference's epoch; ``__len__`` if n_steps is None).
-        n_sv: supervoxel folder ``supervoxels_<n_sv>`` (default: the dataset's).
-        supervoxel_dir: explicit supervoxel folder.
-        augment: gamma + affine/elastic augmentation.
-        seed: run seed; episode ``i`` depends only on ``(seed, i)``.
-        n_steps: ``__len__`` when given (total training steps).
         scan_ids: restrict training to these scan ids (must be outside the test fold).
         exclude_scan_ids: training scans left out (e.g. validation scans when ``use_gt``).
-        image_size: in-plane size ``S`` of the episodes; None = the dataset's native size. Other
-            sizes resample every slice on load (image bilinear, labels and supervoxels nearest,
-            ids kept); ``min_size`` keeps its native-grid meaning (scaled by the pixel ratio).
-        supervoxel_source: ``'folder'``: the supervoxel folder's ids (nearest-resampled to
-            ``image_size``); ``'generate'``: 3D Felzenszwalb supervoxels computed on load from the
-            slices at ``image_size`` (in-plane spacing and ``n_sv`` scaled by the size and pixel
-            ratios, i.e. the same physical sizes; no supervoxel folder needed).
-        augmentation: the :class:`Augmentation` parameters (used when ``augment``; the slice order
-            is reversed with ``augmentation.reverse_prob`` either way).
+        augmentation: the :class:`Augmentation` parameters (used when ``keys.augment``; the slice
+            order is reversed with ``augmentation.reverse_prob`` either way).
         num_threads: threads used to read volumes.
         progress: show a tqdm bar while reading.
 
@@ -246,72 +251,34 @@ class TrainDataset(Dataset):
         ValueError / FileNotFoundError with the key or file and the fix, for bad configuration or data.
     """
 
-    def __init__(
-        self,
-        dataset: str,
-        data_dir: str | Path,
-        eval_fold: int | None,
-        *,
-        use_gt: bool = False,
-        test_label: Sequence[int] | None = None,
-        exclude_label: Sequence[int] | None = None,
-        exclude_mode: str = "any",
-        n_shot: int = 1,
-        min_size: int = 200,
-        max_iters_per_load: int = 5000,
-        n_sv: int | None = None,
-        supervoxel_dir: str | Path | None = None,
-        augment: bool = True,
-        seed: int = 2025,
-        n_steps: int | None = None,
-        scan_ids: Sequence[int] | None = None,
-        exclude_scan_ids: Sequence[int] = (),
-        image_size: int | None = None,
-        supervoxel_source: str = "folder",
-        augmentation: Augmentation = Augmentation(),
-        num_threads: int = 2,
-        progress: bool = False,
-    ) -> None:
-        self.spec: DatasetSpec = get_dataset(dataset, data_dir)
-        spec = self.spec
-        self.image_dir = resolve_image_dir(spec, data_dir)
-        if eval_fold is not None:
-            eval_fold = spec.check_fold(eval_fold)
-        self.eval_fold = eval_fold
-        self.test_label = spec.check_labels("test_label", spec.test_labels if test_label is None else test_label)
-        self.exclude_label = spec.check_labels("exclude_label", exclude_label)
-        if exclude_mode not in EXCLUDE_MODES:
-            raise ValueError(f"exclude_mode: expected one of {EXCLUDE_MODES}, got {exclude_mode!r}")
-        if int(n_shot) < 1:
-            raise ValueError(f"n_shot: expected an integer >= 1, got {n_shot!r}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-        self.exclude_mode = exclude_mode
-        if supervoxel_source not in SUPERVOXEL_SOURCES:
-            raise ValueError(f"supervoxel_source: expected one of {SUPERVOXEL_SOURCES}, got {supervoxel_source!r}")
-        self.image_size = model_image_size(spec, image_size)
-        self.resampled = image_size is not None
-        self.n_sv = int(n_sv or spec.n_sv)
-        self.use_gt = bool(use_gt)
-        self.regenerate = supervoxel_source == "generate" and not self.use_gt
-        self.n_shot = int(n_shot)
-        self.min_size = int(min_size)
-        self.max_iters_per_load = int(max_iters_per_load)
-        self.n_steps = n_steps
-        self.seed = int(seed)
-        self.augment = bool(augment)
+    def __init__(self, data: ResolvedDataset, keys: EpisodeKeys, eval_fold: int | None, *,
+                 scan_ids: Sequence[int] | None = None, exclude_scan_ids: Sequence[int] = (),
+                 augmentation: Augmentation = Augmentation(), num_threads: int = 2, progress: bool = False) -> None:
+        self.spec: DatasetSpec = data.spec
+        self.image_dir = data.image_dir
+        self.eval_fold = None if eval_fold is None else data.spec.check_fold(eval_fold)
+        if not isinstance(keys.n_shot, (int, np.integer)) or keys.n_shot < 1:
+            raise ValueError(f"n_shot: expected an integer >= 1, got {keys.n_shot!r}")
+        if not isinstance(keys.seed, (int, np.integer)) or keys.seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {keys.seed!r}")
+        if data.needs_supervoxel_dir and data.supervoxel_dir is None:
+            raise ValueError("supervoxel training needs the supervoxel folder: resolve the dataset with "
+                             "dataloaders.resolved.resolve_dataset(config, training=True)")
+        self.test_label, self.exclude_label = list(data.test_label), list(data.exclude_label)
+        self.exclude_mode = data.exclude_mode
+        self.image_size, self.resampled = data.image_size, data.resample
+        self.n_sv, self.use_gt, self.regenerate = data.n_sv, data.use_gt, data.regenerate
+        self.n_shot, self.min_size, self.seed = int(keys.n_shot), int(keys.min_size), int(keys.seed)
+        self.max_iters_per_load, self.n_steps = int(keys.max_iters_per_load), keys.n_steps
+        self.augment = bool(keys.augment)
         self.augmentation = augmentation
         self.gamma_range = tuple(augmentation.gamma_range)
         self.geometric = augmentation.geometric
         self.reverse_prob = float(augmentation.reverse_prob)
         self.query_aug_prob = float(augmentation.query_aug_prob)
-
-        sv_dir = None
-        if not self.use_gt and not self.regenerate:
-            sv_dir = find_supervoxel_dir(self.image_dir, self.n_sv, supervoxel_dir)
-        self.supervoxel_dir = sv_dir
-        train_files = self._training_files(discover_scans(self.image_dir, sv_dir), scan_ids, exclude_scan_ids)
-        self._load_scans(train_files, num_threads, progress)
+        self.supervoxel_dir = data.supervoxel_dir
+        files = list(data.scans) if data.supervoxel_dir is None else pair_supervoxels(data.scans, data.supervoxel_dir)
+        self._load_scans(self._training_files(files, scan_ids, exclude_scan_ids), num_threads, progress)
 
     def _training_files(self, files: list[ScanFiles], scan_ids: Sequence[int] | None,
                         exclude_scan_ids: Sequence[int]) -> list[ScanFiles]:

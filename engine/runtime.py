@@ -1,9 +1,8 @@
 """Run helpers shared by ``train.py`` and ``test.py``: device, determinism, run folder, log file,
-labels, config as plain JSON.
+config as plain JSON.
 
 Duck-typed and free of project imports above ``utils`` (the run folder observer is recognised by
-its ``is_run_folder`` attribute, the dataset spec by its ``check_labels`` / ``test_labels``), so
-any script can use them without importing another script.
+its ``is_run_folder`` attribute), so any script can use them without importing another script.
 """
 from __future__ import annotations
 
@@ -59,17 +58,3 @@ def attach_log_file(log: logging.Logger, path: Path) -> logging.Handler:
 def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Sacred's read-only config as plain JSON types (storable with ``weights_only`` loading)."""
     return json.loads(json.dumps(config))
-
-
-def resolve_labels(config: Mapping[str, Any], spec) -> tuple[list[int], list[int]]:
-    """``(test_label, exclude_label)`` with the defaults filled in.
-
-    ``test_label=None`` means the dataset's standard test classes; ``exclude_label=None`` follows
-    ``setting``: nothing in setting 1, the test classes in setting 2.
-    """
-    test_label = spec.check_labels("test_label", config["test_label"] or list(spec.test_labels))
-    if config["exclude_label"] is not None:
-        exclude = spec.check_labels("exclude_label", config["exclude_label"])
-    else:
-        exclude = list(test_label) if config["setting"] == 2 else []
-    return test_label, exclude

@@ -1,21 +1,26 @@
-"""Full-state training snapshots: written atomically, found from a run folder, read safely.
+"""Full-state training snapshots: built (:func:`build_snapshot`), written atomically, found from a
+run folder, read safely, and turned back into a model (:func:`load_model`).
 
-A snapshot is a ``torch.save``-d dict::
+A snapshot is a ``torch.save``-d dict (:func:`build_snapshot` is the one place that builds it)::
 
     {'format': SNAPSHOT_FORMAT, 'step': int (completed steps), 'final': bool,
      'model': state_dict, 'optimizer': state_dict, 'scheduler': state_dict,
      'rng': utils.seed.capture_rng_state(), 'generator': ByteTensor (prototype-sampling generator),
      'history': {'loss': [...], '<term>': [...]}  (one value per completed step),
+     'val': [{'step', 'dice', 'mean', 'all_background'}, ...]  (validation points),
      'config': dict (the run's flat config),
-     'meta': dict (what a user of the model needs, see :func:`snapshot_meta`)}
+     'meta': dict (what a user of the model needs, see :func:`snapshot_meta`),
+     # engine.distributed.snapshot_extras, when they apply:
+     'amp_scaler': GradScaler state (amp='fp16'),
+     'world_size': int, 'rank_states': [{'generator', 'rng'} per rank] (torchrun, W > 1)}
 
 ``meta`` makes a snapshot self-describing: ``test.py`` and ``predict.py`` build the model from it
-(model keys, ``image_size``, backbone), normalise inputs as it says (per-volume z-score), orient
-them as the training scans were and name classes with the dataset's names. Snapshots written before
-``meta`` existed are described from their ``config`` (:func:`describe`); a checkpoint converted from
-the reference code (``tools.convert``) carries ``meta`` too (with ``config`` None). Which config
-keys define the model is the model's to say: callers pass ``models.MODEL_KEYS`` (``model_keys=``),
-so this module imports nothing above ``utils``.
+(:func:`load_model`: model keys, ``image_size``, backbone), normalise inputs as it says (per-volume
+z-score), orient them as the training scans were (:func:`model_orientation`) and name classes with
+the dataset's names. Snapshots written before ``meta`` existed are described from their ``config``
+(:func:`describe`); a checkpoint converted from the reference code (``tools.convert``) carries
+``meta`` too (with ``config`` None). Which config keys define the model is the model's to say
+(``models.MODEL_KEYS``); the functions that only read headers take them as ``model_keys=``.
 
 Files live in ``<run>/snapshots/``: ``step_<k>.pth`` every ``save_snapshot_every`` steps (the last
 ``keep_snapshots`` of them are kept) and ``final.pth`` at the end of training.
@@ -25,18 +30,28 @@ from __future__ import annotations
 import copy
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn as nn
 
+from data.registry import DATASETS
+from engine.distributed import Distributed, snapshot_extras
+from engine.runtime import plain_config
+from models import MODEL_KEYS, build_model, check_state_dict
+from models.qamp import COMPUTE_ONLY_KEYS
 from utils.io import atomic_write, load_torch_file  # noqa: F401 (load_torch_file re-exported)
+from utils.seed import capture_rng_state
 
 SNAPSHOT_FORMAT = "qamp-snapshot-v1"
 FINAL_NAME = "final.pth"
 META_VERSION = 1
 NORMALISATION = "per-volume z-score"  # what dataloaders.datasets.zscore does to every volume
-DEFAULT_ORIENTATION = "LAS"  # ITK orientation code of the pre-processed CHAOST2 / SABS volumes
+# Orientation assumed for a snapshot that states neither its own nor a registered dataset: that of
+# the CHAOST2 scans the reference models were trained on (data/registry.py holds every dataset's).
+DEFAULT_ORIENTATION = DATASETS["CHAOST2"].orientation
 _STEP_PATTERN = re.compile(r"step_(\d+)\.pth")
 
 
@@ -52,6 +67,21 @@ def save_snapshot(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
     return path
+
+
+def build_snapshot(step: int, final: bool, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                   generator: torch.Generator, history: Mapping[str, Sequence[float]], config: Mapping[str, Any],
+                   val_points: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | None,
+                   dist: Distributed, amp=None) -> dict[str, Any]:
+    """The snapshot after ``step`` completed steps (the format of the module docstring): everything
+    needed to continue exactly, ``meta`` (:func:`snapshot_meta`) and the distributed / AMP extras
+    (``engine.distributed.snapshot_extras``). Collective under torchrun: every rank must call it."""
+    state = {"format": SNAPSHOT_FORMAT, "step": step, "final": final,
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": capture_rng_state(cuda=next(model.parameters()).is_cuda),
+             "generator": generator.get_state(), "history": {k: list(v) for k, v in history.items()},
+             "val": list(val_points), "config": plain_config(config), "meta": dict(meta or {})}
+    return state | snapshot_extras(dist, generator, amp)
 
 
 def load_snapshot(path: str | os.PathLike, map_location: str | torch.device = "cpu",
@@ -108,6 +138,14 @@ def snapshot_meta(config: Mapping[str, Any], image_size: int, class_names: Mappi
             "orientation": orientation}
 
 
+def model_orientation(meta: Mapping[str, Any]) -> str:
+    """ITK orientation code of the scans a model was trained on: ``meta['orientation']`` (read from
+    the training scans), else the registered orientation of ``meta['dataset']`` (``data.registry``),
+    else :data:`DEFAULT_ORIENTATION`."""
+    spec = DATASETS.get(meta.get("dataset") or "")
+    return meta.get("orientation") or (spec.orientation if spec is not None else None) or DEFAULT_ORIENTATION
+
+
 def describe(snapshot: Mapping[str, Any], path: str | os.PathLike = "snapshot", *,
              model_keys: Sequence[str]) -> dict[str, Any]:
     """The ``meta`` of a loaded snapshot: its own, or rebuilt from its training ``config`` (snapshots
@@ -136,6 +174,54 @@ def describe(snapshot: Mapping[str, Any], path: str | os.PathLike = "snapshot", 
     raise ValueError(f"{path} holds model weights only, nothing says which model they belong to (backbone, "
                      "prototype counts, image size): use a snapshot written by train.py, or convert a reference "
                      "checkpoint with `python -m tools.convert REF.pth OUT.pth`")
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a snapshot: ``model`` (eval mode, on the requested device), the
+    snapshot's ``meta`` (:func:`describe`), its file ``path`` and completed training ``step``."""
+
+    model: nn.Module
+    meta: dict[str, Any]
+    path: Path
+    step: int | None
+
+
+def load_model(snapshot: str | os.PathLike, device: torch.device, *, compute: Mapping[str, Any] | None = None,
+               image_size: int | None = None) -> LoadedModel:
+    """The model a snapshot describes (its ``meta``'s model keys), with its weights, in eval mode on
+    ``device``; the one loader of ``test.py`` and ``predict.py``.
+
+    Args:
+        snapshot: a snapshot file, a training run folder or its ``snapshots/`` (the final snapshot).
+        compute: values of the compute-only keys (``models.qamp.COMPUTE_ONLY_KEYS``: how the same
+            numbers are computed, not stored in ``meta``); missing ones take ``ModelConfig``'s.
+        image_size: the size to build at when the snapshot does not state one (written before
+            ``meta`` existed, trained at its dataset's native size); None refuses such a snapshot.
+
+    Raises:
+        FileNotFoundError: no snapshot at ``snapshot``.
+        ValueError: a file that is not a snapshot, one that does not describe its model, another
+            normalisation than :data:`NORMALISATION`, no image size, or tensors that do not fit the
+            described model (:func:`models.check_state_dict` names them and the likely cause).
+    """
+    path = find_snapshot(snapshot, which="final")
+    state = load_snapshot(path, map_location="cpu")
+    meta = describe(state, path, model_keys=MODEL_KEYS)
+    if meta.get("normalisation", NORMALISATION) != NORMALISATION:
+        raise ValueError(f"{path}: normalisation {meta['normalisation']!r} is not supported (only {NORMALISATION!r})")
+    size = meta.get("image_size") or image_size
+    if size is None:
+        raise ValueError(f"{path} does not state the image size its model sees (a snapshot written before meta "
+                         "existed, trained at its dataset's native size): test it with test.py, which takes the "
+                         "size from the dataset")
+    # The snapshot holds every weight: the pre-training file is not needed.
+    keys = {**{k: v for k, v in (compute or {}).items() if k in COMPUTE_ONLY_KEYS}, **meta["model_keys"],
+            "pretrained_weights": "none"}
+    model = build_model(keys, int(size))
+    check_state_dict(model, state["model"], source=str(path))
+    model.load_state_dict(state["model"])
+    return LoadedModel(model.to(device).eval(), meta, path, state.get("step"))
 
 
 def _size_from_tensors(state: Mapping[str, torch.Tensor]) -> int | None:

@@ -109,6 +109,13 @@ class ModelConfig:
         return self.n_query_bg + self.n_keep_bg + self.n_edge + N_MAP
 
 
+def prior_thresholds(modality: str | None) -> tuple[float, float]:
+    """The default ``(tau_fg, tau_bg)`` of a dataset of ``modality``: ``CT_PRIOR_THRESHOLDS`` for
+    ``'CT'``, ``ModelConfig``'s (the reference's MR values) otherwise; the one rule, read by
+    ``config.py`` and ``tools.convert``."""
+    return CT_PRIOR_THRESHOLDS if modality == "CT" else (ModelConfig.tau_fg, ModelConfig.tau_bg)
+
+
 @dataclass
 class SupportState:
     """Everything computed from the support once (``QAMP.encode_support``).

@@ -17,7 +17,8 @@
 #   PYTHON   [.venv/bin/python]
 # A test run uses, for each fold, the newest finished training run
 # $LOG_DIR/train_<DATASET>_setting<SETTING>_fold<F>[_<n>] (the one with the largest suffix that holds
-# snapshots/final.pth). Give test scripts the same model keys as training (e.g. backbone=resnet50).
+# snapshots/final.pth); test.py builds the model its snapshot describes, so test scripts need no model
+# keys (one that contradicts the snapshot is refused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -50,6 +50,34 @@ def tiny_config(data_dir: Path, log_dir: Path, **updates) -> dict:
     return config
 
 
+def config_with(**keys) -> dict:
+    """config.py's defaults (its config function, as Sacred runs it) with ``keys`` given."""
+    from config import cfg
+
+    return dict(cfg(fixed=keys))
+
+
+def train_dataset(dataset: str, data_dir: Path, eval_fold: int | None, *, scan_ids=None, exclude_scan_ids=(),
+                  **keys):
+    """A ``TrainDataset`` as train.py builds it: config.py's defaults with ``keys``, resolved once."""
+    from dataloaders.resolved import resolve_dataset
+    from dataloaders.train_dataset import EpisodeKeys, TrainDataset
+
+    config = config_with(dataset=dataset, data_dir=str(data_dir), eval_fold=eval_fold, **keys)
+    return TrainDataset(resolve_dataset(config, training=True), EpisodeKeys.from_config(config), eval_fold,
+                        scan_ids=scan_ids, exclude_scan_ids=exclude_scan_ids)
+
+
+def eval_dataset(dataset: str, data_dir: Path, eval_fold: int, supp_idx: int, *, scan_ids=None, **keys):
+    """An ``EvalDataset`` as test.py builds it: config.py's defaults with ``keys``, resolved once."""
+    from dataloaders.eval_dataset import EvalDataset, ProtocolKeys
+    from dataloaders.resolved import resolve_dataset
+
+    config = config_with(dataset=dataset, data_dir=str(data_dir), eval_fold=eval_fold, supp_idx=supp_idx, **keys)
+    return EvalDataset(resolve_dataset(config, training=False), ProtocolKeys.from_config(config), eval_fold,
+                       supp_idx, scan_ids=scan_ids)
+
+
 def make_phantoms(root: Path) -> Path:
     """32 x 32 phantoms + supervoxels in ``root`` (created; reused when complete). Returns the data folder."""
     from data import synthetic

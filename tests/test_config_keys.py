@@ -20,12 +20,16 @@ from pathlib import Path
 import pytest
 
 from config import ex, validate_config
+from dataloaders.eval_dataset import ProtocolKeys
+from dataloaders.train_dataset import EpisodeKeys
 from models.qamp import CT_PRIOR_THRESHOLDS, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = {  # files whose code runs for each command (the model files via build_model)
-    "train": ["train.py", "engine/runtime.py", "models/__init__.py", "models/encoder.py", "dataloaders/train_dataset.py"],
-    "test": ["test.py", "engine/runtime.py", "models/__init__.py", "dataloaders/eval_dataset.py"],
+    "train": ["train.py", "engine/runtime.py", "models/__init__.py", "models/encoder.py", "dataloaders/train_dataset.py",
+              "dataloaders/resolved.py"],
+    "test": ["test.py", "engine/runtime.py", "models/__init__.py", "dataloaders/eval_dataset.py",
+             "dataloaders/resolved.py"],
 }
 READ_ELSEWHERE = {  # key -> (commands, where it is read)
     "path": (("train", "test"), "config.RunFolderObserver creates the run folder under path['log_dir']"),
@@ -61,6 +65,10 @@ def readers(key: str) -> set[str]:
                     for f in files if (REPO / f).is_file())}
     if key in {f.name for f in dataclasses.fields(ModelConfig)}:
         found |= {"train", "test"}
+    if key in {f.name for f in dataclasses.fields(EpisodeKeys)}:  # EpisodeKeys.from_config(config)
+        found |= {"train"}
+    if key in {f.name for f in dataclasses.fields(ProtocolKeys)}:  # ProtocolKeys.from_config(config)
+        found |= {"test"}
     if key in READ_ELSEWHERE:
         found |= set(READ_ELSEWHERE[key][0])
     return found
@@ -155,3 +163,18 @@ def test_training_only_keys_are_the_keys_only_training_reads() -> None:
     # read by test.py's files only to validate or ignore them: resolve_labels checks exclude_label, the
     # model is built with pretrained_weights='none' (its weights come from the snapshot)
     assert set(TRAINING_ONLY_KEYS) - only_train == {"exclude_label", "pretrained_weights", "pretrained_path"}
+
+
+def test_one_ct_threshold_rule(tmp_path: Path) -> None:
+    """models.qamp.prior_thresholds(modality) is the rule; data.registry.dataset_modality the fact."""
+    from data.registry import dataset_modality
+    from models.qamp import prior_thresholds
+
+    assert prior_thresholds("CT") == CT_PRIOR_THRESHOLDS
+    assert prior_thresholds("MR") == prior_thresholds(None) == (ModelConfig.tau_fg, ModelConfig.tau_bg)
+    assert dataset_modality("SABS") == "CT" and dataset_modality("CHAOST2") == "MR"
+    assert dataset_modality("no_such_dataset") is None and dataset_modality("custom", tmp_path) is None
+    (tmp_path / "dataset.json").write_text('{"modality": "CT", "labels": {"1": "liver"}}', encoding="utf-8")
+    assert dataset_modality("custom", tmp_path) == "CT"
+    config = ex.run("print_config", {"dataset": "SABS", "path": {"log_dir": str(tmp_path / "runs")}}).config
+    assert (config["tau_fg"], config["tau_bg"]) == prior_thresholds("CT")

@@ -1,6 +1,7 @@
 """Datasets, folds, training episodes and the test protocol, on the real CHAOST2 / SABS data."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -22,9 +23,11 @@ from dataloaders.datasets import (
     read_label,
     resolve_image_dir,
 )
-from dataloaders.eval_dataset import EvalDataset, chunk_bounds, support_fractions, to_model_input
-from dataloaders.train_dataset import StepSampler, TrainDataset, excluded_slices, valid_windows, worker_init_fn
+from dataloaders.eval_dataset import chunk_bounds, support_fractions, to_model_input
+from dataloaders.train_dataset import (EpisodeKeys, StepSampler, TrainDataset, excluded_slices, valid_windows,
+                                       worker_init_fn)
 from dataloaders.transforms import AffineElastic, gamma_transform, random_affine_matrix, warp_pair
+from helpers import eval_dataset, train_dataset
 
 CHAOS_IDS = [1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39]
 # a few training scans of fold 0 keep the TrainDataset fixtures fast
@@ -42,13 +45,13 @@ def chaos_gt(chaos_dir: Path) -> dict[int, np.ndarray]:
 @pytest.fixture(scope="session")
 def chaos_train(chaos_dir: Path, chaos_sv_dir: Path) -> TrainDataset:
     """Fold-0 supervoxel training set over all 15 training scans, augmentation on."""
-    return TrainDataset("CHAOST2", chaos_dir, 0, supervoxel_dir=chaos_sv_dir, seed=7)
+    return train_dataset("CHAOST2", chaos_dir, 0, supervoxel_dir=chaos_sv_dir, seed=7)
 
 
 @pytest.fixture(scope="session")
 def chaos_train_plain(chaos_dir: Path, chaos_sv_dir: Path) -> TrainDataset:
     """Few scans, no augmentation: episodes can be compared with the volumes."""
-    return TrainDataset("CHAOST2", chaos_dir, 0, supervoxel_dir=chaos_sv_dir, augment=False,
+    return train_dataset("CHAOST2", chaos_dir, 0, supervoxel_dir=chaos_sv_dir, augment=False,
                         scan_ids=FEW_TRAIN_IDS)
 
 
@@ -161,7 +164,7 @@ def test_excluded_slices_rules(chaos_gt: dict[int, np.ndarray]) -> None:
 def test_setting2_training_slices(mode: str, chaos_dir: Path, chaos_sv_dir: Path,
                                   chaos_gt: dict[int, np.ndarray]) -> None:
     excluded = [2, 3]  # the kidneys: plenty of slices hold one but not the other
-    ds = TrainDataset("CHAOST2", chaos_dir, 0, supervoxel_dir=chaos_sv_dir, exclude_label=excluded,
+    ds = train_dataset("CHAOST2", chaos_dir, 0, supervoxel_dir=chaos_sv_dir, exclude_label=excluded,
                       exclude_mode=mode, scan_ids=FEW_TRAIN_IDS, augment=False)
     holds_one_only = 0
     for scan in ds.scans:
@@ -224,7 +227,7 @@ def test_episode_content_matches_volumes(chaos_train_plain: TrainDataset, chaos_
 
 
 def test_use_gt_classes_exclude_test_labels_on_sabs(sabs_dir: Path) -> None:
-    ds = TrainDataset("SABS", sabs_dir, 0, use_gt=True, test_label=[1, 2, 3, 6], scan_ids=[7, 8])
+    ds = train_dataset("SABS", sabs_dir, 0, use_gt=True, test_label=[1, 2, 3, 6], scan_ids=[7, 8])
     seen = set()
     for step in range(30):
         ep = ds.episode(step)
@@ -235,7 +238,7 @@ def test_use_gt_classes_exclude_test_labels_on_sabs(sabs_dir: Path) -> None:
 
 
 def test_n_shot_window(chaos_dir: Path, chaos_sv_dir: Path) -> None:
-    ds = TrainDataset("CHAOST2", chaos_dir, 0, supervoxel_dir=chaos_sv_dir, n_shot=3, scan_ids=[10])
+    ds = train_dataset("CHAOST2", chaos_dir, 0, supervoxel_dir=chaos_sv_dir, n_shot=3, scan_ids=[10])
     ep = ds.episode(3)
     assert ep["support_images"].shape == (3, 3, 256, 256) and ep["query_images"].shape == (1, 3, 256, 256)
     z = ep["slices"].numpy()
@@ -345,7 +348,7 @@ def test_affine_shift_moves_the_mask_by_the_drawn_offset() -> None:
 
 # ------------------------------------------------------------------------------ test protocol
 def test_support_slices_follow_the_formula(chaos_dir: Path, chaos_gt: dict[int, np.ndarray]) -> None:
-    tds = EvalDataset("CHAOST2", chaos_dir, eval_fold=0, supp_idx=2, test_label=[1, 2, 3, 4])
+    tds = eval_dataset("CHAOST2", chaos_dir, eval_fold=0, supp_idx=2, test_label=[1, 2, 3, 4])
     assert tds.support.scan_id == 3 and [q.scan_id for q in tds.queries] == [1, 2, 5, 8]
     np.testing.assert_allclose(support_fractions(3), [1 / 6, 1 / 2, 5 / 6])
     assert tds.support_slices(1) == [12, 18, 24]  # scan 3, liver: known values
@@ -372,7 +375,7 @@ def test_support_slices_follow_the_formula(chaos_dir: Path, chaos_gt: dict[int, 
 
 
 def test_all_slices_mode_uses_every_query_slice(chaos_dir: Path) -> None:
-    tds = EvalDataset("CHAOST2", chaos_dir, eval_fold=4, supp_idx=0, eval_mode="all_slices")
+    tds = eval_dataset("CHAOST2", chaos_dir, eval_fold=4, supp_idx=0, eval_mode="all_slices")
     assert tds.support.scan_id == 1 and [q.scan_id for q in tds.queries] == [36, 37, 38, 39]
     query = tds.queries[1]
     empty = query.label.copy()
@@ -405,10 +408,10 @@ def test_custom_dataset_built_from_chaos_files(tmp_path: Path, chaos_dir: Path, 
     spec = get_dataset("custom", tmp_path)
     assert spec.image_size == 256 and spec.n_sv == 5000 and spec.test_labels == (1, 4)
     assert spec.folds == make_folds(6)
-    train = TrainDataset("custom", tmp_path, 0)
+    train = train_dataset("custom", tmp_path, 0)
     assert sorted(s.scan_id for s in train.scans) == [13, 19, 20, 21]
     assert train.episode(0)["query_images"].shape == (1, 3, 256, 256)
-    test = EvalDataset("custom", tmp_path, 0, supp_idx=1)
+    test = eval_dataset("custom", tmp_path, 0, supp_idx=1)
     assert test.support.scan_id == 10 and [q.scan_id for q in test.queries] == [2]
     assert len(test.support_slices(1)) == 3
     # explicit folds, as scan ids
@@ -425,7 +428,7 @@ def test_custom_label_remap(tmp_path: Path) -> None:
     for i in range(1, 7):
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(root / f"label_{i}.nii.gz")))
         _write(root / f"label_{i}.nii.gz", np.select([label == 1, label == 2], [200, 500], 0).astype(np.uint16))
-    tds = EvalDataset("custom", root, 0, supp_idx=0, test_label=[1, 2])
+    tds = eval_dataset("custom", root, 0, supp_idx=0, test_label=[1, 2])
     assert set(np.unique(tds.support.label)) == {0, 1, 2}
 
 
@@ -441,10 +444,10 @@ def test_check_cli_reports_scans_and_errors(tmp_path: Path, capsys) -> None:
 
 def test_tiny_custom_dataset_trains_and_tests(tmp_path: Path) -> None:
     root = _toy_dataset(tmp_path / "toy")
-    ds = TrainDataset("custom", root, 0, min_size=10, use_gt=False)
+    ds = train_dataset("custom", root, 0, min_size=10, use_gt=False)
     ep = ds.episode(0)
     assert ep["query_images"].shape == (1, 3, 16, 16) and ep["class_id"] in (1, 2)
-    gt = TrainDataset("custom", root, 0, min_size=10, use_gt=True)
+    gt = train_dataset("custom", root, 0, min_size=10, use_gt=True)
     assert {gt.episode(s)["class_id"] for s in range(10)} == {2}  # class 1 is the test label
 
 
@@ -466,54 +469,54 @@ def test_image_without_supervoxel_names_the_ids(tmp_path: Path) -> None:
     root = _toy_dataset(tmp_path / "d")
     (root / "supervoxels_50" / "superpix-MIDDLE_4.nii.gz").unlink()
     with pytest.raises(ValueError, match=r"scan ids \[4\] have no superpix-MIDDLE_<id>.*generate_supervoxels.py"):
-        TrainDataset("custom", root, 0, min_size=10)
+        train_dataset("custom", root, 0, min_size=10)
 
 
 def test_missing_supervoxel_folder_names_the_command(tmp_path: Path) -> None:
     root = _toy_dataset(tmp_path / "d", supervoxels=False)
     with pytest.raises(FileNotFoundError, match="python data/supervoxels/generate_supervoxels.py --data-dir"):
-        TrainDataset("custom", root, 0, min_size=10)
+        train_dataset("custom", root, 0, min_size=10)
 
 
 def test_label_shape_mismatch(tmp_path: Path) -> None:
     root = _toy_dataset(tmp_path / "d")
     _write(root / "label_4.nii.gz", np.zeros((6, 16, 15), dtype=np.uint8))  # a training scan of fold 0
     with pytest.raises(ValueError, match=r"label_4.nii.gz: label shape \(6, 16, 15\).*does not match"):
-        TrainDataset("custom", root, 0, use_gt=True, min_size=10)
+        train_dataset("custom", root, 0, use_gt=True, min_size=10)
 
 
 def test_label_values_outside_the_map(tmp_path: Path) -> None:
     root = _toy_dataset(tmp_path / "d")
     _write(root / "label_1.nii.gz", np.full((6, 16, 16), 7, dtype=np.uint8))
     with pytest.raises(ValueError, match=r"label_1.nii.gz: label values \[7\] are outside.*dataset.json"):
-        EvalDataset("custom", root, 0, supp_idx=0)
+        eval_dataset("custom", root, 0, supp_idx=0)
 
 
 def test_unknown_test_and_exclude_labels(chaos_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"test_label: label ids \[5\] are not in dataset CHAOST2"):
-        EvalDataset("CHAOST2", chaos_dir, 0, 2, test_label=[1, 5])
+        eval_dataset("CHAOST2", chaos_dir, 0, 2, test_label=[1, 5])
     with pytest.raises(ValueError, match=r"exclude_label: label ids \[9\] are not in dataset CHAOST2"):
-        TrainDataset("CHAOST2", chaos_dir, 0, exclude_label=[9])
+        train_dataset("CHAOST2", chaos_dir, 0, exclude_label=[9])
     with pytest.raises(ValueError, match="exclude_mode"):
-        TrainDataset("CHAOST2", chaos_dir, 0, exclude_label=[1], exclude_mode="some")
+        train_dataset("CHAOST2", chaos_dir, 0, exclude_label=[1], exclude_mode="some")
 
 
 @pytest.mark.parametrize("fold", [-1, 5])
 def test_eval_fold_out_of_range(fold: int, chaos_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"eval_fold: expected an integer in 0..4"):
-        TrainDataset("CHAOST2", chaos_dir, fold)
+        train_dataset("CHAOST2", chaos_dir, fold)
     with pytest.raises(ValueError, match=r"eval_fold: expected an integer in 0..4"):
-        EvalDataset("CHAOST2", chaos_dir, fold, 0)
+        eval_dataset("CHAOST2", chaos_dir, fold, 0)
 
 
 def test_supp_idx_outside_the_fold(chaos_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"supp_idx: expected an integer in 0..4 \(fold 1 holds scans \[8, 10, 13, 15, 19\]\)"):
-        EvalDataset("CHAOST2", chaos_dir, 1, supp_idx=5)
+        eval_dataset("CHAOST2", chaos_dir, 1, supp_idx=5)
 
 
 def test_no_class_big_enough_for_min_size(chaos_dir: Path, chaos_sv_dir: Path) -> None:
     with pytest.raises(ValueError, match="min_size: no class of the supervoxels"):
-        TrainDataset("CHAOST2", chaos_dir, 0, supervoxel_dir=chaos_sv_dir, min_size=256 * 256 + 1,
+        train_dataset("CHAOST2", chaos_dir, 0, supervoxel_dir=chaos_sv_dir, min_size=256 * 256 + 1,
                      scan_ids=[10])
 
 
@@ -539,3 +542,47 @@ def test_custom_dataset_json_may_hold_comments_and_trailing_commas(tmp_path: Pat
     (root / "dataset.json").write_text('{"labels": {"1": "cube"}', encoding="utf-8")
     with pytest.raises(ValueError, match="not valid JSON"):
         get_dataset("custom", root)
+
+
+# ------------------------------------------------------------------------------ resolved once
+def test_datasets_take_the_resolved_dataset_and_no_config_defaults() -> None:
+    """TrainDataset / EvalDataset take the run's ResolvedDataset and one dataclass of episode keys,
+    with no default of a config key of their own; train.py and test.py resolve the dataset once."""
+    import inspect
+
+    from config import cfg
+    from dataloaders.eval_dataset import EvalDataset, ProtocolKeys
+    from dataloaders.train_dataset import EpisodeKeys
+
+    config_keys = set(dict(cfg()))
+    for cls, keys in ((TrainDataset, EpisodeKeys), (EvalDataset, ProtocolKeys)):
+        params = inspect.signature(cls.__init__).parameters
+        assert list(params)[1:3] == ["data", "keys"], cls.__name__
+        defaulted = {name for name, p in params.items() if p.default is not inspect.Parameter.empty}
+        assert not defaulted & config_keys, (cls.__name__, defaulted & config_keys)
+        assert {f.default for f in keys.__dataclass_fields__.values()} == {dataclasses.MISSING}
+        assert set(keys.__dataclass_fields__) <= config_keys
+    repo = Path(__file__).resolve().parents[1]
+    for script in ("train.py", "test.py"):
+        source = (repo / script).read_text(encoding="utf-8")
+        assert source.count("resolve_dataset(") == 1, script
+        assert "get_dataset(" not in source and "resolve_labels(" not in source, script
+
+
+def test_resolved_dataset_holds_what_the_run_decides(tmp_path: Path, chaos_dir: Path) -> None:
+    from dataloaders.resolved import resolve_dataset
+    from helpers import config_with
+
+    root = _toy_dataset(tmp_path / "toy")
+    config = config_with(dataset="custom", data_dir=str(root), setting=2, image_size=32)
+    data = resolve_dataset(config, training=True)
+    assert data.image_dir == root and [f.scan_id for f in data.scans] == [1, 2, 3, 4, 5, 6]
+    assert data.image_size == 32 and data.resample and data.spec.image_size == 16
+    assert data.test_label == (1,) and data.exclude_label == (1,)  # setting 2: the test classes
+    assert data.supervoxel_dir == root / "supervoxels_50" and data.n_sv == 50
+    assert resolve_dataset(config, training=False).supervoxel_dir is None  # a test run needs none
+    assert resolve_dataset({**config, "use_gt": True, "n_sv": None}, training=True).supervoxel_dir is None
+    with pytest.raises(ValueError, match="resolve_dataset"):  # supervoxel training without the folder
+        TrainDataset(resolve_dataset(config, training=False), EpisodeKeys.from_config(config), 0)
+    with pytest.raises(ValueError, match="supervoxel_source: expected one of"):
+        resolve_dataset({**config, "supervoxel_source": "magic"}, training=True)

@@ -111,7 +111,7 @@ def _interrupted(tiny_run: dict, tmp_path: Path, edit) -> Path:
 def _resume(folder: Path, tmp_path: Path) -> tuple[dict, str]:
     result = ex.run(command_name="train", config_updates={"resume": str(folder),
                                                           "path": {"log_dir": str(tmp_path / "resumed")}}).result
-    return load_snapshot(result["snapshot"]), (Path(result["run_dir"]) / "logger.log").read_text()
+    return load_snapshot(result["snapshot"]), (Path(result["run_dir"]) / "logger.log").read_text(encoding="utf-8")
 
 
 def test_resume_of_a_cuda_runs_snapshot_continues_exactly_on_the_cpu(tiny_run: dict, tmp_path: Path) -> None:

@@ -112,9 +112,10 @@ def build(data_dir: Path, log_dir: Path, n_steps: int, device: str = "cpu"):
     import train
 
     config = experiment().run("print_config", config_updates=tiny_config(data_dir, log_dir, n_steps=n_steps)).config
-    dataset, spec = train.build_dataset(config)
+    data = train.resolve_dataset(config, training=True)
+    dataset = train.build_dataset(config, data)
     torch.manual_seed(config["seed"])
-    model = train.build_model(config, spec.image_size).to(device).train()
+    model = train.build_model(config, data.image_size).to(device).train()
     optimizer, scheduler = train.build_optimizer(model, config)
     return config, dataset, model, optimizer, scheduler
 

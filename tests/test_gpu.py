@@ -212,7 +212,7 @@ def test_gpu_step_bench_resnet101_at_256(tmp_path: Path) -> None:
     out = Path(os.environ.get("QAMP_GPU_CHECK_OUT") or tmp_path) / "gpu_step.json"
     assert gpu_step.main(["--world-sizes", "1", "--amp", "off,bf16", "--steps", "10", "--warmup", "3",
                           "--out", str(out)]) == 0
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(encoding="utf-8"))
     assert data["ran_on_gpu"] and data["backbone"] == "resnet101" and data["size"] == 256 and data["deterministic"]
     for run in data["runs"]:
         assert run["loss_finite"] and run["step_s"] > 0 and min(run["reverse_steps"]) > 0, run
@@ -231,11 +231,11 @@ start = time.time()
 uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
 time.sleep(2.0)
 json.dump({{"uuids": uuids, "visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": start, "end": time.time()}},
-          open(os.path.join(args["path.log_dir"], "gpus.json"), "w"))
+          open(os.path.join(args["path.log_dir"], "gpus.json"), "w", encoding="utf-8"))
 folder = os.path.join(args["path.log_dir"], script[:-3] + "_probe")
 os.makedirs(os.path.join(folder, "snapshots"), exist_ok=True)
-open(os.path.join(folder, "snapshots/final.pth" if script == "train.py" else "summary.json"), "w").close()
-json.dump({{"status": "COMPLETED"}}, open(os.path.join(folder, "run.json"), "w"))
+open(os.path.join(folder, "snapshots/final.pth" if script == "train.py" else "summary.json"), "w", encoding="utf-8").close()
+json.dump({{"status": "COMPLETED"}}, open(os.path.join(folder, "run.json"), "w", encoding="utf-8"))
 """
 
 
@@ -250,7 +250,7 @@ def test_sweep_gives_each_cell_its_own_gpu(tmp_path: Path) -> None:
     probe.chmod(0o755)
     out = tmp_path / "grid"
     assert sweep.main(["--out", str(out), "--folds", "0,1", "--supports", "0", "--python", str(probe)]) == 0
-    cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*/gpus.json")]
+    cells = [json.loads(p.read_text(encoding="utf-8")) for p in (out / "cells").glob("*/gpus.json")]
     assert len(cells) == 4
     for cell in cells:
         assert len(cell["uuids"]) == 1 and set(cell["uuids"]) <= mine, cell

@@ -12,8 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from dataloaders.train_dataset import TrainDataset
-from helpers import NATIVE, SIZE, experiment, for_test, tiny_train_config
+from helpers import NATIVE, SIZE, experiment, for_test, tiny_train_config, train_dataset
 from utils.resample import resize_image, resize_labels, resize_probabilities
 from engine.snapshot import load_snapshot
 
@@ -51,8 +50,8 @@ def test_image_and_probability_resampling() -> None:
 
 
 def test_training_episodes_are_at_image_size(phantoms48: Path) -> None:
-    ds = TrainDataset("custom", phantoms48, 0, image_size=SIZE, supervoxel_source="generate", min_size=20,
-                      exclude_scan_ids=[5], n_steps=2)
+    ds = train_dataset("custom", phantoms48, 0, image_size=SIZE, supervoxel_source="generate", min_size=20,
+                       exclude_scan_ids=[5], n_steps=2)
     assert ds.image_size == SIZE and 5 not in [s.scan_id for s in ds.scans]
     episode = ds[0]
     assert episode["support_images"].shape == (1, 3, SIZE, SIZE)

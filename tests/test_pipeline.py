@@ -169,14 +169,14 @@ def test_same_seed_gives_identical_test_results(trained: dict, tested: dict, sma
 
 def test_support_feature_cache_changes_no_prediction(trained: dict, small_chaos: Path) -> None:
     """Support slices are encoded once per run; the predictions equal those without the cache."""
-    from dataloaders.eval_dataset import EvalDataset
+    from helpers import eval_dataset
     from models import build_model, make_generator
     from engine.evaluate import predict_scan
 
     model = build_model(base_config(small_chaos, small_chaos, model="qamp"), 256 // FACTOR)
     model.load_state_dict(load_snapshot(trained["snapshot"])["model"])
     model.eval()
-    tds = EvalDataset("custom", str(small_chaos), 0, 2, [TEST_CLASS])
+    tds = eval_dataset("custom", small_chaos, 0, 2, test_label=[TEST_CLASS])
     calls = []
     model.encoder.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
     outputs = {}
@@ -280,14 +280,15 @@ def test_unknown_value(small_chaos: Path, tmp_path: Path) -> None:
 def test_setting2_run_name_and_exclusion(tmp_path: Path) -> None:
     from config import run_name
     from dataloaders.datasets import DATASETS
+    from dataloaders.resolved import resolve_labels
 
     log_dir = {"path": {"log_dir": str(tmp_path)}}
     config = ex.run("print_config", log_dir, named_configs=["abd_ct", "setting2"]).config
     assert config["dataset"] == "SABS" and (config["tau_fg"], config["tau_bg"]) == (0.7, 0.6)
     assert run_name(config, "train") == "train_SABS_setting2_fold0"
-    assert train_script.resolve_labels(config, DATASETS["SABS"]) == ([1, 2, 3, 6], [1, 2, 3, 6])
+    assert resolve_labels(config, DATASETS["SABS"]) == ([1, 2, 3, 6], [1, 2, 3, 6])
     config = ex.run("print_config", log_dir, named_configs=["abd_mri"]).config
-    assert train_script.resolve_labels(config, DATASETS["CHAOST2"]) == ([1, 2, 3, 4], [])
+    assert resolve_labels(config, DATASETS["CHAOST2"]) == ([1, 2, 3, 4], [])
 
 
 def test_test_script_finds_the_newest_finished_training_run(tmp_path: Path) -> None:
@@ -315,3 +316,31 @@ def test_test_script_finds_the_newest_finished_training_run(tmp_path: Path) -> N
     failed = subprocess.run(["bash", str(REPO / "scripts" / "test_abd_mri.sh")], env=env, capture_output=True,
                             encoding="utf-8")
     assert failed.returncode == 1 and "no finished training run for fold 1" in failed.stderr
+
+
+def test_build_snapshot_is_the_one_snapshot_format(trained: dict) -> None:
+    """engine.snapshot.build_snapshot writes every key of the format (with the AMP / distributed
+    extras when they apply), and train() calls it in one place."""
+    import inspect
+
+    from engine.distributed import Distributed
+    from engine.snapshot import SNAPSHOT_FORMAT, build_snapshot
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+
+    class Fp16:
+        def state_dict(self) -> dict:
+            return {"scale": 1024.0}
+
+    core = {"format", "step", "final", "model", "optimizer", "scheduler", "rng", "generator", "history", "val",
+            "config", "meta"}
+    state = build_snapshot(3, False, model, optimizer, scheduler, torch.Generator(), {"loss": (1.0, 0.5)},
+                           {"optim": {"lr": 0.1}, "test_label": (1, 2)}, [{"step": 2}], None, Distributed(), Fp16())
+    assert set(state) == core | {"amp_scaler"} and state["amp_scaler"] == {"scale": 1024.0}
+    assert state["format"] == SNAPSHOT_FORMAT and state["step"] == 3 and state["final"] is False
+    assert state["config"] == {"optim": {"lr": 0.1}, "test_label": [1, 2]} and state["meta"] == {}
+    assert state["history"] == {"loss": [1.0, 0.5]} and state["val"] == [{"step": 2}]
+    assert set(load_snapshot(trained["snapshot"])) == core  # one process, float32: no extras
+    assert inspect.getsource(train_script.train).count("build_snapshot(") == 1

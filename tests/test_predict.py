@@ -356,3 +356,96 @@ def test_converted_reference_checkpoint_predicts(phantoms: Path, tmp_path: Path)
     convert_file(tmp_path / "ref.pth", tmp_path / "conv_ct.pth", dataset="SABS")  # a CT dataset: CT thresholds
     keys = read_snapshot_header(tmp_path / "conv_ct.pth", model_keys=MODEL_KEYS)["meta"]["model_keys"]
     assert (keys["tau_fg"], keys["tau_bg"]) == (0.7, 0.6)
+
+
+# ---------------------------------------------------------------------------------------------- one loader, one loop
+def test_test_py_and_predict_py_load_through_engine_load_model(run_dir: Path, tmp_path: Path) -> None:
+    """One loader (engine.snapshot.load_model): the model its meta describes, in eval mode; the same
+    refusals reach test.py (naming reload_model_path) and predict.py (naming --snapshot)."""
+    from engine.snapshot import load_model, load_snapshot, save_snapshot
+    from helpers import load_test_script
+
+    loaded = load_model(run_dir, torch.device("cpu"))
+    assert loaded.path == run_dir / "snapshots" / "final.pth" and loaded.step == 4 and not loaded.model.training
+    assert loaded.meta["image_size"] == SIZE and loaded.meta["model_keys"]["backbone"] == "resnet50"
+    assert load_model(run_dir, torch.device("cpu"), compute={"fast_mlp": False}).model.config.fast_mlp is False
+    for source in ("test.py", "predict.py"):  # neither builds a model of its own
+        assert "build_model" not in (Path(predict.__file__).parent / source).read_text(encoding="utf-8")
+
+    state = load_snapshot(loaded.path)
+    state["meta"]["normalisation"] = "min-max"
+    save_snapshot(tmp_path / "other_norm.pth", state)
+    with pytest.raises(ValueError, match="normalisation 'min-max' is not supported"):
+        load_model(tmp_path / "other_norm.pth", torch.device("cpu"))
+    test_script = load_test_script()
+    config = {"model": "qamp", "reload_model_path": str(tmp_path / "other_norm.pth"), "fast_mlp": True}
+    with pytest.raises(ValueError, match=r"^reload_model_path='.*other_norm.pth': .*normalisation"):
+        test_script.load_test_model(config, SIZE, torch.device("cpu"), None)
+    with pytest.raises(predict.InputError, match=r"^--snapshot .*other_norm.pth: .*normalisation"):
+        predict.prepare(predict.parse_args(args(tmp_path / "other_norm.pth", Path("."), tmp_path / "out")))
+
+    old = {"model": state["model"], "config": {**state["config"], "image_size": None}}  # before meta, native size
+    del old["model"]["fg_mlp.fc1.weight"]  # nothing to infer the size from
+    save_snapshot(tmp_path / "old.pth", {**state, **old, "meta": None})
+    with pytest.raises(ValueError, match="does not state the image size"):
+        load_model(tmp_path / "old.pth", torch.device("cpu"))
+    with pytest.raises(ValueError, match="missing.*fg_mlp.fc1.weight"):  # the size is taken; the tensor is missing
+        load_model(tmp_path / "old.pth", torch.device("cpu"), image_size=SIZE)
+
+
+class _RecordingModel:
+    """Stands in for QAMP in ``segment_chunks``: records encoder passes and segmented batches."""
+
+    def __init__(self) -> None:
+        self.encoded: list[int] = []
+        self.batches: list[int] = []
+
+    def encode_support(self, image, mask, generator=None, feats=None):
+        from types import SimpleNamespace
+
+        if feats is None:
+            self.encoded.append(int(image[0, 0, 0, 0, 0]))
+            feats = image.clone()
+        return SimpleNamespace(feats=feats, z=int(image[0, 0, 0, 0, 0]))
+
+    def segment(self, state, images, generator=None):
+        self.batches.append(images.shape[0])
+        return {"pred": torch.full((images.shape[0], 2, 1, 1), float(state.z))}
+
+
+def test_segment_chunks_is_the_loop_of_both_scripts() -> None:
+    """engine.evaluate.segment_chunks: empty chunks skipped, each support slice encoded once with the
+    cache, query slices in batches, every slice segmented against its chunk's support slice; and
+    predict.py / engine.evaluate.predict_scan both go through it."""
+    import inspect
+
+    from engine import evaluate
+    from engine.evaluate import segment_chunks
+
+    model = _RecordingModel()
+    chunks = [(5, np.arange(0, 5)), (7, np.arange(5, 5)), (9, np.arange(5, 8)), (5, np.arange(8, 10))]
+    cache: dict = {}
+    out = list(segment_chunks(model, chunks, lambda z: (torch.full((1, 1, 3, 1, 1), float(z)), torch.ones(1, 1, 1, 1)),
+                              lambda zs: torch.zeros(len(zs), 3, 1, 1), 2, torch.device("cpu"), None, cache))
+    assert model.encoded == [5, 9] and sorted(cache) == [5, 9]  # slice 5 meets the encoder once
+    assert model.batches == [2, 2, 1, 2, 1, 2]
+    assert [zs.tolist() for zs, _ in out] == [[0, 1], [2, 3], [4], [5, 6], [7], [8, 9]]
+    assert [int(o["pred"][0, 0]) for _, o in out] == [5, 5, 5, 9, 9, 5]
+    assert "segment_chunks(" in inspect.getsource(predict.segment)
+    assert "segment_chunks(" in inspect.getsource(evaluate.predict_scan)
+
+
+def test_orientation_facts_come_from_the_registry(phantoms: Path, tmp_path: Path) -> None:
+    """A snapshot's orientation: its own, else its registered dataset's (SABS LPS), else CHAOST2's."""
+    from data.registry import DATASETS
+    from engine.snapshot import DEFAULT_ORIENTATION, model_orientation
+
+    assert DATASETS["SABS"].orientation == "LPS" and DATASETS["CHAOST2"].orientation == "LAS"
+    assert DEFAULT_ORIENTATION == DATASETS["CHAOST2"].orientation
+    assert model_orientation({"orientation": "RAS", "dataset": "SABS"}) == "RAS"
+    assert model_orientation({"orientation": None, "dataset": "SABS"}) == "LPS"
+    assert model_orientation({"dataset": "custom"}) == model_orientation({}) == "LAS"
+    from tools.convert import converted_meta
+
+    assert converted_meta({"backbone": "resnet50"}, (SIZE, SIZE), "SABS", None)["orientation"] == "LPS"
+    assert converted_meta({"backbone": "resnet50"}, (SIZE, SIZE), "SABS", "RAS")["orientation"] == "RAS"

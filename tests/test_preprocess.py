@@ -452,3 +452,51 @@ def test_never_overwrites_and_failed_runs_leave_no_trace(chaos_raw: Path, tmp_pa
         chaos.run(chaos_raw, out, overwrite=True, progress=False)
     assert (folder / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["chaos_MR_T2_normalized"]
+
+
+# ----------------------------------------------------------------------------------------------
+# one grid rule, one orientation fact
+# ----------------------------------------------------------------------------------------------
+def test_one_grid_rule_for_preprocessing_verify_and_predict() -> None:
+    """utils.io.grid_differences is the rule of every image / label check: within a thousandth of a
+    voxel (origin), a relative 1e-4 (spacing) and 1e-4 (direction) the grids are the same."""
+    from dataloaders.predict_io import InputError, check_same_grid as predict_check
+    from data.preprocess.common import Grid, check_same_grid as preprocess_check
+    from utils.io import grid_differences
+
+    image = sitk.Image(8, 8, 4, sitk.sitkFloat32)
+    image.SetSpacing((2.0, 2.0, 5.0))
+    image.SetOrigin((-100.0, 50.0, 10.0))
+
+    def moved(origin=(0.0, 0.0, 0.0), spacing=1.0, direction=0.0) -> sitk.Image:
+        other = sitk.Image(image)
+        other.SetOrigin(tuple(o + d for o, d in zip(image.GetOrigin(), origin)))
+        other.SetSpacing(tuple(s * spacing for s in image.GetSpacing()))
+        other.SetDirection((1.0, direction, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+        return other
+
+    same = [moved((0.0019, 0.0, 0.0)), moved(spacing=1 + 0.9e-4), moved(direction=0.9e-4)]
+    differ = [moved((0.0021, 0.0, 0.0)), moved(spacing=1 + 1.1e-4), moved(direction=1.1e-4),
+              sitk.Image(8, 8, 5, sitk.sitkFloat32)]
+    for other in same:
+        assert grid_differences(image, other) == [] and Grid.of(image).matches(other)
+        preprocess_check(image, other, "image", "label")
+        predict_check(image, other, "image", "label")
+    for other, what in zip(differ, ("origin", "spacing", "direction", "size")):
+        assert [d.split()[0] for d in grid_differences(image, other)][:1] == [what]
+        assert not Grid.of(image).matches(other)
+        with pytest.raises(PreprocessError, match=f"not on the same grid: .*{what}"):
+            preprocess_check(image, other, "image", "label")
+        with pytest.raises(InputError, match=f"not on the grid of its image .*{what}"):
+            predict_check(image, other, "image", "label")
+
+
+def test_registry_orientation_is_that_of_the_shipped_scans(chaos_dir: Path, sabs_dir: Path) -> None:
+    """DatasetSpec.orientation of CHAOST2 (LAS) and SABS (LPS) is what every shipped scan's header says."""
+    from data.registry import DATASETS
+    from utils.io import orientation_code, read_image_header
+
+    for name, folder in (("CHAOST2", chaos_dir), ("SABS", sabs_dir)):
+        codes = {orientation_code(read_image_header(p).GetDirection()) for p in folder.glob("image_*.nii.gz")}
+        assert codes == {DATASETS[name].orientation}, name
+    assert chaos.DEFAULTS["orientation"] == DATASETS["CHAOST2"].orientation

@@ -202,3 +202,50 @@ def test_print_config_with_named_configs_warns_nothing(capsys) -> None:
     out = run_sacred_cli(["train.py", "print_config", "with", "abd_ct", "setting2", "cpu_budget"], capsys)
     assert "WARNING" not in out and "__doc__" not in out, out[:1000]
     assert "tau_fg = 0.7" in out and "# prior threshold for query foreground samples" in out
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(source: str) -> list[tuple[str, int, bool]]:
+    """``(name, lines, marked)`` of every function longer than ``MAX_FUNCTION_LINES`` (``def`` to its
+    last line, docstring included); ``marked``: the comment block right above it (or its decorators)
+    says why it reads straight through."""
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length <= MAX_FUNCTION_LINES:
+                continue
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 2  # 0-based line above
+            comments = []
+            while first >= 0 and lines[first].strip().startswith("#"):
+                comments.append(lines[first])
+                first -= 1
+            found.append((node.name, length, any("straight through" in c.lower() for c in comments)))
+    return found
+
+
+def test_no_long_function_unless_it_reads_straight_through() -> None:
+    """Every function of the product (not the tests) fits in 60 lines, or a comment above it says
+    why it reads straight through."""
+    unmarked = []
+    for path in sorted(REPO.rglob("*.py")):
+        parts = path.relative_to(REPO).parts
+        if parts[0] in ("tests", ".venv", ".git"):
+            continue
+        for name, length, marked in long_functions(path.read_text(encoding="utf-8")):
+            if not marked:
+                unmarked.append(f"{path.relative_to(REPO)}: {name} ({length} lines)")
+    assert not unmarked, ("functions over 60 lines without a '# Straight through: <why>' comment above them: "
+                          + "; ".join(unmarked))
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    assert long_functions(f"def f():\n{body}\n") == [("f", MAX_FUNCTION_LINES + 1, False)]
+    assert long_functions(f"# Straight through: a list\n@dec\ndef f():\n{body}\n") == [("f", 61, True)]
+
+
+def test_supervoxel_pool_uses_public_api_only() -> None:
+    """_run_pool knows its workers through multiprocessing.active_children, not the pool's privates."""
+    source = (REPO / "data" / "supervoxels" / "generate_supervoxels.py").read_text(encoding="utf-8")
+    assert "_processes" not in source and "active_children" in source

@@ -154,12 +154,12 @@ args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a and not a.startswi
 start = time.time()
 time.sleep(0.5)
 json.dump({"gpus": os.environ["CUDA_VISIBLE_DEVICES"], "argv": sys.argv[1:], "start": start, "end": time.time()},
-          open(os.path.join(args["path.log_dir"], "gpus.json"), "w"))
+          open(os.path.join(args["path.log_dir"], "gpus.json"), "w", encoding="utf-8"))
 kind = script[:-3]
 folder = os.path.join(args["path.log_dir"], kind + "_fake")
 os.makedirs(os.path.join(folder, "snapshots"), exist_ok=True)
-open(os.path.join(folder, "snapshots/final.pth" if kind == "train" else "summary.json"), "w").close()
-json.dump({"status": "COMPLETED"}, open(os.path.join(folder, "run.json"), "w"))
+open(os.path.join(folder, "snapshots/final.pth" if kind == "train" else "summary.json"), "w", encoding="utf-8").close()
+json.dump({"status": "COMPLETED"}, open(os.path.join(folder, "run.json"), "w", encoding="utf-8"))
 """
 
 
@@ -168,13 +168,13 @@ def test_local_executor_gives_each_cell_its_own_gpus(tmp_path: Path, monkeypatch
     (torchrun, 2 processes), each test cell one of them, two tests run at once, and cells that run
     at the same time never share a GPU."""
     fake = tmp_path / "fake_python"
-    fake.write_text(GPU_PYTHON)
+    fake.write_text(GPU_PYTHON, encoding="utf-8")
     fake.chmod(0o755)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     out = tmp_path / "grid"
     assert sweep.main(["--out", str(out), "--folds", "0,1", "--supports", "0,1", "--nproc-per-node", "2",
                        "--python", str(fake)]) == 0
-    cells = {p.parent.name: json.loads(p.read_text()) for p in (out / "cells").glob("*/gpus.json")}
+    cells = {p.parent.name: json.loads(p.read_text(encoding="utf-8")) for p in (out / "cells").glob("*/gpus.json")}
     assert len(cells) == 6
     for name, cell in cells.items():
         if name.endswith(("fold0", "fold1")):

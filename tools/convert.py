@@ -72,29 +72,27 @@ def infer_backbone(converted: Mapping[str, torch.Tensor]) -> str:
     return "resnet101" if len(blocks) == 23 else "resnet50"
 
 
-# Orientation (ITK code) of the pre-processed scans of the datasets the reference was trained on.
-DATASET_ORIENTATION = {"CHAOST2": "LAS", "SABS": "LPS"}
-
-
 def converted_meta(cfg: Mapping, image_size: tuple[int, int], dataset: str | None,
                    orientation: str | None) -> dict:
     """``meta`` of a converted checkpoint: the reference's defaults plus the inferred keys; the PGQP
-    thresholds (dataset-dependent, as in config.py) and class names only with ``dataset``."""
+    thresholds (the modality's, ``models.qamp.prior_thresholds`` as in config.py), class names and
+    scan orientation (``data.registry``) only with ``dataset``."""
     from dataclasses import asdict
 
     from dataloaders.datasets import DATASETS
     from models import MODEL_KEYS
-    from models.qamp import CT_PRIOR_THRESHOLDS, ModelConfig
+    from models.qamp import ModelConfig, prior_thresholds
     from engine.snapshot import snapshot_meta
 
     keys = {**asdict(ModelConfig()), "model": "qamp", **cfg}
     if dataset is None:
         del keys["tau_fg"], keys["tau_bg"]  # then they follow the test run's dataset
-    elif DATASETS[dataset].modality == "CT":  # MR keeps ModelConfig's thresholds
-        keys["tau_fg"], keys["tau_bg"] = CT_PRIOR_THRESHOLDS
+    else:
+        keys["tau_fg"], keys["tau_bg"] = prior_thresholds(DATASETS[dataset].modality)
     names = DATASETS[dataset].label_names if dataset is not None else {}
-    return snapshot_meta(keys, image_size[0], names, orientation or DATASET_ORIENTATION.get(dataset or ""),
-                         dataset=dataset, model_keys=MODEL_KEYS)
+    if orientation is None and dataset is not None:
+        orientation = DATASETS[dataset].orientation
+    return snapshot_meta(keys, image_size[0], names, orientation, dataset=dataset, model_keys=MODEL_KEYS)
 
 
 def convert_file(ref_path: Path, out_path: Path, overwrite: bool = False, dataset: str | None = None,
@@ -149,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="dataset the checkpoint was trained on (CHAOST2, SABS, Prostate_MRI, CMR): its class "
                              "names, PGQP thresholds and scan orientation go into the checkpoint's meta")
     parser.add_argument("--orientation", default=None,
-                        help="ITK orientation code of the training scans (default: the dataset's; CHAOST2 LAS, SABS LPS)")
+                        help="ITK orientation code of the training scans (default: the dataset's, data/registry.py: "
+                             "CHAOST2 LAS, SABS LPS)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     if not args.ref.is_file():

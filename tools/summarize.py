@@ -312,15 +312,19 @@ def render(methods: Mapping[str, Method], std_mode: str = "auto",
                                      "supp_idx": supp, "seed": seed,
                                      "class": c, "class_name": names.get(c, ""),
                                      "dice": _mean(list(per_scan.values())), "n_scans": len(per_scan)})
-    markdown = "\n".join(
-        ["Dice (%) per class, mean ± std.", ""] + lines + [""]
+    return _markdown(lines, notes, skipped), summary_rows, per_run_rows
+
+
+def _markdown(table: Sequence[str], notes: Sequence[str], skipped: Sequence[tuple[Path, str]]) -> str:
+    """The Markdown page: the table lines, the rule of the numbers, one note per method, skipped runs."""
+    return "\n".join(
+        ["Dice (%) per class, mean ± std.", ""] + list(table) + [""]
         + ["Mean = per run the mean over classes of the per-class Dice (itself the mean over query "
            "scans of the 3D Dice), then the mean over runs; std = population std (ddof 0) over runs or "
            "over per-scan values, as noted:"]
         + [f"- {n}" for n in notes]
         + (["", f"Skipped {len(skipped)} run folder(s) without per-scan scores:"]
            + [f"- {d}: {why}" for d, why in skipped] if skipped else [])) + "\n"
-    return markdown, summary_rows, per_run_rows
 
 
 def _csv_text(rows: list[dict]) -> str:

@@ -500,13 +500,7 @@ def run_submitit(spec: Spec, args, cluster: str, log=print) -> Optional[dict[str
     if cluster == "slurm" and not args.wait:
         for train_id, job in train_jobs.items():
             test_jobs += submit_tests(tests_of[train_id], f"afterok:{job.job_id}")
-        summary_ex = _submitit_executor(args, cluster, "summary")
-        summary_ex.update_parameters(timeout_min=30, gpus_per_node=0, cpus_per_task=1, mem_gb=4)
-        all_jobs = [j.job_id for j in [*train_jobs.values(), *(job for _, job in test_jobs)]]
-        if all_jobs:
-            summary_ex.update_parameters(slurm_additional_parameters={"dependency": "afterany:" + ":".join(all_jobs)})
-        job = summary_ex.submit(module.summarize_sweep, spec_path)
-        log(f"[sweep] submitted the summary job {job.job_id}; rerun this command to resume failed cells")
+        _submit_summary(args, cluster, module, spec_path, [*train_jobs.values(), *(job for _, job in test_jobs)], log)
         return None
 
     results: dict[str, dict] = {}
@@ -527,6 +521,17 @@ def run_submitit(spec: Spec, args, cluster: str, log=print) -> Optional[dict[str
         results[cell_id] = _job_result(job, cell_id)
         log(f"[sweep] {cell_id}: {results[cell_id]['status']}")
     return results
+
+
+def _submit_summary(args, cluster: str, module, spec_path: str, jobs: list, log=print) -> None:
+    """The SLURM job that writes the sweep's tables once every job in ``jobs`` has ended."""
+    summary_ex = _submitit_executor(args, cluster, "summary")
+    summary_ex.update_parameters(timeout_min=30, gpus_per_node=0, cpus_per_task=1, mem_gb=4)
+    if jobs:
+        summary_ex.update_parameters(slurm_additional_parameters={"dependency": "afterany:" + ":".join(
+            j.job_id for j in jobs)})
+    job = summary_ex.submit(module.summarize_sweep, spec_path)
+    log(f"[sweep] submitted the summary job {job.job_id}; rerun this command to resume failed cells")
 
 
 def _job_result(job, cell_id: str) -> dict:

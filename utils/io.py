@@ -87,6 +87,32 @@ def orientation_code(direction) -> str:
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines([float(d) for d in direction])
 
 
+def _grid_fields(grid) -> tuple[tuple, tuple, tuple, tuple]:
+    if isinstance(grid, sitk.Image):
+        return grid.GetSize(), grid.GetSpacing(), grid.GetOrigin(), grid.GetDirection()
+    size, spacing, origin, direction = grid
+    return tuple(size), tuple(spacing), tuple(origin), tuple(direction)
+
+
+def grid_differences(a, b) -> list[str]:
+    """What differs between two voxel grids, one ``'<property> <a> vs <b>'`` per property; ``[]``
+    when they are the same grid. The one rule of this project (pre-processing, ``predict.py``):
+    equal size; spacing within a relative 1e-4; origin within 1e-3 of ``a``'s smallest spacing (a
+    thousandth of a voxel); direction cosines within 1e-4.
+
+    Args:
+        a, b: SimpleITK images, or ``(size, spacing, origin, direction)`` in ITK's (x, y, z) order.
+    """
+    (size_a, spacing_a, origin_a, dir_a), (size_b, spacing_b, origin_b, dir_b) = _grid_fields(a), _grid_fields(b)
+    differ = [] if size_a == size_b else [f"size {size_a} vs {size_b}"]
+    for name, x, y, rtol, atol in (("spacing", spacing_a, spacing_b, 1e-4, 0.0),
+                                   ("origin", origin_a, origin_b, 0.0, 1e-3 * min(spacing_a)),
+                                   ("direction", dir_a, dir_b, 0.0, 1e-4)):
+        if len(x) != len(y) or not np.allclose(x, y, rtol=rtol, atol=atol):
+            differ.append(f"{name} ({', '.join(f'{v:.6g}' for v in x)}) vs ({', '.join(f'{v:.6g}' for v in y)})")
+    return differ
+
+
 class ImageIntegrityError(ValueError):
     """A medical image that decodes but whose content cannot be trusted.
 

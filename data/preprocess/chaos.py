@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "spacing": (1.25, 1.25, 7.70),
     "crop_xy": (256, 256),
     "clip_percentile": 99.5,
-    "orientation": "LAS",
+    "orientation": SPEC.orientation,  # LAS: the array layout of the published files
     "gt_flip": "auto",
     # auto flip: the best flip's explained variance must beat the runner-up by this factor.
     # On the 20 published CHAOST2 scans (as DICOM + PNG) the true flip wins by 1.14x (scans 2, 36)

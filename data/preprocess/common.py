@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from data.registry import DATASETS, DatasetSpec  # noqa: F401 (the one registry; re-exported for the recipes)
-from utils.io import orientation_code  # noqa: F401 (re-exported for the recipes)
+from utils.io import grid_differences, orientation_code  # noqa: F401 (orientation_code re-exported for the recipes)
 
 MANIFEST_NAME = "manifest.json"
 PIXEL_COUNTS_NAME = "pixel_counts.json"
@@ -35,7 +35,6 @@ MANIFEST_FORMAT = 1
 # class to be present and the *sum of the label values* of the slice to reach ``min_tp``; verify.py
 # recognises both.)
 CLASSMAP_RULE = "pixel_count"
-GEOMETRY_TOLERANCE = 1e-4  # mm / direction-cosine tolerance when comparing two grids
 _BOX_MARGIN = 2  # voxels of zeros kept around a class's bounding box when resampling it
 
 
@@ -100,12 +99,9 @@ class Grid:
         return Grid(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
                     tuple(image.GetDirection()))
 
-    def matches(self, image: sitk.Image, tol: float = GEOMETRY_TOLERANCE) -> bool:
-        other = Grid.of(image)
-        return (self.size == other.size
-                and np.allclose(self.spacing, other.spacing, rtol=0, atol=tol)
-                and np.allclose(self.origin, other.origin, rtol=0, atol=tol)
-                and np.allclose(self.direction, other.direction, rtol=0, atol=tol))
+    def matches(self, image: sitk.Image) -> bool:
+        """``image`` lies on this grid (``utils.io.grid_differences``'s rule)."""
+        return not grid_differences(dataclasses.astuple(self), image)
 
 
 def grid_for_spacing(image: sitk.Image, spacing: Sequence[float | None],
@@ -282,19 +278,13 @@ def standardize_mr(image: sitk.Image, label: sitk.Image, *, spacing: Sequence[fl
     return resampled, label_res, info
 
 
-def check_same_grid(a: sitk.Image, b: sitk.Image, name_a: str, name_b: str,
-                    tol: float = GEOMETRY_TOLERANCE) -> None:
-    """Raise PreprocessError when two images are not on the same voxel grid."""
-    if not Grid.of(a).matches(b, tol):
+def check_same_grid(a: sitk.Image, b: sitk.Image, name_a: str, name_b: str) -> None:
+    """Raise PreprocessError when two images are not on the same voxel grid (``utils.io.grid_differences``)."""
+    differ = grid_differences(a, b)
+    if differ:
         raise PreprocessError(
-            f"{name_a} and {name_b} are not on the same grid: expected equal size / spacing / "
-            f"origin / direction, got size {a.GetSize()} vs {b.GetSize()}, spacing "
-            f"{_fmt(a.GetSpacing())} vs {_fmt(b.GetSpacing())}, origin {_fmt(a.GetOrigin())} vs "
-            f"{_fmt(b.GetOrigin())}. Check that the label belongs to this image.")
-
-
-def _fmt(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+            f"{name_a} and {name_b} are not on the same grid: expected equal size / spacing / origin / "
+            f"direction, got {'; '.join(differ)} ({name_a} vs {name_b}). Check that the label belongs to this image.")
 
 
 def check_label_values(values: Iterable[int], allowed: Iterable[int], source: str,

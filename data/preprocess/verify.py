@@ -25,11 +25,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from data.preprocess.common import (CLASSMAP_RULE, DATASETS, GEOMETRY_TOLERANCE, MANIFEST_NAME,
-                                    PIXEL_COUNTS_NAME, DatasetSpec, Grid, orientation_code,
-                                    sha256_file)
+from data.preprocess.common import (CLASSMAP_RULE, DATASETS, MANIFEST_NAME, PIXEL_COUNTS_NAME, DatasetSpec,
+                                    orientation_code, sha256_file)
 from data.registry import CUSTOM_SPEC_FILE, read_custom_json
-from utils.io import read_volume
+from utils.io import grid_differences, read_volume
 
 SPACING_TOLERANCE = 1e-3  # mm, against the data set's expected spacing
 _IMAGE_RE = re.compile(r"^image_(\d+)\.nii\.gz$")
@@ -199,11 +198,9 @@ def _check_scan(folder: Path, scan_id: int, spec: DatasetSpec | None, rec: Mappi
     row.shape = tuple(image_array.shape)
     row.spacing = tuple(round(s, 4) for s in image.GetSpacing())
     row.orientation = orientation_code(image.GetDirection())
-    if not Grid.of(image).matches(label, GEOMETRY_TOLERANCE):
-        row.problems.append(
-            f"image and label grids differ: size {image.GetSize()} vs {label.GetSize()}, "
-            f"spacing {image.GetSpacing()} vs {label.GetSpacing()}, origin {image.GetOrigin()} "
-            f"vs {label.GetOrigin()}, direction {image.GetDirection()} vs {label.GetDirection()}")
+    differ = grid_differences(image, label)
+    if differ:
+        row.problems.append(f"image and label grids differ: {'; '.join(differ)} (image vs label)")
     label_int = np.rint(label_array).astype(np.int64)
     if not np.array_equal(label_int, label_array):
         odd = label_array[label_int != label_array]

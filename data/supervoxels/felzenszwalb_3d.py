@@ -135,6 +135,39 @@ def enumerate_edges(image: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray,
     return np.concatenate(all_edges), np.concatenate(all_costs)
 
 
+def _heapsort(v: list, idx: list[int], start: int, n: int) -> None:
+    """NumPy 1.x's ``aheapsort_`` on ``idx[start:start + n]`` (a 1-based heap), in place."""
+    def sift(i: int, n: int, item: int) -> None:
+        j = 2 * i
+        while j <= n:
+            if j < n and v[idx[start + j - 1]] < v[idx[start + j]]:
+                j += 1
+            if v[item] < v[idx[start + j - 1]]:
+                idx[start + i - 1] = idx[start + j - 1]
+                i, j = j, 2 * j
+            else:
+                break
+        idx[start + i - 1] = item
+
+    for l in range(n >> 1, 0, -1):
+        sift(l, n, idx[start + l - 1])
+    while n > 1:
+        item = idx[start + n - 1]
+        idx[start + n - 1] = idx[start]
+        n -= 1
+        sift(1, n, item)
+
+
+def _insertion_sort(v: list, idx: list[int], pl: int, pr: int) -> None:
+    """Insertion sort of ``idx[pl:pr + 1]`` by ``v``, in place (NumPy's small-range finish)."""
+    for i in range(pl + 1, pr + 1):
+        item, j = idx[i], i
+        while j > pl and v[item] < v[idx[j - 1]]:
+            idx[j] = idx[j - 1]
+            j -= 1
+        idx[j] = item
+
+
 def numpy1_argsort(values: Sequence[float]) -> np.ndarray:
     """``np.argsort(values)`` as NumPy 1.x computes it (``aquicksort_``: introsort), in Python.
 
@@ -149,27 +182,6 @@ def numpy1_argsort(values: Sequence[float]) -> np.ndarray:
     v = list(values)
     idx = list(range(len(v)))
 
-    def heapsort(start: int, n: int) -> None:
-        def sift(i: int, n: int, item: int) -> None:  # 1-based heap on idx[start:start+n]
-            j = 2 * i
-            while j <= n:
-                if j < n and v[idx[start + j - 1]] < v[idx[start + j]]:
-                    j += 1
-                if v[item] < v[idx[start + j - 1]]:
-                    idx[start + i - 1] = idx[start + j - 1]
-                    i, j = j, 2 * j
-                else:
-                    break
-            idx[start + i - 1] = item
-
-        for l in range(n >> 1, 0, -1):
-            sift(l, n, idx[start + l - 1])
-        while n > 1:
-            item = idx[start + n - 1]
-            idx[start + n - 1] = idx[start]
-            n -= 1
-            sift(1, n, item)
-
     def swap(i: int, j: int) -> None:
         idx[i], idx[j] = idx[j], idx[i]
 
@@ -178,7 +190,7 @@ def numpy1_argsort(values: Sequence[float]) -> np.ndarray:
     stack: list[tuple[int, int, int]] = []
     while True:
         if depth < 0:
-            heapsort(pl, pr - pl + 1)
+            _heapsort(v, idx, pl, pr - pl + 1)
         else:
             while pr - pl > NUMPY1_SMALL_QUICKSORT:
                 pm = pl + ((pr - pl) >> 1)
@@ -209,17 +221,14 @@ def numpy1_argsort(values: Sequence[float]) -> np.ndarray:
                 else:
                     stack.append((pl, pi - 1, depth))
                     pl = pi + 1
-            for i in range(pl + 1, pr + 1):  # insertion sort
-                item, j = idx[i], i
-                while j > pl and v[item] < v[idx[j - 1]]:
-                    idx[j] = idx[j - 1]
-                    j -= 1
-                idx[j] = item
+            _insertion_sort(v, idx, pl, pr)
         if not stack:
             return np.array(idx, dtype=np.int64)
         pl, pr, depth = stack.pop()
 
 
+# Straight through: the reference algorithm in one piece (edges, the merge pass, the size pass, labels),
+# kept so, as the oracle the Cython kernel is tested against.
 def felzenszwalb_3d(
     image: np.ndarray,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),

@@ -40,7 +40,7 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -430,50 +430,76 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def _could_not_start(cause: str, waiting: Sequence[str]) -> SupervoxelError:
+    return SupervoxelError(
+        f"the worker processes could not start ({cause}) while scan(s) {', '.join(waiting)} waited: run with "
+        f"--workers 1, or check that `{sys.executable} -c 'import data.supervoxels.generate_supervoxels'` works")
+
+
+def _children(exclude: set[int]) -> dict[int, multiprocessing.process.BaseProcess]:
+    """This process's live child processes (``multiprocessing.active_children``) not in ``exclude``, by pid."""
+    return {p.pid: p for p in multiprocessing.active_children() if p.pid not in exclude}
+
+
+def _pool_failure(todo: list[ScanTask], started: Any, seen: Mapping[int, multiprocessing.process.BaseProcess],
+                  done_ids: set[str], queue: list[ScanTask]) -> SupervoxelError:
+    """The error of a broken pool: the scan(s) whose worker died and how (``started`` tells which
+    worker pid started which scan; ``seen`` holds every worker process), or workers that never started."""
+    by_pid: dict[int, str] = {}
+    while not started.empty():
+        pid, scan_id = started.get()
+        by_pid[pid] = scan_id
+    for process_ in seen.values():  # a dead worker's exit code is set once it is joined
+        process_.join(timeout=2)
+    # SIGTERM: stopped by the pool itself once it broke, not a cause
+    dead = {pid: p.exitcode for pid, p in seen.items() if p.exitcode not in (None, 0, -signal.SIGTERM)}
+    in_flight = [t.scan_id for t in todo if t.scan_id not in done_ids and t not in queue]
+    if not by_pid:
+        return _could_not_start(", ".join(_describe_exit(c) for c in dead.values()) or "no exit code", in_flight)
+    names = {t.scan_id: t.image.name for t in todo}
+    culprits = [by_pid[pid] for pid in dead if pid in by_pid and by_pid[pid] in in_flight] or in_flight
+    causes = {by_pid[pid]: _describe_exit(code) for pid, code in dead.items() if pid in by_pid}
+    lost = [sid for sid in in_flight if sid not in culprits]
+    return SupervoxelError(
+        "a worker process died while processing "
+        + ", ".join(f"scan {sid} ({names[sid]}, {causes.get(sid, 'no exit code')})" for sid in culprits)
+        + (f"; scan(s) {', '.join(lost)} in progress beside it were stopped" if lost else "")
+        + ": it was killed or crashed (out of memory? see `dmesg`); finished outputs are kept, "
+        "rerun the same command to compute the missing scans (or use fewer --workers)")
+
+
 def _run_pool(todo: list[ScanTask], workers: int, process: Callable[[ScanTask], dict[str, Any]],
               on_row: Callable[[dict[str, Any]], None]) -> None:
     """Run ``process`` over ``todo`` in ``workers`` spawned processes, at most one scan per worker
     in flight. A worker that dies or cannot start breaks the pool at once (no hang): the error
     names the scan(s) it was processing. Results of finished scans reach ``on_row`` as they come.
+    Only public API: the workers are known as this process's children (``multiprocessing.active_children``).
 
     Raises:
         SupervoxelError: a worker died / could not start; or the error a scan raised.
     """
     ctx = multiprocessing.get_context("spawn")
-    try:
-        started = ctx.SimpleQueue()  # may start multiprocessing's resource tracker process
-    except OSError as err:
-        raise SupervoxelError(
-            f"the worker processes could not start ({err.__class__.__name__}: {err}) while scan(s) "
-            f"{', '.join(t.scan_id for t in todo)} waited: run with --workers 1, or check that "
-            f"`{sys.executable} -c 'import data.supervoxels.generate_supervoxels'` works") from None
-    queue = list(todo)
-    running: dict[concurrent.futures.Future, ScanTask] = {}
+    others = set(_children(set()))  # children that are not the pool's
+    queue, running = list(todo), {}
     done_ids: set[str] = set()
-    pool = None
+    seen: dict[int, Any] = {}  # worker pid -> Process, kept: a dead worker leaves active_children()
+    try:  # the queue and the pool's semaphore may start multiprocessing's resource tracker process
+        started = ctx.SimpleQueue()  # (worker pid, scan id) of every scan a worker starts
+        pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
+                                                      initializer=_init_worker, initargs=(started,))
+    except OSError as err:
+        raise _could_not_start(f"{err.__class__.__name__}: {err}", [t.scan_id for t in todo]) from None
     finished = False
-    seen: dict[int, Any] = {}  # worker pid -> Process, kept: the broken pool forgets its processes
-
-    def could_not_start(err: OSError) -> SupervoxelError:
-        waiting = [t.scan_id for t in todo if t.scan_id not in done_ids]
-        return SupervoxelError(f"the worker processes could not start ({err.__class__.__name__}: {err}) "
-                               f"while scan(s) {', '.join(waiting)} waited: run with --workers 1")
-
     try:
-        try:  # the pool's semaphore may start multiprocessing's resource tracker process
-            pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
-                                                          initializer=_init_worker, initargs=(started,))
-        except OSError as err:
-            raise could_not_start(err) from None
         while queue or running:
             while queue and len(running) < workers:
                 task = queue.pop(0)
                 try:
-                    future = pool.submit(_run_in_worker, process, task)
+                    running[pool.submit(_run_in_worker, process, task)] = task
                 except OSError as err:  # the pool could not create its processes
-                    raise could_not_start(err) from None
-                running[future] = task
-            seen.update(getattr(pool, "_processes", None) or {})  # no public API to ask
+                    waiting = [t.scan_id for t in todo if t.scan_id not in done_ids]
+                    raise _could_not_start(f"{err.__class__.__name__}: {err}", waiting) from None
+            seen.update(_children(others))
             done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 task = running.pop(future)
@@ -481,45 +507,18 @@ def _run_pool(todo: list[ScanTask], workers: int, process: Callable[[ScanTask], 
                 done_ids.add(task.scan_id)
         finished = True
     except BrokenProcessPool:
-        by_pid: dict[int, str] = {}
-        while not started.empty():
-            pid, scan_id = started.get()
-            by_pid[pid] = scan_id
-        processes = {**seen, **(getattr(pool, "_processes", None) or {})}
-        for process_ in processes.values():  # a dead worker's exit code is set once it is joined
-            process_.join(timeout=2)
-        # SIGTERM: stopped by the pool itself once it broke, not a cause
-        dead = {pid: p.exitcode for pid, p in processes.items()
-                if p.exitcode not in (None, 0, -signal.SIGTERM)}
-        in_flight = [t.scan_id for t in todo if t.scan_id not in done_ids and t not in queue]
-        names = {t.scan_id: t.image.name for t in todo}
-        culprits = [by_pid[pid] for pid in dead if pid in by_pid and by_pid[pid] in in_flight]
-        causes = {by_pid[pid]: _describe_exit(code) for pid, code in dead.items() if pid in by_pid}
-        if not by_pid:
-            codes = ", ".join(_describe_exit(c) for c in dead.values()) or "no exit code"
-            raise SupervoxelError(
-                f"the worker processes could not start ({codes}) while scan(s) "
-                f"{', '.join(in_flight)} waited: run with --workers 1, or check that "
-                f"`{sys.executable} -c 'import data.supervoxels.generate_supervoxels'` works"
-            ) from None
-        culprits = culprits or in_flight
-        lost = [sid for sid in in_flight if sid not in culprits]
-        raise SupervoxelError(
-            "a worker process died while processing "
-            + ", ".join(f"scan {sid} ({names[sid]}, {causes.get(sid, 'no exit code')})"
-                        for sid in culprits)
-            + (f"; scan(s) {', '.join(lost)} in progress beside it were stopped" if lost else "")
-            + ": it was killed or crashed (out of memory? see `dmesg`); finished outputs are kept, "
-            "rerun the same command to compute the missing scans (or use fewer --workers)"
-        ) from None
+        seen.update(_children(others))
+        raise _pool_failure(todo, started, seen, done_ids, queue) from None
     finally:
-        if pool is not None:
-            if not finished:  # do not wait for scans still running after an error
-                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if not finished:  # do not wait for scans still running after an error
+            for proc in {**seen, **_children(others)}.values():
+                if proc.is_alive():
                     proc.terminate()
-            pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
+# Straight through: checks, the plan (which scans to compute or keep), the run, the summary; half of it is
+# the signature and the docstring.
 def generate_supervoxels(
     data_dir: str | os.PathLike,
     pattern: str = DEFAULT_PATTERN,
@@ -567,9 +566,8 @@ def generate_supervoxels(
         raise SupervoxelError(f"expected --edge-order in {EDGE_ORDERS}, got {edge_order!r}")
     data_dir = Path(data_dir)
     out_dir = Path(out_dir) if out_dir is not None else data_dir / f"supervoxels_{n_sv}"
-    scans = find_scans(data_dir, pattern)
     tasks = [ScanTask(sid, path, out_dir / OUTPUT_TEMPLATE.format(sid), n_sv, scale, fg_threshold,
-                      edge_order) for sid, path in scans]
+                      edge_order) for sid, path in find_scans(data_dir, pattern)]
     todo = [t for t in tasks if overwrite or not t.out.exists()]
     kept = [t for t in tasks if t not in todo]
     for task in todo:  # fail on unreadable headers / wrong dimensions before writing anything
@@ -584,18 +582,8 @@ def generate_supervoxels(
     for task in kept:
         log(f"scan {task.scan_id}: {task.out} exists, kept (pass --overwrite to recompute)")
         rows[task.scan_id] = existing_row(task, previous.get(task.out.name))
-
-    def summary(error: str | None = None) -> dict[str, Any]:
-        ours = {t.out.name for t in tasks}
-        others = [row for name, row in previous.items()  # earlier rows of files this run did not touch
-                  if name not in ours and (out_dir / name).is_file()]
-        out = {"data_dir": str(data_dir), "pattern": pattern, "n_sv": n_sv, "scale": scale,
-               "fg_threshold": fg_threshold, "edge_order": edge_order,
-               "scans": [rows[t.scan_id] for t in tasks if t.scan_id in rows] + others}
-        if error is not None:
-            out["incomplete"] = {"error": error,
-                                 "missing": [t.scan_id for t in tasks if t.scan_id not in rows]}
-        return out
+    parameters = {"data_dir": str(data_dir), "pattern": pattern, "n_sv": n_sv, "scale": scale,
+                  "fg_threshold": fg_threshold, "edge_order": edge_order}
 
     def on_row(row: dict[str, Any]) -> None:
         rows[row["id"]] = row
@@ -611,17 +599,30 @@ def generate_supervoxels(
             _run_pool(todo, workers, process, on_row)
     except BaseException as err:
         if len(rows) > len(kept) or kept:  # something is there: record it, and what is missing
-            write_json(out_dir / SUMMARY_NAME, summary(str(err) or err.__class__.__name__))
+            write_json(out_dir / SUMMARY_NAME, _summary(parameters, tasks, rows, previous, out_dir,
+                                                        str(err) or err.__class__.__name__))
         elif created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # nothing was written: leave no empty folder behind
         raise
     finally:
         bar.close()
 
-    result = summary()
+    result = _summary(parameters, tasks, rows, previous, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / SUMMARY_NAME, result)
     return result
+
+
+def _summary(parameters: Mapping[str, Any], tasks: Sequence[ScanTask], rows: Mapping[str, dict[str, Any]],
+             previous: Mapping[str, dict[str, Any]], out_dir: Path, error: str | None = None) -> dict[str, Any]:
+    """The content of ``summary.json``: the run's ``parameters``, this run's rows in scan order, then
+    the earlier rows of files this run did not touch; with ``error``, what is ``incomplete``."""
+    ours = {t.out.name for t in tasks}
+    others = [row for name, row in previous.items() if name not in ours and (out_dir / name).is_file()]
+    out = {**parameters, "scans": [rows[t.scan_id] for t in tasks if t.scan_id in rows] + others}
+    if error is not None:
+        out["incomplete"] = {"error": error, "missing": [t.scan_id for t in tasks if t.scan_id not in rows]}
+    return out
 
 
 # ----------------------------------------------------------------------------- CLI
