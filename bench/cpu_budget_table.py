@@ -23,12 +23,13 @@ next time: finished cells are skipped, a killed training continues from its newe
 thread (``taskset``), so two trainings do not slow each other; the load average before and after
 each unit is kept in its ``load.json``. Keep the machine otherwise idle for the training times.
 
-``lr`` first chooses each baseline's learning rate the same way for both: CHAOST2 fold 0, Setting 1,
-``cpu_budget`` with ``model=<baseline>``, ``LR_GRID``'s rates for ``LR_STEPS`` steps each (the same
+``lr`` first chooses each trained method's learning rate the same way (QAMP's too): CHAOST2 fold 0,
+Setting 1, ``cpu_budget`` with ``model=<method>``, ``LR_GRID``'s rates for ``LR_STEPS`` steps each (the same
 episodes and seed; the rate stays constant, as the schedule's step comes at 3000), validation every
 500 steps; the chosen rate has the best mean of the last two validations (a collapsed run, stopped
 by ``collapse_patience``, scores 0). Results: ``bench/results/cpu_budget_lr.{json,md,png}``; the
-chosen rates go into config.py's ``cpu_budget_<model>`` by hand.
+chosen rates go into config.py by hand (``cpu_budget`` for QAMP, ``cpu_budget_<model>`` for the
+baselines).
 
 ``collect`` writes ``bench/results/cpu_budget_table.json`` (``cells.<cell>.dice_percent.<method>``
 with ``mean``, ``per_seed`` and one entry per organ; ``train_s.<method>``; the loads), the markdown
@@ -59,6 +60,7 @@ from tools.summarize import Method, load_methods, summarize_method  # noqa: E402
 from utils.io import write_text  # noqa: E402
 
 BASELINES = ("adnet", "alpnet")
+LR_MODELS = ("qamp", *BASELINES)  # every trained method gets its own rate, chosen the same way
 LR_GRID = (0.001, 0.005, 0.02, 0.05)  # 0.05 added when ADNet peaked at the grid edge 0.02
 LR_STEPS = 1500
 # cell -> (dataset named config, setting, extra training keys)
@@ -227,11 +229,43 @@ def val_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(int(s), round(100 * v, 2)) for s, v in zip(series["steps"], series["values"])]
 
 
-def collect(args: argparse.Namespace) -> dict:
+def collect_cell(cell_dir: Path) -> tuple[dict, dict[str, list[tuple[int, float]]]]:
+    """One cell's entry (``dice_percent``, ``train_s``, ``load_average`` per method) and the
+    validation curves of its training runs (label -> points)."""
+    dice, seconds, loads, curves = {}, {}, {}, {}
+    for method_dir in sorted(p for p in cell_dir.iterdir() if p.is_dir()):
+        method = method_dir.name
+        if not list(method_dir.rglob("scores.csv")):
+            continue
+        dice[method] = method_table(method_dir)
+        runs = training_runs(method_dir)
+        times = [t for t in (train_seconds(r) for r in runs) if t is not None]
+        if times:
+            seconds[method] = times if len(times) > 1 else times[0]
+        for run_dir in runs:
+            curves[f"{method} ({run_dir.parents[2].name})"] = val_curve(run_dir)
+        records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(method_dir.glob("seed*/load.json"))]
+        loads[method] = [{"load_before": r["load_before"], "load_after": r.get("load_after")} for r in records]
+    return {"dice_percent": dice, "train_s": seconds, "load_average": loads}, curves
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], title: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, points in curves.items():
+        if points:
+            ax.plot(*zip(*points), marker="o", label=name)
+    ax.set(xlabel="step", ylabel="validation mean Dice (%)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def collect(args: argparse.Namespace) -> dict:
     root = Path(args.dir).resolve()
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -244,23 +278,11 @@ def collect(args: argparse.Namespace) -> dict:
         cell_dir = root / cell
         if not cell_dir.is_dir():
             continue
-        dice, seconds, loads, curves = {}, {}, {}, {}
-        for method_dir in sorted(p for p in cell_dir.iterdir() if p.is_dir()):
-            method = method_dir.name
-            if not list(method_dir.rglob("scores.csv")):
-                continue
-            dice[method] = method_table(method_dir)
-            runs = training_runs(method_dir)
-            times = [t for t in (train_seconds(r) for r in runs) if t is not None]
-            if times:
-                seconds[method] = times if len(times) > 1 else times[0]
-            for run_dir in runs:
-                curves[f"{method} ({run_dir.parents[2].name})"] = val_curve(run_dir)
-            loads[method] = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(method_dir.glob("seed*/load.json"))]
-            loads[method] = [{"load_before": r["load_before"], "load_after": r.get("load_after")} for r in loads[method]]
+        entry, curves = collect_cell(cell_dir)
+        dice, seconds = entry["dice_percent"], entry["train_s"]
         if not dice:
             continue
-        cells[cell] = {"dice_percent": dice, "train_s": seconds, "load_average": loads}
+        cells[cell] = entry
         organs = [k for k in next(iter(dice.values())) if k not in ("mean", "per_seed", "seeds", "per_support")]
         copy = dice.get("copy_support", {}).get("mean")
         lines += [f"## {cell}", "", "| method | " + " | ".join(organs) + " | mean | per seed | training (s) |",
@@ -272,16 +294,8 @@ def collect(args: argparse.Namespace) -> dict:
                          f"{seconds.get(method, '')} |")
         lines.append("")
         if curves:
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            for name, points in curves.items():
-                if points:
-                    ax.plot(*zip(*points), marker="o", label=name)
-            ax.set(xlabel="step", ylabel="validation mean Dice (%)", title=cell)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
             png = results_dir / f"cpu_budget_table_{cell}.png"
-            fig.savefig(png, dpi=100)
-            plt.close(fig)
+            plot_curves(curves, cell, png)
             lines += [f"![{cell} validation curves]({png.name})", ""]
     if (root / "lr_select").is_dir():
         lr_collect(args)
@@ -292,11 +306,11 @@ def collect(args: argparse.Namespace) -> dict:
 
 
 def lr_select(args: argparse.Namespace) -> dict:
-    """Run (or resume) the learning-rate grid of the baselines, then choose and record."""
+    """Run (or resume) the learning-rate grid of every trained method, then choose and record."""
     root = Path(args.dir).resolve() / "lr_select"
     command = [args.python, "-m", "tools.sweep", "--out", str(root), "--configs", "abd_mri+setting1+cpu_budget",
                "--settings", "1", "--folds", "0", "--supports", "", "--seeds", "2025",
-               f"model={','.join(BASELINES)}", f"optim.lr={','.join(map(str, LR_GRID))}",
+               f"model={','.join(LR_MODELS)}", f"optim.lr={','.join(map(str, LR_GRID))}",
                "--train", f"n_steps={LR_STEPS}", "--train", "num_workers=0", "--train", f"data_dir={args.data_dir}",
                "--jobs", str(args.slots or len(os.sched_getaffinity(0)))]
     if args.dry_run:
@@ -325,7 +339,7 @@ def lr_collect(args: argparse.Namespace) -> dict:
               "rule": "best mean of the last two validations (steps 1000, 1500); collapsed = 0", **machine()}
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# Learning rates of the baselines (CHAOST2 fold 0, Setting 1, `cpu_budget`, "
+    lines = ["# Learning rates (CHAOST2 fold 0, Setting 1, `cpu_budget`, "
              f"{LR_STEPS} steps, seed 2025)", "", "Command: `python bench/cpu_budget_table.py lr`. "
              "Validation mean Dice (%) on scans 38 and 39; score = mean of the last two.", "",
              "| model | lr | status | " + " | ".join(f"step {s}" for s in range(500, LR_STEPS + 1, 500))

@@ -161,8 +161,12 @@ def test_training_only_keys_are_the_keys_only_training_reads() -> None:
     only_train = {key for key in keys if readers(key) == {"train"}} - refused_at_test
     assert only_train <= set(TRAINING_ONLY_KEYS), sorted(only_train - set(TRAINING_ONLY_KEYS))
     # read by test.py's files only to validate or ignore them: resolve_labels checks exclude_label, the
-    # model is built with pretrained_weights='none' (its weights come from the snapshot)
-    assert set(TRAINING_ONLY_KEYS) - only_train == {"exclude_label", "pretrained_weights", "pretrained_path"}
+    # model is built with pretrained_weights='none' (its weights come from the snapshot), and
+    # dataloaders.resolved.resolve_dataset (one resolver for both commands) checks the pseudo-label
+    # keys and keeps them in the resolved dataset, which only TrainDataset reads
+    assert set(TRAINING_ONLY_KEYS) - only_train == {"exclude_label", "pretrained_weights", "pretrained_path",
+                                                    "supervoxel_dir", "n_sv", "exclude_mode", "supervoxel_source",
+                                                    "use_gt"}
 
 
 def test_one_ct_threshold_rule(tmp_path: Path) -> None:

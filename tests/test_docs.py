@@ -4,6 +4,7 @@ run take from the snapshot are engine/snapshot_config.py's. (README's commands: 
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,16 @@ def parse_default(cell: str) -> Any:
 
 
 def config_defaults() -> dict[str, Any]:
-    """config.py's keys with their defaults; dict-valued keys also as ``key.sub``."""
-    config = dict(cfg())
+    """config.py's keys with their defaults (as without QAMP_DATA_ROOT, the only default read from
+    the environment); dict-valued keys also as ``key.sub``."""
+    from config import DATA_ROOT_ENV
+
+    saved = os.environ.pop(DATA_ROOT_ENV, None)
+    try:
+        config = dict(cfg())
+    finally:
+        if saved is not None:
+            os.environ[DATA_ROOT_ENV] = saved
     flat = dict(config)
     for key, value in config.items():
         if isinstance(value, dict):
