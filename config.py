@@ -243,7 +243,7 @@ def cpu_budget():
 
     64 x 64 slices (native-grid Dice at test), dilated ResNet-50 from scratch, fewer prototypes,
     SGD lr 0.02 with one x0.25 step, validation every 500 steps. Chosen on the validation curve of
-    CHAOST2 fold 0 (bench/chaos_budget.sh); the reference defaults are untouched without it.
+    CHAOST2 fold 0 (docs/CPU_BUDGET.md); the reference defaults are untouched without it.
     """
     image_size = 64
     backbone = "resnet50"
@@ -262,6 +262,26 @@ def cpu_budget():
     val_interval = 500
     print_interval = 100
     save_snapshot_every = 1000
+
+
+@named_config
+def cpu_budget_adnet():
+    """With `cpu_budget`: the authors' ADNet head (model='adnet') at its own learning rate, chosen
+    like every method's on the validation curve of CHAOST2 fold 0 (bench/results/cpu_budget_lr.md;
+    docs/CPU_BUDGET.md): python train.py with abd_mri cpu_budget cpu_budget_adnet
+    """
+    model = "adnet"
+    optim = {"lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+@named_config
+def cpu_budget_alpnet():
+    """With `cpu_budget`: SSL-ALPNet (model='alpnet') at its own learning rate, chosen like every
+    method's on the validation curve of CHAOST2 fold 0 (bench/results/cpu_budget_lr.md;
+    docs/CPU_BUDGET.md): python train.py with abd_mri cpu_budget cpu_budget_alpnet
+    """
+    model = "alpnet"
+    optim = {"lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}
 
 
 @named_config

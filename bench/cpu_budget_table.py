@@ -92,10 +92,12 @@ class Unit:
 
 def units() -> list[Unit]:
     """Every (cell, method, seed), in the order they start: the CHAOST2 Setting 1 baselines first
-    (the other cells' baseline is chosen on them), QAMP's second seed last."""
+    (the other cells' baseline is chosen on them), then QAMP (its second seed last), then the better
+    baseline in the other cells."""
     out = [Unit(cell, method, seed) for cell, methods in GRID.items() for method, seeds in methods.items()
            for seed in seeds]
-    return sorted(out, key=lambda u: (u.method == BEST, u.seed != 2025, u.cell != "CHAOST2_setting1"))
+    return sorted(out, key=lambda u: (u.method == BEST, u.method == "qamp", u.seed != 2025,
+                                      u.cell != "CHAOST2_setting1"))
 
 
 def sweep_command(unit: Unit, root: Path, data_dir: str, python: str) -> list[str]:

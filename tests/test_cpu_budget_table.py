@@ -44,8 +44,8 @@ def write_method(root: Path, cell: str, method: str, seed: int, dice: dict[int, 
 def test_units_start_with_the_baselines_that_choose_the_others(table) -> None:
     units = table.units()
     cells = [(u.cell, u.method, u.seed) for u in units]
-    assert cells[:3] == [("CHAOST2_setting1", "qamp", 2025), ("CHAOST2_setting1", "adnet", 2025),
-                         ("CHAOST2_setting1", "alpnet", 2025)]
+    assert cells[:3] == [("CHAOST2_setting1", "adnet", 2025), ("CHAOST2_setting1", "alpnet", 2025),
+                         ("CHAOST2_setting1", "qamp", 2025)]
     assert [c for c in cells if c[1] == "qamp" and c[2] == 2026] == [("CHAOST2_setting1", "qamp", 2026)]
     assert {c[0] for c in cells if c[1] == table.BEST} == {"CHAOST2_setting2", "SABS_setting1"}
     assert all(c[1] == table.BEST for c in cells[-2:])
