@@ -23,6 +23,7 @@ run's ``logger.log`` and, for training, ``snapshots/`` (see ``train.py``; ``test
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ from sacred.utils import apply_backspaces_and_linefeeds, convert_to_nested_dict,
 from data.registry import CUSTOM, DATASETS, dataset_modality
 from dataloaders.eval_dataset import EVAL_MODES
 from dataloaders.resolved import EXCLUDE_MODES, SUPERVOXEL_SOURCES
-from models import BACKBONES, MODEL_KEYS, ModelConfig, check_episode_config
+from models import BACKBONES, BASELINE_KEYS, MODEL_KEYS, ModelConfig, check_episode_config
 from models import MODELS
 from models import PRETRAINED_KINDS as PRETRAINED
 from models.qamp import prior_thresholds
@@ -458,6 +459,20 @@ def _refuse_training_keys(config: Mapping[str, Any], command_name: str, explicit
                          f"(train.py reads {'it' if one else 'them'}, test.py does not): drop "
                          f"{'it' if one else 'them'} from the test.py command (keys only training reads: "
                          f"{', '.join(TRAINING_ONLY_KEYS)})")
+
+
+@ex.final_config_check
+def _refuse_qamp_keys_for_baselines(config: Mapping[str, Any], command_name: str, explicit: Mapping[str, Any]) -> None:
+    """model='adnet' / 'alpnet' read only ``BASELINE_KEYS`` of the model keys: QAMP's other keys given
+    explicitly would be accepted and ignored, so they are refused (named configs such as
+    ``cpu_budget`` that set them are fine)."""
+    if config["model"] not in ("adnet", "alpnet"):
+        return
+    qamp_only = {f.name for f in fields(ModelConfig)} - set(BASELINE_KEYS)
+    given = sorted(key for key in explicit if key in qamp_only)
+    _expect(not given, ", ".join(f"{key}={explicit[key]!r}" for key in given) + f": model={config['model']!r} "
+            f"does not read these QAMP keys (its head reads only {list(BASELINE_KEYS)} of the model keys; its other "
+            f"numbers are the authors', docs/METHOD.md §11); drop them")
 
 
 @ex.final_config_check

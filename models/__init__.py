@@ -23,13 +23,16 @@ MODELS = ("qamp", "adnet", "alpnet")  # networks; config.py adds the test-only b
 MODEL_CLASSES = {"qamp": QAMP, "adnet": ADNet, "alpnet": ALPNet}  # adnet, alpnet: the authors' heads on our encoder
 # Names of the per-step values the networks return under "monitors" (not losses; train.py logs them).
 MODEL_MONITORS = ("threshold", "fg_local_prototypes", "bg_local_prototypes", "empty_bg_set")
+# The ModelConfig keys the baseline heads read (the encoder's); every other number of theirs is the
+# authors' constant, so QAMP's keys given explicitly with model='adnet' / 'alpnet' are refused (config.py).
+BASELINE_KEYS = ("backbone", "feature_dim")
 # Config keys that define the model of a snapshot (its meta's ``model_keys``, engine/snapshot.py): the
 # network, the image size and ModelConfig's fields except the compute-only switches. test.py and
 # predict.py build the model with a snapshot's values; callers of engine.snapshot pass this list.
 MODEL_KEYS = ("model", "image_size") + tuple(f.name for f in fields(ModelConfig) if f.name not in COMPUTE_ONLY_KEYS)
 
 __all__ = ["build_model", "load_pretrained", "make_generator", "check_state_dict", "check_episode_config",
-           "ModelConfig", "QAMP", "ADNet", "ALPNet", "Encoder", "SupportState", "MODELS", "MODEL_KEYS", "MODEL_MONITORS", "BACKBONES",
+           "ModelConfig", "QAMP", "ADNet", "ALPNet", "Encoder", "SupportState", "MODELS", "MODEL_KEYS", "MODEL_MONITORS", "BASELINE_KEYS", "BACKBONES",
            "PRETRAINED_KINDS"]
 
 

@@ -273,3 +273,17 @@ def test_alpnet_alignment_runs_with_an_empty_predicted_foreground():
     loss, reverse = alp.alignment_loss(query_feats, all_background, supp_feats, masks)
     assert reverse.fg is None and torch.equal(reverse.prototype, torch.zeros(6))  # 'mask' mode, zero prototype
     assert reverse.bg.shape == (16, 6) and bool(torch.isfinite(loss)) and loss.item() > 0
+
+
+def test_qamp_keys_given_with_a_baseline_are_refused(tmp_path):
+    """model='adnet' / 'alpnet' read only the encoder's model keys: QAMP's, given explicitly, are refused
+    (not accepted and ignored); the same keys from a named config (cpu_budget) are fine."""
+    from helpers import experiment
+
+    ex = experiment()
+    log = {"path": {"log_dir": str(tmp_path)}}
+    with pytest.raises(ValueError, match=r"n_mlp_fg=4: model='adnet' does not read these QAMP keys"):
+        ex.run("print_config", config_updates={"model": "adnet", "n_mlp_fg": 4, **log})
+    ex.run("print_config", config_updates={"model": "alpnet", "feature_dim": 64, **log})
+    ex.run("print_config", config_updates={"model": "adnet", **log}, named_configs=["cpu_budget"])
+    ex.run("print_config", config_updates={"model": "qamp", "n_mlp_fg": 4, **log})
