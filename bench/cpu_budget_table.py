@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,12 +92,14 @@ class Unit:
 
 def units() -> list[Unit]:
     """Every (cell, method, seed), in the order they start: the CHAOST2 Setting 1 baselines first
-    (the other cells' baseline is chosen on them), then QAMP (its second seed last), then the better
-    baseline in the other cells."""
+    (the other cells' baseline is chosen on them), then SABS (CT: whether this project learns there
+    at all), CHAOST2 Setting 2, and QAMP's seeds of Setting 1 last (one is in hand when they start);
+    within a cell QAMP before the better baseline."""
     out = [Unit(cell, method, seed) for cell, methods in GRID.items() for method, seeds in methods.items()
            for seed in seeds]
-    return sorted(out, key=lambda u: (u.method == BEST, u.method == "qamp", u.seed != 2025,
-                                      u.cell != "CHAOST2_setting1"))
+    cell_order = ("SABS_setting1", "CHAOST2_setting2", "CHAOST2_setting1")
+    return sorted(out, key=lambda u: (u.method not in BASELINES, cell_order.index(u.cell), u.method == BEST,
+                                      u.seed))
 
 
 def sweep_command(unit: Unit, root: Path, data_dir: str, python: str) -> list[str]:
@@ -213,22 +215,46 @@ def method_table(folder: Path) -> dict:
     return out
 
 
-def training_runs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("seed*/cells/*/train_*") if (p / "run.json").is_file())
+def training_sessions(folder: Path) -> dict[str, list[Path]]:
+    """A method's training runs, per seed: the run folders of its training cell, oldest first (a
+    training the sweep resumed after a stop has one folder per session)."""
+    out: dict[str, list[Path]] = {}
+    for seed_dir in sorted(folder.glob("seed*")):
+        runs = sorted((p for p in seed_dir.glob("cells/*/train_*") if (p / "run.json").is_file()),
+                      key=lambda p: json.loads((p / "run.json").read_text(encoding="utf-8"))["start_time"])
+        if runs:
+            out[seed_dir.name] = runs
+    return out
 
 
-def train_seconds(run_dir: Path) -> float | None:
-    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    if info.get("status") != "COMPLETED":
-        return None
-    start, stop = (datetime.fromisoformat(info[k]) for k in ("start_time", "stop_time"))
-    return round((stop - start).total_seconds())
+def train_seconds(sessions: list[Path]) -> float | None:
+    """Seconds of training that count: a completed session from start to stop, an interrupted one
+    from its start to its newest snapshot (the step the next session resumed from; the steps after
+    it were run again). None until the last session completed."""
+    total = 0.0
+    for i, run_dir in enumerate(sessions):
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        start = datetime.fromisoformat(info["start_time"])
+        if info.get("status") == "COMPLETED":
+            total += (datetime.fromisoformat(info["stop_time"]) - start).total_seconds()
+        elif i == len(sessions) - 1:
+            return None
+        else:
+            snapshots = sorted((run_dir / "snapshots").glob("step_*.pth"))
+            if snapshots:  # Sacred's times are naive UTC
+                written = datetime.fromtimestamp(snapshots[-1].stat().st_mtime, timezone.utc).replace(tzinfo=None)
+                total += (written - start).total_seconds()
+    return round(total)
 
 
-def val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    series = metrics.get("val_dice_mean", {"steps": [], "values": []})
-    return [(int(s), round(100 * v, 2)) for s, v in zip(series["steps"], series["values"])]
+def val_curve(sessions: list[Path]) -> list[tuple[int, float]]:
+    """The validation curve over a training's sessions (a later session's point wins a step)."""
+    points: dict[int, float] = {}
+    for run_dir in sessions:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        series = metrics.get("val_dice_mean", {"steps": [], "values": []})
+        points.update((int(s), round(100 * v, 2)) for s, v in zip(series["steps"], series["values"]))
+    return sorted(points.items())
 
 
 def collect_cell(cell_dir: Path) -> tuple[dict, dict[str, list[tuple[int, float]]]]:
@@ -240,12 +266,12 @@ def collect_cell(cell_dir: Path) -> tuple[dict, dict[str, list[tuple[int, float]
         if not list(method_dir.rglob("scores.csv")):
             continue
         dice[method] = method_table(method_dir)
-        runs = training_runs(method_dir)
-        times = [t for t in (train_seconds(r) for r in runs) if t is not None]
+        sessions = training_sessions(method_dir)
+        times = [t for t in (train_seconds(s) for s in sessions.values()) if t is not None]
         if times:
             seconds[method] = times if len(times) > 1 else times[0]
-        for run_dir in runs:
-            curves[f"{method} ({run_dir.parents[2].name})"] = val_curve(run_dir)
+        for seed, runs in sessions.items():
+            curves[f"{method} ({seed})"] = val_curve(runs)
         records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(method_dir.glob("seed*/load.json"))]
         loads[method] = [{"load_before": r["load_before"], "load_after": r.get("load_after")} for r in records]
     return {"dice_percent": dice, "train_s": seconds, "load_average": loads}, curves
@@ -328,13 +354,13 @@ def lr_collect(args: argparse.Namespace) -> dict:
     for run_dir in sorted(root.glob("cells/*/train_*")):
         config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-        curve = val_curve(run_dir)
+        curve = val_curve([run_dir])
         collapsed = info.get("status") == "FAILED" and "collapsed" in str(info.get("fail_trace", ""))
         finished_ = info.get("status") == "COMPLETED" or collapsed
         score = (0.0 if collapsed else sum(v for _, v in curve[-2:]) / 2) if finished_ and curve else None
         runs.setdefault(config["model"], {})[str(config["optim"]["lr"])] = {
             "status": "collapsed" if collapsed else info.get("status"), "val_curve": curve, "score": score,
-            "train_s": train_seconds(run_dir)}
+            "train_s": train_seconds([run_dir])}
     chosen = {m: max((lr for lr in r if r[lr]["score"] is not None), key=lambda lr: r[lr]["score"], default=None)
               for m, r in runs.items()}
     result = {"name": "cpu_budget_lr", "steps": LR_STEPS, "rates": list(LR_GRID), "runs": runs, "chosen": chosen,

@@ -44,11 +44,41 @@ def write_method(root: Path, cell: str, method: str, seed: int, dice: dict[int, 
 def test_units_start_with_the_baselines_that_choose_the_others(table) -> None:
     units = table.units()
     cells = [(u.cell, u.method, u.seed) for u in units]
-    assert cells[:3] == [("CHAOST2_setting1", "adnet", 2025), ("CHAOST2_setting1", "alpnet", 2025),
-                         ("CHAOST2_setting1", "qamp", 2025)]
-    assert [c for c in cells if c[1] == "qamp" and c[2] == 2026] == [("CHAOST2_setting1", "qamp", 2026)]
-    assert {c[0] for c in cells if c[1] == table.BEST} == {"CHAOST2_setting2", "SABS_setting1"}
-    assert all(c[1] == table.BEST for c in cells[-2:])
+    assert cells[:2] == [("CHAOST2_setting1", "adnet", 2025), ("CHAOST2_setting1", "alpnet", 2025)]
+    assert cells[2:6] == [("SABS_setting1", "qamp", 2025), ("SABS_setting1", table.BEST, 2025),
+                          ("CHAOST2_setting2", "qamp", 2025), ("CHAOST2_setting2", table.BEST, 2025)]
+    assert cells[6:] == [("CHAOST2_setting1", "qamp", 2025), ("CHAOST2_setting1", "qamp", 2026)]
+
+
+def write_session(folder: Path, start: str, status: str, stop: str | None, val: dict[int, float],
+                  snapshot_at: str | None = None) -> None:
+    """One session of a training run: run.json, metrics.json and (interrupted) its last snapshot."""
+    import os
+    from datetime import datetime, timezone
+
+    (folder / "snapshots").mkdir(parents=True)
+    info = {"start_time": start, "status": status, **({"stop_time": stop} if stop else {})}
+    (folder / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    metrics = {"val_dice_mean": {"steps": list(val), "values": list(val.values())}}
+    (folder / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    if snapshot_at:
+        path = folder / "snapshots" / "step_0001000.pth"
+        path.write_bytes(b"")
+        stamp = datetime.fromisoformat(snapshot_at).replace(tzinfo=timezone.utc).timestamp()
+        os.utime(path, (stamp, stamp))
+
+
+def test_a_resumed_training_counts_its_sessions_up_to_the_snapshot_and_joins_its_curve(table, tmp_path: Path) -> None:
+    cell = tmp_path / "adnet" / "seed2025" / "cells" / "c"
+    write_session(cell / "train_x", "2026-12-02T05:00:00", "RUNNING", None, {500: 0.3, 1000: 0.4},
+                  snapshot_at="2026-12-02T05:20:00")  # stopped at step ~1100, resumed from step 1000
+    write_session(cell / "train_x_1", "2026-12-02T07:00:00", "COMPLETED", "2026-12-02T07:40:00",
+                  {1500: 0.5, 6000: 0.6})
+    sessions = table.training_sessions(tmp_path / "adnet")
+    assert [p.name for p in sessions["seed2025"]] == ["train_x", "train_x_1"]
+    assert table.train_seconds(sessions["seed2025"]) == 20 * 60 + 40 * 60
+    assert table.val_curve(sessions["seed2025"]) == [(500, 30.0), (1000, 40.0), (1500, 50.0), (6000, 60.0)]
+    assert table.train_seconds(sessions["seed2025"][:1]) is None  # still running: no time yet
 
 
 def test_sweep_command_uses_the_method_lr_and_generates_sabs_supervoxels(table, tmp_path: Path) -> None:
