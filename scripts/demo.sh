@@ -34,7 +34,7 @@
 # supports; copy-support 52.6): 1500 steps at a constant 0.02 gave 52.9; 2200 steps gave 66.2 (this
 # schedule, 1 thread), 66.1 (constant 0.02, 1 thread) and 60.2 (this schedule, 2 threads: the thread
 # count changes float rounding, hence the run), but took 914 s in all; 2400 steps (lr step 1200, 2
-# threads) gave 59.1 in 781 s; 2100 steps gave 59.4 in 720 s and keep the demo within 15 minutes. The test runs (one per support index) run side by side, one thread each.
+# threads) gave 59.1 in 781 s; 2100 steps gave 59.4 (912 s in a fresh clone with its set-up, median of two: bench/results/demo.json). The test runs (one per support index) run side by side, one thread each.
 #
 # Environment knobs [default]:
 #   DATA_DIR [unset]  DEMO_DATASET [CHAOST2 with DATA_DIR, else custom]  DEMO_DIR [runs/demo]
