@@ -43,8 +43,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.encoder import Encoder
-from models.losses import IGNORE_INDEX, support_labels
+from models.losses import cross_entropy, support_labels
 from models.qamp import ModelConfig, SupportState, check_episode, check_image_size
+from models.sampling import UpsampleGrid
 
 SCALER = 20.0  # cosine scale: alpmodule.py L60, L87, L129
 PROTO_THRESHOLD = 0.95  # pooled-mask threshold of local prototypes: grid_proto_fewshot.py L22-23 (FG/BG_THRESH)
@@ -59,9 +60,15 @@ QUERY_WEIGHTS = (0.05, 1.0)  # cross-entropy class weights [bg, fg]: util/utils.
 LOSS_WEIGHTS = {"query": 1.0, "align": 1.0}  # training.py L141 (usealign=True, config L56)
 
 
+def resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``N x C x h x w -> N x C x size`` bilinear, ``align_corners=False`` (the authors' mode, up and down):
+    ``F.interpolate`` on the CPU, its matrix form elsewhere (deterministic on CUDA; ``models.sampling``)."""
+    return UpsampleGrid(tuple(x.shape[-2:]), tuple(size), x.device, x.dtype, align_corners=False).up(x)
+
+
 def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``S x H x W`` masks -> ``S x h x w`` (bilinear, ``align_corners=False``; grid_proto_fewshot.py L125)."""
-    return F.interpolate(masks[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return resample(masks[:, None], size)[:, 0]
 
 
 def local_prototypes(feats: torch.Tensor, masks: torch.Tensor, window: int) -> torch.Tensor:
@@ -160,10 +167,9 @@ def alignment_loss(query_feats: torch.Tensor, query_logits: torch.Tensor, supp_f
     pred_fg = (query_logits.argmax(dim=1) == 1).to(query_feats.dtype)  # (1, h, w)
     state = class_prototypes(query_feats, pred_fg, TRAIN_WINDOW)  # alignLoss never passes isval
     n_shots = supp_feats.shape[0]
-    logits = F.interpolate(class_logits(supp_feats, state), size=supp_masks.shape[-2:], mode="bilinear",
-                           align_corners=False)  # (S, 2, H, W) L219
+    logits = resample(class_logits(supp_feats, state), supp_masks.shape[-2:])  # (S, 2, H, W) L219
     labels = support_labels(supp_masks)
-    loss = sum(F.cross_entropy(logits[s:s + 1], labels[s:s + 1], ignore_index=IGNORE_INDEX) for s in range(n_shots))
+    loss = sum(cross_entropy(logits[s:s + 1], labels[s:s + 1]) for s in range(n_shots))
     return loss / n_shots, state  # L227-230
 
 
@@ -201,7 +207,7 @@ class ALPNet(nn.Module):
     def _logits(self, state: SupportState, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feature-resolution ``N x 2 x h x w`` and up-sampled ``N x 2 x H x W`` logits."""
         low = class_logits(feats, state)
-        return low, F.interpolate(low, size=self.image_size, mode="bilinear", align_corners=False)
+        return low, resample(low, self.image_size)
 
     def forward(self, supp_imgs: torch.Tensor, supp_masks: torch.Tensor, qry_imgs: torch.Tensor,
                 qry_labels: Optional[torch.Tensor] = None,
@@ -232,7 +238,7 @@ class ALPNet(nn.Module):
             weight = torch.as_tensor(QUERY_WEIGHTS, dtype=logits.dtype, device=logits.device)
             align, reverse = alignment_loss(feats[n_shots:], low, state.feats, state.masks)
             empty_bg = empty_bg or reverse.bg.shape[0] == 0
-            losses = {"query": F.cross_entropy(logits, qry_labels, weight=weight, ignore_index=IGNORE_INDEX),
+            losses = {"query": cross_entropy(logits, qry_labels, weight=weight),
                       "align": align}
             result["losses"] = losses
             result["loss"] = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())

@@ -36,6 +36,18 @@ def nll_loss(probs: torch.Tensor, labels: torch.Tensor, class_weights: Optional[
     return weighted_nll(log_probs, labels, weight, ignore_index)
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``F.cross_entropy`` (mean reduction) of ``N x K x H x W`` logits and ``N x H x W`` int64 labels.
+
+    On the CPU ``F.cross_entropy`` itself; elsewhere ``log_softmax`` and :func:`weighted_nll`
+    (deterministic on CUDA; equal up to float rounding). Used by the SSL-ALPNet head.
+    """
+    if sampling.torch_kernels(logits.device):
+        return F.cross_entropy(logits, labels, weight=weight, ignore_index=ignore_index)
+    return weighted_nll(F.log_softmax(logits, dim=1), labels, weight, ignore_index)
+
+
 def weighted_nll(log_probs: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor] = None,
                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """``F.nll_loss(log_probs, labels, weight, ignore_index=...)`` (mean reduction) as weighted sums:

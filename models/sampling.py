@@ -5,7 +5,8 @@ Two kinds of helpers live here:
 * ``draw_positions`` -- the ONE sampler used for every random prototype (MLP fill map, edge
   bands, prior-guided query samples) and ``dropout`` -- generator-driven dropout. Both draw
   from an explicit ``torch.Generator``; nothing here touches a global random stream.
-* ``UpsampleGrid`` -- bilinear upsampling (``align_corners=True``) of ``h x w`` features to the
+* ``UpsampleGrid`` -- bilinear upsampling (``align_corners=True``; the SSL-ALPNet head uses its
+  ``align_corners=False`` form, up and down) of ``h x w`` features to the
   mask size ``H x W`` written as two small matrices ``Uy (H x h)`` and ``Ux (W x w)``:
   ``up(F) = Uy @ F @ Ux^T`` per channel. With it, masked average pooling, single columns of
   ``up(F)`` and the MLP over the upsampled map are computed from the ``h x w`` features without
@@ -83,14 +84,19 @@ def torch_kernels(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _linear_weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype):
-    """Source indices and weights of 1-D linear interpolation with ``align_corners=True``.
+def _linear_weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype, align_corners: bool = True):
+    """Source indices and weights of 1-D linear interpolation, as PyTorch's bilinear kernel computes them.
 
-    Mirrors PyTorch's kernel: ``src = dst * (n_in - 1) / (n_out - 1)``, ``i0 = floor(src)``,
-    ``i1 = min(i0 + 1, n_in - 1)``, weight of ``i1`` = ``src - i0``.
+    ``align_corners=True``: ``src = dst * (n_in - 1) / (n_out - 1)``. ``align_corners=False`` (half-pixel
+    centres; also a down-sampling without antialias): ``src = max((dst + 0.5) * n_in / n_out - 0.5, 0)``.
+    Then ``i0 = floor(src)``, ``i1 = min(i0 + 1, n_in - 1)``, weight of ``i1`` = ``src - i0``.
     """
-    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-    src = torch.arange(n_out, device=device, dtype=torch.float32) * torch.tensor(scale, dtype=torch.float32)
+    if align_corners:
+        scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        src = torch.arange(n_out, device=device, dtype=torch.float32) * torch.tensor(scale, dtype=torch.float32)
+    else:
+        scale = torch.tensor(n_in / n_out, dtype=torch.float32)
+        src = ((torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0.0)
     i0 = src.floor().long().clamp(max=n_in - 1)
     i1 = (i0 + 1).clamp(max=n_in - 1)
     lam = (src - i0.float()).to(dtype)
@@ -98,18 +104,21 @@ def _linear_weights(n_in: int, n_out: int, device: torch.device, dtype: torch.dt
 
 
 class UpsampleGrid:
-    """Bilinear ``h x w -> H x W`` upsampling (``align_corners=True``) as linear algebra.
+    """Bilinear ``h x w -> H x W`` resampling (``align_corners=True`` unless told) as linear algebra.
 
     Args:
         feature_size: ``(h, w)`` of the encoder features.
         image_size: ``(H, W)`` of the masks / images.
+        align_corners: the ``F.interpolate`` flag it mirrors (QAMP: True; SSL-ALPNet: False, where
+            ``H x W`` may also be smaller than ``h x w``).
     """
 
     def __init__(self, feature_size: tuple[int, int], image_size: tuple[int, int],
-                 device: torch.device, dtype: torch.dtype = torch.float32):
+                 device: torch.device, dtype: torch.dtype = torch.float32, align_corners: bool = True):
         (self.h, self.w), (self.H, self.W) = feature_size, image_size
-        self.y0, self.y1, self.ly = _linear_weights(self.h, self.H, device, dtype)
-        self.x0, self.x1, self.lx = _linear_weights(self.w, self.W, device, dtype)
+        self.align_corners = align_corners
+        self.y0, self.y1, self.ly = _linear_weights(self.h, self.H, device, dtype, align_corners)
+        self.x0, self.x1, self.lx = _linear_weights(self.w, self.W, device, dtype, align_corners)
         self.Uy = self._matrix(self.y0, self.y1, self.ly, self.h)  # (H, h)
         self.Ux = self._matrix(self.x0, self.x1, self.lx, self.w)  # (W, w)
 
@@ -122,12 +131,12 @@ class UpsampleGrid:
         return m
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
-        """``N x C x h x w -> N x C x H x W`` (``F.interpolate``, bilinear, align_corners=True).
+        """``N x C x h x w -> N x C x H x W`` (``F.interpolate``, bilinear, this grid's align_corners).
 
         On the CPU ``F.interpolate`` itself; elsewhere :meth:`up_matmul` (deterministic backward).
         """
         if torch_kernels(x.device):
-            return F.interpolate(x, size=(self.H, self.W), mode="bilinear", align_corners=True)
+            return F.interpolate(x, size=(self.H, self.W), mode="bilinear", align_corners=self.align_corners)
         return self.up_matmul(x)
 
     def up_matmul(self, x: torch.Tensor) -> torch.Tensor:

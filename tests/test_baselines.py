@@ -287,3 +287,29 @@ def test_qamp_keys_given_with_a_baseline_are_refused(tmp_path):
     ex.run("print_config", config_updates={"model": "alpnet", "feature_dim": 64, **log})
     ex.run("print_config", config_updates={"model": "adnet", **log}, named_configs=["cpu_budget"])
     ex.run("print_config", config_updates={"model": "qamp", "n_mlp_fg": 4, **log})
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_resume_through_train_py_is_bit_exact(name, phantoms48, tmp_path):
+    """train.py with model=<head>: 2 steps, then resumed to 4, gives the losses and weights of 4
+    steps straight (ADNet's T and ALPNet's weights included)."""
+    from helpers import TINY_HEAD, experiment, tiny_train_config
+    from engine.snapshot import load_snapshot
+
+    ex = experiment()
+
+    def config(folder, **updates):
+        base = tiny_train_config(phantoms48, tmp_path / folder, model=name, feature_dim=64,
+                                 image_size=SIZES[name], **updates)
+        return {k: v for k, v in base.items() if k not in TINY_HEAD or k == "feature_dim"}
+
+    straight = ex.run("train", config_updates=config("straight")).result
+    half = ex.run("train", config_updates=config("resumed", n_steps=2)).result
+    resumed = ex.run("train", config_updates=config("resumed", resume=half["run_dir"])).result
+    a, b = load_snapshot(straight["snapshot"]), load_snapshot(resumed["snapshot"])
+    assert b["step"] == 4 and b["history"]["loss"] == a["history"]["loss"]
+    assert a["model"].keys() == b["model"].keys()
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
+    if name == "adnet":
+        assert a["model"]["threshold"].item() != -10.0  # T was trained, and resumed exactly

@@ -26,7 +26,7 @@ from bench.train_step import predict_some_foreground
 from helpers import SIZE, TINY_HEAD, experiment, tiny_train_config
 from engine.snapshot import load_snapshot, save_snapshot
 from models import build_model, make_generator, sampling
-from models.losses import weighted_nll
+from models.losses import cross_entropy, weighted_nll
 from models.sampling import UpsampleGrid
 from utils.seed import capture_rng_state, restore_generator, restore_rng_state
 
@@ -177,6 +177,37 @@ def test_upsampling_as_matrix_products_equals_interpolate() -> None:
     assert torch.equal(grid.up(x), reference)  # the CPU keeps torch's kernel: bit for bit
 
 
+@pytest.mark.parametrize("size_in, size_out", [((8, 11), (32, 41)), ((64, 64), (8, 8)), ((48, 40), (12, 10))],
+                         ids=["up", "down", "down-uneven"])
+def test_half_pixel_resampling_as_matrix_products_equals_interpolate(size_in, size_out) -> None:
+    """align_corners=False (SSL-ALPNet's mode), up and down: the CUDA formulation equals torch's kernel."""
+    grid = UpsampleGrid(size_in, size_out, torch.device("cpu"), align_corners=False)
+    x = torch.randn(2, 3, *size_in, requires_grad=True)
+    weights = torch.randn(2, 3, *size_out)
+    reference = F.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
+    matmul = grid.up_matmul(x)
+    torch.testing.assert_close(matmul, reference, rtol=1e-6, atol=1e-6)
+    (g_ref,) = torch.autograd.grad((reference * weights).sum(), x)
+    (g_mat,) = torch.autograd.grad((matmul * weights).sum(), x)
+    torch.testing.assert_close(g_mat, g_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(grid.up(x), reference)
+
+
+def test_cross_entropy_off_the_cpu_equals_torchs(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 2, 16, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 2, (1, 16, 16), generator=g)
+    labels[0, :2] = 255
+    weight = torch.tensor([0.05, 1.0])
+    reference = F.cross_entropy(logits, labels, weight=weight, ignore_index=255)
+    assert torch.equal(cross_entropy(logits, labels, weight), reference)  # the CPU: torch's kernel
+    monkeypatch.setattr(sampling, "torch_kernels", lambda device: False)
+    sums = cross_entropy(logits, labels, weight)
+    torch.testing.assert_close(sums, reference, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(sums, logits)[0], torch.autograd.grad(reference, logits)[0],
+                               rtol=1e-5, atol=1e-8)
+
+
 def test_weighted_nll_equals_nll_loss() -> None:
     g = torch.Generator().manual_seed(0)
     log_probs = torch.log_softmax(torch.randn(2, 2, 16, 16, generator=g), dim=1).requires_grad_()
@@ -204,12 +235,28 @@ def _step(model, episode, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tens
     return out["loss"].detach(), grads, ops.names
 
 
+def _through_the_cuda_formulations(monkeypatch, model, episode) -> dict[str, torch.Tensor]:
+    """One training step of ``model`` on the CPU path, then through the formulations used on CUDA
+    forced onto the CPU: no op of torch's non-deterministic-on-CUDA list runs in the second (torch's
+    CPU kernels do run two of them in the first), and loss and gradients agree up to float rounding.
+    Returns the second step's gradients."""
+    loss_cpu, grads_cpu, ops_cpu = _step(copy.deepcopy(model), episode, 3)
+    assert {"upsample_bilinear2d_backward", "nll_loss2d_forward"} <= ops_cpu  # what the CUDA path replaces
+    monkeypatch.setattr(sampling, "torch_kernels", lambda device: False)
+    loss, grads, ops = _step(model, episode, 3)
+    assert not ops & NONDETERMINISTIC_ON_CUDA, ops & NONDETERMINISTIC_ON_CUDA
+    torch.testing.assert_close(loss, loss_cpu, rtol=1e-5, atol=0)
+    assert grads.keys() == grads_cpu.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_cpu[name], rtol=1e-3, atol=1e-5 * grads_cpu[name].abs().max().item(),
+                                   msg=name)
+    return grads
+
+
 @pytest.mark.parametrize("empty_support", [False, True], ids=["reverse-pass", "empty-support"])
 def test_training_step_through_the_cuda_formulations(monkeypatch, empty_support: bool) -> None:
     """A QAMP training step (the reverse pass running, or the empty-support fallback) through the
-    formulations used on CUDA, forced onto the CPU: no op of torch's non-deterministic-on-CUDA list
-    runs (torch's CPU kernels do run two of them), and loss and gradients equal the CPU path's up to
-    float rounding."""
+    formulations used on CUDA (:func:`_through_the_cuda_formulations`)."""
     torch.manual_seed(0)
     model = build_model({"backbone": "resnet50", "pretrained_weights": "none", **TINY_HEAD}, SIZE).train()
     g = torch.Generator().manual_seed(1)
@@ -221,16 +268,21 @@ def test_training_step_through_the_cuda_formulations(monkeypatch, empty_support:
     labels[:, 10:22, 10:22] = 1
     if not empty_support:
         predict_some_foreground(model, supp, masks, qry, 0.25, 3)
-    episode = (supp, masks, qry, labels)
-
-    loss_cpu, grads_cpu, ops_cpu = _step(copy.deepcopy(model), episode, 3)
-    assert {"upsample_bilinear2d_backward", "nll_loss2d_forward"} <= ops_cpu  # what the CUDA path replaces
-    monkeypatch.setattr(sampling, "torch_kernels", lambda device: False)
-    loss, grads, ops = _step(model, episode, 3)
-    assert not ops & NONDETERMINISTIC_ON_CUDA, ops & NONDETERMINISTIC_ON_CUDA
+    grads = _through_the_cuda_formulations(monkeypatch, model, (supp, masks, qry, labels))
     assert ("fg_decoder.head.weight" in grads) != empty_support  # the decoders ran, or the fallback did
-    torch.testing.assert_close(loss, loss_cpu, rtol=1e-5, atol=0)
-    assert grads.keys() == grads_cpu.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, grads_cpu[name], rtol=1e-3, atol=1e-5 * grads_cpu[name].abs().max().item(),
-                                   msg=name)
+
+
+def test_alpnet_step_through_the_cuda_formulations(monkeypatch) -> None:
+    """An SSL-ALPNet training step (half-pixel resampling up and down, cross-entropy) through the
+    formulations used on CUDA (:func:`_through_the_cuda_formulations`)."""
+    size = 48
+    torch.manual_seed(0)
+    model = build_model({"backbone": "resnet50", "pretrained_weights": "none", "feature_dim": 64,
+                         "model": "alpnet"}, size).train()
+    g = torch.Generator().manual_seed(1)
+    supp, qry = torch.randn(1, 1, 3, size, size, generator=g), torch.randn(1, 3, size, size, generator=g)
+    masks = torch.zeros(1, 1, size, size)
+    masks[..., 8:40, 8:40] = 1
+    labels = torch.zeros(1, size, size, dtype=torch.long)
+    labels[:, 10:38, 12:40] = 1
+    _through_the_cuda_formulations(monkeypatch, model, (supp, masks, qry, labels))

@@ -8,7 +8,7 @@ a failure here is a finding to report, not a known state.
 
 1. One training step in fp32, bf16 and fp16: finite, bf16 / fp16 losses within ``LOSS_RTOL`` of fp32.
 2. ``deterministic=True`` on CUDA: a step under ``torch.use_deterministic_algorithms(True)`` (errors,
-   not warnings) runs no op without a deterministic kernel; train.py repeats and resumes bit for bit.
+   not warnings) runs no op without a deterministic kernel (QAMP and SSL-ALPNet); train.py repeats and resumes bit for bit.
 3. TF32 off: a float32 convolution on cuDNN within 1e-5 of float64; the decoder on cuDNN within
    ``DECODER_ATOL`` of the CPU's Winograd branch on the same weights.
 4. Two NCCL ranks under torchrun against one GPU process averaging the same episodes.
@@ -126,6 +126,26 @@ def test_step_has_deterministic_kernels_and_repeats_bit_for_bit(empty_support: b
     for _ in range(2):
         model.zero_grad(set_to_none=True)
         out = model(*inputs, generator=make_generator(3))
+        out["loss"].backward()
+        results.append((out["loss"].item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert results[0][0] == results[1][0]
+    for name, grad in results[0][1].items():
+        assert torch.equal(grad, results[1][1][name]), name
+
+
+def test_alpnet_step_has_deterministic_kernels_and_repeats_bit_for_bit() -> None:
+    """The same for the SSL-ALPNet head (its half-pixel resampling and cross-entropy)."""
+    from models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"backbone": "resnet50", "pretrained_weights": "none", "feature_dim": 64,
+                         "model": "alpnet"}, GPU_SIZE).cuda().train()
+    inputs = episode()
+    torch.use_deterministic_algorithms(True)
+    results = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        out = model(*inputs)
         out["loss"].backward()
         results.append((out["loss"].item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     assert results[0][0] == results[1][0]
