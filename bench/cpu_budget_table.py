@@ -27,9 +27,12 @@ each unit is kept in its ``load.json``. Keep the machine otherwise idle for the 
 Setting 1, ``cpu_budget`` with ``model=<method>``, ``LR_GRID``'s rates for ``LR_STEPS`` steps each (the same
 episodes and seed; the rate stays constant, as the schedule's step comes at 3000), validation every
 500 steps; the chosen rate has the best mean of the last two validations (a collapsed run, stopped
-by ``collapse_patience``, scores 0). Results: ``bench/results/cpu_budget_lr.{json,md,png}``; the
-chosen rates go into config.py by hand (``cpu_budget`` for QAMP, ``cpu_budget_<model>`` for the
-baselines).
+by ``collapse_patience``, scores 0). A rate whose full-budget training fell apart is excluded: a
+table unit moved to ``<dir>/unstable/`` (its training folder as it stopped) whose validation fell
+below half its peak after the peak (ADNet at 0.02: 63.1 at step 1500, 14.9 at 3000, as its
+threshold T neared -20, the floor of its anomaly score). Results:
+``bench/results/cpu_budget_lr.{json,md,png}``; the chosen rates go into config.py by hand
+(``cpu_budget`` for QAMP, ``cpu_budget_<model>`` for the baselines).
 
 ``collect`` writes ``bench/results/cpu_budget_table.json`` (``cells.<cell>.dice_percent.<method>``
 with ``mean``, ``per_seed`` and one entry per organ; ``train_s.<method>``; the loads), the markdown
@@ -40,6 +43,7 @@ diagnose, not a result).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -145,6 +149,24 @@ def copy_support(root: Path, data_dir: str, python: str, dry_run: bool) -> None:
                 subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
+def held_elsewhere(folder: Path) -> bool:
+    """A cell of this unit is being run by another process (its ``tools.sweep`` lock is held): e.g.
+    a unit of an earlier runner that is still training."""
+    for path in folder.glob("cells/*/.lock"):
+        with open(path, "a", encoding="utf-8") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+    return False
+
+
+def resolved(unit: Unit, root: Path) -> Unit:
+    """``unit`` with BEST replaced by the better baseline once it is known."""
+    best = best_baseline(root) if unit.method == BEST else None
+    return Unit(unit.cell, best, unit.seed) if best else unit
+
+
 def run(args: argparse.Namespace) -> None:
     root = Path(args.dir).resolve()
     copy_support(root, args.data_dir, args.python, args.dry_run)
@@ -158,13 +180,15 @@ def run(args: argparse.Namespace) -> None:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     slots = cores[:args.slots or len(cores)]
     while pending or running:
-        for slot in [s for s in slots if s not in running]:
-            unit = next((u for u in pending if u.method != BEST or best_baseline(root)), None)
+        # a unit another process is running takes a slot too, and is waited for
+        held = {u for u in pending if resolved(u, root).method != BEST and held_elsewhere(resolved(u, root).folder(root))}
+        free = [s for s in slots if s not in running][:max(0, len(slots) - len(running) - len(held))]
+        for slot in free:
+            unit = next((u for u in pending if u not in held and resolved(u, root).method != BEST), None)
             if unit is None:
                 break
             pending.remove(unit)
-            if unit.method == BEST:
-                unit = Unit(unit.cell, best_baseline(root), unit.seed)
+            unit = resolved(unit, root)
             folder = unit.folder(root)
             if finished(folder):
                 print(f"[table] {unit}: finished earlier", flush=True)
@@ -179,7 +203,7 @@ def run(args: argparse.Namespace) -> None:
             running[slot] = (subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), unit, record)
             log.close()
             print(f"[table] {unit}: started on core {slot}", flush=True)
-        if not running:
+        if not running and not held:
             if pending:  # only BEST units left and the baselines did not finish
                 raise SystemExit(f"[table] the CHAOST2 Setting 1 baselines did not finish; see {root}/CHAOST2_setting1")
             break
@@ -347,6 +371,24 @@ def lr_select(args: argparse.Namespace) -> dict:
     return {} if args.dry_run else lr_collect(args)
 
 
+def full_budget_unstable(folder: Path) -> dict[tuple[str, float], dict]:
+    """(model, lr) -> evidence, for the full-budget trainings kept in ``folder`` (table units moved
+    there as they stopped) whose validation fell below half its peak after the peak."""
+    out = {}
+    for unit in sorted(p for p in folder.glob("*") if p.is_dir()):
+        for runs in training_sessions(unit).values():
+            config = json.loads((runs[-1] / "config.json").read_text(encoding="utf-8"))
+            curve = val_curve(runs)
+            if not curve:
+                continue
+            peak_at = max(range(len(curve)), key=lambda i: curve[i][1])
+            low = min(curve[peak_at:], key=lambda point: point[1])
+            if low[1] < curve[peak_at][1] / 2:
+                out[(config["model"], float(config["optim"]["lr"]))] = {
+                    "run": str(unit), "peak": list(curve[peak_at]), "low": list(low), "val_curve": curve}
+    return out
+
+
 def lr_collect(args: argparse.Namespace) -> dict:
     """The learning-rate table from the runs of :func:`lr_select` that exist so far."""
     root = Path(args.dir).resolve() / "lr_select"
@@ -361,10 +403,14 @@ def lr_collect(args: argparse.Namespace) -> dict:
         runs.setdefault(config["model"], {})[str(config["optim"]["lr"])] = {
             "status": "collapsed" if collapsed else info.get("status"), "val_curve": curve, "score": score,
             "train_s": train_seconds([run_dir])}
-    chosen = {m: max((lr for lr in r if r[lr]["score"] is not None), key=lambda lr: r[lr]["score"], default=None)
+    unstable = full_budget_unstable(Path(args.dir).resolve() / "unstable")
+    chosen = {m: max((lr for lr in r if r[lr]["score"] is not None and (m, float(lr)) not in unstable),
+                     key=lambda lr: r[lr]["score"], default=None)
               for m, r in runs.items()}
     result = {"name": "cpu_budget_lr", "steps": LR_STEPS, "rates": list(LR_GRID), "runs": runs, "chosen": chosen,
-              "rule": "best mean of the last two validations (steps 1000, 1500); collapsed = 0", **machine()}
+              "full_budget_unstable": [{"model": m, "lr": lr, **row} for (m, lr), row in unstable.items()],
+              "rule": "best mean of the last two validations (steps 1000, 1500); collapsed = 0; a rate whose "
+                      "full-budget run fell below half its peak validation is excluded", **machine()}
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# Learning rates (CHAOST2 fold 0, Setting 1, `cpu_budget`, "
@@ -379,6 +425,10 @@ def lr_collect(args: argparse.Namespace) -> dict:
             lines.append(f"| {model} | {lr}{mark} | {row['status']} | "
                          + " | ".join(str(values.get(s, "")) for s in range(500, LR_STEPS + 1, 500))
                          + f" | {row['score'] if row['score'] is not None else ''} | {row['train_s'] or ''} |")
+    for (model, lr), row in unstable.items():
+        lines.append(f"\n{model} at lr {lr} is excluded: its full-budget run ({row['run']}) validated at "
+                     f"{row['peak'][1]} after step {row['peak'][0]} and fell to {row['low'][1]} at step "
+                     f"{row['low'][0]} (curve: {row['val_curve']}).")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
