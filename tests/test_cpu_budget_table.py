@@ -114,3 +114,34 @@ def test_collect_writes_the_table_with_per_seed_means_and_flags(table, tmp_path:
     markdown = (results / "cpu_budget_table.md").read_text(encoding="utf-8")
     assert "| adnet | 20.0 | 20.0 | 20.0 (below copy-support: a defect) |" in markdown
     assert "| qamp | 65.0 | 45.0 | 55.0 | [60.0, 50.0] |" in markdown
+
+
+def test_a_rate_whose_full_budget_run_fell_apart_is_found(table, tmp_path: Path) -> None:
+    """A unit kept in <dir>/unstable whose validation fell below half its peak after the peak."""
+    for name, lr, val in (("adnet_lr0.02", 0.02, {1000: 0.60, 1500: 0.63, 2000: 0.47, 3000: 0.149}),
+                          ("alpnet_lr0.02", 0.02, {1000: 0.60, 1500: 0.66, 2000: 0.40})):  # 40 > 33: kept
+        run = tmp_path / "unstable" / name / "seed2025" / "cells" / "c" / "train_x"
+        write_session(run, "2026-12-02T05:00:00", "FAILED", None, val)
+        model = name.split("_")[0]
+        (run / "config.json").write_text(json.dumps({"model": model, "optim": {"lr": lr}}), encoding="utf-8")
+    found = table.full_budget_unstable(tmp_path / "unstable")
+    assert list(found) == [("adnet", 0.02)]
+    assert found[("adnet", 0.02)]["peak"] == [1500, 63.0] and found[("adnet", 0.02)]["low"] == [3000, 14.9]
+
+
+def test_a_unit_another_process_runs_is_held(table, tmp_path: Path) -> None:
+    import fcntl
+
+    cell = tmp_path / "cells" / "c"
+    cell.mkdir(parents=True)
+    assert not table.held_elsewhere(tmp_path)
+    with open(cell / ".lock", "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as tools.sweep holds it while a cell runs
+        import subprocess
+        probe = ("import sys, importlib.util; spec = importlib.util.spec_from_file_location('t', sys.argv[1]); "
+                 "m = importlib.util.module_from_spec(spec); sys.modules['t'] = m; spec.loader.exec_module(m); "
+                 "from pathlib import Path; print(m.held_elsewhere(Path(sys.argv[2])))")
+        out = subprocess.run([sys.executable, "-c", probe, str(REPO / "bench" / "cpu_budget_table.py"), str(tmp_path)],
+                             capture_output=True, encoding="utf-8", cwd=REPO, check=True).stdout.strip()
+    assert out == "True"
+    assert not table.held_elsewhere(tmp_path)  # released
