@@ -182,11 +182,12 @@ def test_upsampling_as_matrix_products_equals_interpolate() -> None:
 def test_half_pixel_resampling_as_matrix_products_equals_interpolate(size_in, size_out) -> None:
     """align_corners=False (SSL-ALPNet's mode), up and down: the CUDA formulation equals torch's kernel."""
     grid = UpsampleGrid(size_in, size_out, torch.device("cpu"), align_corners=False)
-    x = torch.randn(2, 3, *size_in, requires_grad=True)
-    weights = torch.randn(2, 3, *size_out)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *size_in, generator=g).requires_grad_()
+    weights = torch.randn(2, 3, *size_out, generator=g)
     reference = F.interpolate(x, size=size_out, mode="bilinear", align_corners=False)
     matmul = grid.up_matmul(x)
-    torch.testing.assert_close(matmul, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(matmul, reference, rtol=1e-5, atol=1e-5)  # float rounding: <= 2.4e-6 in 600 draws
     (g_ref,) = torch.autograd.grad((reference * weights).sum(), x)
     (g_mat,) = torch.autograd.grad((matmul * weights).sum(), x)
     torch.testing.assert_close(g_mat, g_ref, rtol=1e-5, atol=1e-5)
