@@ -161,10 +161,9 @@ def held_elsewhere(folder: Path) -> bool:
     return False
 
 
-def resolved(unit: Unit, root: Path) -> Unit:
-    """``unit`` with BEST replaced by the better baseline once it is known."""
-    best = best_baseline(root) if unit.method == BEST else None
-    return Unit(unit.cell, best, unit.seed) if best else unit
+def resolved(unit: Unit, best: str | None) -> Unit:
+    """``unit`` with BEST replaced by ``best`` (the better baseline, :func:`best_baseline`) once known."""
+    return Unit(unit.cell, best, unit.seed) if unit.method == BEST and best else unit
 
 
 def run(args: argparse.Namespace) -> None:
@@ -180,15 +179,17 @@ def run(args: argparse.Namespace) -> None:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     slots = cores[:args.slots or len(cores)]
     while pending or running:
+        best = best_baseline(root)
+        startable = [u for u in pending if resolved(u, best).method != BEST]
         # a unit another process is running takes a slot too, and is waited for
-        held = {u for u in pending if resolved(u, root).method != BEST and held_elsewhere(resolved(u, root).folder(root))}
+        held = {u for u in startable if held_elsewhere(resolved(u, best).folder(root))}
         free = [s for s in slots if s not in running][:max(0, len(slots) - len(running) - len(held))]
         for slot in free:
-            unit = next((u for u in pending if u not in held and resolved(u, root).method != BEST), None)
+            unit = next((u for u in startable if u not in held and u in pending), None)
             if unit is None:
                 break
             pending.remove(unit)
-            unit = resolved(unit, root)
+            unit = resolved(unit, best)
             folder = unit.folder(root)
             if finished(folder):
                 print(f"[table] {unit}: finished earlier", flush=True)
