@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dir", default=str(REPO.parent / "runs" / "demo_bench"), help="where the clones go")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "demo.json"))
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
     root = Path(args.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     runs = [run_demo(fresh_clone(root, i)) for i in range(args.runs)]
