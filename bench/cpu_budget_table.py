@@ -124,21 +124,42 @@ def finished(folder: Path) -> bool:
     return len(summaries) >= len(SUPPORTS)
 
 
-def best_baseline(root: Path) -> str | None:
-    """The baseline with the higher mean Dice on CHAOST2 Setting 1 (None until both finished)."""
+def recorded(results: Path) -> dict[str, dict[str, dict]]:
+    """cell -> method -> entry of the results JSON written by an earlier ``collect``
+    (``<results>/cpu_budget_table.json``): the units scored there are not run again, even where
+    their run folder is not on this machine (a new machine, or ``--dir`` elsewhere)."""
+    path = results / "cpu_budget_table.json"
+    if not path.is_file():
+        return {}
+    cells = json.loads(path.read_text(encoding="utf-8")).get("cells", {})
+    return {cell: entry.get("dice_percent", {}) for cell, entry in cells.items()}
+
+
+def is_recorded(unit: Unit, earlier: dict[str, dict[str, dict]]) -> bool:
+    return unit.seed in earlier.get(unit.cell, {}).get(unit.method, {}).get("seeds", [])
+
+
+def best_baseline(root: Path, earlier: dict[str, dict[str, dict]] | None = None) -> str | None:
+    """The baseline with the higher mean Dice on CHAOST2 Setting 1 (None until both finished),
+    from its run folder, else from ``earlier`` (:func:`recorded`)."""
     means = {}
     for method in BASELINES:
         folder = root / "CHAOST2_setting1" / method
-        if not all(finished(f) for f in folder.glob("seed*")) or not any(folder.glob("seed*")):
+        if any(folder.glob("seed*")) and all(finished(f) for f in folder.glob("seed*")):
+            means[method] = method_table(folder)["mean"]
+        elif method in (earlier or {}).get("CHAOST2_setting1", {}):
+            means[method] = earlier["CHAOST2_setting1"][method]["mean"]
+        else:
             return None
-        means[method] = method_table(folder)["mean"]
     return max(means, key=means.get)
 
 
-def copy_support(root: Path, data_dir: str, python: str, dry_run: bool) -> None:
+def copy_support(root: Path, data_dir: str, python: str, dry_run: bool, earlier: dict) -> None:
     """The copy-support baseline of every cell and support (no training; a minute each), skipping
-    the supports already scored."""
+    the supports already scored and the cells whose copy-support is in ``earlier``."""
     for cell, (dataset, setting, _) in CELLS.items():
+        if is_recorded(Unit(cell, "copy_support", 2025), earlier):
+            continue
         folder = root / cell / "copy_support"
         done = {json.loads(p.read_text(encoding="utf-8"))["supp_idx"] for p in folder.glob("test_*/summary.json")}
         for supp in [s for s in SUPPORTS if s not in done]:
@@ -168,10 +189,13 @@ def resolved(unit: Unit, best: str | None) -> Unit:
 
 def run(args: argparse.Namespace) -> None:
     root = Path(args.dir).resolve()
-    copy_support(root, args.data_dir, args.python, args.dry_run)
+    earlier = recorded(Path(args.results))
+    copy_support(root, args.data_dir, args.python, args.dry_run, earlier)
     if args.dry_run:
-        for unit in units():
-            status = "finished" if finished(unit.folder(root)) else "to run"
+        best = best_baseline(root, earlier)
+        for unit in map(lambda u: resolved(u, best), units()):
+            status = ("finished" if finished(unit.folder(root)) else
+                      "recorded" if is_recorded(unit, earlier) else "to run")
             print(f"[{status}] " + " ".join(sweep_command(unit, root, args.data_dir, args.python)))
         return
     pending = [u for u in units()]
@@ -179,7 +203,7 @@ def run(args: argparse.Namespace) -> None:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     slots = cores[:args.slots or len(cores)]
     while pending or running:
-        best = best_baseline(root)
+        best = best_baseline(root, earlier)
         startable = [u for u in pending if resolved(u, best).method != BEST]
         # a unit another process is running takes a slot too, and is waited for
         held = {u for u in startable if held_elsewhere(resolved(u, best).folder(root))}
@@ -191,7 +215,7 @@ def run(args: argparse.Namespace) -> None:
             pending.remove(unit)
             unit = resolved(unit, best)
             folder = unit.folder(root)
-            if finished(folder):
+            if finished(folder) or is_recorded(unit, earlier):
                 print(f"[table] {unit}: finished earlier", flush=True)
                 continue
             command = sweep_command(unit, root, args.data_dir, args.python)
