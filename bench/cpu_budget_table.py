@@ -204,6 +204,11 @@ def run(args: argparse.Namespace) -> None:
     slots = cores[:args.slots or len(cores)]
     while pending or running:
         best = best_baseline(root, earlier)
+        for unit in [u for u in pending if resolved(u, best).method != BEST]:
+            done = resolved(unit, best)
+            if finished(done.folder(root)) or is_recorded(done, earlier):
+                print(f"[table] {done}: finished earlier", flush=True)
+                pending.remove(unit)
         startable = [u for u in pending if resolved(u, best).method != BEST]
         # a unit another process is running takes a slot too, and is waited for
         held = {u for u in startable if held_elsewhere(resolved(u, best).folder(root))}
@@ -215,9 +220,6 @@ def run(args: argparse.Namespace) -> None:
             pending.remove(unit)
             unit = resolved(unit, best)
             folder = unit.folder(root)
-            if finished(folder) or is_recorded(unit, earlier):
-                print(f"[table] {unit}: finished earlier", flush=True)
-                continue
             command = sweep_command(unit, root, args.data_dir, args.python)
             if shutil.which("taskset"):
                 command = ["taskset", "-c", str(slot), *command]
