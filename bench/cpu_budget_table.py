@@ -19,6 +19,10 @@ Each (cell, method, seed) is one resumable ``tools.sweep`` grid in ``<dir>/<cell
 (train, then test on supports 0, 1, 2; Dice on the native grid). ``<dir>`` (``--dir``, default
 ``../runs/cpu_budget_table``) lies outside the clone, so a session that stops mid-grid resumes the
 next time: finished cells are skipped, a killed training continues from its newest snapshot.
+A unit whose seed is already in ``bench/results/cpu_budget_table.json`` is not run again even where
+its run folder is gone (a new machine): ``collect`` merges the run folders it finds with the rows of
+that JSON, which keeps every (cell, method, seed) as a row with its Dice, training seconds, load and
+validation curve (``by_seed``). The learning-rate grid does the same with ``cpu_budget_lr.json``.
 ``--slots`` units run at once (default: one per core), each pinned to its own core with one torch
 thread (``taskset``), so two trainings do not slow each other; the load average before and after
 each unit is kept in its ``load.json``. Keep the machine otherwise idle for the training times.
@@ -72,6 +76,7 @@ CELLS = {"CHAOST2_setting1": ("abd_mri", 1, ()),
          "CHAOST2_setting2": ("abd_mri", 2, ()),
          "SABS_setting1": ("abd_ct", 1, ("supervoxel_source=generate",))}
 SUPPORTS = (0, 1, 2)
+POLL_S = 10  # seconds between two looks at the running units
 BEST = "best"  # stands for the better baseline of CHAOST2_setting1
 # cell -> method -> seeds
 GRID = {"CHAOST2_setting1": {"qamp": (2025, 2026), "adnet": (2025,), "alpnet": (2025,)},
@@ -146,7 +151,7 @@ def best_baseline(root: Path, earlier: dict[str, dict[str, dict]] | None = None)
     for method in BASELINES:
         folder = root / "CHAOST2_setting1" / method
         if any(folder.glob("seed*")) and all(finished(f) for f in folder.glob("seed*")):
-            means[method] = method_table(folder)["mean"]
+            means[method] = method_entry(seed_rows(folder))["mean"]
         elif method in (earlier or {}).get("CHAOST2_setting1", {}):
             means[method] = earlier["CHAOST2_setting1"][method]["mean"]
         else:
@@ -234,7 +239,7 @@ def run(args: argparse.Namespace) -> None:
             if pending:  # only BEST units left and the baselines did not finish
                 raise SystemExit(f"[table] the CHAOST2 Setting 1 baselines did not finish; see {root}/CHAOST2_setting1")
             break
-        time.sleep(10)
+        time.sleep(POLL_S)
         for slot, (process, unit, record) in list(running.items()):
             if process.poll() is None:
                 continue
@@ -246,23 +251,45 @@ def run(args: argparse.Namespace) -> None:
     collect(args)
 
 
-def method_table(folder: Path) -> dict:
-    """Dice (%) of one method in one cell: per organ and mean (mean over supports and seeds of the
-    per-support means), ``per_seed`` means and per-support means."""
-    methods = load_methods([f"{folder.name}={folder}"])
-    method: Method = methods[folder.name]
-    entries, _ = summarize_method(method, "runs")
-    out = {method.class_names.get(c, str(c)): round(100 * e.mean, 2) for c, e in entries.items() if c != "mean"}
-    out["mean"] = round(100 * entries["mean"].mean, 2)
-    per_seed, per_support = {}, {}
-    for key, per_class in method.dice.items():
-        fold, supp, seed = key
-        value = sum(sum(v.values()) / len(v) for v in per_class.values()) / len(per_class)
-        per_seed.setdefault(seed, []).append(value)
-        per_support.setdefault(supp, []).append(value)
-    out["per_seed"] = [round(100 * sum(v) / len(v), 2) for _, v in sorted(per_seed.items())]
-    out["seeds"] = sorted(per_seed)
-    out["per_support"] = {str(s): round(100 * sum(v) / len(v), 2) for s, v in sorted(per_support.items())}
+# the keys of a per-seed row that are not an organ's Dice
+PER_SEED_KEYS = ("mean", "per_support", "train_s", "val_curve", "load", "run_dir")
+
+
+def seed_rows(folder: Path) -> dict[str, dict]:
+    """Dice (%) of one method's test runs under ``folder``, per seed: per organ and ``mean`` (over
+    its supports, :mod:`tools.summarize`'s formula) and ``per_support``."""
+    method: Method = load_methods([f"{folder.name}={folder}"])[folder.name]
+    rows = {}
+    for seed in sorted({key[2] for key in method.dice}):
+        part = Method(method.name, method.dataset, {k: v for k, v in method.dice.items() if k[2] == seed},
+                      method.class_names)
+        entries, _ = summarize_method(part, "runs")
+        row = {method.class_names.get(c, str(c)): round(100 * e.mean, 2) for c, e in entries.items() if c != "mean"}
+        row["mean"] = round(100 * entries["mean"].mean, 2)
+        row["per_support"] = {str(supp): round(100 * sum(sum(v.values()) / len(v) for v in per_class.values())
+                                               / len(per_class), 2)
+                              for (_, supp, _), per_class in sorted(part.dice.items())}
+        rows[str(seed)] = row
+    return rows
+
+
+def method_entry(by_seed: dict[str, dict]) -> dict:
+    """A method's table entry from its per-seed rows: every organ, ``mean`` and ``per_support`` the
+    mean over seeds (each seed weighs the same), ``per_seed`` the seeds' means in ``seeds`` order,
+    and ``by_seed`` itself (what a later ``collect`` merges with)."""
+    seeds = sorted(by_seed, key=int)
+    rows = [by_seed[s] for s in seeds]
+
+    def mean(values: list[float]) -> float:
+        return round(sum(values) / len(values), 2)
+
+    organs = [k for k in rows[0] if k not in PER_SEED_KEYS]
+    out = {organ: mean([r[organ] for r in rows]) for organ in organs}
+    out["mean"] = mean([r["mean"] for r in rows])
+    out["per_seed"] = [r["mean"] for r in rows]
+    out["seeds"] = [int(s) for s in seeds]
+    out["per_support"] = {supp: mean([r["per_support"][supp] for r in rows]) for supp in rows[0]["per_support"]}
+    out["by_seed"] = by_seed
     return out
 
 
@@ -308,23 +335,62 @@ def val_curve(sessions: list[Path]) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
-def collect_cell(cell_dir: Path) -> tuple[dict, dict[str, list[tuple[int, float]]]]:
-    """One cell's entry (``dice_percent``, ``train_s``, ``load_average`` per method) and the
-    validation curves of its training runs (label -> points)."""
+def folder_rows(method_dir: Path) -> dict[str, dict]:
+    """The per-seed rows of one method's run folder: Dice (:func:`seed_rows`) plus, for a trained
+    method, ``train_s``, ``val_curve`` and the ``load`` before and after the unit, and ``run_dir``."""
+    rows = seed_rows(method_dir)
+    sessions = training_sessions(method_dir)
+    for seed, row in rows.items():
+        seed_dir = method_dir / f"seed{seed}"
+        row["run_dir"] = str(seed_dir if seed_dir.is_dir() else method_dir)
+        if f"seed{seed}" in sessions:
+            row["train_s"] = train_seconds(sessions[f"seed{seed}"])
+            row["val_curve"] = [list(point) for point in val_curve(sessions[f"seed{seed}"])]
+        if (seed_dir / "load.json").is_file():
+            record = json.loads((seed_dir / "load.json").read_text(encoding="utf-8"))
+            row["load"] = {"load_before": record["load_before"], "load_after": record.get("load_after")}
+    return rows
+
+
+def earlier_rows(entry: dict, cell: dict, method: str) -> dict[str, dict]:
+    """The per-seed rows of a method's entry in an earlier results JSON. Entries written before
+    rows were kept per seed hold one seed: their row is rebuilt from the entry and the cell's
+    ``train_s`` and ``load_average`` (their validation curve was not kept)."""
+    if "by_seed" in entry:
+        return entry["by_seed"]
+    if len(entry["seeds"]) != 1:
+        raise ValueError(f"cannot merge {method}: its earlier entry pools seeds {entry['seeds']} without "
+                         "per-seed rows; re-run collect on its run folder")
+    row = {k: v for k, v in entry.items() if k not in ("per_seed", "seeds")}
+    if isinstance(cell.get("train_s", {}).get(method), (int, float)):
+        row["train_s"] = cell["train_s"][method]
+    if cell.get("load_average", {}).get(method):
+        row["load"] = cell["load_average"][method][0]
+    return {str(entry["seeds"][0]): row}
+
+
+def collect_cell(cell_dir: Path, earlier: dict) -> tuple[dict, dict[str, list]]:
+    """One cell's entry (``dice_percent``, ``train_s``, ``load_average`` per method) from the run
+    folders under ``cell_dir`` merged with ``earlier`` (the cell's entry in the results JSON an
+    earlier ``collect`` wrote): a (method, seed) with a run folder here is taken from it, one
+    without keeps its earlier row. Also the validation curves of the training runs (label -> points)."""
+    by_method: dict[str, dict[str, dict]] = {}
+    for method, entry in earlier.get("dice_percent", {}).items():
+        by_method[method] = dict(earlier_rows(entry, earlier, method))
+    if cell_dir.is_dir():
+        for method_dir in sorted(p for p in cell_dir.iterdir() if p.is_dir()):
+            if list(method_dir.rglob("scores.csv")):
+                by_method.setdefault(method_dir.name, {}).update(folder_rows(method_dir))
     dice, seconds, loads, curves = {}, {}, {}, {}
-    for method_dir in sorted(p for p in cell_dir.iterdir() if p.is_dir()):
-        method = method_dir.name
-        if not list(method_dir.rglob("scores.csv")):
-            continue
-        dice[method] = method_table(method_dir)
-        sessions = training_sessions(method_dir)
-        times = [t for t in (train_seconds(s) for s in sessions.values()) if t is not None]
+    for method, by_seed in by_method.items():
+        dice[method] = method_entry(by_seed)
+        times = [by_seed[s]["train_s"] for s in sorted(by_seed, key=int) if by_seed[s].get("train_s") is not None]
         if times:
             seconds[method] = times if len(times) > 1 else times[0]
-        for seed, runs in sessions.items():
-            curves[f"{method} ({seed})"] = val_curve(runs)
-        records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(method_dir.glob("seed*/load.json"))]
-        loads[method] = [{"load_before": r["load_before"], "load_after": r.get("load_after")} for r in records]
+        loads[method] = [by_seed[s]["load"] for s in sorted(by_seed, key=int) if by_seed[s].get("load")]
+        for seed in sorted(by_seed, key=int):
+            if "train_s" in by_seed[seed] or "val_curve" in by_seed[seed]:
+                curves[f"{method} (seed{seed})"] = by_seed[seed].get("val_curve")
     return {"dice_percent": dice, "train_s": seconds, "load_average": loads}, curves
 
 
@@ -345,24 +411,25 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], title: str, path: Pa
 
 
 def collect(args: argparse.Namespace) -> dict:
+    """The table from the run folders under ``--dir`` merged with the results JSON in ``--results``
+    (rows of units whose run folder is not here, e.g. on an earlier machine, are kept)."""
     root = Path(args.dir).resolve()
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / "cpu_budget_table.json"
+    earlier = json.loads(path.read_text(encoding="utf-8")).get("cells", {}) if path.is_file() else {}
     cells: dict = {}
     lines = ["# CPU-budget table (fold 0, self-supervised, `cpu_budget`, every method its own lr)", "",
              "Command: `python bench/cpu_budget_table.py run` (then `collect`); runs in " + str(root) + ".",
              "Dice (%) on the native grid: per support the mean over query scans and organs, then the mean "
              "over supports (and seeds). Training seconds: one core, one thread per training.", ""]
     for cell in CELLS:
-        cell_dir = root / cell
-        if not cell_dir.is_dir():
-            continue
-        entry, curves = collect_cell(cell_dir)
+        entry, curves = collect_cell(root / cell, earlier.get(cell, {}))
         dice, seconds = entry["dice_percent"], entry["train_s"]
         if not dice:
             continue
         cells[cell] = entry
-        organs = [k for k in next(iter(dice.values())) if k not in ("mean", "per_seed", "seeds", "per_support")]
+        organs = [k for k in next(iter(dice.values())) if k not in ("mean", "per_seed", "seeds", "per_support", "by_seed")]
         copy = dice.get("copy_support", {}).get("mean")
         lines += [f"## {cell}", "", "| method | " + " | ".join(organs) + " | mean | per seed | training (s) |",
                   "|---|" + "---:|" * (len(organs) + 3)]
@@ -372,24 +439,40 @@ def collect(args: argparse.Namespace) -> dict:
                          + f" | {row['mean']}{flag} | {row['per_seed'] if len(row['per_seed']) > 1 else ''} | "
                          f"{seconds.get(method, '')} |")
         lines.append("")
-        if curves:
+        if any(curves.values()):
             png = results_dir / f"cpu_budget_table_{cell}.png"
-            plot_curves(curves, cell, png)
+            plot_curves({name: points for name, points in curves.items() if points}, cell, png)
             lines += [f"![{cell} validation curves]({png.name})", ""]
-    if (root / "lr_select").is_dir():
+        missing = [name for name, points in curves.items() if not points]
+        if missing:
+            lines += [f"Validation curves not kept (collected before curves were stored per seed): "
+                      f"{', '.join(missing)}.", ""]
+    if (root / "lr_select").is_dir() or (results_dir / "cpu_budget_lr.json").is_file():
         lr_collect(args)
     result = {"name": "cpu_budget_table", "cells": cells, "runs": str(root), **machine()}
     write_text(results_dir / "cpu_budget_table.md", "\n".join(lines))
-    emit(result, results_dir / "cpu_budget_table.json")
+    emit(result, path)
     return result
 
 
+def earlier_lr(results: Path) -> dict:
+    """The learning-rate results JSON an earlier ``lr`` / ``collect`` wrote (empty if none)."""
+    path = results / "cpu_budget_lr.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def lr_select(args: argparse.Namespace) -> dict:
-    """Run (or resume) the learning-rate grid of every trained method, then choose and record."""
+    """Run (or resume) the learning-rate grid of every trained method whose rates are not all in
+    the results JSON yet, then choose and record."""
     root = Path(args.dir).resolve() / "lr_select"
+    recorded_runs = earlier_lr(Path(args.results)).get("runs", {})
+    models = [m for m in LR_MODELS if any(str(lr) not in recorded_runs.get(m, {}) for lr in LR_GRID)]
+    if not models:
+        print("[lr] every rate of every method is recorded in the results JSON; nothing to run", flush=True)
+        return {} if args.dry_run else lr_collect(args)
     command = [args.python, "-m", "tools.sweep", "--out", str(root), "--configs", "abd_mri+setting1+cpu_budget",
                "--settings", "1", "--folds", "0", "--supports", "", "--seeds", "2025",
-               f"model={','.join(LR_MODELS)}", f"optim.lr={','.join(map(str, LR_GRID))}",
+               f"model={','.join(models)}", f"optim.lr={','.join(map(str, LR_GRID))}",
                "--train", f"n_steps={LR_STEPS}", "--train", "num_workers=0", "--train", f"data_dir={args.data_dir}",
                "--jobs", str(args.slots or len(os.sched_getaffinity(0)))]
     if args.dry_run:
@@ -417,9 +500,11 @@ def full_budget_unstable(folder: Path) -> dict[tuple[str, float], dict]:
 
 
 def lr_collect(args: argparse.Namespace) -> dict:
-    """The learning-rate table from the runs of :func:`lr_select` that exist so far."""
+    """The learning-rate table from the runs of :func:`lr_select` that exist so far, merged with the
+    results JSON an earlier run wrote: a (model, rate) without a run folder here keeps its row."""
     root = Path(args.dir).resolve() / "lr_select"
-    runs = {}
+    earlier = earlier_lr(Path(args.results))
+    runs = {model: dict(by_lr) for model, by_lr in earlier.get("runs", {}).items()}
     for run_dir in sorted(root.glob("cells/*/train_*")):
         config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
@@ -430,7 +515,9 @@ def lr_collect(args: argparse.Namespace) -> dict:
         runs.setdefault(config["model"], {})[str(config["optim"]["lr"])] = {
             "status": "collapsed" if collapsed else info.get("status"), "val_curve": curve, "score": score,
             "train_s": train_seconds([run_dir])}
-    unstable = full_budget_unstable(Path(args.dir).resolve() / "unstable")
+    unstable = {(row["model"], float(row["lr"])): {k: v for k, v in row.items() if k not in ("model", "lr")}
+                for row in earlier.get("full_budget_unstable", [])}
+    unstable.update(full_budget_unstable(Path(args.dir).resolve() / "unstable"))
     chosen = {m: max((lr for lr in r if r[lr]["score"] is not None and (m, float(lr)) not in unstable),
                      key=lambda lr: r[lr]["score"], default=None)
               for m, r in runs.items()}
