@@ -439,11 +439,13 @@ def collect(args: argparse.Namespace) -> dict:
                          + f" | {row['mean']}{flag} | {row['per_seed'] if len(row['per_seed']) > 1 else ''} | "
                          f"{seconds.get(method, '')} |")
         lines.append("")
+        png = results_dir / f"cpu_budget_table_{cell}.png"
+        missing = [name for name, points in curves.items() if not points]
         if any(curves.values()):
-            png = results_dir / f"cpu_budget_table_{cell}.png"
             plot_curves({name: points for name, points in curves.items() if points}, cell, png)
             lines += [f"![{cell} validation curves]({png.name})", ""]
-        missing = [name for name, points in curves.items() if not points]
+        elif png.is_file():  # every curve of the cell predates the stored curves: the earlier figure stays
+            lines += [f"![{cell} validation curves]({png.name}) (drawn by an earlier collect)", ""]
         if missing:
             lines += [f"Validation curves not kept (collected before curves were stored per seed): "
                       f"{', '.join(missing)}.", ""]
