@@ -513,7 +513,7 @@ def lr_collect(args: argparse.Namespace) -> dict:
         curve = val_curve([run_dir])
         collapsed = info.get("status") == "FAILED" and "collapsed" in str(info.get("fail_trace", ""))
         finished_ = info.get("status") == "COMPLETED" or collapsed
-        score = (0.0 if collapsed else sum(v for _, v in curve[-2:]) / 2) if finished_ and curve else None
+        score = (0.0 if collapsed else round(sum(v for _, v in curve[-2:]) / 2, 3)) if finished_ and curve else None
         runs.setdefault(config["model"], {})[str(config["optim"]["lr"])] = {
             "status": "collapsed" if collapsed else info.get("status"), "val_curve": curve, "score": score,
             "train_s": train_seconds([run_dir])}
