@@ -501,6 +501,24 @@ def full_budget_unstable(folder: Path) -> dict[tuple[str, float], dict]:
     return out
 
 
+def plot_lr_curves(runs: dict[str, dict[str, dict]], path: Path) -> None:
+    """One panel per model, one validation curve per rate (model -> rate -> row with ``val_curve``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(5 * max(1, len(runs)), 3.5), squeeze=False)
+    for ax, (model, by_lr) in zip(axes[0], runs.items()):
+        for lr, row in sorted(by_lr.items(), key=lambda kv: float(kv[0])):
+            if row["val_curve"]:
+                ax.plot(*zip(*row["val_curve"]), marker="o", label=f"lr {lr} ({row['status']})")
+        ax.set(title=model, xlabel="step", ylabel="validation mean Dice (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def lr_collect(args: argparse.Namespace) -> dict:
     """The learning-rate table from the runs of :func:`lr_select` that exist so far, merged with the
     results JSON an earlier run wrote: a (model, rate) without a run folder here keeps its row."""
@@ -545,20 +563,7 @@ def lr_collect(args: argparse.Namespace) -> dict:
         lines.append(f"\n{model} at lr {lr} is excluded: its full-budget run ({row['run']}) validated at "
                      f"{row['peak'][1]} after step {row['peak'][0]} and fell to {row['low'][1]} at step "
                      f"{row['low'][0]} (curve: {row['val_curve']}).")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(5 * max(1, len(runs)), 3.5), squeeze=False)
-    for ax, (model, by_lr) in zip(axes[0], runs.items()):
-        for lr, row in sorted(by_lr.items(), key=lambda kv: float(kv[0])):
-            if row["val_curve"]:
-                ax.plot(*zip(*row["val_curve"]), marker="o", label=f"lr {lr} ({row['status']})")
-        ax.set(title=model, xlabel="step", ylabel="validation mean Dice (%)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(results_dir / "cpu_budget_lr.png", dpi=100)
-    plt.close(fig)
+    plot_lr_curves(runs, results_dir / "cpu_budget_lr.png")
     lines += ["", "![validation curves](cpu_budget_lr.png)", ""]
     write_text(results_dir / "cpu_budget_lr.md", "\n".join(lines))
     return emit(result, results_dir / "cpu_budget_lr.json")
