@@ -115,10 +115,10 @@ def plot_validation_curve(points: Sequence[Mapping], history: Mapping[str, Seque
                     linewidth=1.0, label=name)
         ax.plot(steps, [100 * p["mean"] for p in points], color="black", linewidth=2.2, marker="o",
                 markersize=4, label="mean")
+        ax.legend(loc="upper left", fontsize=8)
     ax.set_ylabel("validation Dice (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
     ax2 = fig.add_subplot(2, 1, 2, sharex=ax)
     for name, label in (("fg_fraction", "query pixels predicted foreground"),
                         ("reverse_ran", "steps whose reverse terms ran")):
@@ -130,6 +130,7 @@ def plot_validation_curve(points: Sequence[Mapping], history: Mapping[str, Seque
     ax2.set_ylabel("fraction (moving average)")
     ax2.set_ylim(-0.02, 1.02)
     ax2.grid(alpha=0.3)
-    ax2.legend(loc="upper right", fontsize=8)
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
