@@ -129,31 +129,29 @@ def finished(folder: Path) -> bool:
     return len(summaries) >= len(SUPPORTS)
 
 
-def recorded(results: Path) -> dict[str, dict[str, dict]]:
-    """cell -> method -> entry of the results JSON written by an earlier ``collect``
-    (``<results>/cpu_budget_table.json``): the units scored there are not run again, even where
-    their run folder is not on this machine (a new machine, or ``--dir`` elsewhere)."""
+def earlier_table(results: Path) -> dict[str, dict]:
+    """cell -> entry of the results JSON an earlier ``collect`` wrote (``<results>/cpu_budget_table.json``;
+    empty if none): the units scored there are not run again, even where their run folder is not on
+    this machine (a new machine, or ``--dir`` elsewhere), and ``collect`` merges with it."""
     path = results / "cpu_budget_table.json"
-    if not path.is_file():
-        return {}
-    cells = json.loads(path.read_text(encoding="utf-8")).get("cells", {})
-    return {cell: entry.get("dice_percent", {}) for cell, entry in cells.items()}
+    return json.loads(path.read_text(encoding="utf-8")).get("cells", {}) if path.is_file() else {}
 
 
-def is_recorded(unit: Unit, earlier: dict[str, dict[str, dict]]) -> bool:
-    return unit.seed in earlier.get(unit.cell, {}).get(unit.method, {}).get("seeds", [])
+def is_recorded(unit: Unit, earlier: dict[str, dict]) -> bool:
+    entry = earlier.get(unit.cell, {}).get("dice_percent", {}).get(unit.method, {})
+    return unit.seed in entry.get("seeds", [])
 
 
-def best_baseline(root: Path, earlier: dict[str, dict[str, dict]] | None = None) -> str | None:
+def best_baseline(root: Path, earlier: dict[str, dict] | None = None) -> str | None:
     """The baseline with the higher mean Dice on CHAOST2 Setting 1 (None until both finished),
-    from its run folder, else from ``earlier`` (:func:`recorded`)."""
+    from its run folder, else from ``earlier`` (:func:`earlier_table`)."""
     means = {}
     for method in BASELINES:
         folder = root / "CHAOST2_setting1" / method
         if any(folder.glob("seed*")) and all(finished(f) for f in folder.glob("seed*")):
             means[method] = method_entry(seed_rows(folder))["mean"]
-        elif method in (earlier or {}).get("CHAOST2_setting1", {}):
-            means[method] = earlier["CHAOST2_setting1"][method]["mean"]
+        elif method in (earlier or {}).get("CHAOST2_setting1", {}).get("dice_percent", {}):
+            means[method] = earlier["CHAOST2_setting1"]["dice_percent"][method]["mean"]
         else:
             return None
     return max(means, key=means.get)
@@ -163,7 +161,7 @@ def copy_support(root: Path, data_dir: str, python: str, dry_run: bool, earlier:
     """The copy-support baseline of every cell and support (no training; a minute each), skipping
     the supports already scored and the cells whose copy-support is in ``earlier``."""
     for cell, (dataset, setting, _) in CELLS.items():
-        if is_recorded(Unit(cell, "copy_support", 2025), earlier):
+        if "copy_support" in earlier.get(cell, {}).get("dice_percent", {}):
             continue
         folder = root / cell / "copy_support"
         done = {json.loads(p.read_text(encoding="utf-8"))["supp_idx"] for p in folder.glob("test_*/summary.json")}
@@ -194,7 +192,7 @@ def resolved(unit: Unit, best: str | None) -> Unit:
 
 def run(args: argparse.Namespace) -> None:
     root = Path(args.dir).resolve()
-    earlier = recorded(Path(args.results))
+    earlier = earlier_table(Path(args.results))
     copy_support(root, args.data_dir, args.python, args.dry_run, earlier)
     if args.dry_run:
         best = best_baseline(root, earlier)
@@ -416,8 +414,7 @@ def collect(args: argparse.Namespace) -> dict:
     root = Path(args.dir).resolve()
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / "cpu_budget_table.json"
-    earlier = json.loads(path.read_text(encoding="utf-8")).get("cells", {}) if path.is_file() else {}
+    earlier = earlier_table(results_dir)
     cells: dict = {}
     lines = ["# CPU-budget table (fold 0, self-supervised, `cpu_budget`, every method its own lr)", "",
              "Command: `python bench/cpu_budget_table.py run` (then `collect`); runs in " + str(root) + ".",
@@ -429,7 +426,7 @@ def collect(args: argparse.Namespace) -> dict:
         if not dice:
             continue
         cells[cell] = entry
-        organs = [k for k in next(iter(dice.values())) if k not in ("mean", "per_seed", "seeds", "per_support", "by_seed")]
+        organs = [k for k in next(iter(dice.values())) if k not in (*PER_SEED_KEYS, "per_seed", "seeds", "by_seed")]
         copy = dice.get("copy_support", {}).get("mean")
         lines += [f"## {cell}", "", "| method | " + " | ".join(organs) + " | mean | per seed | training (s) |",
                   "|---|" + "---:|" * (len(organs) + 3)]
@@ -449,11 +446,11 @@ def collect(args: argparse.Namespace) -> dict:
         if missing:
             lines += [f"Validation curves not kept (collected before curves were stored per seed): "
                       f"{', '.join(missing)}.", ""]
-    if (root / "lr_select").is_dir() or (results_dir / "cpu_budget_lr.json").is_file():
+    if (root / "lr_select").is_dir():  # new rate runs here: merged into cpu_budget_lr.*
         lr_collect(args)
     result = {"name": "cpu_budget_table", "cells": cells, "runs": str(root), **machine()}
     write_text(results_dir / "cpu_budget_table.md", "\n".join(lines))
-    emit(result, path)
+    emit(result, results_dir / "cpu_budget_table.json")
     return result
 
 
