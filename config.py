@@ -201,7 +201,7 @@ def cfg():
     keep_snapshots = 2  # intermediate snapshots kept on disk (older ones deleted; final kept)
     resume = None  # run folder or snapshot file to continue from (same loss sequence as no break)
     val_interval = 0  # steps between validation scores (per-class Dice on val_scans, the protocol); 0 = off
-    collapse_patience = 2  # stop training (error) after this many validations in a row that predict background on every validation query; 0 = never (acts with val_interval > 0)
+    collapse_patience = 2  # stop training (error) after this many validations in a row that predict background on every validation query, counted after the first validation that predicted foreground (a slow start is not a collapse); 0 = never (acts with val_interval > 0)
     val_scans = None  # validation scan ids (>= 2, outside the test fold); None = the last 2 training scans. Their labels only score; with use_gt=True they are removed from training. Needs val_interval > 0
 
     # ---------------- evaluation (test.py) ----------------

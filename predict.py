@@ -29,7 +29,8 @@ the query's third voxel index, support slices used; the label map applied) and
 The same inputs and ``--seed`` give the same files, bit for bit. Bad input (a support label without
 a requested class, a truncated or corrupt file, NaN / inf voxels, a non-3D image, a label with
 non-integer values or on another grid than its image, an unreadable snapshot, ...) is one ``error:``
-line naming the file and the fix, exit code 2, and nothing written.
+line naming the file and the fix, exit code 2, and nothing written. An earlier prediction of the same query
+in ``--out`` is kept: the run is refused unless ``--overwrite`` is given.
 """
 from __future__ import annotations
 
@@ -306,6 +307,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--query", required=True, type=Path, action="append",
                         help="query scan (NIfTI file or DICOM folder); repeat for several")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the prediction, JSON and overlay of a query already in --out (default: refuse)")
     parser.add_argument("--classes", type=int, nargs="+", default=None,
                         help="classes to segment, as the support label stores them (default: every class of "
                              "the support label)")
@@ -390,11 +393,23 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
             "names": names, "label_map": label_map, "queries": queries}
 
 
+def check_no_earlier_prediction(out: Path, names: list[str]) -> None:
+    """Refuse to replace an earlier prediction, JSON or overlay of these queries in ``out`` (``--overwrite`` does)."""
+    earlier = [out / f"{name}{suffix}" for name in names for suffix in ("_pred.nii.gz", "_pred.json", "_overlay.png")
+               if (out / f"{name}{suffix}").exists()]
+    if earlier:
+        more = f" and {len(earlier) - 1} more file(s)" if len(earlier) > 1 else ""
+        raise InputError(f"--out {out} already holds a prediction ({earlier[0].name}{more}): "
+                         f"choose another --out, or pass --overwrite to replace it")
+
+
 def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Check the inputs, then segment and write every query; returns the per-query reports."""
     set_determinism(True)
     torch.manual_seed(args.seed)
     job = prepare(args)
+    if not args.overwrite:
+        check_no_earlier_prediction(args.out, [name for name, _, _ in job["queries"]])
     args.out.mkdir(parents=True, exist_ok=True)
     support_feats: dict[int, torch.Tensor] = {}
     reports = []

@@ -11,11 +11,13 @@ Everything happens at feature resolution ``h x w``; per class, prototypes from t
   L125-126), the background mask being ``1 - mask``;
 * local prototypes: features and resized mask average-pooled with a ``k x k`` window (stride ``k``,
   remainder cells dropped); a cell's pooled feature is kept when its pooled mask value is ``> 0.95``
-  (strictly; alpmodule.py L83 / L119). ``k`` = 4 feature cells in training (their
-  ``proto_grid_size`` 8 on 32 x 32 features) and 2 in eval mode (their ``val_wsize``);
+  (strictly; alpmodule.py L83 / L119). ``k`` is a fraction of the feature side, so the windows
+  cover the authors' pixels at any image size: side / 8 in training (their ``proto_grid_size`` 8:
+  4 cells of their 32 x 32 features, 32 x 32 px at 256 px) and side / 16 in eval mode (their
+  ``val_wsize`` 2: 16 x 16 px); on our stride-4 features 8 / 4 cells at 256 px, 2 / 1 at 64 px;
 * foreground (``'gridconv+'``): the local prototypes plus each shot's global masked average, used
-  when some 4 x 4 pooled cell of the resized mask reaches ``>= 0.95`` (their literal 4, in both
-  modes); otherwise (``'mask'``) only the shot mean of the global masked averages;
+  when some pooled cell of window side / 8 of the resized mask reaches ``>= 0.95`` (their literal 4
+  on 32 x 32 features, in both modes); otherwise (``'mask'``) only the shot mean of the global masked averages;
 * background (``'gridconv'``): local prototypes only. No cell over 0.95 leaves the set empty and
   the background score zero (the authors' ``F.conv2d`` with zero filters raises there; their
   training loop skips such episodes, docs/DIFFERENCES.md).
@@ -49,11 +51,23 @@ from models.sampling import UpsampleGrid
 
 SCALER = 20.0  # cosine scale: alpmodule.py L60, L87, L129
 PROTO_THRESHOLD = 0.95  # pooled-mask threshold of local prototypes: grid_proto_fewshot.py L22-23 (FG/BG_THRESH)
-# Pooling window in feature cells, training: 32 x 32 features / proto_grid_size 8 (config_ssl_upload.py
-# L70-71; kernel computed in alpmodule.py L25). Kept in cells on our H/4 features (docs/DIFFERENCES.md).
-TRAIN_WINDOW = 4
-EVAL_WINDOW = 2  # pooling window at test time: config_ssl_upload.py L63 (val_wsize=2), validation.py L170 (isval=True)
-MODE_WINDOW = 4  # window of the 'gridconv+' / 'mask' decision, both modes: grid_proto_fewshot.py L142, L215 (literal 4)
+# Pooling windows as fractions of the feature side, so that they cover the authors' pixels at any image
+# size (at 256 px: 32 x 32 px in training and for the mode decision, 16 x 16 px at test):
+# training: feature side / proto_grid_size 8 (config_ssl_upload.py L70-71; alpmodule.py L25 computes the
+# kernel from the feature side); test: val_wsize 2 on their 32 x 32 features = side / 16 (config_ssl_upload.py
+# L63, validation.py L170 isval=True); mode decision: the literal 4 on 32 x 32 features = side / 8
+# (grid_proto_fewshot.py L142, L215). Floor division as alpmodule.py L25, at least one cell.
+TRAIN_GRID = 8
+EVAL_GRID = 16
+MODE_GRID = 8
+
+
+def window_cells(side: int, grid: int) -> int:
+    """Pooling window (and stride) in feature cells on a feature map of ``side`` cells: ``side // grid``,
+    at least 1. On our stride-4 features: 256 px -> 8 / 4 cells (32 / 16 px), 128 px -> 4 / 2, 64 px -> 2 / 1."""
+    return max(1, side // grid)
+
+
 NORM_EPS = 1e-4  # safe_norm floor: alpmodule.py L49; F.cosine_similarity eps of 'mask' mode: L60
 MAP_EPS = 1e-5  # masked-average denominator guard: alpmodule.py L56-57, L122-123
 QUERY_WEIGHTS = (0.05, 1.0)  # cross-entropy class weights [bg, fg]: util/utils.py L85-87 (use_wce=True, config L57)
@@ -126,7 +140,7 @@ def class_prototypes(feats: torch.Tensor, masks: torch.Tensor, window: int) -> S
 
     Args:
         feats: ``S x C x h x w``; masks: ``S x h x w`` foreground in [0, 1].
-        window: local pooling window (``TRAIN_WINDOW`` or ``EVAL_WINDOW``).
+        window: local pooling window in cells (``window_cells`` of ``TRAIN_GRID`` or ``EVAL_GRID``).
 
     Returns:
         ``SupportState`` with ``prototype`` ``C`` (shot mean of the global foreground averages),
@@ -134,10 +148,11 @@ def class_prototypes(feats: torch.Tensor, masks: torch.Tensor, window: int) -> S
         ``prototype`` alone), ``bg`` ``P_bg x C`` (local only, possibly empty); ``feats`` and
         ``masks`` as given (callers replace ``masks`` by the full-size ones).
     """
-    check_window(feats, MODE_WINDOW)
+    mode_window = window_cells(min(feats.shape[-2:]), MODE_GRID)
+    check_window(feats, mode_window)
     glob = masked_average(feats, masks)  # (S, C)
     fg = None
-    if F.avg_pool2d(masks[:, None], MODE_WINDOW).max() >= PROTO_THRESHOLD:  # grid_proto_fewshot.py L142
+    if F.avg_pool2d(masks[:, None], mode_window).max() >= PROTO_THRESHOLD:  # grid_proto_fewshot.py L142
         fg = torch.cat([local_prototypes(feats, masks, window), glob])
     bg = local_prototypes(feats, 1 - masks, window)
     return SupportState(feats, masks, glob.mean(dim=0), fg, bg)
@@ -165,7 +180,7 @@ def alignment_loss(query_feats: torch.Tensor, query_logits: torch.Tensor, supp_f
         prototypes (for monitoring).
     """
     pred_fg = (query_logits.argmax(dim=1) == 1).to(query_feats.dtype)  # (1, h, w)
-    state = class_prototypes(query_feats, pred_fg, TRAIN_WINDOW)  # alignLoss never passes isval
+    state = class_prototypes(query_feats, pred_fg, window_cells(min(query_feats.shape[-2:]), TRAIN_GRID))  # alignLoss never passes isval
     n_shots = supp_feats.shape[0]
     logits = resample(class_logits(supp_feats, state), supp_masks.shape[-2:])  # (S, 2, H, W) L219
     labels = support_labels(supp_masks)
@@ -177,8 +192,8 @@ class ALPNet(nn.Module):
     """SSL-ALPNet with ``models.qamp.QAMP``'s call signatures; draws nothing (``generator`` is accepted, unused).
 
     Reads ``backbone`` and ``feature_dim`` from ``config``; every other number is the authors'
-    (constants above). The local pooling window follows the mode: ``TRAIN_WINDOW`` in
-    ``train()``, ``EVAL_WINDOW`` in ``eval()``. The encoder's per-image threshold head is computed
+    (constants above). The local pooling window follows the mode: feature side / ``TRAIN_GRID`` in
+    ``train()``, / ``EVAL_GRID`` in ``eval()``. The encoder's per-image threshold head is computed
     and unused (its parameters get no gradient, which SGD skips).
 
     ``SupportState`` here: ``prototype`` the global foreground prototype, ``fg`` the foreground
@@ -195,12 +210,12 @@ class ALPNet(nn.Module):
         self.image_size = tuple(image_size)
         self.encoder = Encoder(config.backbone, config.feature_dim)
 
-    def _window(self) -> int:
-        return TRAIN_WINDOW if self.training else EVAL_WINDOW
+    def _window(self, feats: torch.Tensor) -> int:
+        return window_cells(min(feats.shape[-2:]), TRAIN_GRID if self.training else EVAL_GRID)
 
     def _support_state(self, feats: torch.Tensor, masks: torch.Tensor) -> SupportState:
         """``S x C x h x w`` features and ``S x H x W`` masks -> prototypes (masks kept full size)."""
-        state = class_prototypes(feats, resize_masks(masks, tuple(feats.shape[-2:])), self._window())
+        state = class_prototypes(feats, resize_masks(masks, tuple(feats.shape[-2:])), self._window(feats))
         state.masks = masks
         return state
 

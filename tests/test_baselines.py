@@ -1,4 +1,4 @@
-"""Baseline heads on this project's encoder (CPU, ResNet-50, 32-48 px): the authors' ADNet
+"""Baseline heads on this project's encoder (CPU, ResNet-50, 32-96 px): the authors' ADNet
 (``model='adnet'``) and SSL-ALPNet (``model='alpnet'``). Shapes and ranges, their formulas on
 hand-made inputs, a few SGD steps on one fixed episode, encode_support + segment, weights."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from models.sampling import UpsampleGrid
 
 SMALL = {"backbone": "resnet50", "pretrained_weights": "none", "feature_dim": 64}
 HEADS = ("adnet", "alpnet")
-SIZES = {"adnet": 32, "alpnet": 48}  # ALPNet pools 4 x 4 feature cells: 48 px gives 12 x 12 features
+SIZES = {"adnet": 32, "alpnet": 96}  # ALPNet windows: 96 px gives 24 x 24 features, windows of 3 (train) / 1 (test) cells
 
 
 def _disk(size: int, cy: float, cx: float, r: float) -> torch.Tensor:
@@ -207,12 +207,26 @@ def test_local_prototypes_kept_where_the_pooled_mask_is_over_095(monkeypatch):
         alp.local_prototypes(feats[..., :4, :4], mask[..., :4, :4], 8)
 
 
+def test_alpnet_windows_cover_the_authors_pixels_at_any_image_size():
+    """At 256 px the authors pool 4 and 2 cells of their stride-8 32 x 32 features (32 x 32 and 16 x 16 px,
+    config_ssl_upload.py L63, L70-71); on our stride-4 features the same pixels are side / 8 and / 16."""
+    for size, (train, test) in {256: (8, 4), 128: (4, 2), 64: (2, 1), 48: (1, 1)}.items():
+        side = size // 4
+        assert (alp.window_cells(side, alp.TRAIN_GRID), alp.window_cells(side, alp.EVAL_GRID)) == (train, test)
+        assert alp.window_cells(side, alp.MODE_GRID) == train
+        if size >= 64:
+            assert (4 * train, 4 * test) == (32 * size // 256, 16 * size // 256)  # pixels per window
+    assert (alp.window_cells(32, alp.TRAIN_GRID), alp.window_cells(32, alp.EVAL_GRID)) == (4, 2)  # their features
+
+
 def test_alpnet_prototype_counts_follow_the_mask_and_the_mode(models):
     model = models["alpnet"]
-    supp, _, _, _ = _episode(48)
-    mask = torch.zeros(1, 1, 48, 48)
-    mask[..., 16:48, 16:48] = 1  # feature cells 4..11 of 12 exactly (bilinear half-pixel resize)
-    expected = {True: (4 + 1, 5), False: (16 + 1, 20)}  # (local + 1 global, local); window 4 / 2
+    supp, _, _, _ = _episode(96)
+    mask = torch.zeros(1, 1, 96, 96)
+    mask[..., 32:96, 32:96] = 1  # feature cells 8..23 of 24 exactly (bilinear half-pixel resize)
+    # training: window 3, 8 x 8 windows, 5 x 5 inside cells 8..23 (window 2 = cells 6..8 is partial),
+    # 64 - 36 background; test: window 1, 16 x 16 of 24 x 24 cells
+    expected = {True: (25 + 1, 28), False: (256 + 1, 320)}  # (local + 1 global, local)
     for training, (n_fg, n_bg) in expected.items():
         model.train(training)
         with torch.no_grad():
@@ -221,24 +235,25 @@ def test_alpnet_prototype_counts_follow_the_mask_and_the_mode(models):
     model.eval()
     with torch.no_grad():
         monitors = model(supp, mask, supp[:, 0])["monitors"]
-    assert {k: v.item() for k, v in monitors.items()} == {"fg_local_prototypes": 16.0, "bg_local_prototypes": 20.0,
+    assert {k: v.item() for k, v in monitors.items()} == {"fg_local_prototypes": 256.0, "bg_local_prototypes": 320.0,
                                                           "empty_bg_set": 0.0}
 
 
 def test_alpnet_mask_mode_when_no_window_reaches_095(models):
     model = models["alpnet"]
-    supp, _, qry, _ = _episode(48)
-    mask = torch.zeros(1, 1, 48, 48)
-    mask[..., 20:34, 20:34] = 1  # too small to fill any 4 x 4 window of feature cells
+    supp, _, qry, _ = _episode(96)
+    mask = torch.zeros(1, 1, 96, 96)
+    mask[..., 52:68, 52:68] = 1  # cells 13..16: fills no 3 x 3 window of feature cells (12..14, 15..17)
+    model.eval()  # the mode decision's window is side / 8 in both modes; eval's local window (1) would fit
     with torch.no_grad():
         state = model.encode_support(supp, mask)
         out = model.segment(state, qry)
         feats, _ = model.encoder(torch.cat([supp[0], qry]))
     assert state.fg is None
-    small = alp.resize_masks(mask[0], (12, 12))
+    small = alp.resize_masks(mask[0], (24, 24))
     proto = (feats[:1] * small[:, None]).sum(dim=(0, 2, 3)) / (small.sum() + 1e-5)
     fg = 20 * F.cosine_similarity(feats[1:], proto[None, :, None, None], dim=1, eps=1e-4)
-    expected = F.interpolate(fg[:, None], size=(48, 48), mode="bilinear", align_corners=False)[:, 0]
+    expected = F.interpolate(fg[:, None], size=(96, 96), mode="bilinear", align_corners=False)[:, 0]
     torch.testing.assert_close(out["logits"][:, 1], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -252,15 +267,15 @@ def test_alpnet_scores_are_the_softmax_weighted_similarities():
 
 def test_alpnet_empty_background_set_gives_zero_background_score(models):
     model = models["alpnet"]
-    supp, _, qry, labels = _episode(48)
-    full = torch.ones(1, 1, 48, 48)
+    supp, _, qry, labels = _episode(96)
+    full = torch.ones(1, 1, 96, 96)
     model.train()
     try:
         out = model(supp, full, qry, labels)
     finally:
         model.eval()
     assert out["monitors"]["bg_local_prototypes"].item() == 0 and out["monitors"]["empty_bg_set"].item() == 1
-    assert torch.equal(out["logits"][:, 0], torch.zeros(1, 48, 48))
+    assert torch.equal(out["logits"][:, 0], torch.zeros(1, 96, 96))
     assert all(bool(torch.isfinite(v)) for v in out["losses"].values())
 
 
@@ -272,7 +287,8 @@ def test_alpnet_alignment_runs_with_an_empty_predicted_foreground():
     masks[:, 20:40, 20:40] = 1
     loss, reverse = alp.alignment_loss(query_feats, all_background, supp_feats, masks)
     assert reverse.fg is None and torch.equal(reverse.prototype, torch.zeros(6))  # 'mask' mode, zero prototype
-    assert reverse.bg.shape == (16, 6) and bool(torch.isfinite(loss)) and loss.item() > 0
+    # every background cell kept: 16 x 16 features, training window 16 // 8 = 2 cells, 8 x 8 windows
+    assert reverse.bg.shape == (64, 6) and bool(torch.isfinite(loss)) and loss.item() > 0
 
 
 def test_qamp_keys_given_with_a_baseline_are_refused(tmp_path):

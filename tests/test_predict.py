@@ -294,6 +294,26 @@ def test_support_label_without_the_class(run_dir: Path, phantoms: Path, tmp_path
     expect_error(args(run_dir, phantoms, out, "--classes", "1", "7"), out, capsys, "holds no voxel of class [7]")
 
 
+def test_an_earlier_prediction_is_kept_unless_overwrite(two_class: Path, run_dir: Path, phantoms: Path,
+                                                        tmp_path: Path, capsys) -> None:
+    """A second run into the same --out (here from the same snapshot, other classes) is refused with one
+    line and leaves the earlier files untouched; --overwrite replaces them."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(two_class, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert run_predict(args(run_dir, phantoms, out, "--classes", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a prediction (image_2_pred.nii.gz and 2 more" in err[0], err
+    assert "--overwrite" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert run_predict(args(run_dir, phantoms, out, "--classes", "1", "--overwrite")) == 0
+    report = json.loads((out / "image_2_pred.json").read_text(encoding="utf-8"))
+    assert list(report["classes"]) == ["1"]
+
+
 def test_images_that_are_not_3d(run_dir: Path, phantoms: Path, tmp_path: Path, capsys) -> None:
     image = sitk.ReadImage(str(phantoms / "image_2.nii.gz"))
     flat = tmp_path / "slice.nii.gz"

@@ -61,6 +61,21 @@ def test_grid_expansion(tmp_path: Path) -> None:
         sweep.expand_grid(tmp_path, [], [1], [0], [0], [1], ["eval_fold=1,2"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["n_stepz=1,2"], "'n_stepz' is not a config key of config.py; did you mean 'n_steps'?"),
+    (["--train", "optim.lrr=0.1"], "'optim.lrr' is not a config key of config.py; did you mean 'optim.lr'?"),
+    (["--test", "supp_idxx=1"], "'supp_idxx' is not a config key of config.py; did you mean 'supp_idx'?"),
+    (["--configs", "abd_mri+cpu_budgte"], "'cpu_budgte' is not a named config of config.py; did you mean 'cpu_budget'?"),
+])
+def test_unknown_keys_are_refused_before_anything_is_planned(tmp_path: Path, capsys, argv, message) -> None:
+    capsys.readouterr()
+    assert sweep.main(["--out", str(tmp_path / "grid"), "--dry-run", *argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert "training cell(s)" not in captured.out and not (tmp_path / "grid").exists()
+
+
 def test_dry_run_prints_cells_and_commands(tmp_path: Path, capsys) -> None:
     code = sweep.main(["--out", str(tmp_path), "--configs", "abd_mri", "--settings", "1,2", "--folds", "0",
                        "--supports", "0,1", "-s", "sqlite:///runs.db", "--dry-run"])

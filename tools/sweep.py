@@ -162,6 +162,44 @@ class Spec:
                    {k: Cell(**c) for k, c in raw["cells"].items()})
 
 
+_CONFIG_NAMES = """
+import json, config
+def flat(c, prefix=""):
+    for k, v in c.items():
+        yield prefix + k
+        if isinstance(v, dict):
+            yield from flat(v, prefix + k + ".")
+print(json.dumps({"keys": sorted(flat(config.resolve_config([], {}))), "named": sorted(config.ex.named_configs)}))
+"""
+
+
+def config_names(python: str = sys.executable) -> tuple[set[str], set[str]]:
+    """Every key of ``config.py`` (dotted: ``optim.lr``) and its named configs, read in a child process
+    of this interpreter (``config.py`` is a script, which a package does not import; ``--python`` may
+    be a stand-in)."""
+    done = subprocess.run([python, "-c", _CONFIG_NAMES], cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ValueError(f"could not read the keys of config.py with {python}: {done.stderr.strip().splitlines()[-1:]}")
+    names = json.loads(done.stdout.strip().splitlines()[-1])
+    return set(names["keys"]), set(names["named"])
+
+
+def check_known_keys(keys: Sequence[str], named_configs: Sequence[str], python: str = sys.executable) -> None:
+    """Refuse (``ValueError``, one line naming the nearest known name) a grid or fixed key that is not
+    a key of ``config.py``, or a named config it does not define, before any cell is planned: a
+    misspelled key would otherwise fail in every cell once started (on SLURM, after a queue wait)."""
+    import difflib
+
+    known, named = config_names(python)
+    for kind, names, universe in (("named config", named_configs, named), ("config key", keys, known)):
+        for name in names:
+            if name not in universe:
+                near = difflib.get_close_matches(name, sorted(universe), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ValueError(f"{name!r} is not a {kind} of config.py{hint} "
+                                 f"(python train.py print_config lists the keys)")
+
+
 def expand_grid(out: str | os.PathLike, configs: Sequence[str], settings: Sequence[int], folds: Sequence[int],
                 supports: Sequence[int], seeds: Sequence[int], grid: Sequence[str] = (),
                 train_args: Sequence[str] = (), test_args: Sequence[str] = (), nproc: int = 1) -> dict[str, Cell]:
@@ -170,6 +208,8 @@ def expand_grid(out: str | os.PathLike, configs: Sequence[str], settings: Sequen
 
     out = Path(out).resolve()
     axes = [parse_assignment(a) for a in grid]
+    check_known_keys([k for k, _ in axes] + [a.partition("=")[0] for a in (*train_args, *test_args)],
+                     [c for config in configs for c in config.split("+") if c])
     keys = [k for k, _ in axes]
     if len(set(keys)) != len(keys):
         raise ValueError(f"a grid key is given twice: {keys}")
