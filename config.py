@@ -39,10 +39,11 @@ from sacred.utils import apply_backspaces_and_linefeeds, convert_to_nested_dict,
 from data.registry import CUSTOM, DATASETS, dataset_modality
 from dataloaders.eval_dataset import EVAL_MODES
 from dataloaders.resolved import EXCLUDE_MODES, SUPERVOXEL_SOURCES
-from models import BACKBONES, BASELINE_KEYS, MODEL_KEYS, ModelConfig, check_episode_config
-from models import MODELS
+from models import BACKBONES, MODEL_KEYS, ModelConfig, check_episode_config
+from models import MODEL_READS, MODELS, QNET_KEYS
 from models import PRETRAINED_KINDS as PRETRAINED
 from models.qamp import prior_thresholds
+from models.qnet import default_alpha as qnet_default_alpha
 from engine.amp import AMP_MODES
 from engine.distributed import rank_argv
 from engine.observers import install_sql_result_fix
@@ -161,7 +162,7 @@ def cfg():
     n_query = 1  # query slices per training episode; only 1 is supported
 
     # ---------------- model (read by models.build_model) ----------------
-    model = "qamp"  # 'qamp', 'adnet' / 'alpnet' (the authors' ADNet / SSL-ALPNet heads on this encoder, docs/METHOD.md §11) or 'copy_support' (test-only baseline)
+    model = "qamp"  # 'qamp', 'adnet' / 'alpnet' / 'qnet' (the authors' ADNet / SSL-ALPNet / Q-Net heads on this encoder, docs/METHOD.md §11-12) or 'copy_support' (test-only baseline)
     backbone = MODEL_DEFAULTS.backbone  # dilated torchvision ResNet: 'resnet101' (reference) or 'resnet50' (cheaper)
     pretrained_weights = "deeplabv3"  # encoder init: 'deeplabv3' (COCO), 'imagenet' or 'none'
     pretrained_path = None  # weights file for pretrained_weights (env QAMP_PRETRAINED_PATH overrides)
@@ -174,7 +175,7 @@ def cfg():
     n_query_bg = MODEL_DEFAULTS.n_query_bg  # PGQP background vectors drawn where 1 - prior > tau_bg
     n_edge = MODEL_DEFAULTS.n_edge  # vectors drawn in the inner (fg) / outer (bg) edge band of the support mask
     edge_kernel = MODEL_DEFAULTS.edge_kernel  # side of the square kernel of the edge-band erosion / dilation
-    edge_iters = MODEL_DEFAULTS.edge_iters  # erosion / dilation iterations of the edge bands
+    edge_iters = MODEL_DEFAULTS.edge_iters  # erosion / dilation iterations of the edge bands; None = the authors' band width (2 px at 256 px) scaled to image_size: 2 at 256, 1 at 128 and 64 (models/mgsp.py band_iterations)
     tau_fg = prior_thresholds(dataset_modality(dataset, data_dir))[0]  # prior threshold for query foreground samples (CT 0.7, MR 0.5; custom: dataset.json's modality)
     tau_bg = prior_thresholds(dataset_modality(dataset, data_dir))[1]  # threshold on 1 - prior for query background samples (CT 0.6, MR 0.5)
     cos_scaler = MODEL_DEFAULTS.cos_scaler  # scale of the cosine similarity in the QPG prior
@@ -190,6 +191,8 @@ def cfg():
     decoder_winograd = MODEL_DEFAULTS.decoder_winograd  # decoder 3x3 convs by Winograd F(2x2,3x3) on CPU (equal up to rounding; CUDA: cuDNN)
     proto_loss_shots = MODEL_DEFAULTS.proto_loss_shots  # n_shot > 1: prototype-consistency loss 'mean' over shots (ours) or 'sum' (reference)
     empty_support_rule = MODEL_DEFAULTS.empty_support_rule  # n_shot > 1: ADNet fallback when 'any' shot mask is empty (ours) or 'first' (reference)
+    qnet_alpha = qnet_default_alpha(setting)  # model='qnet' only: weight of the layer3 path, layer4 gets 1 - alpha (the authors': 0.9, Setting 2: 0.6)
+    qnet_refine_iters = MODEL_DEFAULTS.qnet_refine_iters  # model='qnet' only: test-time prototype refinement, Adam steps per path and slice (0 = off); a test run may change it
 
     # ---------------- training (train.py; test.py refuses them: TRAINING_ONLY_KEYS) ----------------
     n_steps = 40000  # training episodes (batch 1)
@@ -467,16 +470,25 @@ def _refuse_training_keys(config: Mapping[str, Any], command_name: str, explicit
 
 @ex.final_config_check
 def _refuse_qamp_keys_for_baselines(config: Mapping[str, Any], command_name: str, explicit: Mapping[str, Any]) -> None:
-    """model='adnet' / 'alpnet' read only ``BASELINE_KEYS`` of the model keys: QAMP's other keys given
-    explicitly would be accepted and ignored, so they are refused (named configs such as
+    """Each network reads only its ``models.MODEL_READS`` of the model keys: model='adnet' / 'alpnet'
+    only ``BASELINE_KEYS``, 'qnet' those and ``QNET_KEYS``, 'qamp' all but ``QNET_KEYS``. The others
+    given explicitly would be accepted and ignored, so they are refused (named configs such as
     ``cpu_budget`` that set them are fine)."""
-    if config["model"] not in ("adnet", "alpnet"):
+    reads = MODEL_READS.get(config["model"])
+    if reads is None:  # copy_support
         return
-    qamp_only = {f.name for f in fields(ModelConfig)} - set(BASELINE_KEYS)
-    given = sorted(key for key in explicit if key in qamp_only)
-    _expect(not given, ", ".join(f"{key}={explicit[key]!r}" for key in given) + f": model={config['model']!r} "
-            f"does not read these QAMP keys (its head reads only {list(BASELINE_KEYS)} of the model keys; its other "
-            f"numbers are the authors', docs/METHOD.md §11); drop them")
+    given = sorted(key for key in explicit if key in {f.name for f in fields(ModelConfig)} - set(reads))
+    if not given:
+        return
+    shown = ", ".join(f"{key}={explicit[key]!r}" for key in given)
+    if config["model"] == "qamp":
+        raise ValueError(f"{shown}: model='qamp' does not read these Q-Net keys (only model='qnet' reads "
+                         f"{list(QNET_KEYS)}); drop them")
+    kind = "Q-Net" if set(given) <= set(QNET_KEYS) else "QAMP"
+    section = "§12" if config["model"] == "qnet" else "§11"
+    raise ValueError(f"{shown}: model={config['model']!r} does not read these {kind} keys (its head reads only "
+                     f"{list(reads)} of the model keys; its other numbers are the authors', docs/METHOD.md {section}); "
+                     "drop them")
 
 
 @ex.final_config_check

@@ -57,6 +57,8 @@ class TrainScan:
         starts: int (W,) first slice of every valid window (sorted by class, then slice).
         window_class: int (W,) class of every valid window.
         cdf: float64 (W,) cumulative sampling probabilities of the windows.
+        geometric: the affine + elastic transform at this scan's grid (the run's, scaled by the
+            side ratio model / native when the slices are resampled; see ``AffineElastic.scaled``).
     """
 
     scan_id: int
@@ -66,6 +68,7 @@ class TrainScan:
     starts: np.ndarray
     window_class: np.ndarray
     cdf: np.ndarray
+    geometric: AffineElastic
 
 
 def class_slice_areas(pseudo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +188,8 @@ class Augmentation:
 
     Attributes:
         gamma_range: gamma exponent range (applied to the query or the support).
-        geometric: the joint affine + elastic transform (rotation, shift, shear, scale, alpha, sigma).
+        geometric: the joint affine + elastic transform (rotation, shift, shear, scale, alpha, sigma);
+            its pixel lengths are on the native grid and scale with resampled slices.
         reverse_prob: probability of reversing the slice order of an episode.
         query_aug_prob: probability that gamma (and, drawn separately, the geometric transform) is
             applied to the query rather than the support.
@@ -350,7 +354,9 @@ class TrainDataset(Dataset):
         cdf = np.cumsum(weights)
         if cdf.size:
             cdf /= cdf[-1]
-        return TrainScan(files.scan_id, image, pseudo, allowed, starts, classes[columns], cdf)
+        side_ratio = float(np.sqrt(pixel_ratio(native_hw, self.image_size))) if self.resampled else 1.0
+        return TrainScan(files.scan_id, image, pseudo, allowed, starts, classes[columns], cdf,
+                         self.geometric.scaled(side_ratio))
 
     def _regenerate_supervoxels(self, image: np.ndarray, reference, native_hw: tuple[int, int]) -> np.ndarray:
         """3D Felzenszwalb supervoxels of the resized scan: in-plane spacing scaled up by the size
@@ -409,7 +415,7 @@ class TrainDataset(Dataset):
             images[part] = gamma_transform(images[part], rng, self.gamma_range)
             part = query_part if rng.random() < self.query_aug_prob else support_part
             for i in range(part.start, part.stop):
-                images[i], masks[i] = self.geometric(images[i], masks[i], rng)
+                images[i], masks[i] = scan.geometric(images[i], masks[i], rng)
         # numpy until the end: torch.from_numpy shares memory, and no torch kernel runs here (torch
         # kernels on tiny tensors are slow when the process has many intra-op threads)
         channels = np.ascontiguousarray(np.broadcast_to(images[:, None], (self.window, 3, *images.shape[1:])))

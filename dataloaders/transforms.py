@@ -8,12 +8,15 @@ transform takes an explicit ``numpy.random.Generator``; nothing draws from a glo
 The affine and the elastic field are composed into ONE sampling map and applied with
 ``scipy.ndimage.map_coordinates`` (bilinear for the image, nearest for the mask), so the mask is
 resampled once and stays binary. Pixels mapped from outside the slice get 0 (the z-score mean) and
-background. scipy rather than OpenCV: OpenCV's thread pool can deadlock in forked DataLoader
+background. The pixel-sized parameters (shift, elastic alpha and sigma) are the reference's on its
+native grid (256 px, the authors' ``dataloaders/datasets.py`` L183-185); on slices resampled to
+another size they scale with it (:meth:`AffineElastic.scaled`, factor = model side / native side),
+so that the deformation is the same fraction of the slice at any ``image_size``. scipy rather than OpenCV: OpenCV's thread pool can deadlock in forked DataLoader
 workers, and these routines are single-threaded and fork-safe.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -113,7 +116,12 @@ def warp_pair(image: np.ndarray, mask: np.ndarray, matrix: np.ndarray,
 
 @dataclass(frozen=True)
 class AffineElastic:
-    """Random affine + elastic deformation applied jointly to a slice and its mask (reference values)."""
+    """Random affine + elastic deformation applied jointly to a slice and its mask (reference values).
+
+    ``shift``, ``alpha`` and ``sigma`` are lengths in pixels of the native grid (the authors':
+    QAMP ``dataloaders/datasets.py`` L183-185, 256 px slices); rotation, shear (degrees) and scale
+    (a factor) have no size. ``scaled(f)`` gives the transform for slices resampled by ``f``.
+    """
 
     rotate: float = 5.0
     shift: float = 5.0
@@ -129,3 +137,13 @@ class AffineElastic:
         matrix = random_affine_matrix(rng, shape, self.rotate, self.shift, self.shear, self.scale)
         field = random_elastic_field(rng, shape, self.alpha, self.sigma) if self.alpha > 0 else None
         return warp_pair(image, mask, matrix, field)
+
+    def scaled(self, factor: float) -> "AffineElastic":
+        """The same deformation relative to the slice on a grid ``factor`` x the native side:
+        ``shift``, ``alpha`` and ``sigma`` times ``factor`` (``factor == 1`` returns ``self``, the
+        reference's numbers exactly). E.g. 256 -> 64 px: shift 1.25 px, alpha 2.5, sigma 1.25 px."""
+        if not factor > 0:
+            raise ValueError(f"AffineElastic.scaled: expected a factor > 0, got {factor}")
+        if factor == 1.0:
+            return self
+        return replace(self, shift=self.shift * factor, alpha=self.alpha * factor, sigma=self.sigma * factor)

@@ -25,6 +25,28 @@ import torch.nn.functional as F
 from models.sampling import UpsampleGrid, draw_positions, dropout
 
 N_MAP = 2  # MAP prototypes per class: over the class mask and over its edge band
+# The authors' edge bands: cv2.erode / cv2.dilate with a 3 x 3 ones kernel, iterations=2 (QAMP
+# models/qamp.py L296 and L329), on their 256 x 256 slices: a band 2 px wide, 1/128 of the side.
+REFERENCE_SIZE = 256
+REFERENCE_BAND_WIDTH = 2  # px at REFERENCE_SIZE (iterations x kernel radius = 2 x 1)
+
+
+def band_iterations(edge_iters: int | None, kernel: int, image_size: tuple[int, int]) -> int:
+    """Erosion / dilation iterations of the edge bands of ``image_size`` masks.
+
+    ``edge_iters`` given: used as is. None: the authors' band width relative to the slice,
+    ``REFERENCE_BAND_WIDTH * S / REFERENCE_SIZE`` px with ``S = (H + W) / 2``, in steps of the
+    kernel radius, rounded to the nearest whole step and at least one (a band cannot be thinner
+    than one pixel): 256 px -> 2 (the authors'), 128 -> 1, 64 -> 1 (1 px where the authors' band
+    would be 0.5 px), 512 -> 4. A 1 x 1 kernel makes empty bands whatever the count.
+    """
+    if edge_iters is not None:
+        return int(edge_iters)
+    radius = kernel // 2
+    if radius == 0:
+        return 1
+    width = REFERENCE_BAND_WIDTH * (image_size[0] + image_size[1]) / 2 / REFERENCE_SIZE
+    return max(1, int(round(width / radius)))
 
 
 def erode(masks: torch.Tensor, kernel: int, iterations: int) -> torch.Tensor:
@@ -52,23 +74,31 @@ def edge_bands(masks: torch.Tensor, kernel: int, iterations: int) -> tuple[torch
 
 
 class PrototypeMLP(nn.Module):
-    """``Linear(H*W, n) -> Dropout(p) -> Linear(n, n)`` applied to each channel row of a fill map.
+    """``Linear(H*W, n) -> Dropout(p) [-> ReLU] -> Linear(n, n)`` applied to each channel row of a fill map.
 
     Args:
         n_positions: ``H * W`` of the images the model is built for.
         n_prototypes: ``n`` learned prototypes.
         p: dropout probability (drawn from the caller's generator).
+        relu: a ReLU after the dropout: GMRD at 45ba5c2 (moudles.py L12); QAMP has none (its
+            models/modules.py L14 comments it out, as GMRD's later commit 6d42639 does).
     """
 
-    def __init__(self, n_positions: int, n_prototypes: int, p: float):
+    def __init__(self, n_positions: int, n_prototypes: int, p: float, relu: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(n_positions, n_prototypes)
         self.fc2 = nn.Linear(n_prototypes, n_prototypes)
         self.p = p
+        self.relu = relu
+
+    def second_layer(self, hidden: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Everything after ``fc1``: dropout (drawn from ``generator`` in training), ReLU when set, ``fc2``."""
+        hidden = dropout(hidden, self.p, self.training, generator)
+        return self.fc2(F.relu(hidden) if self.relu else hidden)
 
     def forward(self, fill_map: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reference computation: ``C x (H*W) -> C x n``."""
-        return self.fc2(dropout(self.fc1(fill_map), self.p, self.training, generator))
+        return self.second_layer(self.fc1(fill_map), generator)
 
 
 def folded_weight(mlp: PrototypeMLP, grid: UpsampleGrid) -> torch.Tensor:
@@ -109,7 +139,7 @@ def mlp_prototypes(mlp: PrototypeMLP, feats: torch.Tensor, mask: torch.Tensor, g
         if sources is not None and outside.numel() > 0:
             fill[:, outside] = up[:, sources]
         hidden = mlp.fc1(fill)  # (C, n)
-    out = mlp.fc2(dropout(hidden, mlp.p, mlp.training, generator))  # (C, n)
+    out = mlp.second_layer(hidden, generator)  # (C, n)
     return out.T
 
 
@@ -154,23 +184,43 @@ def sampled_columns(feats: torch.Tensor, region: torch.Tensor, n: int, grid: Ups
     return grid.columns(feats, positions)
 
 
-def class_support_prototypes(feats: torch.Tensor, mask: torch.Tensor, band: torch.Tensor, mlp: PrototypeMLP,
-                             n_keep: int, n_edge: int, grid: UpsampleGrid, generator: torch.Generator,
-                             fast_mlp: bool = True, folded: torch.Tensor | None = None) -> torch.Tensor:
+def kept_columns(n: int, n_keep: int, generator: torch.Generator) -> torch.Tensor:
+    """The ``n_keep`` of ``n`` learned prototypes kept, in random order (one ``randperm`` draw).
+
+    QAMP's ``random.sample(range(len(fg_prototypes)), 50)`` (its models/qamp.py L308, L341): a random
+    order even when every prototype is kept (``n_keep == n``), unlike GMRD, which keeps all in order.
+    """
+    return torch.randperm(n, generator=generator, device=generator.device)[:n_keep]
+
+
+def class_support_prototypes(feats: torch.Tensor, mask: torch.Tensor, band: torch.Tensor,
+                             mlp: PrototypeMLP | None, n_keep: int | None, n_edge: int, grid: UpsampleGrid,
+                             generator: torch.Generator, fast_mlp: bool = True,
+                             folded: torch.Tensor | None = None) -> torch.Tensor:
     """Support part of one class's prototype set for one shot.
 
-    Draw order: fill positions, MLP dropout (training), kept MLP columns, edge samples.
+    Draw order: fill positions, MLP dropout (training), kept MLP columns, edge samples; a part that
+    is absent draws nothing (``mlp`` None: no fill, dropout or kept columns; ``n_keep`` None: all
+    MLP columns in order, no draw; ``n_edge`` 0: no edge draw).
 
     Args:
-        feats: ``C x h x w``; mask: ``H x W`` class mask; band: ``H x W`` its edge band (both {0, 1}).
-        n_keep: learned prototypes kept at random; n_edge: vectors drawn in the band.
+        feats: ``C x h x w``; mask: ``H x W`` class mask in {0, 1}; band: ``H x W`` weights of its
+            edge band (QAMP: {0, 1}; edge samples are drawn where ``band == 1``).
+        mlp: the class's MLP, or None (no learned prototypes).
+        n_keep: learned prototypes kept at random (QAMP), or None: all, in order (GMRD).
+        n_edge: vectors drawn in the band.
         folded: ``folded_weight(mlp, grid)`` when already computed for this step.
 
     Returns:
-        ``(n_keep + n_edge + N_MAP) x C``: kept MLP | edge samples | MAP(mask) | MAP(band).
+        ``(n_learned + n_edge + N_MAP) x C``: kept MLP | edge samples | MAP(mask) | MAP(band).
     """
-    learned = mlp_prototypes(mlp, feats, mask, grid, generator, fast_mlp, folded)  # (n, C)
-    keep = torch.randperm(learned.shape[0], generator=generator, device=generator.device)[:n_keep]
-    edge = sampled_columns(feats, band == 1, n_edge, grid, generator)  # (n_edge, C)
-    pooled = grid.masked_average(feats[None].expand(2, -1, -1, -1), torch.stack([mask, band]))  # (2, C)
-    return torch.cat([learned[keep.to(learned.device)], edge, pooled])
+    parts = []
+    if mlp is not None:
+        learned = mlp_prototypes(mlp, feats, mask, grid, generator, fast_mlp, folded)  # (n, C)
+        if n_keep is not None:
+            learned = learned[kept_columns(learned.shape[0], n_keep, generator).to(learned.device)]
+        parts.append(learned)
+    if n_edge > 0:
+        parts.append(sampled_columns(feats, band == 1, n_edge, grid, generator))  # (n_edge, C)
+    parts.append(grid.masked_average(feats[None].expand(2, -1, -1, -1), torch.stack([mask, band])))  # (2, C)
+    return torch.cat(parts)

@@ -25,7 +25,7 @@ from models.decoder import SimilarityDecoder, cosine_maps
 from models.encoder import Encoder
 from models.losses import (boundary_f1_loss, nll_loss, prior_alignment_loss, prototype_consistency_loss,
                            regroup_by_origin)
-from models.mgsp import N_MAP, PrototypeMLP, class_support_prototypes, edge_bands, folded_weight
+from models.mgsp import N_MAP, PrototypeMLP, band_iterations, class_support_prototypes, edge_bands, folded_weight
 from models.pgqp import query_prototypes
 from models.qpg import query_prior
 from models.sampling import UpsampleGrid
@@ -55,7 +55,7 @@ class ModelConfig:
     n_query_bg: int = 100
     n_edge: int = 50  # samples in the inner / outer edge band
     edge_kernel: int = 3  # square structuring element of the edge bands
-    edge_iters: int = 2
+    edge_iters: Optional[int] = None  # None: the authors' 2 at 256 px, scaled to the image (mgsp.band_iterations)
     tau_fg: float = 0.5  # PGQP thresholds (CT: 0.7 / 0.6)
     tau_bg: float = 0.5
     cos_scaler: float = 20.0  # QPG cosine scale
@@ -72,6 +72,9 @@ class ModelConfig:
     # Multi-shot choices (no effect with one shot); README "Where this differs from the reference code".
     proto_loss_shots: str = "mean"  # prototype-consistency loss over shots: "mean" (ours) | "sum" (reference)
     empty_support_rule: str = "any"  # ADNet fallback when "any" shot's mask is empty (ours) | "first" (reference)
+    # Q-Net's keys (model='qnet', models/qnet.py; the other models refuse them, config.py).
+    qnet_alpha: float = 0.9  # weight of the layer3 path, layer4 gets 1 - alpha (authors' config.py L65; Setting 2: 0.6)
+    qnet_refine_iters: int = 7  # test-time prototype refinement: Adam steps per path and slice (authors' config.py L72); 0 = off
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
@@ -92,11 +95,19 @@ class ModelConfig:
                 raise ValueError(f"{name}: expected a value in [0, 1), got {getattr(self, name)}")
         if self.edge_kernel < 1 or self.edge_kernel % 2 == 0:
             raise ValueError(f"edge_kernel: expected an odd size >= 1, got {self.edge_kernel}")
+        if self.edge_iters is not None and (isinstance(self.edge_iters, bool) or not isinstance(self.edge_iters, int)
+                                            or self.edge_iters < 1):
+            raise ValueError(f"edge_iters: expected None (the authors' band width scaled to image_size) or an "
+                             f"integer >= 1, got {self.edge_iters!r}")
         for name, allowed in (("proto_loss_shots", PROTO_LOSS_SHOTS), ("empty_support_rule", EMPTY_SUPPORT_RULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
         if len(self.query_loss_weights) != 2:
             raise ValueError(f"query_loss_weights: expected [background, foreground], got {self.query_loss_weights}")
+        if not 0.0 <= self.qnet_alpha <= 1.0:
+            raise ValueError(f"qnet_alpha: expected a weight in [0, 1], got {self.qnet_alpha}")
+        if not (isinstance(self.qnet_refine_iters, int) and self.qnet_refine_iters >= 0):
+            raise ValueError(f"qnet_refine_iters: expected an integer >= 0 (0 = no refinement), got {self.qnet_refine_iters!r}")
 
     @property
     def n_fg(self) -> int:
@@ -168,6 +179,7 @@ class QAMP(nn.Module):
         super().__init__()
         self.config = config
         self.image_size = tuple(image_size)
+        self.edge_iters = band_iterations(config.edge_iters, config.edge_kernel, self.image_size)  # resolved once
         n_positions = self.image_size[0] * self.image_size[1]
         self.encoder = Encoder(config.backbone, config.feature_dim)
         self.fg_mlp = PrototypeMLP(n_positions, config.n_mlp_fg, config.dropout)
@@ -193,7 +205,7 @@ class QAMP(nn.Module):
         empty = masks.sum(dim=(-2, -1)) == 0  # (S,)
         if bool(empty.any() if cfg.empty_support_rule == "any" else empty[0]):
             return SupportState(feats, masks, prototype, empty=True)  # ADNet fallback
-        inner, outer = edge_bands(masks, cfg.edge_kernel, cfg.edge_iters)
+        inner, outer = edge_bands(masks, cfg.edge_kernel, self.edge_iters)
         shots = range(feats.shape[0])
         fg = torch.stack([class_support_prototypes(feats[s], masks[s], inner[s], self.fg_mlp, cfg.n_keep_fg, cfg.n_edge,
                                                    grid, generator, cfg.fast_mlp, folded["fg"]) for s in shots])
