@@ -42,7 +42,7 @@ from dataloaders.resolved import EXCLUDE_MODES, SUPERVOXEL_SOURCES
 from models import BACKBONES, MODEL_KEYS, ModelConfig, check_episode_config
 from models import MODEL_READS, MODELS, QNET_KEYS
 from models import PRETRAINED_KINDS as PRETRAINED
-from models.qamp import prior_thresholds
+from models.qamp import prior_thresholds, switched_off_keys
 from models.qnet import default_alpha as qnet_default_alpha
 from engine.amp import AMP_MODES
 from engine.distributed import rank_argv
@@ -162,10 +162,10 @@ def cfg():
     n_query = 1  # query slices per training episode; only 1 is supported
 
     # ---------------- model (read by models.build_model) ----------------
-    model = "qamp"  # 'qamp', 'adnet' / 'alpnet' / 'qnet' (the authors' ADNet / SSL-ALPNet / Q-Net heads on this encoder, docs/METHOD.md §11-12) or 'copy_support' (test-only baseline)
+    model = "qamp"  # 'qamp', 'adnet' / 'alpnet' / 'qnet' (the authors' ADNet / SSL-ALPNet / Q-Net heads on this encoder, docs/METHOD.md §11-12), 'panet' (PANet, their common ancestor, §13; the pre-training objective of `pretrain_sabs`), 'gmrd' (the authors' GMRD, QAMP's ancestor, §14) or 'copy_support' (test-only baseline)
     backbone = MODEL_DEFAULTS.backbone  # dilated torchvision ResNet: 'resnet101' (reference) or 'resnet50' (cheaper)
-    pretrained_weights = "deeplabv3"  # encoder init: 'deeplabv3' (COCO), 'imagenet' or 'none'
-    pretrained_path = None  # weights file for pretrained_weights (env QAMP_PRETRAINED_PATH overrides)
+    pretrained_weights = "deeplabv3"  # encoder init: 'deeplabv3' (COCO), 'imagenet', 'snapshot' (the whole encoder of a run of this project, any model, same backbone and feature_dim) or 'none'
+    pretrained_path = None  # weights file for pretrained_weights (env QAMP_PRETRAINED_PATH overrides, except for 'snapshot'); 'snapshot': a training run folder (its final snapshot) or a snapshot file
     feature_dim = MODEL_DEFAULTS.feature_dim  # channels of the reduced layer3 features
     n_mlp_fg = MODEL_DEFAULTS.n_mlp_fg  # foreground prototypes produced by the MGSP MLP
     n_mlp_bg = MODEL_DEFAULTS.n_mlp_bg  # background prototypes produced by the MGSP MLP
@@ -191,6 +191,12 @@ def cfg():
     decoder_winograd = MODEL_DEFAULTS.decoder_winograd  # decoder 3x3 convs by Winograd F(2x2,3x3) on CPU (equal up to rounding; CUDA: cuDNN)
     proto_loss_shots = MODEL_DEFAULTS.proto_loss_shots  # n_shot > 1: prototype-consistency loss 'mean' over shots (ours) or 'sum' (reference)
     empty_support_rule = MODEL_DEFAULTS.empty_support_rule  # n_shot > 1: ADNet fallback when 'any' shot mask is empty (ours) or 'first' (reference)
+    use_query_prototypes = MODEL_DEFAULTS.use_query_prototypes  # ablation: False = no PGQP query samples (no n_query_* draws; decoders n_query_* narrower)
+    use_edge_samples = MODEL_DEFAULTS.use_edge_samples  # ablation: False = no MGSP edge-band samples (n_edge); the mask and band averages stay
+    use_mlp_prototypes = MODEL_DEFAULTS.use_mlp_prototypes  # ablation: False = no MGSP MLPs or learned prototypes (n_mlp_*, n_keep_*)
+    use_alignment = MODEL_DEFAULTS.use_alignment  # ablation: False = no reverse pass, no alignment loss (needs use_proto_loss=False)
+    use_proto_loss = MODEL_DEFAULTS.use_proto_loss  # ablation: False = no prototype-consistency loss term
+    use_boundary_loss = MODEL_DEFAULTS.use_boundary_loss  # ablation: False = no boundary-F1 loss term
     qnet_alpha = qnet_default_alpha(setting)  # model='qnet' only: weight of the layer3 path, layer4 gets 1 - alpha (the authors': 0.9, Setting 2: 0.6)
     qnet_refine_iters = MODEL_DEFAULTS.qnet_refine_iters  # model='qnet' only: test-time prototype refinement, Adam steps per path and slice (0 = off); a test run may change it
 
@@ -290,6 +296,20 @@ def cpu_budget_alpnet():
     """
     model = "alpnet"
     optim = {"lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+@named_config
+def pretrain_sabs():
+    """With `cpu_budget`: the shared encoder of the pre-trained regime (docs/CPU_BUDGET.md): PANet
+    episodes (model='panet': masked-average prototypes and a cosine classifier, no head parameters)
+    on SABS CT supervoxels generated on load; labels never read, no validation. Then every method
+    trains on CHAOST2 from its encoder (pretrained_weights='snapshot', pretrained_path=<this run>):
+    python train.py with cpu_budget pretrain_sabs
+    """
+    dataset = "SABS"
+    model = "panet"
+    supervoxel_source = "generate"
+    val_interval = 0
 
 
 @named_config
@@ -404,6 +424,12 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
         if config["resume"] is not None and not Path(config["resume"]).exists():
             raise FileNotFoundError(f"resume={config['resume']!r} does not exist: pass a training run "
                                     f"folder or a snapshot file (<run>/snapshots/*.pth)")
+        if config["pretrained_weights"] == "snapshot":  # here, before the data are read (models.encoder checks it too)
+            _expect(config["pretrained_path"] is not None,
+                    "pretrained_weights='snapshot' needs pretrained_path=<training run folder or snapshot file>")
+            if config["pretrained_path"] is not None and not Path(config["pretrained_path"]).exists():
+                raise FileNotFoundError(f"pretrained_path={config['pretrained_path']!r} does not exist: pass a "
+                                        f"training run folder or a snapshot file (<run>/snapshots/*.pth)")
     if command == "test":
         _expect(config["n_shot"] == 1,
                 f"n_shot={config['n_shot']!r} is not supported by test.py: the evaluation protocol "
@@ -485,10 +511,24 @@ def _refuse_qamp_keys_for_baselines(config: Mapping[str, Any], command_name: str
         raise ValueError(f"{shown}: model='qamp' does not read these Q-Net keys (only model='qnet' reads "
                          f"{list(QNET_KEYS)}); drop them")
     kind = "Q-Net" if set(given) <= set(QNET_KEYS) else "QAMP"
-    section = "§12" if config["model"] == "qnet" else "§11"
+    section = {"qnet": "§12", "panet": "§13", "gmrd": "§14"}.get(config["model"], "§11")
     raise ValueError(f"{shown}: model={config['model']!r} does not read these {kind} keys (its head reads only "
                      f"{list(reads)} of the model keys; its other numbers are the authors', docs/METHOD.md {section}); "
                      "drop them")
+
+
+@ex.final_config_check
+def _refuse_keys_switched_off(config: Mapping[str, Any], command_name: str, explicit: Mapping[str, Any]) -> None:
+    """model='qamp' with an ablation switch off (``use_*=False``, docs/METHOD.md §3.7) does not read
+    that part's keys (``models.qamp.SWITCHED_KEYS``): given explicitly they would be accepted and
+    ignored, so they are refused. Invalid combinations of switches are ``ModelConfig.validate``'s."""
+    if config["model"] != "qamp":
+        return
+    unread = switched_off_keys(config)
+    given = sorted(key for key in explicit if key in unread)
+    _expect(not given, "; ".join(f"{key}={explicit[key]!r} is set but {unread[key]}=False: that part is switched "
+                                 f"off, so model='qamp' does not read {key}" for key in given)
+            + "; drop " + ("it" if len(given) == 1 else "them") + " or switch the part on")
 
 
 @ex.final_config_check

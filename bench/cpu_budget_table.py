@@ -6,6 +6,7 @@ bed (same encoder, data, episodes, seed and protocol), on CHAOST2 Setting 1 and 
     python bench/cpu_budget_table.py run        # run or resume the grid, then collect (hours: see below)
     python bench/cpu_budget_table.py collect    # tables (and the lr table) from what has finished so far
     python bench/cpu_budget_table.py run --dry-run
+    python bench/cpu_budget_table.py pretrained # the pre-trained regime: encoder, rates, 5 folds (overnight)
 
 Cells (fold 0, self-supervised, ``cpu_budget``: 64 x 64 slices, dilated ResNet-50 from scratch,
 6000 steps; every method with its own learning rate, ``cpu_budget_<model>``, chosen on the
@@ -43,6 +44,18 @@ with ``mean``, ``per_seed`` and one entry per organ; ``train_s.<method>``; the l
 table ``cpu_budget_table.md`` and one validation-curve PNG per cell, and prints one JSON line.
 A trained method whose mean Dice is below copy-support's is flagged in the table (a defect to
 diagnose, not a result).
+
+``pretrained`` runs the pre-trained regime under ``<dir>/pretrained/`` (docs/CPU_BUDGET.md, "A
+shared pre-trained encoder"): one encoder pre-trained on SABS CT (``cpu_budget`` + ``pretrain_sabs``:
+PANet episodes on supervoxels, labels unused), each method's rate at fold 0 (``PRETRAINED_LR_GRID``,
+``PRETRAINED_LR_STEPS`` steps, the same rule), then every method on CHAOST2 Setting 1 folds 0-4
+from that encoder (``pretrained_weights=snapshot``, ``PRETRAINED_STEPS`` steps, supports 0-2),
+copy-support on every fold, and the bias check (the two best methods, fold 0, from a second
+encoder pre-trained with ADNet's objective). Units start as their inputs exist, one per core; each
+finished unit lands in the results JSON's ``pretrained`` entry at once (per-fold rows, the
+encoders' SHA-256), so a new machine runs only what is not recorded there (an encoder is trained
+again only for units that still need it, and must reproduce the recorded SHA-256). Committed
+results hold no absolute path of the machine (``run_dir`` relative to ``--dir``).
 """
 from __future__ import annotations
 
@@ -64,8 +77,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.report import emit, machine  # noqa: E402
+from models import MODELS  # noqa: E402
 from tools.summarize import Method, load_methods, summarize_method  # noqa: E402
-from utils.io import write_text  # noqa: E402
+from utils.io import write_json, write_text  # noqa: E402
 
 BASELINES = ("adnet", "alpnet")
 LR_MODELS = ("qamp", *BASELINES)  # every trained method gets its own rate, chosen the same way
@@ -190,6 +204,26 @@ def resolved(unit: Unit, best: str | None) -> Unit:
     return Unit(unit.cell, best, unit.seed) if unit.method == BEST and best else unit
 
 
+def start_unit(command: list[str], folder: Path, slot: int, root: Path) -> tuple[subprocess.Popen, dict]:
+    """Start ``command`` pinned to core ``slot`` (``taskset`` where there is one), its output appended to
+    ``folder/sweep.log``; returns the process and the record that :func:`end_unit` completes."""
+    if shutil.which("taskset"):
+        command = ["taskset", "-c", str(slot), *command]
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"load_before": os.getloadavg(), "start": datetime.now().isoformat(timespec="seconds"),
+              "command": [c.replace(str(root), "<dir>") for c in command]}
+    with open(folder / "sweep.log", "a", encoding="utf-8") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return process, record
+
+
+def end_unit(process: subprocess.Popen, record: dict, folder: Path) -> None:
+    """Write the unit's ``load.json``: the load average before and after, times, return code."""
+    record.update(load_after=os.getloadavg(), end=datetime.now().isoformat(timespec="seconds"),
+                  returncode=process.returncode)
+    (folder / "load.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
 def run(args: argparse.Namespace) -> None:
     root = Path(args.dir).resolve()
     earlier = earlier_table(Path(args.results))
@@ -222,16 +256,9 @@ def run(args: argparse.Namespace) -> None:
                 break
             pending.remove(unit)
             unit = resolved(unit, best)
-            folder = unit.folder(root)
-            command = sweep_command(unit, root, args.data_dir, args.python)
-            if shutil.which("taskset"):
-                command = ["taskset", "-c", str(slot), *command]
-            folder.mkdir(parents=True, exist_ok=True)
-            record = {"load_before": os.getloadavg(), "start": datetime.now().isoformat(timespec="seconds"),
-                      "command": command}
-            log = open(folder / "sweep.log", "a", encoding="utf-8")
-            running[slot] = (subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), unit, record)
-            log.close()
+            process, record = start_unit(sweep_command(unit, root, args.data_dir, args.python), unit.folder(root),
+                                         slot, root)
+            running[slot] = (process, unit, record)
             print(f"[table] {unit}: started on core {slot}", flush=True)
         if not running and not held:
             if pending:  # only BEST units left and the baselines did not finish
@@ -242,9 +269,7 @@ def run(args: argparse.Namespace) -> None:
             if process.poll() is None:
                 continue
             del running[slot]
-            record.update(load_after=os.getloadavg(), end=datetime.now().isoformat(timespec="seconds"),
-                          returncode=process.returncode)
-            (unit.folder(root) / "load.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+            end_unit(process, record, unit.folder(root))
             print(f"[table] {unit}: ended with {process.returncode}", flush=True)
     collect(args)
 
@@ -340,7 +365,7 @@ def folder_rows(method_dir: Path) -> dict[str, dict]:
     sessions = training_sessions(method_dir)
     for seed, row in rows.items():
         seed_dir = method_dir / f"seed{seed}"
-        row["run_dir"] = str(seed_dir if seed_dir.is_dir() else method_dir)
+        row["run_dir"] = str(seed_dir if seed_dir.is_dir() else method_dir)  # made relative by collect_cell
         if f"seed{seed}" in sessions:
             row["train_s"] = train_seconds(sessions[f"seed{seed}"])
             row["val_curve"] = [list(point) for point in val_curve(sessions[f"seed{seed}"])]
@@ -380,6 +405,10 @@ def collect_cell(cell_dir: Path, earlier: dict) -> tuple[dict, dict[str, list]]:
             if list(method_dir.rglob("scores.csv")):
                 by_method.setdefault(method_dir.name, {}).update(folder_rows(method_dir))
     dice, seconds, loads, curves = {}, {}, {}, {}
+    for by_seed in by_method.values():
+        for row in by_seed.values():
+            if "run_dir" in row:
+                row["run_dir"] = relative_run_dir(row["run_dir"], cell_dir.parent)
     for method, by_seed in by_method.items():
         dice[method] = method_entry(by_seed)
         times = [by_seed[s]["train_s"] for s in sorted(by_seed, key=int) if by_seed[s].get("train_s") is not None]
@@ -417,7 +446,7 @@ def collect(args: argparse.Namespace) -> dict:
     earlier = earlier_table(results_dir)
     cells: dict = {}
     lines = ["# CPU-budget table (fold 0, self-supervised, `cpu_budget`, every method its own lr)", "",
-             "Command: `python bench/cpu_budget_table.py run` (then `collect`); runs in " + str(root) + ".",
+             "Command: `python bench/cpu_budget_table.py run` (then `collect`); runs in `--dir` (outside the clone).",
              "Dice (%) on the native grid: per support the mean over query scans and organs, then the mean "
              "over supports (and seeds). Training seconds: one core, one thread per training.", ""]
     for cell in CELLS:
@@ -448,7 +477,20 @@ def collect(args: argparse.Namespace) -> dict:
                       f"{', '.join(missing)}.", ""]
     if (root / "lr_select").is_dir():  # new rate runs here: merged into cpu_budget_lr.*
         lr_collect(args)
-    result = {"name": "cpu_budget_table", "cells": cells, "runs": str(root), **machine()}
+    result = {"name": "cpu_budget_table", "cells": cells, "runs": args.dir if not Path(args.dir).is_absolute()
+              else Path(args.dir).name, **machine()}
+    earlier_json = results_dir / "cpu_budget_table.json"
+    recorded = json.loads(earlier_json.read_text(encoding="utf-8")).get("pretrained", {}) if earlier_json.is_file() else {}
+    if recorded or (root / "pretrained").is_dir():
+        result["pretrained"] = pretrained_collect(root, recorded)
+        lines += pretrained_lines(result["pretrained"])
+        ablation_table(result["pretrained"], results_dir)
+        curves = {f"{m} (fold {f})": row["val_curve"] for m, e in
+                  result["pretrained"]["cells"]["CHAOST2_setting1"]["dice_percent"].items()
+                  for f, row in e["by_fold"].items() if row.get("val_curve")}
+        if curves:
+            plot_curves(curves, "pre-trained encoder, CHAOST2 Setting 1", results_dir / "cpu_budget_table_pretrained.png")
+            lines += ["![pre-trained regime validation curves](cpu_budget_table_pretrained.png)", ""]
     write_text(results_dir / "cpu_budget_table.md", "\n".join(lines))
     emit(result, results_dir / "cpu_budget_table.json")
     return result
@@ -566,9 +608,456 @@ def lr_collect(args: argparse.Namespace) -> dict:
     return emit(result, results_dir / "cpu_budget_lr.json")
 
 
+# ---------------------------------------------------------------------------------------------- pre-trained regime
+# One shared encoder, pre-trained self-supervised on SABS CT (labels never read), then every method on
+# CHAOST2 Setting 1, folds 0-4, from that encoder: ``python bench/cpu_budget_table.py pretrained``.
+# Units under <dir>/pretrained/: encoders/<source>, lr/<method>, <source>/<method>/fold<f>,
+# <source>/copy_support. What finished is recorded in the results JSON's "pretrained" entry
+# (per-fold rows, the encoders' SHA-256), so a new machine runs only what is not recorded there.
+ENCODER_SOURCES = {  # source -> (named configs, extra training keys, objective in words)
+    "panet_sabs": ("cpu_budget+pretrain_sabs", (),
+                   "PANet episodes (model=panet): masked-average prototypes and a cosine classifier, no head "
+                   "parameters; SABS CT supervoxels generated on load at 64 px, labels unused"),
+    "adnet_sabs": ("cpu_budget+pretrain_sabs+cpu_budget_adnet", (),
+                   "ADNet episodes (model=adnet, lr 0.005): one foreground prototype and a learned threshold; "
+                   "SABS CT supervoxels generated on load at 64 px, labels unused")}
+SHARED_ENCODER = "panet_sabs"  # the encoder every method starts from
+BIAS_ENCODER = "adnet_sabs"  # the second source of the bias check (the two best methods, fold 0)
+PRETRAIN_SEED = 2025
+PRETRAINED_METHODS = tuple(m for m in ("qamp", "adnet", "alpnet", "qnet", "gmrd") if m in MODELS)
+PRETRAINED_FOLDS = (0, 1, 2, 3, 4)
+PRETRAINED_LR_GRID = (0.001, 0.005, 0.02)
+PRETRAINED_LR_STEPS = 1000
+PRETRAINED_STEPS = 3000  # the budget from a pre-trained encoder (docs/CPU_BUDGET.md: shown on the curves)
+PRETRAINED_SCHEDULE = ("max_iters_per_load=1500",)  # the x0.25 step at half the budget, as cpu_budget's
+# The ablation (fold 0, the shared encoder, QAMP's rate): QAMP with one addition over GMRD off per row
+# (models/qamp.py ModelConfig; the prototype loss compares the reverse pass's prototypes, so the
+# reverse pass goes with it), and Q-Net tested without its test-time refinement.
+ABLATIONS = {"qamp-no_query_prototypes": ("use_query_prototypes=False",),
+             "qamp-no_edge_samples": ("use_edge_samples=False",),
+             "qamp-no_mlp_prototypes": ("use_mlp_prototypes=False",),
+             "qamp-no_boundary_loss": ("use_boundary_loss=False",),
+             "qamp-no_proto_loss": ("use_proto_loss=False",),
+             "qamp-no_reverse_pass": ("use_alignment=False", "use_proto_loss=False")}
+UNREFINED = "qnet-no_refinement"  # test-only: the fold-0 Q-Net training, tested with qnet_refine_iters=0
+# The budget check: the from-scratch configuration exactly (6000 steps, the method's from-scratch rate),
+# started from the shared encoder, fold 0. Its validation curve shows whether PRETRAINED_STEPS suffices,
+# and its Dice is the method's pre-trained number beside its from-scratch one at the same budget.
+BUDGET_CHECK = ("qamp", "alpnet")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One resumable unit of the pre-trained regime: a ``tools.sweep`` (or test.py) command writing under
+    ``folder``; ``needs``: the names of jobs that must have finished first."""
+    name: str
+    folder: Path
+    needs: tuple[str, ...] = ()
+
+
+def encoder_file(folder: Path) -> Path | None:
+    """The final snapshot of a finished pre-training unit (COMPLETED), else None."""
+    for run_dir in sorted(folder.glob("cells/*/train_*")):
+        info = run_dir / "run.json"
+        final = run_dir / "snapshots" / "final.pth"
+        if final.is_file() and info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("status") == "COMPLETED":
+            return final
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def encoder_digest(path: Path) -> str:
+    """SHA-256 over the encoder tensors of a snapshot (names and bytes, name order): equal for the same
+    weights whatever else the file holds (its run folder, times), so a pre-training run again on
+    another machine can be checked against the recorded one."""
+    import hashlib
+
+    from engine.snapshot import load_snapshot
+
+    model = load_snapshot(path)["model"]
+    digest = hashlib.sha256()
+    for name in sorted(k for k in model if k.startswith("encoder.")):
+        digest.update(name.encode())
+        digest.update(model[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pretrained_jobs(recorded: dict, best: list[str] | None) -> list[Job]:
+    """Every job not recorded in ``recorded`` (the results JSON's "pretrained" entry), dependencies
+    first. ``best``: the two best methods over five folds (None until every fold is in)."""
+    root = Path("pretrained")
+    cells = recorded.get("cells", {}).get("CHAOST2_setting1", {}).get("dice_percent", {})
+    lr_done = recorded.get("lr", {}).get("chosen", {})
+    jobs = [Job(f"budget/{m}", root / "budget" / m, (f"encoder/{SHARED_ENCODER}",))
+            for m in BUDGET_CHECK if m not in recorded.get("budget_check", {})]
+    for method in PRETRAINED_METHODS:
+        if method not in lr_done:
+            jobs.append(Job(f"lr/{method}", root / "lr" / method, (f"encoder/{SHARED_ENCODER}",)))
+        for fold in PRETRAINED_FOLDS:
+            if str(fold) not in cells.get(method, {}).get("by_fold", {}):
+                jobs.append(Job(f"{SHARED_ENCODER}/{method}/fold{fold}", root / SHARED_ENCODER / method / f"fold{fold}",
+                                (f"encoder/{SHARED_ENCODER}", f"lr/{method}")))
+    for variant in ABLATIONS:
+        if "0" not in cells.get(variant, {}).get("by_fold", {}):
+            jobs.append(Job(f"{SHARED_ENCODER}/{variant}/fold0", root / SHARED_ENCODER / variant / "fold0",
+                            (f"encoder/{SHARED_ENCODER}", "lr/qamp")))
+    if "qnet" in PRETRAINED_METHODS and "0" not in cells.get(UNREFINED, {}).get("by_fold", {}):
+        jobs += [Job(f"{UNREFINED}/fold0/supp{s}", root / SHARED_ENCODER / UNREFINED / "fold0" / f"supp{s}",
+                     (f"{SHARED_ENCODER}/qnet/fold0",)) for s in SUPPORTS]
+    for fold in PRETRAINED_FOLDS:
+        if str(fold) not in cells.get("copy_support", {}).get("by_fold", {}):
+            jobs += [Job(f"copy_support/fold{fold}/supp{s}", root / "copy_support" / f"fold{fold}" / f"supp{s}")
+                     for s in SUPPORTS]
+    bias = recorded.get("bias_check", {}).get("dice_percent", {})
+    for method in best or ():
+        if method not in bias:
+            jobs.append(Job(f"{BIAS_ENCODER}/{method}/fold0", root / BIAS_ENCODER / method / "fold0",
+                            (f"encoder/{BIAS_ENCODER}", f"lr/{method}")))
+    needed = {n.split("/", 1)[1] for job in jobs for n in job.needs if n.startswith("encoder/")}
+    return [Job(f"encoder/{source}", root / "encoders" / source) for source in ENCODER_SOURCES
+            if source in needed] + jobs
+
+
+def pretrained_command(job: Job, root: Path, args: argparse.Namespace, recorded: dict, encoders: dict) -> list[str]:
+    """The command of ``job`` (paths under ``root``, the grid folder)."""
+    out = str(root / job.folder)
+    kind, _, rest = job.name.partition("/")
+    common = ["--seeds", str(PRETRAIN_SEED), "--jobs", "1", "--train", "num_workers=0",
+              "--train", f"data_dir={args.data_dir}", "--test", f"data_dir={args.data_dir}", "--test", "n_overlay_slices=1"]
+    if kind == "encoder":
+        configs, extra, _ = ENCODER_SOURCES[rest]
+        command = [args.python, "-m", "tools.sweep", "--out", out, "--configs", configs, "--settings", "1",
+                   "--folds", "0", "--supports", "", *common]
+        return command + [x for key in extra for x in ("--train", key)]
+    if kind == "copy_support":
+        fold, supp = (part[4:] for part in rest.split("/"))
+        return [args.python, "test.py", "with", "abd_mri", "setting1", "model=copy_support", f"eval_fold={fold}",
+                f"supp_idx={supp}", f"data_dir={args.data_dir}", "n_overlay_slices=1", f"path.log_dir={out}"]
+    if kind == UNREFINED:
+        trained = root / "pretrained" / SHARED_ENCODER / "qnet" / "fold0"
+        run_dir = next(trained.glob("cells/*/train_*/snapshots/final.pth"), trained).parents[1]
+        return [args.python, "test.py", "with", f"reload_model_path={run_dir}", "qnet_refine_iters=0",
+                f"supp_idx={rest.split('/')[1][4:]}", f"data_dir={args.data_dir}", "n_overlay_slices=1",
+                f"path.log_dir={out}"]
+    start = ["--train", "pretrained_weights=snapshot", "--train",
+             f"pretrained_path={encoders[BIAS_ENCODER if kind == BIAS_ENCODER else SHARED_ENCODER]}"]
+    if kind == "budget":
+        return [args.python, "-m", "tools.sweep", "--out", out, "--configs", f"abd_mri+setting1+{named_configs(rest)}",
+                "--settings", "1", "--folds", "0", "--supports", ",".join(map(str, SUPPORTS)), *common, *start]
+    if kind == "lr":
+        return [args.python, "-m", "tools.sweep", "--out", out, "--configs", "abd_mri+setting1+cpu_budget",
+                "--settings", "1", "--folds", "0", "--supports", "", *common, *start, f"model={rest}",
+                f"optim.lr={','.join(map(str, PRETRAINED_LR_GRID))}", "--train", f"n_steps={PRETRAINED_LR_STEPS}"]
+    method, fold = rest.split("/")
+    model = "qamp" if method in ABLATIONS else method
+    lr = recorded.get("lr", {}).get("chosen", {}).get(model)
+    return [args.python, "-m", "tools.sweep", "--out", out, "--configs", "abd_mri+setting1+cpu_budget",
+            "--settings", "1", "--folds", fold.removeprefix("fold"), "--supports", ",".join(map(str, SUPPORTS)),
+            *common, *start, f"model={model}", "--train", f"optim.lr={lr}", "--train", f"n_steps={PRETRAINED_STEPS}",
+            *(x for key in PRETRAINED_SCHEDULE + ABLATIONS.get(method, ()) for x in ("--train", key))]
+
+
+def collapsed_at(folder: Path) -> list[tuple[int, float]] | None:
+    """The validation curve of a unit whose training was stopped by ``collapse_patience`` (None when
+    it was not): a stopped run is a row of the table with its status, never a gap."""
+    for run_dir in sorted(folder.glob("cells/*/train_*")):
+        info = run_dir / "run.json"
+        if info.is_file():
+            record = json.loads(info.read_text(encoding="utf-8"))
+            if record.get("status") == "FAILED" and "collapsed" in str(record.get("fail_trace", "")):
+                return val_curve([run_dir])
+    return None
+
+
+def job_finished(job: Job, root: Path, entry: dict) -> bool:
+    """A job is finished when what depends on it can start: an encoder's final snapshot, a method's
+    chosen rate (every rate scored), a test run's summaries."""
+    kind, _, rest = job.name.partition("/")
+    folder = root / job.folder
+    if kind == "encoder":
+        return encoder_file(folder) is not None
+    if kind == "lr":
+        return rest in entry["lr"]["chosen"]
+    if kind in ("copy_support", UNREFINED):
+        return any(folder.glob("test_*/summary.json"))
+    return finished(folder) or collapsed_at(folder) is not None
+
+
+def lr_row(run_dir: Path) -> tuple[str, str, dict]:
+    """(model, rate, row) of one learning-rate training: status, curve, score (mean of the last two
+    validations; a collapsed run scores 0), seconds."""
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    curve = val_curve([run_dir])
+    collapsed = info.get("status") == "FAILED" and "collapsed" in str(info.get("fail_trace", ""))
+    finished_ = info.get("status") == "COMPLETED" or collapsed
+    score = (0.0 if collapsed else round(sum(v for _, v in curve[-2:]) / 2, 3)) if finished_ and curve else None
+    row = {"status": "collapsed" if collapsed else info.get("status"), "val_curve": curve, "score": score,
+           "train_s": train_seconds([run_dir])}
+    return config["model"], str(config["optim"]["lr"]), row
+
+
+def pretrained_lr(root: Path, recorded: dict) -> dict:
+    """The "lr" entry: per method the rows of its rate runs (recorded ones kept) and the chosen rate."""
+    runs = {m: dict(r) for m, r in recorded.get("lr", {}).get("runs", {}).items()}
+    for run_dir in sorted(root.glob("pretrained/lr/*/cells/*/train_*")):
+        if (run_dir / "run.json").is_file() and (run_dir / "config.json").is_file():
+            model, lr, row = lr_row(run_dir)
+            runs.setdefault(model, {})[lr] = row
+    chosen = dict(recorded.get("lr", {}).get("chosen", {}))
+    for model, by_lr in runs.items():
+        scored = [lr for lr, row in by_lr.items() if row["score"] is not None]
+        if model not in chosen and len(scored) == len(PRETRAINED_LR_GRID):
+            chosen[model] = max(scored, key=lambda lr: by_lr[lr]["score"])
+    return {"rates": list(PRETRAINED_LR_GRID), "steps": PRETRAINED_LR_STEPS, "runs": runs, "chosen": chosen}
+
+
+def relative_run_dir(path: str, root: Path) -> str:
+    """A run folder as stored in a committed result: relative to the grid folder (an absolute path of
+    the machine that ran it means nothing elsewhere). An absolute path of another grid folder keeps
+    its part from the cell (or ``pretrained``) on."""
+    p = Path(path)
+    if not p.is_absolute():
+        return path
+    if p.is_relative_to(root):
+        return str(p.relative_to(root))
+    anchors = [i for i, part in enumerate(p.parts) if part in CELLS or part == "pretrained"]
+    return str(Path(*p.parts[anchors[0]:])) if anchors else p.name
+
+
+def fold_entry(by_fold: dict[str, dict]) -> dict:
+    """Mean and population std over folds (the field's convention), per fold, per organ."""
+    folds = sorted(by_fold, key=int)
+    means = [by_fold[f]["mean"] for f in folds]
+    mean = sum(means) / len(means)
+    out = {"mean": round(mean, 2), "std_over_folds": round(math.sqrt(sum((m - mean) ** 2 for m in means) / len(means)), 2),
+           "per_fold": means, "folds": [int(f) for f in folds]}
+    organs = list(dict.fromkeys(k for f in folds for k in by_fold[f] if k not in (*PER_SEED_KEYS, "status")))
+    out.update({o: round(sum(by_fold[f].get(o, 0.0) for f in folds) / len(folds), 2) for o in organs})  # collapsed: 0
+    stopped = [int(f) for f in folds if by_fold[f].get("status") == "collapsed"]
+    if stopped:
+        out["collapsed_folds"] = stopped
+    out["by_fold"] = by_fold
+    return out
+
+
+def unit_row(folder: Path, root: Path) -> dict:
+    """The row of one finished fold unit (its one seed): Dice, training seconds, curve, load."""
+    row = next(iter(seed_rows(folder).values()))
+    sessions = [p for p in sorted(folder.glob("cells/*/train_*")) if (p / "run.json").is_file()]
+    if sessions:
+        sessions.sort(key=lambda p: json.loads((p / "run.json").read_text(encoding="utf-8"))["start_time"])
+        row["train_s"] = train_seconds(sessions)
+        row["val_curve"] = [list(point) for point in val_curve(sessions)]
+    if (folder / "load.json").is_file():
+        record = json.loads((folder / "load.json").read_text(encoding="utf-8"))
+        row["load"] = {"load_before": record["load_before"], "load_after": record.get("load_after")}
+    row["run_dir"] = relative_run_dir(str(folder), root)
+    return row
+
+
+def pretrained_collect(root: Path, recorded: dict) -> dict:
+    """The "pretrained" entry from the unit folders under ``root`` merged with ``recorded``."""
+    entry = {"steps": PRETRAINED_STEPS, "encoder": dict(recorded.get("encoder", {})),
+             "bias_check": dict(recorded.get("bias_check", {})),
+             "budget_check": dict(recorded.get("budget_check", {}))}
+    for folder in sorted((root / "pretrained" / "budget").glob("*")):
+        if finished(folder):
+            entry["budget_check"][folder.name] = unit_row(folder, root)
+    for source, key in ((SHARED_ENCODER, "encoder"), (BIAS_ENCODER, "bias_check")):
+        file = encoder_file(root / "pretrained" / "encoders" / source)
+        if file is not None:
+            configs, extra, objective = ENCODER_SOURCES[source]
+            record = {"source": source, "configs": configs, "objective": objective,
+                      "steps": json.loads((file.parents[1] / "config.json").read_text(encoding="utf-8"))["n_steps"],
+                      "sha256": sha256_of(file), "encoder_tensors_sha256": encoder_digest(file),
+                      "run_dir": relative_run_dir(str(file.parents[1]), root)}
+            target = entry[key] if key == "encoder" else entry["bias_check"].setdefault("encoder", {})
+            if target.get("encoder_tensors_sha256") not in (None, record["encoder_tensors_sha256"]):
+                raise SystemExit(f"[pretrained] the encoder {source} in {file} (tensors sha256 "
+                                 f"{record['encoder_tensors_sha256']}) is not the recorded one "
+                                 f"({target['encoder_tensors_sha256']}): units trained from the recorded encoder would "
+                                 "mix with new ones; restore that file or remove the recorded 'pretrained' entry")
+            target.update(record)
+    entry["lr"] = pretrained_lr(root, recorded)
+    cells = recorded.get("cells", {}).get("CHAOST2_setting1", {}).get("dice_percent", {})
+    by_method: dict[str, dict[str, dict]] = {m: dict(e.get("by_fold", {})) for m, e in cells.items()}
+    for folder in sorted(f for f in (root / "pretrained").glob(f"{SHARED_ENCODER}/*/fold*") if f.parent.name != UNREFINED):
+        curve = None if finished(folder) else collapsed_at(folder)
+        if finished(folder):
+            row = unit_row(folder, root)
+        elif curve is not None:  # predicts background everywhere: Dice 0 on every organ, with its status
+            row = {"mean": 0.0, "status": "collapsed", "val_curve": [list(p) for p in curve],
+                   "run_dir": relative_run_dir(str(folder), root)}
+        else:
+            continue
+        by_method.setdefault(folder.parent.name, {})[folder.name.removeprefix("fold")] = row
+    for folder in sorted((root / "pretrained").glob("copy_support/fold*")) + \
+            sorted((root / "pretrained").glob(f"{SHARED_ENCODER}/{UNREFINED}/fold*")):
+        if len(list(folder.glob("supp*/test_*/summary.json"))) >= len(SUPPORTS):
+            by_method.setdefault(folder.parent.name, {})[folder.name.removeprefix("fold")] = unit_row(folder, root)
+    dice = {m: fold_entry(rows) for m, rows in by_method.items() if rows}
+    seconds = {m: [rows[f].get("train_s") for f in sorted(rows, key=int)] for m, rows in by_method.items()
+               if m != "copy_support" and rows}
+    entry["cells"] = {"CHAOST2_setting1": {"dice_percent": dice, "train_s": seconds}}
+    bias = dict(entry["bias_check"].get("dice_percent", {}))
+    for folder in sorted((root / "pretrained").glob(f"{BIAS_ENCODER}/*/fold0")):
+        if finished(folder):
+            bias[folder.parent.name] = unit_row(folder, root)
+    entry["bias_check"]["dice_percent"] = bias
+    return entry
+
+
+def pretrained_lines(entry: dict) -> list[str]:
+    """The markdown of the pre-trained regime: encoder, rates, the five-fold table, the bias check."""
+    encoder = entry.get("encoder", {})
+    lines = ["## Pre-trained regime: CHAOST2 Setting 1, folds 0-4", "",
+             f"Encoder: {encoder.get('objective', 'not trained yet')}; {encoder.get('steps', '?')} steps "
+             f"(`{encoder.get('configs', '')}`), sha256 `{encoder.get('sha256', '')[:16]}`. Every method trains "
+             f"{entry['steps']} steps from it at its own rate (chosen at fold 0 on the validation curve): "
+             f"{entry.get('lr', {}).get('chosen', {})}. Dice (%): mean over folds +- population std over folds "
+             "(the field's convention); per fold the mean over supports 0-2.", ""]
+    dice = entry["cells"]["CHAOST2_setting1"]["dice_percent"]
+    if dice:
+        organs = [k for k in next(iter(dice.values())) if k not in ("mean", "std_over_folds", "per_fold", "folds", "by_fold",
+                                                                      "collapsed_folds")]
+        copy = dice.get("copy_support", {}).get("per_fold")
+        lines += ["| method | " + " | ".join(organs) + " | mean +- std | per fold | training (s) |",
+                  "|---|" + "---:|" * (len(organs) + 3)]
+        for method, row in ((m, r) for m, r in dice.items() if m in (*PRETRAINED_METHODS, "copy_support")):
+            below = [f for f, v in zip(row["folds"], row["per_fold"]) if copy and method != "copy_support"
+                     and f in dice["copy_support"]["folds"] and v < copy[dice["copy_support"]["folds"].index(f)]]
+            flag = f" (below copy-support on fold {below}: a defect)" if below else ""
+            if row.get("collapsed_folds"):
+                flag += f" (stopped as collapsed on fold {row['collapsed_folds']}: 0 there)"
+            seconds = entry["cells"]["CHAOST2_setting1"]["train_s"].get(method, "")
+            lines.append(f"| {method} | " + " | ".join(str(row.get(o, "")) for o in organs)
+                         + f" | {row['mean']} +- {row['std_over_folds']}{flag} | {row['per_fold']} (folds {row['folds']}) | {seconds} |")
+        lines.append("")
+    for method, row in entry.get("budget_check", {}).items():
+        lines += [f"Budget check, {method}, fold 0, the from-scratch configuration (6000 steps, its from-scratch "
+                  f"rate) from the shared encoder: {row['mean']}; validation curve {row.get('val_curve')}.", ""]
+    bias = entry.get("bias_check", {})
+    if bias.get("dice_percent"):
+        lines += [f"Bias check, fold 0, from the second encoder ({bias.get('encoder', {}).get('objective', '')}): "
+                  + ", ".join(f"{m} {row['mean']}" for m, row in bias["dice_percent"].items()), ""]
+    return lines
+
+
+ABLATION_ROWS = ("qamp", *ABLATIONS, "gmrd", "qnet", UNREFINED, "adnet", "alpnet", "copy_support")
+
+
+def ablation_table(entry: dict, results_dir: Path) -> dict:
+    """``bench/results/ablation.{json,md}``: fold 0 of the pre-trained regime, one row per variant."""
+    dice = entry["cells"]["CHAOST2_setting1"]["dice_percent"]
+    rows = {name: dice[name]["by_fold"]["0"] for name in ABLATION_ROWS if "0" in dice.get(name, {}).get("by_fold", {})}
+    result = {"name": "ablation", "regime": "pretrained", "encoder": entry.get("encoder", {}).get("source"),
+              "fold": 0, "steps": PRETRAINED_STEPS, "lr": entry.get("lr", {}).get("chosen", {}),
+              "keys": {name: list(keys) for name, keys in ABLATIONS.items()}, "rows": rows, **machine()}
+    organs = list(dict.fromkeys(k for row in rows.values() for k in row if k not in (*PER_SEED_KEYS, "status")))
+    lines = ["# QAMP's components, its ancestors and the baselines (CHAOST2 Setting 1, fold 0)", "",
+             f"The shared pre-trained encoder ({result['encoder']}), {PRETRAINED_STEPS} steps, each method at its own "
+             "rate (the QAMP variants at QAMP's), supports 0-2; command: `python bench/cpu_budget_table.py "
+             "pretrained`. Dice (%) on the native grid.", "",
+             "| row | keys | " + " | ".join(organs) + " | mean | training (s) |", "|---|---|" + "---:|" * (len(organs) + 2)]
+    for name, row in rows.items():
+        keys = " ".join(ABLATIONS.get(name, ("qnet_refine_iters=0",) if name == UNREFINED else ()))
+        lines.append(f"| {name} | {keys} | " + " | ".join(str(row.get(o, '')) for o in organs)
+                     + f" | {row['mean']}{' (collapsed)' if row.get('status') == 'collapsed' else ''} | "
+                     f"{row.get('train_s', '')} |")
+    curves = {name: row["val_curve"] for name, row in rows.items() if row.get("val_curve")}
+    if curves:
+        plot_curves(curves, "ablation, fold 0 (pre-trained encoder)", results_dir / "ablation.png")
+        lines += ["", "![validation curves](ablation.png)"]
+    write_text(results_dir / "ablation.md", "\n".join(lines) + "\n")
+    write_json(results_dir / "ablation.json", result)  # collect prints its own JSON line
+    return result
+
+
+def two_best(entry: dict) -> list[str] | None:
+    """The two trained methods with the highest five-fold mean, once every method has every fold."""
+    dice = entry.get("cells", {}).get("CHAOST2_setting1", {}).get("dice_percent", {})
+    complete = {m: e["mean"] for m, e in dice.items() if m in PRETRAINED_METHODS and len(e["per_fold"]) == len(PRETRAINED_FOLDS)}
+    if len(complete) < len(PRETRAINED_METHODS):
+        return None
+    return sorted(complete, key=complete.get, reverse=True)[:2]
+
+
+def write_pretrained(results_dir: Path, entry: dict) -> None:
+    """Put ``entry`` under "pretrained" in the results JSON, keeping everything else in it."""
+    path = results_dir / "cpu_budget_table.json"
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"name": "cpu_budget_table", "cells": {}}
+    data["pretrained"] = entry
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+# Straight through: the scheduler of the pre-trained regime (collect, plan, start on free cores, wait).
+def pretrained(args: argparse.Namespace) -> dict:
+    """Run or resume the pre-trained regime, then collect it into the results JSON."""
+    root, results_dir = Path(args.dir).resolve(), Path(args.results)
+    started: dict[int, tuple[subprocess.Popen, Job, dict]] = {}
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    slots = cores[:args.slots or len(cores)]
+    launched: set[str] = set()
+    while True:
+        earlier = json.loads((results_dir / "cpu_budget_table.json").read_text(encoding="utf-8")) \
+            if (results_dir / "cpu_budget_table.json").is_file() else {}
+        entry = pretrained_collect(root, earlier.get("pretrained", {}))
+        if not args.dry_run:
+            write_pretrained(results_dir, entry)  # each finished unit lands at once
+        jobs = pretrained_jobs(entry, two_best(entry))
+        done = {job.name for job in jobs if job_finished(job, root, entry)}
+        waiting = [job for job in jobs if job.name not in done]
+        encoders = {s: encoder_file(root / "pretrained" / "encoders" / s) for s in ENCODER_SOURCES}
+        if args.dry_run:
+            for job in waiting:
+                ready = all(n in done or n not in {j.name for j in jobs} for n in job.needs)
+                command = pretrained_command(job, root, args, entry, {k: v or "<encoder>" for k, v in encoders.items()})
+                print(f"[{'ready' if ready else 'waits'}] {job.name}: " + " ".join(command))
+            return entry
+        names = {job.name for job in jobs}
+        ready = [job for job in waiting if job.name not in launched
+                 and all(n in done or n not in names for n in job.needs)
+                 and not held_elsewhere(root / job.folder)]
+        for slot in [s for s in slots if s not in started]:
+            if not ready:
+                break
+            job = ready.pop(0)
+            process, record = start_unit(pretrained_command(job, root, args, entry, encoders), root / job.folder,
+                                         slot, root)
+            started[slot] = (process, job, record)
+            launched.add(job.name)
+            print(f"[pretrained] {job.name}: started on core {slot}", flush=True)
+        if not started:
+            if waiting:
+                stuck = ", ".join(job.name for job in waiting)
+                raise SystemExit(f"[pretrained] nothing can start: {stuck} wait for units that failed; see their "
+                                 f"sweep.log under {root / 'pretrained'}")
+            return collect(args)["pretrained"]
+        time.sleep(POLL_S)
+        for slot, (process, job, record) in list(started.items()):
+            if process.poll() is None:
+                continue
+            del started[slot]
+            end_unit(process, record, root / job.folder)
+            print(f"[pretrained] {job.name}: ended with {process.returncode}", flush=True)
+            if process.returncode != 0:
+                launched.add(job.name)  # not started again in this call; a new call retries it (resume)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("lr", "run", "collect"))
+    parser.add_argument("command", choices=("lr", "run", "collect", "pretrained"))
     parser.add_argument("--dir", default=str(REPO.parent / "runs" / "cpu_budget_table"),
                         help="grid folder, outside the clone [../runs/cpu_budget_table]")
     parser.add_argument("--data-dir", default=os.environ.get("QAMP_DATA_ROOT"),
@@ -582,7 +1071,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("the data root is not set: pass --data-dir or export QAMP_DATA_ROOT=/path/to/data")
     if args.data_dir:
         args.data_dir = str(Path(args.data_dir).resolve())
-    {"lr": lr_select, "run": run, "collect": collect}[args.command](args)
+    {"lr": lr_select, "run": run, "collect": collect, "pretrained": pretrained}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,14 @@ and ``predict.py`` (``segment``).
 
 ``tds`` is a ``dataloaders.eval_dataset.EvalDataset`` (support scan, query scans, chunks, and the
 resampling to the model grid); ``model`` has ``encode_support`` / ``segment`` (QAMP or a baseline
-head: ADNet, ALPNet), or is None for the copy-support baseline. Scans stay on their native grid: the model sees
+head: ADNet, ALPNet, Q-Net, ...), or is None for the copy-support baseline. Scans stay on their native grid: the model sees
 ``image_size`` slices and its class probabilities are resampled back (bilinear, then argmax), so
 every score and file is on the native grid.
+
+Everything runs under ``torch.inference_mode()``. A model that optimises at test time (Q-Net's
+prototype refinement, ``models.qnet.refine_prototype``) does so inside ``segment`` under
+``torch.inference_mode(False)`` and ``enable_grad`` on detached copies of its inputs, so the
+evaluation stays in inference mode for every other model.
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ def segment_chunks(model, chunks: Iterable[tuple[int, np.ndarray]],
         cached = None if support_feats is None else support_feats.get(int(support_z))
         state = model.encode_support(supp_img.to(device), supp_mask.to(device), generator=generator, feats=cached)
         if support_feats is not None:
-            support_feats[int(support_z)] = state.feats  # (1, C, h, w)
+            support_feats[int(support_z)] = state.feats  # (1, C, h, w); Q-Net: a tuple, one per path
         for start in range(0, chunk.size, batch_size):
             zs = chunk[start:start + batch_size]
             yield zs, model.segment(state, query_input(zs).to(device), generator=generator)

@@ -22,14 +22,21 @@ the dataset's names. Snapshots written before ``meta`` existed are described fro
 ``meta`` too (with ``config`` None). Which config keys define the model is the model's to say
 (``models.MODEL_KEYS``); the functions that only read headers take them as ``model_keys=``.
 
+``meta['encoder_init']`` (added by :func:`build_snapshot` from the model's encoder) says where the
+encoder's initial weights came from: ``{'kind', 'path' (pretrained_path as given), 'file' (the file
+read), 'sha256', 'tensors'}`` (``models.encoder.load_pretrained``); e.g. another run's snapshot
+with ``pretrained_weights='snapshot'``.
+
 Files live in ``<run>/snapshots/``: ``step_<k>.pth`` every ``save_snapshot_every`` steps (the last
-``keep_snapshots`` of them are kept) and ``final.pth`` at the end of training.
+``keep_snapshots`` of them are kept) and ``final.pth`` at the end of training. That layout and its
+resolution (:func:`find_snapshot`, :func:`intermediate_snapshots`, :func:`step_name`,
+:data:`FINAL_NAME`) live in ``utils.run_folder``, re-exported here, so that ``models`` resolves
+a run folder the same way.
 """
 from __future__ import annotations
 
 import copy
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -40,24 +47,18 @@ import torch.nn as nn
 from data.registry import DATASETS
 from engine.distributed import Distributed, snapshot_extras
 from engine.runtime import plain_config
-from models import MODEL_KEYS, build_model, check_state_dict
+from models import MODEL_KEYS, TEST_TIME_KEYS, build_model, check_state_dict
 from models.qamp import COMPUTE_ONLY_KEYS
 from utils.io import atomic_write, load_torch_file  # noqa: F401 (load_torch_file re-exported)
+from utils.run_folder import FINAL_NAME, find_snapshot, intermediate_snapshots, step_name  # noqa: F401 (re-exported)
 from utils.seed import capture_rng_state
 
 SNAPSHOT_FORMAT = "qamp-snapshot-v1"
-FINAL_NAME = "final.pth"
 META_VERSION = 1
 NORMALISATION = "per-volume z-score"  # what dataloaders.datasets.zscore does to every volume
 # Orientation assumed for a snapshot that states neither its own nor a registered dataset: that of
 # the CHAOST2 scans the reference models were trained on (data/registry.py holds every dataset's).
 DEFAULT_ORIENTATION = DATASETS["CHAOST2"].orientation
-_STEP_PATTERN = re.compile(r"step_(\d+)\.pth")
-
-
-def step_name(step: int) -> str:
-    """File name of the intermediate snapshot after ``step`` completed steps."""
-    return f"step_{step:07d}.pth"
 
 
 def save_snapshot(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -74,13 +75,18 @@ def build_snapshot(step: int, final: bool, model: nn.Module, optimizer: torch.op
                    val_points: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | None,
                    dist: Distributed, amp=None) -> dict[str, Any]:
     """The snapshot after ``step`` completed steps (the format of the module docstring): everything
-    needed to continue exactly, ``meta`` (:func:`snapshot_meta`) and the distributed / AMP extras
+    needed to continue exactly, ``meta`` (:func:`snapshot_meta`, plus ``encoder_init`` when the
+    model's encoder records where its weights came from) and the distributed / AMP extras
     (``engine.distributed.snapshot_extras``). Collective under torchrun: every rank must call it."""
+    meta = dict(meta or {})
+    source = getattr(getattr(model, "encoder", None), "pretrained_source", None)  # models.encoder.load_pretrained
+    if source is not None:
+        meta["encoder_init"] = dict(source)
     state = {"format": SNAPSHOT_FORMAT, "step": step, "final": final,
              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": capture_rng_state(cuda=next(model.parameters()).is_cuda),
              "generator": generator.get_state(), "history": {k: list(v) for k, v in history.items()},
-             "val": list(val_points), "config": plain_config(config), "meta": dict(meta or {})}
+             "val": list(val_points), "config": plain_config(config), "meta": meta}
     return state | snapshot_extras(dist, generator, amp)
 
 
@@ -195,7 +201,9 @@ def load_model(snapshot: str | os.PathLike, device: torch.device, *, compute: Ma
     Args:
         snapshot: a snapshot file, a training run folder or its ``snapshots/`` (the final snapshot).
         compute: values of the compute-only keys (``models.qamp.COMPUTE_ONLY_KEYS``: how the same
-            numbers are computed, not stored in ``meta``); missing ones take ``ModelConfig``'s.
+            numbers are computed, not stored in ``meta``); missing ones take ``ModelConfig``'s. Also the
+            test-time model keys (``models.TEST_TIME_KEYS``, e.g. ``qnet_refine_iters``), which
+            override the snapshot's values when given.
         image_size: the size to build at when the snapshot does not state one (written before
             ``meta`` existed, trained at its dataset's native size); None refuses such a snapshot.
 
@@ -217,7 +225,7 @@ def load_model(snapshot: str | os.PathLike, device: torch.device, *, compute: Ma
                          "size from the dataset")
     # The snapshot holds every weight: the pre-training file is not needed.
     keys = {**{k: v for k, v in (compute or {}).items() if k in COMPUTE_ONLY_KEYS}, **meta["model_keys"],
-            "pretrained_weights": "none"}
+            **{k: v for k, v in (compute or {}).items() if k in TEST_TIME_KEYS}, "pretrained_weights": "none"}
     model = build_model(keys, int(size))
     check_state_dict(model, state["model"], source=str(path))
     model.load_state_dict(state["model"])
@@ -273,48 +281,6 @@ def _accept(obj: Any, path: Path) -> dict[str, Any]:
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"model": obj}
     raise ValueError(f"snapshot {path}: neither a {SNAPSHOT_FORMAT} snapshot nor a plain state_dict")
-
-
-def _snapshot_dir(run_or_dir: Path) -> Path:
-    return run_or_dir / "snapshots" if (run_or_dir / "snapshots").is_dir() else run_or_dir
-
-
-def intermediate_snapshots(folder: str | os.PathLike) -> list[Path]:
-    """``step_*.pth`` files of a run folder (or its ``snapshots/``), sorted by step."""
-    folder = _snapshot_dir(Path(folder))
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pth")
-             if (m := _STEP_PATTERN.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def find_snapshot(path: str | os.PathLike, which: str = "final") -> Path:
-    """Resolve a snapshot file, or a run folder to one of its snapshots.
-
-    Args:
-        path: a ``.pth`` file, a training run folder, or its ``snapshots/`` folder.
-        which: ``'final'`` (the end-of-training snapshot, for testing) or ``'latest'`` (the final
-            one if present, else the intermediate one with the most steps, for resuming).
-
-    Raises:
-        FileNotFoundError: the path does not exist or holds no suitable snapshot.
-    """
-    if which not in ("final", "latest"):
-        raise ValueError(f"which={which!r}: expected 'final' or 'latest'")
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist: expected a snapshot file or a training run folder")
-    folder = _snapshot_dir(path)
-    if (folder / FINAL_NAME).is_file():
-        return folder / FINAL_NAME
-    steps = intermediate_snapshots(folder)
-    if which == "latest" and steps:
-        return steps[-1]
-    hint = (f"; its latest intermediate snapshot is {steps[-1]} (pass that file explicitly, or resume "
-            f"training with resume={path})") if steps else ""
-    raise FileNotFoundError(f"{path} holds no {'final ' if which == 'final' else ''}snapshot "
-                            f"({folder}/{FINAL_NAME} missing){hint}")
 
 
 def prune_snapshots(folder: str | os.PathLike, keep: int) -> list[Path]:

@@ -9,7 +9,8 @@ Both act at two points of Sacred's config process (``config.py`` wires them):
 2. :func:`check_against_snapshot` runs on the final config, before the run starts (no run folder
    exists yet): a key that still differs from the snapshot was given explicitly. For ``test`` a model
    key (``models.MODEL_KEYS``, which config.py passes in) that disagrees is an error naming both
-   values; for a resumed ``train`` run every key outside :data:`RESUME_FREE_KEYS` that changed is an
+   values, except the test-time keys (``models.TEST_TIME_KEYS``: ``qnet_refine_iters``), where the
+   snapshot's value is only the default; for a resumed ``train`` run every key outside :data:`RESUME_FREE_KEYS` that changed is an
    error listing them, and ``n_steps`` must exceed the snapshot's completed steps.
 
 Test runs also take ``dataset``, ``data_dir``, ``setting``, ``eval_fold`` and ``test_label`` from the
@@ -21,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 
 from engine.snapshot import _plain, find_snapshot, read_snapshot_header
+from models import TEST_TIME_KEYS
 
 # Keys a resumed run may change: they do not change the training run's meaning or its loss sequence
 # (n_steps only where training stops; data_dir: the same data moved elsewhere; the rest: logging,
@@ -112,7 +114,7 @@ def _check_test(config: Mapping[str, Any], header: Mapping[str, Any],
                 native_size: Callable[[Mapping[str, Any]], int | None]) -> None:
     differing, notes = [], []
     for key, stored in header["meta"]["model_keys"].items():
-        if key not in config:
+        if key not in config or key in TEST_TIME_KEYS:  # test-time keys: the snapshot's is only the default
             continue
         value = config[key]
         if key == "image_size":

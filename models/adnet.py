@@ -24,9 +24,10 @@ Losses (``out['losses']``, unweighted; ``out['loss']`` = query + align + thresho
   when no query feature cell is predicted foreground (their ``skip_ways``);
 * ``threshold``: ``T / 20`` (their ``t_loss``; ``t_loss_scaler`` 1), which pushes ``T`` down.
 
-The encoder's per-image threshold head (``reduce1d`` on ``fc(avgpool(layer4))``) is computed by
-``Encoder.forward`` and ignored here: those parameters (and layer4, fc, reduce2) get no gradient
-(``grad`` stays None), which ``torch.optim.SGD`` skips, weight decay included.
+The encoder's per-image threshold head (``reduce1d`` on ``fc(avgpool(layer4))``) is not used here,
+so it is not computed (``Encoder.forward(x, threshold=False)``: the encoder stops after layer3 and
+``reduce1``): those parameters (and layer4, fc, reduce2) get no gradient (``grad`` stays None), which
+``torch.optim.SGD`` skips, weight decay included, and layer4's batch-norm statistics keep their values.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models.encoder import Encoder
 from models.losses import nll_loss, support_labels
@@ -61,9 +61,11 @@ def support_prototype(feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         ``C``: ``mean_s sum_x up(F_s)(x) M_s(x) / (sum_x M_s(x) + 1e-5)``, ``up`` bilinear with
         ``align_corners=False`` (fewshot_anom.py L117-121, shot mean L137).
     """
-    up = F.interpolate(feats, size=masks.shape[-2:], mode="bilinear", align_corners=False)  # (S, C, H, W)
-    per_shot = torch.einsum("schw,shw->sc", up, masks) / (masks.sum(dim=(-2, -1))[:, None] + MAP_EPS)
-    return per_shot.mean(dim=0)
+    # sum_x up(F)(x) M(x) as F against the up-sampling's adjoint of M: equal up to rounding, without the
+    # S x C x H x W map, and deterministic on CUDA (F.interpolate's backward is not)
+    grid = UpsampleGrid(tuple(feats.shape[-2:]), tuple(masks.shape[-2:]), feats.device, feats.dtype,
+                        align_corners=False)
+    return grid.masked_average(feats, masks).mean(dim=0)
 
 
 def foreground_probability(feats: torch.Tensor, prototype: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -147,7 +149,7 @@ class ADNet(nn.Module):
         """
         check_episode(supp_imgs, qry_imgs, self.image_size)
         n_shots = supp_imgs.shape[1]
-        feats, _ = self.encoder(torch.cat([supp_imgs[0], qry_imgs]))  # per-image thresholds unused
+        feats, _ = self.encoder(torch.cat([supp_imgs[0], qry_imgs]), threshold=False)  # no layer4 / threshold head
         grid = self._grid(feats)
         masks = supp_masks[0].to(feats.dtype)
         state = SupportState(feats[:n_shots], masks, support_prototype(feats[:n_shots], masks))
@@ -168,7 +170,7 @@ class ADNet(nn.Module):
         """Support features and prototype (``1 x S x 3 x H x W``); ``feats`` as in ``QAMP.encode_support``."""
         check_image_size(supp_imgs, self.image_size, "supp_imgs")
         if feats is None:
-            feats, _ = self.encoder(supp_imgs[0])
+            feats, _ = self.encoder(supp_imgs[0], threshold=False)
         masks = supp_masks[0].to(feats.dtype)
         return SupportState(feats, masks, support_prototype(feats, masks))
 
@@ -176,6 +178,6 @@ class ADNet(nn.Module):
                 generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """``N x 3 x H x W`` query slices -> ``pred N x 2 x H x W``, ``prior N x H x W``."""
         check_image_size(qry_imgs, self.image_size, "qry_imgs")
-        feats, _ = self.encoder(qry_imgs)
+        feats, _ = self.encoder(qry_imgs, threshold=False)
         out = self._predict(state, feats, self._grid(feats))
         return {"pred": out["pred"], "prior": out["prior"]}

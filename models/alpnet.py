@@ -193,8 +193,9 @@ class ALPNet(nn.Module):
 
     Reads ``backbone`` and ``feature_dim`` from ``config``; every other number is the authors'
     (constants above). The local pooling window follows the mode: feature side / ``TRAIN_GRID`` in
-    ``train()``, / ``EVAL_GRID`` in ``eval()``. The encoder's per-image threshold head is computed
-    and unused (its parameters get no gradient, which SGD skips).
+    ``train()``, / ``EVAL_GRID`` in ``eval()``. The encoder's per-image threshold head is unused and
+    not computed (``Encoder.forward(x, threshold=False)``: no layer4 either; those parameters get no
+    gradient, which SGD skips).
 
     ``SupportState`` here: ``prototype`` the global foreground prototype, ``fg`` the foreground
     set (None in 'mask' mode), ``bg`` the background set (``P x C``, possibly empty).
@@ -243,7 +244,7 @@ class ALPNet(nn.Module):
         """
         check_episode(supp_imgs, qry_imgs, self.image_size)
         n_shots = supp_imgs.shape[1]
-        feats, _ = self.encoder(torch.cat([supp_imgs[0], qry_imgs]))  # per-image thresholds unused
+        feats, _ = self.encoder(torch.cat([supp_imgs[0], qry_imgs]), threshold=False)  # no layer4 / threshold head
         state = self._support_state(feats[:n_shots], supp_masks[0].to(feats.dtype))
         low, logits = self._logits(state, feats[n_shots:])
         n_fg = 0 if state.fg is None else state.fg.shape[0] - n_shots  # minus the global ones
@@ -268,13 +269,13 @@ class ALPNet(nn.Module):
         """Support prototypes (``1 x S x 3 x H x W``); ``feats`` as in ``QAMP.encode_support``."""
         check_image_size(supp_imgs, self.image_size, "supp_imgs")
         if feats is None:
-            feats, _ = self.encoder(supp_imgs[0])
+            feats, _ = self.encoder(supp_imgs[0], threshold=False)
         return self._support_state(feats, supp_masks[0].to(feats.dtype))
 
     def segment(self, state: SupportState, qry_imgs: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """``N x 3 x H x W`` query slices -> ``pred`` (softmax) and ``logits``, ``N x 2 x H x W``."""
         check_image_size(qry_imgs, self.image_size, "qry_imgs")
-        feats, _ = self.encoder(qry_imgs)
+        feats, _ = self.encoder(qry_imgs, threshold=False)
         _, logits = self._logits(state, feats)
         return {"pred": torch.softmax(logits, dim=1), "logits": logits}

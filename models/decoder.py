@@ -84,23 +84,28 @@ class SimilarityDecoder(nn.Module):
     """``P``-channel similarity map -> one logit map. All convolutions bias-free.
 
     ``in_conv`` 1x1 ``P -> hidden`` + ReLU; residual ``res_conv1``/``res_conv2`` 3x3 + ReLU;
-    ``out_conv`` 3x3 + ReLU; channel dropout; ``head`` 1x1 ``hidden -> 1``.
+    ``out_conv`` 3x3 ``hidden -> out_width`` + ReLU; channel dropout; ``head`` 1x1 ``out_width -> 1``.
 
     Args:
         n_prototypes: ``P`` input channels.
         hidden: width (the reference uses ``P - 2``: the number of sampled prototypes).
-        p: channel-dropout probability (drawn from the caller's generator).
+        p: channel-dropout probability (drawn from the caller's generator); QAMP 0.2 (its
+            models/modules.py L42), GMRD 0.1 (moudles.py L39).
         winograd: compute the 3x3 convolutions with ``conv3x3_winograd`` on the CPU (same numbers up
             to float rounding, faster); the parameters are ``nn.Conv2d``'s either way.
+        out_width: channels of ``out_conv``; None = ``hidden`` (QAMP, modules.py L40). GMRD's decoder
+            narrows to a literal 100 whatever ``hidden`` (GMRD moudles.py L37, L40).
     """
 
-    def __init__(self, n_prototypes: int, hidden: int, p: float, winograd: bool = True):
+    def __init__(self, n_prototypes: int, hidden: int, p: float, winograd: bool = True,
+                 out_width: int | None = None):
         super().__init__()
+        out_width = hidden if out_width is None else out_width
         self.in_conv = nn.Conv2d(n_prototypes, hidden, kernel_size=1, bias=False)
         self.res_conv1 = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, bias=False)
         self.res_conv2 = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, bias=False)
-        self.out_conv = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, bias=False)
-        self.head = nn.Conv2d(hidden, 1, kernel_size=1, bias=False)
+        self.out_conv = nn.Conv2d(hidden, out_width, kernel_size=3, padding=1, bias=False)
+        self.head = nn.Conv2d(out_width, 1, kernel_size=1, bias=False)
         self.p = p
         self.winograd = winograd
 

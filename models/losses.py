@@ -1,4 +1,5 @@
-"""Training losses of QAMP (docs/METHOD.md §4). Each returns one unweighted scalar."""
+"""Training losses of QAMP (docs/METHOD.md §4) and of the heads that share them (GMRD: ``descriptor_loss``).
+Each returns one unweighted scalar."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -135,6 +136,31 @@ def prototype_consistency_loss(sup_fg: torch.Tensor, qry_fg: torch.Tensor,
     intra = 2 - (d1 @ d2) - (b1 @ b2)
     inter = (d1 @ b1).clamp(min=0) + (d2 @ b2).clamp(min=0)
     return intra + inter
+
+
+def descriptor_loss(sup_fg: torch.Tensor, qry_fg: torch.Tensor, sup_bg: torch.Tensor, qry_bg: torch.Tensor,
+                    n_pooled: int = 2) -> torch.Tensor:
+    """GMRD's auxiliary descriptor loss (its models/fewshot_GMRD.py ``get_aux_loss``, L404-429, at 45ba5c2).
+
+    Each set is ``P x C``: ``P - n_pooled`` learned descriptors followed by ``n_pooled`` masked
+    averages (global, edge band); ``sup_*`` from the support, ``qry_*`` from the query (the reverse
+    pass). With every row L2-normalised (``d1, d2, b1, b2``):
+
+    * intra, per class: each learned support descriptor's best cosine among the learned query
+      descriptors (``max_j <d1_i, d2_j>``, L410, L413) and the cosine of each masked-average pair
+      (L411-412), averaged over the ``P`` values (L414-415); ``intra = 2 - fg - bg`` (L423);
+    * inter: ``max(0, mean_ij <d1_i, b1_j>) + max(0, mean_ij <d2_i, b2_j>)`` over every pair (L425-427).
+
+    Returns ``intra + inter`` (a scalar; GMRD weighs it 0.5, train.py L112).
+    """
+    def intra(sup: torch.Tensor, qry: torch.Tensor) -> torch.Tensor:
+        best = torch.max(sup[:-n_pooled] @ qry[:-n_pooled].T, dim=1).values  # (P - n_pooled,)
+        pooled = (sup[-n_pooled:] * qry[-n_pooled:]).sum(dim=1)  # (n_pooled,)
+        return torch.cat([best, pooled]).mean()
+
+    d1, d2, b1, b2 = (F.normalize(s, dim=-1) for s in (sup_fg, qry_fg, sup_bg, qry_bg))
+    inter = (d1 @ b1.T).mean().clamp(min=0) + (d2 @ b2.T).mean().clamp(min=0)
+    return 2 - intra(d1, d2) - intra(b1, b2) + inter
 
 
 def prior_alignment_loss(query_feats: torch.Tensor, query_pred: torch.Tensor, supp_feats: torch.Tensor,

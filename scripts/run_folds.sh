@@ -3,11 +3,16 @@
 # (and, for testing, per support index), like the reference scripts.
 #
 # Usage: scripts/run_folds.sh train|test NAMED_CONFIG DATASET [extra Sacred KEY=VALUE ...]
+# (MODEL=qnet / adnet / alpnet / gmrd trains another head; a test run takes the model from its
+# snapshot, and qnet_refine_iters=0 tests a Q-Net model without its test-time refinement)
 # Environment (defaults in brackets):
 #   DATA_DIR [unset]         image folder or a root holding <DATASET>/<folder>; unset: QAMP_DATA_ROOT
 #                            (config.py; training refuses to start without either; a test run
 #                            takes its training run's data_dir)
-#   LOG_DIR  [./runs]          where run folders are created (test runs look for training runs here)
+#   MODEL    [unset: qamp]     the network to train: qamp | adnet | alpnet | qnet | gmrd | panet
+#                              (model=<MODEL>; test runs take it from the snapshot)
+#   LOG_DIR  [./runs, or ./runs/<MODEL> when MODEL is set]  where run folders are created (test runs
+#                              look for training runs here, so MODEL=adnet tests find ADNet's runs)
 #   N_STEPS  [40000]           training steps (train only)
 #   DEVICE   [auto]            auto | cpu | cuda | cuda:<i>
 #   SETTING  [1]               1 or 2 (setting 2 removes training slices holding a test class)
@@ -29,7 +34,8 @@ fi
 STAGE=$1 NAMED=$2 DATASET=$3
 shift 3
 DATA_DIR=${DATA_DIR:-}
-LOG_DIR=${LOG_DIR:-./runs}
+MODEL=${MODEL:-}
+LOG_DIR=${LOG_DIR:-./runs${MODEL:+/$MODEL}}
 N_STEPS=${N_STEPS:-40000}
 DEVICE=${DEVICE:-auto}
 SETTING=${SETTING:-1}
@@ -62,7 +68,7 @@ latest_run() {
 for FOLD in $FOLDS; do
     if [[ $STAGE == train ]]; then
         echo "== train $NAMED setting$SETTING fold $FOLD ($N_STEPS steps) -> $LOG_DIR"
-        "$PYTHON" train.py "${common[@]}" "eval_fold=$FOLD" "n_steps=$N_STEPS" "$@"
+        "$PYTHON" train.py "${common[@]}" ${MODEL:+"model=$MODEL"} "eval_fold=$FOLD" "n_steps=$N_STEPS" "$@"
     else
         run=$(latest_run "$FOLD")
         if [[ -z "$run" ]]; then

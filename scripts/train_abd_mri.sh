@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train QAMP on abdominal MRI (CHAOS T2-SPIR), one run per fold (5-fold cross-validation).
-# Environment overrides: DATA_DIR, LOG_DIR, N_STEPS, DEVICE, SETTING, FOLDS, SUPP_IDX, SEED, PYTHON
+# Environment overrides: MODEL, DATA_DIR, LOG_DIR, N_STEPS, DEVICE, SETTING, FOLDS, SUPP_IDX, SEED, PYTHON
 # (see scripts/run_folds.sh); extra arguments are Sacred KEY=VALUE updates, e.g.
 #   SETTING=2 FOLDS="0 1" bash scripts/train_abd_mri.sh backbone=resnet50
 exec bash "$(dirname "$0")/run_folds.sh" train abd_mri CHAOST2 "$@"

@@ -255,3 +255,140 @@ def test_lr_collect_keeps_the_recorded_rates(table, tmp_path: Path) -> None:
     assert result["chosen"] == {"adnet": "0.005", "qamp": "0.02"}  # adnet 0.02 stays excluded
     assert result["runs"]["qamp"]["0.02"]["score"] == 51.0 and result["runs"]["adnet"]["0.02"]["score"] == 62.5
     assert [row["model"] for row in result["full_budget_unstable"]] == ["adnet"]
+
+
+# ---------------------------------------------------------------------------------------------- pre-trained regime
+def write_encoder(root: Path, source: str, value: float = 1.0, note: str = "") -> Path:
+    """A finished pre-training unit whose snapshot holds one encoder tensor of ``value`` (and ``note``,
+    standing for what differs between two files of the same weights)."""
+    import torch
+
+    run = root / "pretrained" / "encoders" / source / "cells" / "c" / "train_x"
+    write_session(run, "2026-12-04T05:00:00", "COMPLETED", "2026-12-04T06:00:00", {})
+    (run / "config.json").write_text(json.dumps({"n_steps": 6000}), encoding="utf-8")
+    torch.save({"format": "qamp-snapshot-v1", "note": note,
+                "model": {"encoder.reduce1.weight": torch.full((2, 2), value), "threshold": torch.zeros(1)}},
+               run / "snapshots" / "final.pth")
+    return run / "snapshots" / "final.pth"
+
+
+def fold_row(mean: float) -> dict:
+    return {"LIVER": mean + 10, "RK": mean - 10, "mean": mean, "per_support": {"0": mean, "1": mean, "2": mean},
+            "train_s": 1200, "run_dir": "pretrained/panet_sabs/qamp/fold0"}
+
+
+def test_pretrained_plan_starts_with_the_encoder_and_skips_what_is_recorded(table) -> None:
+    jobs = table.pretrained_jobs({}, None)
+    names = [job.name for job in jobs]
+    assert names[0] == "encoder/panet_sabs" and "encoder/adnet_sabs" not in names  # no bias check before 5 folds
+    methods = table.PRETRAINED_METHODS
+    assert {f"lr/{m}" for m in methods} <= set(names)
+    assert sum(n.split("/")[:2] in (["panet_sabs", m] for m in methods) for n in names) == 5 * len(methods)
+    assert {f"panet_sabs/{v}/fold0" for v in table.ABLATIONS} <= set(names)
+    assert sum(n.startswith("copy_support/") for n in names) == 5 * 3
+    fold = next(job for job in jobs if job.name == "panet_sabs/qamp/fold3")
+    assert fold.needs == ("encoder/panet_sabs", "lr/qamp")
+    # QAMP's fold 0 and rate recorded (its folder gone): neither is planned again
+    recorded = {"lr": {"chosen": {"qamp": "0.02"}},
+                "cells": {"CHAOST2_setting1": {"dice_percent": {"qamp": {"by_fold": {"0": fold_row(60.0)}}}}}}
+    names = [job.name for job in table.pretrained_jobs(recorded, ["qamp", "alpnet"])]
+    assert "lr/qamp" not in names and "panet_sabs/qamp/fold0" not in names and "panet_sabs/qamp/fold1" in names
+    assert {"encoder/adnet_sabs", "adnet_sabs/qamp/fold0", "adnet_sabs/alpnet/fold0"} <= set(names)
+
+
+def test_pretrained_commands_start_from_the_encoder_at_the_chosen_rate(table, tmp_path: Path) -> None:
+    args = argparse.Namespace(python="python", data_dir="/data")
+    recorded = {"lr": {"chosen": {"alpnet": "0.005"}}}
+    encoders = {"panet_sabs": "/grid/enc.pth", "adnet_sabs": "/grid/enc2.pth"}
+    jobs = {job.name: job for job in table.pretrained_jobs(recorded, None)}
+    command = " ".join(table.pretrained_command(jobs["panet_sabs/alpnet/fold2"], tmp_path, args, recorded, encoders))
+    for part in ("--folds 2", "--supports 0,1,2", "model=alpnet", "optim.lr=0.005", "pretrained_weights=snapshot",
+                 "pretrained_path=/grid/enc.pth", f"n_steps={table.PRETRAINED_STEPS}", "abd_mri+setting1+cpu_budget"):
+        assert part in command, part
+    encoder = " ".join(table.pretrained_command(jobs["encoder/panet_sabs"], tmp_path, args, recorded, encoders))
+    assert "cpu_budget+pretrain_sabs" in encoder and "--supports  " in encoder + " "
+    copy = table.pretrained_command(jobs["copy_support/fold4/supp1"], tmp_path, args, recorded, encoders)
+    assert copy[1] == "test.py" and "eval_fold=4" in copy and "supp_idx=1" in copy
+
+
+def test_pretrained_collect_keeps_recorded_folds_and_computes_the_fold_statistics(table, tmp_path: Path) -> None:
+    """A new machine: fold 0 of QAMP recorded (its folder gone), folds 1-4 here; mean and population std."""
+    root = tmp_path / "grid"
+    first = write_encoder(root, "panet_sabs")
+    for fold, value in ((1, 0.7), (2, 0.5), (3, 0.6), (4, 0.6)):
+        write_method(root / "pretrained" / "panet_sabs" / "qamp", f"fold{fold}", "x", 2025, {1: value, 2: value})
+        folder = root / "pretrained" / "panet_sabs" / "qamp" / f"fold{fold}"
+        for child in (folder / "x" / "seed2025").iterdir():
+            child.rename(folder / child.name)
+    recorded = {"encoder": {"encoder_tensors_sha256": table.encoder_digest(first)},
+                "cells": {"CHAOST2_setting1": {"dice_percent": {"qamp": {"by_fold": {"0": fold_row(60.0)}}}}}}
+    entry = table.pretrained_collect(root, recorded)
+    qamp = entry["cells"]["CHAOST2_setting1"]["dice_percent"]["qamp"]
+    assert qamp["folds"] == [0, 1, 2, 3, 4] and qamp["per_fold"] == [60.0, 70.0, 50.0, 60.0, 60.0]
+    assert qamp["mean"] == 60.0 and qamp["std_over_folds"] == pytest.approx(6.32, abs=0.01)  # sqrt(200 / 5)
+    assert entry["encoder"]["steps"] == 6000 and entry["encoder"]["run_dir"].startswith("pretrained/encoders/")
+    assert str(tmp_path) not in json.dumps(entry)  # no absolute path of this machine
+    same = write_encoder(tmp_path / "same", "panet_sabs", note="another run folder, same weights")
+    assert table.sha256_of(same) != table.sha256_of(first) and table.encoder_digest(same) == table.encoder_digest(first)
+    table.pretrained_collect(tmp_path / "same", recorded)  # the same weights trained again: accepted
+    write_encoder(tmp_path / "other", "panet_sabs", value=2.0)
+    with pytest.raises(SystemExit, match="not the recorded one"):
+        table.pretrained_collect(tmp_path / "other", recorded)
+
+
+def test_committed_run_dirs_are_relative(table, tmp_path: Path) -> None:
+    root = tmp_path / "grid"
+    assert table.relative_run_dir(str(root / "CHAOST2_setting1" / "qamp" / "seed2025"), root) == \
+        "CHAOST2_setting1/qamp/seed2025"
+    assert table.relative_run_dir("/home/someone/runs/cpu_budget_table/SABS_setting1/alpnet/seed2025", root) == \
+        "SABS_setting1/alpnet/seed2025"
+    assert table.relative_run_dir("CHAOST2_setting1/adnet/seed2025", root) == "CHAOST2_setting1/adnet/seed2025"
+
+
+def test_a_collapsed_fold_is_a_row_with_its_status(table, tmp_path: Path) -> None:
+    root = tmp_path / "grid"
+    write_encoder(root, "panet_sabs")
+    fold = root / "pretrained" / "panet_sabs" / "adnet" / "fold1"
+    write_session(fold / "cells" / "c" / "train_x", "2026-12-04T05:00:00", "FAILED", "2026-12-04T05:30:00",
+                  {500: 0.0, 1000: 0.0})
+    info = json.loads((fold / "cells" / "c" / "train_x" / "run.json").read_text(encoding="utf-8"))
+    info["fail_trace"] = ["RuntimeError: training collapsed: every validation query predicted background"]
+    (fold / "cells" / "c" / "train_x" / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    recorded = {"cells": {"CHAOST2_setting1": {"dice_percent": {"adnet": {"by_fold": {"0": fold_row(60.0)}}}}}}
+    entry = table.pretrained_collect(root, recorded)
+    adnet = entry["cells"]["CHAOST2_setting1"]["dice_percent"]["adnet"]
+    assert adnet["per_fold"] == [60.0, 0.0] and adnet["collapsed_folds"] == [1] and adnet["LIVER"] == 35.0
+    assert adnet["by_fold"]["1"]["status"] == "collapsed" and adnet["by_fold"]["1"]["val_curve"] == [[500, 0.0], [1000, 0.0]]
+    job = table.Job("panet_sabs/adnet/fold1", Path("pretrained/panet_sabs/adnet/fold1"))
+    assert table.job_finished(job, root, entry)  # stopped: not started again, not waited for
+    assert "stopped as collapsed on fold [1]" in "\n".join(table.pretrained_lines(entry))
+
+
+def test_the_ablation_rows_train_qamp_with_one_part_off_at_qamps_rate(table, tmp_path: Path) -> None:
+    recorded = {"lr": {"chosen": {"qamp": "0.02"}}}
+    jobs = {job.name: job for job in table.pretrained_jobs(recorded, None)}
+    args = argparse.Namespace(python="python", data_dir="/data")
+    encoders = {"panet_sabs": "/grid/enc.pth", "adnet_sabs": None}
+    for variant, keys in table.ABLATIONS.items():
+        job = jobs[f"panet_sabs/{variant}/fold0"]
+        assert job.needs == ("encoder/panet_sabs", "lr/qamp")
+        command = " ".join(table.pretrained_command(job, tmp_path, args, recorded, encoders))
+        assert "model=qamp" in command and "optim.lr=0.02" in command and "--folds 0 " in command
+        assert all(f"--train {key}" in command for key in keys)
+    assert "use_proto_loss=False" in table.ABLATIONS["qamp-no_reverse_pass"]  # refused alone (models/qamp.py)
+    if "qnet" in table.PRETRAINED_METHODS:
+        unrefined = jobs["qnet-no_refinement/fold0/supp2"]
+        assert unrefined.needs == ("panet_sabs/qnet/fold0",)
+        command = table.pretrained_command(unrefined, tmp_path, args, recorded, encoders)
+        assert command[1] == "test.py" and "qnet_refine_iters=0" in command and "supp_idx=2" in command
+
+
+def test_the_budget_check_runs_the_from_scratch_configuration_from_the_encoder(table, tmp_path: Path) -> None:
+    jobs = table.pretrained_jobs({}, None)
+    assert [job.name for job in jobs[:3]] == ["encoder/panet_sabs", "budget/qamp", "budget/alpnet"]
+    args = argparse.Namespace(python="python", data_dir="/data")
+    command = " ".join(table.pretrained_command(jobs[2], tmp_path, args, {}, {"panet_sabs": "/e.pth"}))
+    assert "abd_mri+setting1+cpu_budget+cpu_budget_alpnet" in command and "pretrained_path=/e.pth" in command
+    assert "n_steps" not in command  # cpu_budget's 6000 steps and schedule
+    recorded = {"budget_check": {"qamp": fold_row(70.0)}}
+    assert "budget/qamp" not in [job.name for job in table.pretrained_jobs(recorded, None)]

@@ -8,7 +8,8 @@ a failure here is a finding to report, not a known state.
 
 1. One training step in fp32, bf16 and fp16: finite, bf16 / fp16 losses within ``LOSS_RTOL`` of fp32.
 2. ``deterministic=True`` on CUDA: a step under ``torch.use_deterministic_algorithms(True)`` (errors,
-   not warnings) runs no op without a deterministic kernel (QAMP and SSL-ALPNet); train.py repeats and resumes bit for bit.
+   not warnings) runs no op without a deterministic kernel (QAMP, SSL-ALPNet, Q-Net with its test-time refinement);
+   train.py repeats and resumes bit for bit.
 3. TF32 off: a float32 convolution on cuDNN within 1e-5 of float64; the decoder on cuDNN within
    ``DECODER_ATOL`` of the CPU's Winograd branch on the same weights.
 4. Two NCCL ranks under torchrun against one GPU process averaging the same episodes.
@@ -151,6 +152,41 @@ def test_alpnet_step_has_deterministic_kernels_and_repeats_bit_for_bit() -> None
     assert results[0][0] == results[1][0]
     for name, grad in results[0][1].items():
         assert torch.equal(grad, results[1][1][name]), name
+
+
+def test_qnet_step_and_refinement_have_deterministic_kernels_and_repeat_bit_for_bit() -> None:
+    """The same for the Q-Net head (two paths, the query's threshold), and its test-time refinement
+    (Adam on the prototypes under inference mode): errors, not warnings, on an op without a
+    deterministic kernel; two runs equal bit for bit; the weights untouched; the CPU close (mean
+    absolute difference of the probabilities under 1e-3: cuDNN and the CPU round differently)."""
+    from models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"backbone": "resnet50", "pretrained_weights": "none", "feature_dim": 64,
+                         "model": "qnet"}, GPU_SIZE).cuda().train()
+    inputs = episode()
+    torch.use_deterministic_algorithms(True)
+    results = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        out = model(*inputs)
+        out["loss"].backward()
+        results.append((out["loss"].item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert results[0][0] == results[1][0]
+    for name, grad in results[0][1].items():
+        assert torch.equal(grad, results[1][1][name]), name
+    model.eval().zero_grad(set_to_none=True)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    supp, masks, qry, _ = inputs
+    queries = torch.cat([qry, qry.flip(-1), qry.flip(-2)])
+    with torch.inference_mode():
+        preds = [model.segment(model.encode_support(supp, masks), queries)["pred"] for _ in range(2)]
+    assert torch.equal(preds[0], preds[1])
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    cpu = copy.deepcopy(model).cpu()
+    with torch.inference_mode():
+        pred_cpu = cpu.segment(cpu.encode_support(supp.cpu(), masks.cpu()), queries.cpu())["pred"]
+    assert (preds[0].cpu() - pred_cpu).abs().mean() < 1e-3
 
 
 def test_training_repeats_and_resumes_bit_for_bit_on_cuda(phantoms: Path, tmp_path: Path) -> None:

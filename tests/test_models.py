@@ -276,7 +276,7 @@ def test_bad_input_errors(model):
         with pytest.raises(ValueError, match=f"{key}=2 is not supported"):
             build_model({**SMALL, key: 2}, SIZE)
     with pytest.raises(ValueError, match="model: expected one of"):
-        build_model({**SMALL, "model": "panet"}, SIZE)
+        build_model({**SMALL, "model": "unet"}, SIZE)
 
 
 def test_check_state_dict_names_differing_tensors(model):

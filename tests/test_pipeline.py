@@ -273,7 +273,8 @@ def test_unwritable_log_dir(small_chaos: Path, tmp_path: Path) -> None:
 
 
 def test_unknown_value(small_chaos: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"model='unet' is unknown: expected one of \['qamp', 'adnet', 'alpnet', 'copy_support'\]"):
+    with pytest.raises(ValueError, match=r"model='unet' is unknown: expected one of \['qamp', 'adnet', 'alpnet', 'qnet', "
+                                         r"'panet', 'gmrd', 'copy_support'\]"):
         run("train", **base_config(small_chaos, tmp_path, model="unet"))
 
 
