@@ -665,6 +665,17 @@ def encoder_file(folder: Path) -> Path | None:
     return None
 
 
+_DIGESTS: dict[tuple, str] = {}  # (kind, path, size, mtime) -> digest: the scheduler collects every POLL_S
+
+
+def _cached(kind: str, path: Path, compute) -> str:
+    stat = path.stat()
+    key = (kind, str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = compute(path)
+    return _DIGESTS[key]
+
+
 def sha256_of(path: Path) -> str:
     import hashlib
 
@@ -879,7 +890,8 @@ def pretrained_collect(root: Path, recorded: dict) -> dict:
             configs, extra, objective = ENCODER_SOURCES[source]
             record = {"source": source, "configs": configs, "objective": objective,
                       "steps": json.loads((file.parents[1] / "config.json").read_text(encoding="utf-8"))["n_steps"],
-                      "sha256": sha256_of(file), "encoder_tensors_sha256": encoder_digest(file),
+                      "sha256": _cached("file", file, sha256_of),
+                      "encoder_tensors_sha256": _cached("tensors", file, encoder_digest),
                       "run_dir": relative_run_dir(str(file.parents[1]), root)}
             target = entry[key] if key == "encoder" else entry["bias_check"].setdefault("encoder", {})
             if target.get("encoder_tensors_sha256") not in (None, record["encoder_tensors_sha256"]):
@@ -998,7 +1010,7 @@ def write_pretrained(results_dir: Path, entry: dict) -> None:
     data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"name": "cpu_budget_table", "cells": {}}
     data["pretrained"] = entry
     results_dir.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps(data, indent=1) + "\n")
+    write_json(path, data)
 
 
 # Straight through: the scheduler of the pre-trained regime (collect, plan, start on free cores, wait).
@@ -1026,10 +1038,11 @@ def pretrained(args: argparse.Namespace) -> dict:
                 print(f"[{'ready' if ready else 'waits'}] {job.name}: " + " ".join(command))
             return entry
         names = {job.name for job in jobs}
-        ready = [job for job in waiting if job.name not in launched
-                 and all(n in done or n not in names for n in job.needs)
-                 and not held_elsewhere(root / job.folder)]
-        for slot in [s for s in slots if s not in started]:
+        held = [job for job in waiting if job.name not in launched and held_elsewhere(root / job.folder)]
+        ready = [job for job in waiting if job.name not in launched and job not in held
+                 and all(n in done or n not in names for n in job.needs)]
+        # a unit another process runs (e.g. of an earlier runner) takes a core too, and is waited for
+        for slot in [s for s in slots if s not in started][:max(0, len(slots) - len(started) - len(held))]:
             if not ready:
                 break
             job = ready.pop(0)
@@ -1038,7 +1051,7 @@ def pretrained(args: argparse.Namespace) -> dict:
             started[slot] = (process, job, record)
             launched.add(job.name)
             print(f"[pretrained] {job.name}: started on core {slot}", flush=True)
-        if not started:
+        if not started and not held:
             if waiting:
                 stuck = ", ".join(job.name for job in waiting)
                 raise SystemExit(f"[pretrained] nothing can start: {stuck} wait for units that failed; see their "

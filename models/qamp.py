@@ -422,7 +422,7 @@ class QAMP(nn.Module):
         generator = _require_generator(generator)
         check_image_size(supp_imgs, self.image_size, "supp_imgs")
         if feats is None:
-            feats, _ = self.encoder(supp_imgs[0])
+            feats, _ = self.encoder(supp_imgs[0], threshold=False)  # support thresholds are unused
         grid = self._grid(feats)
         return self._support_state(feats, supp_masks[0].to(feats.dtype), grid, generator, self._folded_weights(grid))
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks to run on your own GPU before a long grid (tests/test_gpu.py, pytest marker `cuda`):
-# one training step in fp32 / bf16 / fp16, deterministic kernels (QAMP, SSL-ALPNet, Q-Net and its
+# one training step in fp32 / bf16 / fp16, deterministic kernels (QAMP, ADNet, SSL-ALPNet, PANet, GMRD, Q-Net and its
 # test-time refinement) and a bit-exact repeat and resume of train.py on CUDA, TF32 off and the
 # cuDNN decoder against the CPU Winograd branch, 2 NCCL ranks
 # against one process (two GPUs or more), bench/gpu_step.py at 256 px ResNet-101, and the sweep

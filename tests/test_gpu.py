@@ -134,19 +134,21 @@ def test_step_has_deterministic_kernels_and_repeats_bit_for_bit(empty_support: b
         assert torch.equal(grad, results[1][1][name]), name
 
 
-def test_alpnet_step_has_deterministic_kernels_and_repeats_bit_for_bit() -> None:
-    """The same for the SSL-ALPNet head (its half-pixel resampling and cross-entropy)."""
-    from models import build_model
+@pytest.mark.parametrize("name", ["adnet", "alpnet", "panet", "gmrd"])
+def test_baseline_step_has_deterministic_kernels_and_repeats_bit_for_bit(name: str) -> None:
+    """The same for the other heads: ADNet (its prototype through the up-sampling's adjoint, no
+    F.interpolate), SSL-ALPNet (half-pixel resampling, cross-entropy), PANet, GMRD (QAMP's modules)."""
+    from models import build_model, make_generator
 
     torch.manual_seed(0)
     model = build_model({"backbone": "resnet50", "pretrained_weights": "none", "feature_dim": 64,
-                         "model": "alpnet"}, GPU_SIZE).cuda().train()
+                         "model": name}, GPU_SIZE).cuda().train()
     inputs = episode()
     torch.use_deterministic_algorithms(True)
     results = []
     for _ in range(2):
         model.zero_grad(set_to_none=True)
-        out = model(*inputs)
+        out = model(*inputs, generator=make_generator(3))
         out["loss"].backward()
         results.append((out["loss"].item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     assert results[0][0] == results[1][0]
