@@ -392,3 +392,19 @@ def test_the_budget_check_runs_the_from_scratch_configuration_from_the_encoder(t
     assert "n_steps" not in command  # cpu_budget's 6000 steps and schedule
     recorded = {"budget_check": {"qamp": fold_row(70.0)}}
     assert "budget/qamp" not in [job.name for job in table.pretrained_jobs(recorded, None)]
+
+
+def test_a_rate_run_that_just_started_is_collected_later(table, tmp_path: Path) -> None:
+    run = tmp_path / "pretrained" / "lr" / "qamp" / "cells" / "c" / "train_x"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"start_time": "2026-12-04T22:00:00", "status": "RUNNING"}), encoding="utf-8")
+    (run / "config.json").write_text(json.dumps({"model": "qamp", "optim": {"lr": 0.001}}), encoding="utf-8")
+    assert table.pretrained_lr(tmp_path, {})["runs"] == {}  # no metrics.json yet: not a row, not a crash
+
+
+def test_a_unit_of_an_earlier_runner_keeps_its_core(table, tmp_path: Path) -> None:
+    folder = tmp_path / "unit"
+    assert table.held_core(folder) is None
+    folder.mkdir()
+    (folder / "running.json").write_text(json.dumps({"core": 1}), encoding="utf-8")
+    assert table.held_core(folder) == 1
