@@ -1035,8 +1035,8 @@ def pretrained(args: argparse.Namespace) -> dict:
         earlier = json.loads((results_dir / "cpu_budget_table.json").read_text(encoding="utf-8")) \
             if (results_dir / "cpu_budget_table.json").is_file() else {}
         entry = pretrained_collect(root, earlier.get("pretrained", {}))
-        if not args.dry_run:
-            write_pretrained(results_dir, entry)  # each finished unit lands at once
+        if not args.dry_run and json.loads(json.dumps(entry)) != earlier.get("pretrained"):
+            write_pretrained(results_dir, entry)  # each finished unit lands at once; unchanged polls write nothing
         jobs = pretrained_jobs(entry, two_best(entry))
         done = {job.name for job in jobs if job_finished(job, root, entry)}
         waiting = [job for job in jobs if job.name not in done]
