@@ -153,6 +153,7 @@ def cfg():
     eval_fold = 0  # test fold of the 5-fold split (0-4); training uses every scan outside it
     min_size = 200  # minimum class area (pixels) of a training slice pair
     augment = True  # gamma / affine / elastic augmentation of training episodes
+    gin_prob = 0.0  # probability per episode slice of a GIN random-network intensity remapping (Ouyang et al. 2022; dataloaders/transforms.py), after the other augmentations; 0 = off (the reference); `pretrain_sabs` sets 1, needs augment=True
     image_size = None  # in-plane size S the model sees; None = the dataset's native size (reference). Otherwise every slice is resampled on load (image bilinear, labels/supervoxels nearest); test Dice stays on the native grid
     supervoxel_source = "folder"  # 'folder': supervoxel_dir's ids (nearest-resampled to image_size); 'generate': 3D Felzenszwalb on the loaded slices at image_size, min size n_sv x pixel ratio (no folder needed; refused with use_gt=True)
 
@@ -302,7 +303,8 @@ def cpu_budget_alpnet():
 def pretrain_sabs():
     """With `cpu_budget`: the shared encoder of the pre-trained regime (docs/CPU_BUDGET.md): PANet
     episodes (model='panet': masked-average prototypes and a cosine classifier, no head parameters)
-    on SABS CT supervoxels generated on load; labels never read, no validation. Then every method
+    on SABS CT supervoxels generated on load, every slice through a fresh GIN random intensity network
+    (gin_prob=1: features of shape rather than of CT contrast); labels never read, no validation. Then every method
     trains on CHAOST2 from its encoder (pretrained_weights='snapshot', pretrained_path=<this run>):
     python train.py with cpu_budget pretrain_sabs
     """
@@ -310,6 +312,7 @@ def pretrain_sabs():
     model = "panet"
     supervoxel_source = "generate"
     val_interval = 0
+    gin_prob = 1.0
 
 
 @named_config
@@ -364,6 +367,9 @@ def _check_train_combinations(config: Mapping[str, Any]) -> None:
     _expect(config["supervoxel_source"] == "folder" or not config["use_gt"],
             f"supervoxel_source={config['supervoxel_source']!r} is set but use_gt={config['use_gt']!r}: training on "
             f"ground-truth classes uses no supervoxels; drop supervoxel_source or set use_gt=False")
+    _expect(config["gin_prob"] == 0 or config["augment"],
+            f"gin_prob={config['gin_prob']!r} is set but augment={config['augment']!r}: GIN is an augmentation "
+            f"of training episodes; drop gin_prob or set augment=True")
     for key in ("supervoxel_dir", "n_sv"):  # None: the dataset's, looked up only for supervoxel training
         _expect(config[key] is None or not config["use_gt"],
                 f"{key}={config[key]!r} is set but use_gt={config['use_gt']!r}: training on ground-truth classes "
@@ -409,6 +415,9 @@ def validate_config(config: Mapping[str, Any], command: str | None = None) -> No
     _expect(val_scans is None or (isinstance(val_scans, (list, tuple)) and len(set(val_scans)) >= 2
                                   and all(isinstance(v, int) for v in val_scans)),
             f"val_scans={val_scans!r}: expected None (the last 2 training scans) or a list of >= 2 scan ids")
+    gin = config["gin_prob"]
+    _expect(isinstance(gin, (int, float)) and not isinstance(gin, bool) and 0 <= gin <= 1,
+            f"gin_prob={gin!r}: expected a probability in [0, 1] (0 = off)")
     for key in ("collapse_patience", "keep_snapshots", "n_overlay_slices", "num_workers", "eval_fold", "supp_idx", "val_interval"):
         _expect(isinstance(config[key], int) and config[key] >= 0,
                 f"{key}={config[key]!r}: expected an integer >= 0")

@@ -624,10 +624,11 @@ def lr_collect(args: argparse.Namespace) -> dict:
 ENCODER_SOURCES = {  # source -> (named configs, extra training keys, objective in words)
     "panet_sabs": ("cpu_budget+pretrain_sabs", (),
                    "PANet episodes (model=panet): masked-average prototypes and a cosine classifier, no head "
-                   "parameters; SABS CT supervoxels generated on load at 64 px, labels unused"),
+                   "parameters; SABS CT supervoxels generated on load at 64 px, every slice through a fresh GIN "
+                   "intensity network (gin_prob=1), labels unused"),
     "adnet_sabs": ("cpu_budget+pretrain_sabs+cpu_budget_adnet", (),
                    "ADNet episodes (model=adnet, lr 0.005): one foreground prototype and a learned threshold; "
-                   "SABS CT supervoxels generated on load at 64 px, labels unused")}
+                   "SABS CT supervoxels generated on load at 64 px, GIN on every slice, labels unused")}
 SHARED_ENCODER = "panet_sabs"  # the encoder every method starts from
 BIAS_ENCODER = "adnet_sabs"  # the second source of the bias check (the two best methods, fold 0)
 PRETRAIN_SEED = 2025

@@ -5,7 +5,8 @@ supervoxel, or a ground-truth organ not in ``test_label`` when ``use_gt``); ``n_
 consecutive slices holding that class whose largest class area is at least ``min_size`` pixels
 (the first ``n_shot`` are the support, the last the query; the order is reversed with p = 0.5);
 gamma on the query or the support (p = 0.5) and affine + elastic on the query or the support
-(p = 0.5).
+(p = 0.5); with ``gin_prob`` > 0 (pre-training, off by default) each slice then gets a GIN intensity
+remapping with that probability (``dataloaders.transforms.gin_transform``).
 
 Setting 2 (``exclude_label``) removes training slices that hold test classes before windows are
 formed: ``exclude_mode='any'`` (default) removes every slice holding ANY excluded class;
@@ -39,7 +40,7 @@ from dataloaders.datasets import (
     read_supervoxels,
 )
 from dataloaders.resolved import EXCLUDE_MODES, ResolvedDataset
-from dataloaders.transforms import AffineElastic, gamma_transform
+from dataloaders.transforms import AffineElastic, gamma_transform, gin_transform
 from utils.resample import pixel_ratio, resize_image, resize_labels
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,9 @@ class EpisodeKeys:
         seed: run seed; episode ``i`` depends only on ``(seed, i)``.
         n_steps: ``__len__`` (total training steps).
         max_iters_per_load: the reference's epoch length (``__len__`` when ``n_steps`` is None).
+        gin_prob: probability, per slice of an episode (support and query drawn independently), of a
+            GIN intensity remapping after the other augmentations (``transforms.gin_transform``); 0 =
+            off, the reference's episodes exactly. Needs ``augment``.
     """
 
     n_shot: int
@@ -221,6 +225,7 @@ class EpisodeKeys:
     seed: int
     n_steps: int | None
     max_iters_per_load: int
+    gin_prob: float = 0.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "EpisodeKeys":
@@ -275,6 +280,10 @@ class TrainDataset(Dataset):
         self.n_shot, self.min_size, self.seed = int(keys.n_shot), int(keys.min_size), int(keys.seed)
         self.max_iters_per_load, self.n_steps = int(keys.max_iters_per_load), keys.n_steps
         self.augment = bool(keys.augment)
+        self.gin_prob = float(keys.gin_prob)
+        if not 0.0 <= self.gin_prob <= 1.0 or (self.gin_prob > 0 and not self.augment):
+            raise ValueError(f"gin_prob: expected a probability in [0, 1], and 0 unless augment=True; got "
+                             f"gin_prob={keys.gin_prob!r} with augment={keys.augment!r}")
         self.augmentation = augmentation
         self.gamma_range = tuple(augmentation.gamma_range)
         self.geometric = augmentation.geometric
@@ -419,6 +428,10 @@ class TrainDataset(Dataset):
         # numpy until the end: torch.from_numpy shares memory, and no torch kernel runs here (torch
         # kernels on tiny tensors are slow when the process has many intra-op threads)
         channels = np.ascontiguousarray(np.broadcast_to(images[:, None], (self.window, 3, *images.shape[1:])))
+        if self.gin_prob > 0:  # last draws of the episode: per slice, support first, a coin then its network
+            for i in range(self.window):
+                if rng.random() < self.gin_prob:
+                    channels[i] = gin_transform(images[i], rng)
         return {
             "support_images": torch.from_numpy(channels[: self.n_shot]),
             "support_masks": torch.from_numpy(masks[: self.n_shot].astype(np.float32)),

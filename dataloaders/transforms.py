@@ -1,4 +1,5 @@
-"""Training augmentations: gamma, and affine + elastic applied jointly to an image and its mask.
+"""Training augmentations: gamma, affine + elastic applied jointly to an image and its mask, and
+GIN random-network intensity remapping (off by default; the pre-training of `pretrain_sabs`).
 
 Parameters default to the reference values (docs/METHOD.md §5): gamma U(0.5, 1.5); rotation
 U(-5, 5) deg, shift U(-5, 5) px per axis, shear U(-5, 5) deg, isotropic scale U(0.9, 1.2); elastic
@@ -147,3 +148,53 @@ class AffineElastic:
         if factor == 1.0:
             return self
         return replace(self, shift=self.shift * factor, alpha=self.alpha * factor, sigma=self.sigma * factor)
+
+
+# GIN, "global intensity non-linear" augmentation (Ouyang et al., IEEE TMI 2022, the SSL-ALPNet author's
+# cross-modality work; cheng-01037/Causality-Medical-Image-Domain-Generalization at d4d5056,
+# models/imagefilter.py L8-97, configs_exp.py L85-89): a freshly drawn random conv net remaps the intensities,
+# so texture and contrast change while shapes stay. Its numbers: 4 layers, 2 intermediate channels, each
+# layer's kernel side drawn from {1, 3}, weights and biases N(0, 1), leaky ReLU (slope 0.01) after every
+# layer but the last, the output blended with the input by alpha ~ U(0, 1) and rescaled to the input's
+# Frobenius norm. Their input is the 3-channel image; ours is the one z-scored slice, so the first layer has
+# one input channel (the 3 identical channels of the reference would only scale its weights).
+GIN_LAYERS = 4
+GIN_CHANNELS = 2
+GIN_KERNELS = (1, 3)
+GIN_OUT_CHANNELS = 3
+
+
+def _random_conv(x: np.ndarray, out_channels: int, rng: np.random.Generator, activate: bool) -> np.ndarray:
+    """One GIN layer on ``x`` (C_in x H x W): a random k x k conv (k from GIN_KERNELS, zero padding,
+    stride 1), a random bias, leaky ReLU when ``activate``. Draws k, then weights, then biases."""
+    k = GIN_KERNELS[int(rng.integers(len(GIN_KERNELS)))]
+    weight = rng.standard_normal((out_channels, x.shape[0], k, k)).astype(np.float32)
+    bias = rng.standard_normal(out_channels).astype(np.float32)
+    out = np.empty((out_channels, *x.shape[1:]), dtype=np.float32)
+    for o in range(out_channels):
+        acc = np.full(x.shape[1:], bias[o], dtype=np.float32)
+        for i in range(x.shape[0]):
+            acc += ndimage.correlate(x[i], weight[o, i], mode="constant", cval=0.0)
+        out[o] = acc
+    if activate:
+        np.maximum(out, 0.01 * out, out=out)
+    return out
+
+
+def gin_transform(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """GIN on one slice: ``image`` float32 H x W (z-scored) -> float32 3 x H x W, a fresh random network.
+
+    ``mixed = alpha * net(image) + (1 - alpha) * image`` (the image repeated to 3 channels), scaled so
+    that its Frobenius norm equals the 3-channel image's. Draws, in order: every layer (kernel side,
+    weights, biases; :func:`_random_conv`), then alpha. The three output channels differ.
+    """
+    x = image.astype(np.float32, copy=False)[None]
+    h = x
+    for layer in range(GIN_LAYERS):
+        last = layer == GIN_LAYERS - 1
+        h = _random_conv(h, GIN_OUT_CHANNELS if last else GIN_CHANNELS, rng, activate=not last)
+    alpha = np.float32(rng.uniform())
+    inputs = np.broadcast_to(x, h.shape)
+    mixed = alpha * h + (1 - alpha) * inputs
+    scale = np.linalg.norm(inputs) / (np.linalg.norm(mixed) + 1e-5)
+    return (mixed * scale).astype(np.float32, copy=False)

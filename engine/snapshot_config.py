@@ -41,7 +41,7 @@ TEST_SNAPSHOT_DEFAULTS = ("dataset", "data_dir", "setting", "eval_fold", "test_l
 TRAINING_ONLY_KEYS = (
     "n_steps", "optim", "lr_step_gamma", "max_iters_per_load", "print_interval", "save_snapshot_every",
     "keep_snapshots", "resume", "val_interval", "collapse_patience", "val_scans",
-    "supervoxel_dir", "n_sv", "use_gt", "supervoxel_source", "exclude_label", "exclude_mode", "min_size", "augment",
+    "supervoxel_dir", "n_sv", "use_gt", "supervoxel_source", "exclude_label", "exclude_mode", "min_size", "augment", "gin_prob",
     "num_workers", "pretrained_weights", "pretrained_path")
 
 

@@ -44,6 +44,7 @@ REFUSED_WITH = {  # key -> (command, a value, the other keys' values that make t
     "supervoxel_source": ("train", "generate", {"use_gt": True}),
     "supervoxel_dir": ("train", "/data/supervoxels_5000", {"use_gt": True}),
     "n_sv": ("train", 1000, {"use_gt": True}),
+    "gin_prob": ("train", 1.0, {"augment": False}),
 }
 CASES = ([(key, command, value, {}) for key, values in REFUSED.items() for command, value in values.items()]
          + [(key, command, value, others) for key, (command, value, others) in REFUSED_WITH.items()])
