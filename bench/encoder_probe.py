@@ -1,0 +1,86 @@
+"""How good a start an encoder is before any training on CHAOST2: PANet (masked-average prototypes,
+cosine x 20, no parameters of its own; models/panet.py) on the encoder as it is, scored with the
+validation protocol (each scan the support once, the others its queries; native-grid 3D Dice).
+
+    .venv/bin/python bench/encoder_probe.py [--data-dir DIR] --encoder NAME=RUN_OR_SNAPSHOT ...
+
+A random encoder (``pretrained_weights='none'``, the from-scratch start, seed 2025) is always the
+first row: an encoder below it transfers nothing PANet can use. ``cpu_budget`` geometry (64 px,
+dilated ResNet-50). Scans: ``--scans`` (default 36-39, the last four scans of CHAOST2's numeric
+order: fold 0's training scans that its validation uses, and fold 4's test scans). A diagnostic of
+the pre-training (docs/CPU_BUDGET.md), never used to choose between encoders.
+
+Prints one JSON line and writes ``bench/results/encoder_probe.json`` (``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from bench.report import add_data_dir, emit, machine  # noqa: E402
+from config import cfg  # noqa: E402
+from dataloaders.eval_dataset import EvalDataset, ProtocolKeys  # noqa: E402
+from dataloaders.resolved import resolve_dataset  # noqa: E402
+from engine.evaluate import score_queries  # noqa: E402
+from models import build_model, make_generator  # noqa: E402
+from utils.run_folder import find_snapshot  # noqa: E402
+
+SEED = 2025
+GEOMETRY = {"image_size": 64, "backbone": "resnet50"}  # cpu_budget's
+
+
+def probe(config: dict, encoder: tuple[str, str | None], scans: list[int]) -> dict:
+    """Mean Dice (%) per organ of PANet on ``encoder`` = (pretrained_weights, pretrained_path)."""
+    data = resolve_dataset(config, training=False)
+    weights, path = encoder
+    torch.manual_seed(SEED)  # the random encoder: the from-scratch start of every run with this seed
+    model = build_model({**config, "model": "panet", "pretrained_weights": weights, "pretrained_path": path},
+                        data.image_size).eval()
+    vds = EvalDataset(data, ProtocolKeys(n_part=config["n_part"], eval_mode="protocol"), 0, 0, scan_ids=scans)
+    dice: dict[str, list[float]] = {data.spec.label_names[c]: [] for c in data.test_label}
+    for supp in range(len(vds.fold_scans)):
+        scores = score_queries(model, vds.with_support(supp), list(data.test_label), config["test_batch_size"],
+                               torch.device("cpu"), lambda c: make_generator(SEED, c))
+        for class_id, values in scores.items():
+            dice[data.spec.label_names[class_id]] += [o.dice for o in values]
+    organs = {name: round(100 * sum(v) / len(v), 2) for name, v in dice.items()}
+    return {**organs, "mean": round(sum(organs.values()) / len(organs), 2)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_dir(parser)
+    parser.add_argument("--encoder", action="append", default=[], metavar="NAME=PATH",
+                        help="a training run folder or snapshot whose encoder to probe (repeatable)")
+    parser.add_argument("--scans", default="36,37,38,39", help="CHAOST2 scan ids, comma-separated (>= 2)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "encoder_probe.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    scans = [int(s) for s in args.scans.split(",")]
+    config = dict(cfg(fixed={"dataset": "CHAOST2", "data_dir": args.data_dir, **GEOMETRY}))
+    encoders: dict[str, tuple[str, str | None]] = {"random": ("none", None)}
+    for item in args.encoder:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            parser.error(f"--encoder {item!r}: expected NAME=PATH (a training run folder or snapshot file)")
+        encoders[name] = ("snapshot", str(find_snapshot(path)))
+    rows = {}
+    for name, encoder in encoders.items():
+        start = time.perf_counter()
+        rows[name] = {**probe(config, encoder, scans), "seconds": round(time.perf_counter() - start, 1),
+                      "path": None if encoder[1] is None else Path(encoder[1]).name}
+    result = {"name": "encoder_probe", "head": "panet", "scans": scans, "geometry": GEOMETRY,
+              "dice_percent": rows, **machine()}
+    return emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
