@@ -54,7 +54,9 @@ copy-support on every fold, and the bias check (the two best methods, fold 0, fr
 encoder pre-trained with ADNet's objective). Units start as their inputs exist, one per core; each
 finished unit lands in the results JSON's ``pretrained`` entry at once (per-fold rows, the
 encoders' SHA-256), so a new machine runs only what is not recorded there (an encoder is trained
-again only for units that still need it, and must reproduce the recorded SHA-256). Committed
+again only for units that still need it, and must reproduce the recorded SHA-256). A gate follows
+the budget check: when every budget-check method scored below its own from-scratch fold-0 number,
+nothing past it is planned and the runner says why (``--past-gate`` runs the grid anyway). Committed
 results hold no absolute path of the machine (``run_dir`` relative to ``--dir``).
 """
 from __future__ import annotations
@@ -712,14 +714,32 @@ def encoder_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pretrained_jobs(recorded: dict, best: list[str] | None) -> list[Job]:
+def encoder_gate(recorded: dict, scratch: dict) -> str | None:
+    """Why the grid past the budget check should not run (None: it should): every budget-check method
+    scored below its own from-scratch fold-0 number (same configuration and seed). ``recorded``: the
+    "pretrained" entry; ``scratch``: the from-scratch ``cells`` of the results JSON."""
+    rows = scratch.get("CHAOST2_setting1", {}).get("dice_percent", {})
+    pairs = {m: (recorded.get("budget_check", {}).get(m, {}).get("mean"),
+                 rows.get(m, {}).get("by_seed", {}).get(str(PRETRAIN_SEED), {}).get("mean")) for m in BUDGET_CHECK}
+    if any(None in pair for pair in pairs.values()) or any(pre >= own for pre, own in pairs.values()):
+        return None
+    return ("the shared encoder is a worse start than a random one: from it " + ", ".join(
+        f"{m} {pre} against {own} from scratch" for m, (pre, own) in pairs.items()) + " (fold 0, seed "
+        f"{PRETRAIN_SEED}); the five folds would measure a start that hurts every method. Improve the "
+        "pre-training (docs/CPU_BUDGET.md), or pass --past-gate to run them anyway")
+
+
+def pretrained_jobs(recorded: dict, best: list[str] | None, closed: bool = False) -> list[Job]:
     """Every job not recorded in ``recorded`` (the results JSON's "pretrained" entry), dependencies
-    first. ``best``: the two best methods over five folds (None until every fold is in)."""
+    first. ``best``: the two best methods over five folds (None until every fold is in). ``closed``
+    (:func:`encoder_gate`): the encoder and the budget check only."""
     root = Path("pretrained")
     cells = recorded.get("cells", {}).get("CHAOST2_setting1", {}).get("dice_percent", {})
     lr_done = recorded.get("lr", {}).get("chosen", {})
     jobs = [Job(f"budget/{m}", root / "budget" / m, (f"encoder/{SHARED_ENCODER}",))
             for m in BUDGET_CHECK if m not in recorded.get("budget_check", {})]
+    if closed:
+        return ([Job(f"encoder/{SHARED_ENCODER}", root / "encoders" / SHARED_ENCODER)] if jobs else []) + jobs
     for method in PRETRAINED_METHODS:
         if method not in lr_done:
             jobs.append(Job(f"lr/{method}", root / "lr" / method, (f"encoder/{SHARED_ENCODER}",)))
@@ -1038,7 +1058,8 @@ def pretrained(args: argparse.Namespace) -> dict:
         entry = pretrained_collect(root, earlier.get("pretrained", {}))
         if not args.dry_run and json.loads(json.dumps(entry)) != earlier.get("pretrained"):
             write_pretrained(results_dir, entry)  # each finished unit lands at once; unchanged polls write nothing
-        jobs = pretrained_jobs(entry, two_best(entry))
+        gate = None if args.past_gate else encoder_gate(entry, earlier.get("cells", {}))
+        jobs = pretrained_jobs(entry, two_best(entry), closed=gate is not None)
         done = {job.name for job in jobs if job_finished(job, root, entry)}
         waiting = [job for job in jobs if job.name not in done]
         encoders = {s: encoder_file(root / "pretrained" / "encoders" / s) for s in ENCODER_SOURCES}
@@ -1047,6 +1068,8 @@ def pretrained(args: argparse.Namespace) -> dict:
                 ready = all(n in done or n not in {j.name for j in jobs} for n in job.needs)
                 command = pretrained_command(job, root, args, entry, {k: v or "<encoder>" for k, v in encoders.items()})
                 print(f"[{'ready' if ready else 'waits'}] {job.name}: " + " ".join(command))
+            if gate is not None:
+                print(f"[gate] nothing past the budget check is planned: {gate}")
             return entry
         names = {job.name for job in jobs}
         held = [job for job in waiting if job.name not in launched and held_elsewhere(root / job.folder)]
@@ -1069,6 +1092,8 @@ def pretrained(args: argparse.Namespace) -> dict:
                 stuck = ", ".join(job.name for job in waiting)
                 raise SystemExit(f"[pretrained] nothing can start: {stuck} wait for units that failed; see their "
                                  f"sweep.log under {root / 'pretrained'}")
+            if gate is not None:
+                print(f"[pretrained] stopped after the budget check: {gate}", flush=True)
             return collect(args)["pretrained"]
         time.sleep(POLL_S)
         for slot, (process, job, record) in list(started.items()):
@@ -1092,6 +1117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=None, help="units at a time [one per core]")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--dry-run", action="store_true", help="print the sweep commands, run nothing")
+    parser.add_argument("--past-gate", action="store_true",
+                        help="pretrained: run the grid even when the budget check says the encoder hurts")
     args = parser.parse_args(argv)
     if args.command != "collect" and not args.data_dir:
         parser.error("the data root is not set: pass --data-dir or export QAMP_DATA_ROOT=/path/to/data")

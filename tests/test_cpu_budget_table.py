@@ -408,3 +408,19 @@ def test_a_unit_of_an_earlier_runner_keeps_its_core(table, tmp_path: Path) -> No
     folder.mkdir()
     (folder / "running.json").write_text(json.dumps({"core": 1}), encoding="utf-8")
     assert table.held_core(folder) == 1
+
+
+def test_the_gate_stops_the_grid_at_the_budget_check_when_the_encoder_hurts(table) -> None:
+    scratch = {"CHAOST2_setting1": {"dice_percent": {
+        "qamp": {"by_seed": {"2025": {"mean": 60.52}}}, "alpnet": {"by_seed": {"2025": {"mean": 65.95}}}}}}
+    worse = {"budget_check": {"qamp": {"mean": 55.25}, "alpnet": {"mean": 64.0}}}
+    reason = table.encoder_gate(worse, scratch)
+    assert "qamp 55.25 against 60.52" in reason and "alpnet 64.0 against 65.95" in reason and "--past-gate" in reason
+    closed = table.pretrained_jobs(worse, None, closed=True)
+    assert closed == []  # both budget units recorded: nothing else is planned
+    partial = {"budget_check": {"qamp": {"mean": 55.25}}}
+    assert table.encoder_gate(partial, scratch) is None  # not decided until every budget unit is in
+    assert [j.name for j in table.pretrained_jobs(partial, None, closed=True)] == ["encoder/panet_sabs", "budget/alpnet"]
+    one_helps = {"budget_check": {"qamp": {"mean": 61.0}, "alpnet": {"mean": 64.0}}}
+    assert table.encoder_gate(one_helps, scratch) is None  # one method gains: the grid runs
+    assert table.encoder_gate(worse, {}) is None  # no from-scratch row to compare with: the grid runs
