@@ -225,7 +225,7 @@ class EpisodeKeys:
     seed: int
     n_steps: int | None
     max_iters_per_load: int
-    gin_prob: float = 0.0
+    gin_prob: float
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "EpisodeKeys":
