@@ -64,10 +64,10 @@ def reestimate_bn(model: torch.nn.Module, slices: torch.Tensor) -> None:
             model.encoder(slices[start:start + 16])
 
 
-def probe(config: dict, encoder: tuple[str, str | None], scans: list[int], bn: torch.Tensor | None = None) -> dict:
-    """Mean Dice (%) per organ of PANet on ``encoder`` = (pretrained_weights, pretrained_path);
-    ``bn``: slices to re-estimate the batch-norm statistics on first (:func:`reestimate_bn`)."""
-    data = resolve_dataset(config, training=False)
+def probe(config: dict, data, vds: EvalDataset, encoder: tuple[str, str | None], bn: torch.Tensor | None = None) -> dict:
+    """Mean Dice (%) per organ of PANet on ``encoder`` = (pretrained_weights, pretrained_path) over the
+    probe scans ``vds`` of the resolved dataset ``data``; ``bn``: slices to re-estimate the batch-norm
+    statistics on first (:func:`reestimate_bn`)."""
     weights, path = encoder
     torch.manual_seed(SEED)  # the random encoder: the from-scratch start of every run with this seed
     model = build_model({**config, "model": "panet", "pretrained_weights": weights, "pretrained_path": path},
@@ -75,7 +75,6 @@ def probe(config: dict, encoder: tuple[str, str | None], scans: list[int], bn: t
     if bn is not None:
         reestimate_bn(model, bn)
     model.eval()
-    vds = EvalDataset(data, ProtocolKeys(n_part=config["n_part"], eval_mode="protocol"), 0, 0, scan_ids=scans)
     dice: dict[str, list[float]] = {data.spec.label_names[c]: [] for c in data.test_label}
     for supp in range(len(vds.fold_scans)):
         scores = score_queries(model, vds.with_support(supp), list(data.test_label), config["test_batch_size"],
@@ -96,22 +95,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "encoder_probe.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    scans = [int(s) for s in args.scans.split(",")]
-    config = dict(cfg(fixed={"dataset": "CHAOST2", "data_dir": args.data_dir, **GEOMETRY}))
-    bn_scans = [int(s) for s in args.bn_scans.split(",") if s]
+    try:
+        scans = [int(v) for v in args.scans.split(",")]
+        bn_scans = [int(v) for v in args.bn_scans.split(",") if v]
+    except ValueError:
+        parser.error(f"--scans {args.scans!r} / --bn-scans {args.bn_scans!r}: expected comma-separated scan ids, e.g. 36,37")
     if set(bn_scans) & set(scans):
         parser.error(f"--bn-scans {bn_scans} overlap --scans {scans}: re-estimate on other scans")
-    bn = bn_slices(resolve_dataset(config, training=False), bn_scans) if bn_scans else None
     encoders: dict[str, tuple[str, str | None]] = {"random": ("none", None)}
     for item in args.encoder:
         name, sep, path = item.partition("=")
         if not sep or not path:
             parser.error(f"--encoder {item!r}: expected NAME=PATH (a training run folder or snapshot file)")
         encoders[name] = ("snapshot", str(find_snapshot(path)))
+    config = dict(cfg(fixed={"dataset": "CHAOST2", "data_dir": args.data_dir, **GEOMETRY}))
+    data = resolve_dataset(config, training=False)
+    bn = bn_slices(data, bn_scans) if bn_scans else None
+    vds = EvalDataset(data, ProtocolKeys(n_part=config["n_part"], eval_mode="protocol"), 0, 0, scan_ids=scans)
     rows = {}
     for name, encoder in encoders.items():
         start = time.perf_counter()
-        rows[name] = {**probe(config, encoder, scans, bn), "seconds": round(time.perf_counter() - start, 1),
+        rows[name] = {**probe(config, data, vds, encoder, bn), "seconds": round(time.perf_counter() - start, 1),
                       "path": None if encoder[1] is None else Path(encoder[1]).name}
     result = {"name": "encoder_probe", "head": "panet", "scans": scans, "bn_scans": bn_scans, "geometry": GEOMETRY,
               "dice_percent": rows, **machine()}

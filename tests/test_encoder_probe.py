@@ -42,3 +42,11 @@ def test_bn_scans_overlapping_the_probe_scans_are_refused(probe, tmp_path: Path,
         probe.main(["--data-dir", str(tmp_path), "--scans", "36,37", "--bn-scans", "1,37",
                     "--out", str(tmp_path / "out.json")])
     assert "overlap --scans" in capsys.readouterr().err and not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("argv,expected", [(["--scans", "36,x"], "expected comma-separated scan ids"),
+                                           (["--encoder", "nopath"], "expected NAME=PATH")])
+def test_bad_arguments_are_refused_before_anything_is_read(probe, tmp_path: Path, capsys, argv, expected) -> None:
+    with pytest.raises(SystemExit):
+        probe.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "out.json"), *argv])
+    assert expected in capsys.readouterr().err and not (tmp_path / "out.json").exists()
