@@ -57,3 +57,20 @@ def test_gin_prob_is_refused_out_of_range_or_without_augmentation(phantoms48) ->
         train_dataset("custom", phantoms48, 0, gin_prob=1.5, **PHANTOM_KEYS)
     with pytest.raises(ValueError, match="augment=False"):
         train_dataset("custom", phantoms48, 0, gin_prob=0.5, augment=False, **PHANTOM_KEYS)
+
+
+def test_gin_on_chaost2_episodes_keeps_masks_and_each_slice_norm(chaos_dir, chaos_sv_dir) -> None:
+    """Real data (the pre-training's episodes, at cpu_budget's 64 px): GIN changes the intensities of
+    every slice and nothing else; each slice keeps the norm of its 3-channel original."""
+    keys = {"supervoxel_dir": chaos_sv_dir, "image_size": 64, "seed": 7, "scan_ids": [10, 13]}
+    plain = train_dataset("CHAOST2", chaos_dir, 0, **keys)
+    gin = train_dataset("CHAOST2", chaos_dir, 0, gin_prob=1.0, **keys)
+    for step in range(4):
+        a, b = plain.episode(step), gin.episode(step)
+        assert a["scan_id"] == b["scan_id"] and a["class_id"] == b["class_id"]
+        assert torch.equal(a["slices"], b["slices"]) and torch.equal(a["support_masks"], b["support_masks"])
+        assert torch.equal(a["query_labels"], b["query_labels"])
+        for key in ("support_images", "query_images"):
+            assert torch.isfinite(b[key]).all() and not torch.allclose(a[key], b[key])
+            norms = lambda x: x.flatten(1).norm(dim=1)  # noqa: E731 (per slice, over 3 channels)
+            torch.testing.assert_close(norms(b[key]), norms(a[key]), rtol=1e-4, atol=1e-3)
